@@ -1,0 +1,61 @@
+"""Command line: ``sparsepo fit|validate|test --config configs/<task>/<variant>.yaml`` (LightningCLI).
+
+Examples::
+
+    sparsepo fit --config configs/quickstart.yaml
+    sparsepo fit --config configs/quickstart.yaml --model.objective.beta 0.5 --trainer.max_steps 20
+    sparsepo fit --config configs/quickstart.yaml --print_config      # the full resolved configuration
+
+The model name is given once (``model.model``) and linked to the data module's tokenizer. TensorBoard is the
+default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning.module import PreferenceModule
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "sparsepo"},
+    },
+}
+
+
+class SparsePOCLI(LightningCLI):
+    """LightningCLI with the values shared by model and data linked once."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        parser.link_arguments("model.model", "data.tokenizer")
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        lines = []
+        if trainer.logger is not None and trainer.logger.log_dir:
+            lines.append(f"logs:        {trainer.logger.log_dir}")
+            lines.append(f"view them:   tensorboard --logdir {trainer.logger.save_dir}")
+        callback = trainer.checkpoint_callback
+        checkpoint = callback and (callback.best_model_path or callback.last_model_path)
+        if checkpoint:
+            lines.append(f"checkpoint:  {checkpoint}")
+        if lines:
+            rank_zero_info("Training finished.\n  " + "\n  ".join(lines))
+
+
+def main(args: list[str] | None = None) -> SparsePOCLI:
+    """Entry point of the ``sparsepo`` console script."""
+    return SparsePOCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        seed_everything_default=42,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Pad tokenised pairs into one :class:`PreferenceBatch` of 2B rows (chosen rows first, then rejected)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from sparsepo_lightning.types import IGNORE_INDEX, PreferenceBatch
+
+
+def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> PreferenceBatch:
+    """Right-pad B tokenised pairs to the longest of their 2B rows.
+
+    Example (B=2, pad 0, prompt ids 5, response ids 7/8/9)::
+
+        features = [{"chosen_input_ids": [5, 7], "chosen_labels": [-100, 7],
+                     "rejected_input_ids": [5, 8, 8], "rejected_labels": [-100, 8, 8]},
+                    {"chosen_input_ids": [5, 9], ..., "rejected_input_ids": [5, 7], ...}]
+        input_ids      = [[5, 7, 0], [5, 9, 0], [5, 8, 8], [5, 7, 0]]   # rows: c0, c1, r0, r1
+        attention_mask = [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
+        labels         = [[-100, 7, -100], ..., [-100, 8, 8], ...]
+
+    Args:
+        features: B dicts with ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
+            ``rejected_labels`` (as made by ``tokenize_pair``); other keys are ignored.
+        pad_token_id: id written into padding positions of ``input_ids`` (masked out by the attention mask).
+
+    Returns:
+        ``PreferenceBatch`` with ``(2B, T)`` int64 ``input_ids``, ``attention_mask`` and ``labels``, where
+        ``T`` is the longest row; row ``i`` is the chosen and row ``B + i`` the rejected response of pair ``i``.
+
+    Raises:
+        ValueError: empty ``features``, or ids and labels of different lengths.
+    """
+    if not features:
+        raise ValueError("collate_pairs: got an empty list of features; a batch needs at least one pair.")
+    ids = [_row(f, f"{side}_input_ids") for side in ("chosen", "rejected") for f in features]
+    labels = [_row(f, f"{side}_labels") for side in ("chosen", "rejected") for f in features]
+    lengths = torch.tensor([len(row) for row in ids])  # (2B,)
+    if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
+        raise ValueError("collate_pairs: input_ids and labels of a row differ in length; use tokenize_pair's output.")
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)  # (2B, T)
+    label_ids = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)  # (2B, T)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()  # (2B, T)
+    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+
+
+def _row(feature: Mapping[str, Sequence[int]], key: str) -> torch.Tensor:
+    return torch.as_tensor(feature[key], dtype=torch.long)

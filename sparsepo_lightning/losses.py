@@ -1,0 +1,145 @@
+"""Preference objectives as pure functions over per-token statistics.
+
+Every function takes :class:`~sparsepo_lightning.types.TokenStats` in the 2B layout (chosen rows first, see
+``types.py``), returns per-pair tensors of shape ``(B,)`` in a :class:`LossOutput`, and leaves the reduction
+to the caller. Sums over response tokens, never length means (method.md §1.2), except SimPO which is
+length-normalised by definition. Users can call these from their own loops::
+
+    stats = TokenStats.cat(chosen=TokenStats(...), rejected=TokenStats(...))
+    out = sparsepo_loss(stats, masks, beta=0.8)
+    out.loss.mean().backward()
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Split a 2B-row tensor into its chosen (first B rows) and rejected (last B rows) halves."""
+    if values.shape[0] % 2:
+        raise ValueError(f"Expected 2B rows (chosen then rejected), got {values.shape[0]}.")
+    return values.chunk(2, dim=0)
+
+
+def pair_sums(values: Tensor, response_mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Σ_t w^t·v^t over response tokens, for chosen and rejected responses.
+
+    Args:
+        values: ``(2B, T)`` per-token values.
+        response_mask: ``(2B, T)`` bool.
+        weights: ``(2B, T)`` per-token weights (a mask), or None for weight 1.
+
+    Returns:
+        ``(chosen, rejected)``, each ``(B,)``.
+    """
+    weighted = values if weights is None else values * weights
+    return split_pairs((weighted * response_mask).sum(-1))
+
+
+def _output(loss: Tensor, logit: Tensor, chosen: Tensor, rejected: Tensor, penalty: Tensor | None = None) -> LossOutput:
+    return LossOutput(
+        loss=loss,
+        logit=logit,
+        chosen_reward=chosen.detach(),
+        rejected_reward=rejected.detach(),
+        penalty=torch.zeros_like(loss) if penalty is None else penalty,
+    )
+
+
+def dpo_loss(stats: TokenStats, beta: float) -> LossOutput:
+    """DPO (Rafailov et al. 2023, Eq. 7): ``−log σ(β[Σρ_w − Σρ_l])``; rewards ``β Σρ``."""
+    chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
+    logit = beta * (chosen - rejected)
+    return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
+
+
+def ipo_loss(stats: TokenStats, beta: float) -> LossOutput:
+    """IPO (Azar et al. 2023, Eq. 17): ``(h − 1/(2β))²`` with ``h = Σρ_w − Σρ_l`` (sequence sums).
+
+    ``logit`` is ``h``; rewards are ``Σρ`` so that their difference is ``h``.
+    """
+    chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
+    h = chosen - rejected
+    return _output((h - 1.0 / (2.0 * beta)) ** 2, h, chosen, rejected)
+
+
+def simpo_loss(stats: TokenStats, beta: float, gamma_beta_ratio: float) -> LossOutput:
+    """SimPO (Meng et al. 2024, Eq. 6): ``−log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)``, γ = β·ratio.
+
+    Reference-free; rewards are ``β/|y| · log π(y)`` (length-normalised), so ``logit = r_w − r_l − γ``.
+    """
+    chosen, rejected = pair_sums(stats.policy_logps, stats.response_mask)
+    len_chosen, len_rejected = split_pairs(stats.response_mask.sum(-1).clamp(min=1).float())
+    chosen_reward = beta * chosen / len_chosen
+    rejected_reward = beta * rejected / len_rejected
+    logit = chosen_reward - rejected_reward - beta * gamma_beta_ratio
+    return _output(-F.logsigmoid(logit), logit, chosen_reward, rejected_reward)
+
+
+def dpop_loss(stats: TokenStats, beta: float, lambda_: float) -> LossOutput:
+    """DPOP / Smaug (Pal et al. 2024, Eq. 3): ``−log σ(β[Σρ_w − Σρ_l − λ·max(0, −Σρ_w)])``; rewards ``β Σρ``."""
+    chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
+    logit = beta * (chosen - rejected - lambda_ * torch.clamp(-chosen, min=0.0))
+    return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
+
+
+def tdpo_loss(stats: TokenStats, beta: float, alpha: float | None = None) -> LossOutput:
+    """TDPO (Zeng et al. 2024, method.md §1.1), KL stored positive.
+
+    TDPO1 (``alpha=None``): ``logit = β(Σρ_w − Σρ_l + K_w − K_l)``.
+    TDPO2: ``logit = β(Σρ_w − Σρ_l + α(sg(K_w) − K_l))``.
+    Rewards ``r = β(Σρ + K)`` as in the TDPO code, so ``r_w − r_l`` is the TDPO1 logit.
+    """
+    u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask)
+    k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask)
+    if alpha is None:
+        kl_term = k_chosen - k_rejected
+    else:
+        kl_term = alpha * (k_chosen.detach() - k_rejected)
+    logit = beta * (u_chosen - u_rejected + kl_term)
+    return _output(-F.logsigmoid(logit), logit, beta * (u_chosen + k_chosen), beta * (u_rejected + k_rejected))
+
+
+def sparsepo_loss(
+    stats: TokenStats,
+    masks: TokenMasks,
+    beta: float,
+    l1_reward: float = 0.0,
+    l1_kl: float = 0.0,
+    mask_on_reward: bool = True,
+    mask_on_kl: bool = True,
+) -> LossOutput:
+    """SparsePO (method.md §1.2), KL stored positive.
+
+    ``U = Σ m_u,w ρ_w − Σ m_u,l ρ_l``; ``K_w = Σ m_d,w KL_w``; ``logit = β(U + K_w − K_l)``;
+    ``loss = −log σ(logit) + λ_u'·(Σ|m_u,w| + Σ|m_u,l|) + λ_d'·(Σ|m_d,w| + Σ|m_d,l|)``.
+    A switched-off mask is ≡ 1 and gets no L1 term. With common masks and both switches on, λ' = λ/2
+    (the released code's halving: the same mask would otherwise be penalised twice).
+    Rewards ``r = β(Σ m_u ρ + K)`` so that ``r_w − r_l == logit`` (the released code's rewards subtract K,
+    method.md §1.3; we fix the sign).
+
+    Args:
+        stats: per-token statistics, 2B layout.
+        masks: ``m_u`` (``masks.reward``) and ``m_d`` (``masks.kl``), ``(2B, T-1)``.
+        beta: β, multiplies the whole bracket.
+        l1_reward: λ_u. l1_kl: λ_d.
+        mask_on_reward: weight ρ by ``m_u`` (else 1). mask_on_kl: weight KL by ``m_d`` (else 1).
+    """
+    reward_mask = masks.reward if mask_on_reward else None
+    kl_mask = masks.kl if mask_on_kl else None
+    u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask, reward_mask)
+    k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask, kl_mask)
+    logit = beta * (u_chosen - u_rejected + k_chosen - k_rejected)
+    halve = 0.5 if (masks.common and mask_on_reward and mask_on_kl) else 1.0
+    penalty = torch.zeros_like(logit)
+    for on, coeff, mask in ((mask_on_reward, l1_reward, masks.reward), (mask_on_kl, l1_kl, masks.kl)):
+        if on and coeff:
+            mass_chosen, mass_rejected = pair_sums(mask.abs(), stats.response_mask)
+            penalty = penalty + halve * coeff * (mass_chosen + mass_rejected)
+    loss = -F.logsigmoid(logit) + penalty
+    return _output(loss, logit, beta * (u_chosen + k_chosen), beta * (u_rejected + k_rejected), penalty)

@@ -1,0 +1,165 @@
+"""PreferenceModule: policy + frozen reference + token masker + objective, one shared step for all stages."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.metrics import preference_metrics
+from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.objectives import Objective, SparsePO
+from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
+from sparsepo_lightning.types import PreferenceBatch
+
+PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class PreferenceModule(LightningModule):
+    """Preference optimisation of a causal LM against a frozen reference copy.
+
+    The reference is never saved in checkpoints: it is rebuilt from ``reference`` (or ``model``) and frozen,
+    so a checkpoint holds the trained policy, the masks and the optimizer state only.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        objective: Objective | None = None,
+        masker: TokenMasker | None = None,
+        reference: str | None = None,
+        optimizer: OptimizerCallable = _adamw,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        mask_weight_decay: float = 0.01,
+        mask_lr: float | None = None,
+        warmup_ratio: float = 0.1,
+        schedule: Schedule = "cosine",
+        dtype: str = "float32",
+        chunk_size: int = 1024,
+        disable_dropout: bool = True,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: policy to train: an alias (``smollm2-135m``), a local path or a hub name.
+            objective: the preference objective; default ``SparsePO()`` (β = 0.8).
+            masker: token masker for SparsePO (uniform, activation, learned); default uniform (= TDPO1).
+            reference: frozen reference checkpoint; default the same as ``model``.
+            optimizer: optimizer class/callable taking parameter groups; default ``torch.optim.AdamW``.
+                The learning rate and weight decays are set per group from the options below.
+            lr: learning rate of the policy (and of the masks unless ``mask_lr`` is set).
+            weight_decay: weight decay of policy weights (biases and norms never decay).
+            mask_weight_decay: weight decay of mask-network weights (method.md §1.4).
+            mask_lr: separate learning rate for mask parameters (a deviation from the released code, §8.10).
+            warmup_ratio: fraction of optimizer steps of linear warm-up.
+            schedule: learning-rate decay after warm-up.
+            dtype: weight dtype of both models (``float32``, ``bfloat16``, ``float16``); statistics stay fp32.
+            chunk_size: response tokens per LM-head call in the log-prob/KL computation.
+            disable_dropout: set the dropout of policy and reference to 0 (mask dropout is kept as configured).
+            gradient_checkpointing: recompute policy activations in backward to save memory.
+            trust_remote_code: allow model code from the checkpoint (off: never run downloaded code by default).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
+        self.objective = objective if objective is not None else SparsePO()
+        if masker is not None and not self.objective.uses_masks:
+            raise ValueError(f"masker={type(masker).__name__} has no effect with objective "
+                             f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
+        self.optimizer_factory = optimizer
+        self.policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.reference: nn.Module | None = None
+        if self.objective.needs_reference:
+            self.reference = load_causal_lm(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.reference.requires_grad_(False).eval()
+        if disable_dropout:
+            for lm in (self.policy, self.reference):
+                if lm is not None:
+                    _disable_dropout(lm)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.masker = masker
+        if self.objective.uses_masks and self.masker is not None:
+            self.masker.bind(self.reference)
+
+    # ---- training mode and checkpoints -------------------------------------------------------------------
+    def train(self, mode: bool = True) -> PreferenceModule:
+        """Keep the frozen reference in eval mode whatever Lightning asks of the rest."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.reference is not None:  # the reference is rebuilt from its source; keep strict loading for the rest
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:
+        if self.reference is None:
+            return None
+        needs_layers = self.masker is not None and self.masker.needs_layers
+        recording = self.masker.recording() if self.masker is not None else nullcontext()
+        with torch.no_grad(), recording:
+            last, layers = final_hidden_states(self.reference, batch.input_ids, batch.attention_mask, needs_layers)
+        return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(self.reference))
+
+    def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+        labels, response_mask = batch.shifted_labels()
+        policy_hidden, _ = final_hidden_states(self.policy, batch.input_ids, batch.attention_mask)
+        reference = self._reference_outputs(batch)
+        stats = token_stats(
+            policy_hidden, labels, response_mask, output_head(self.policy),
+            reference_hidden=None if reference is None else reference.last_hidden,
+            reference_head=None if reference is None else reference.head,
+            with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
+        )
+        masks = self.masker(reference, response_mask) if self.masker is not None else None
+        out = self.objective(stats, masks)
+        metrics = preference_metrics(stats, self.objective.effective_masks(masks, response_mask), out)
+        self._log_metrics(stage, metrics, batch.num_pairs)
+        return out.loss.mean()
+
+    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+        train = stage == "train"
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in PROGRESS_BAR_METRICS, on_step=train,
+                     on_epoch=not train, sync_dist=not train, batch_size=batch_size)
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    # ---- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = parameter_groups(self.policy, self.masker, hp.lr, hp.weight_decay, hp.mask_weight_decay, hp.mask_lr)
+        optimizer = self.optimizer_factory(groups)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_schedule(optimizer, total, hp.warmup_ratio, hp.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

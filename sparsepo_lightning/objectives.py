@@ -1,0 +1,156 @@
+"""Objectives: small configurable objects that call the pure losses in ``losses.py``.
+
+They are what configs select by ``class_path`` (``sparsepo_lightning.objectives.SparsePO``), and they
+tell the module what each objective needs (the reference model, the full-vocabulary KL, token masks), so
+the module never dispatches on names. Adding an objective = one pure function + one class + one test.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from sparsepo_lightning import losses
+from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
+
+
+class Objective(ABC):
+    """Base of all objectives: ``objective(stats, masks) -> LossOutput`` with per-pair tensors."""
+
+    beta: float
+    needs_reference: bool = True
+    """Whether the reference model must be run (False for reference-free objectives such as SimPO)."""
+    needs_kl: bool = False
+    """Whether the full-vocabulary KL(π_ref‖π_θ) per token is used."""
+    uses_masks: bool = False
+    """Whether token masks enter the loss (only SparsePO)."""
+
+    @abstractmethod
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None) -> LossOutput: ...
+
+    def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:
+        """The masks as the loss uses them (None when the objective ignores masks), for logging."""
+        return masks if self.uses_masks else None
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"{type(self).__name__}: beta must be > 0, got {self.beta}.")
+
+
+@dataclass
+class DPO(Objective):
+    """Direct Preference Optimization (sigmoid loss on the sequence log-ratio margin)."""
+
+    beta: float = 0.1
+    """Inverse temperature β."""
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.dpo_loss(stats, self.beta)
+
+
+@dataclass
+class IPO(Objective):
+    """Identity Preference Optimisation (squared loss towards the margin 1/(2β))."""
+
+    beta: float = 0.1
+    """Regularisation strength β (target margin 1/(2β))."""
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.ipo_loss(stats, self.beta)
+
+
+@dataclass
+class SimPO(Objective):
+    """Simple Preference Optimisation: reference-free, length-normalised log-likelihood margin."""
+
+    beta: float = 2.0
+    """Reward scale β."""
+    gamma_beta_ratio: float = 0.5
+    """Target margin γ expressed as γ/β."""
+    needs_reference = False
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.simpo_loss(stats, self.beta, self.gamma_beta_ratio)
+
+
+@dataclass
+class DPOP(Objective):
+    """DPO-Positive (Smaug): DPO plus a penalty when the chosen log-ratio falls below zero."""
+
+    beta: float = 0.1
+    """Inverse temperature β."""
+    lambda_: float = 50.0
+    """Weight λ of ``max(0, −Σρ_w)``."""
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.dpop_loss(stats, self.beta, self.lambda_)
+
+
+@dataclass
+class TDPO1(Objective):
+    """Token-level DPO with the sequential KL difference (TDPO1)."""
+
+    beta: float = 0.1
+    """Inverse temperature β."""
+    needs_kl = True
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.tdpo_loss(stats, self.beta)
+
+
+@dataclass
+class TDPO2(Objective):
+    """TDPO2: the chosen response's sequential KL is stop-gradiented and the KL term scaled by α."""
+
+    beta: float = 0.1
+    """Inverse temperature β."""
+    alpha: float = 0.5
+    """Weight α of the KL term."""
+    needs_kl = True
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.tdpo_loss(stats, self.beta, alpha=self.alpha)
+
+
+@dataclass
+class SparsePO(Objective):
+    """SparsePO (method.md §1.2): token masks weight the reward (ρ) and KL terms; L1 pushes them to sparsity."""
+
+    beta: float = 0.8
+    """Inverse temperature β, outside the bracket (masks act as per-token β)."""
+    l1_reward: float = 0.0
+    """λ_u, L1 coefficient on the reward mask (halved with common masks when both masks are on)."""
+    l1_kl: float = 0.0
+    """λ_d, L1 coefficient on the KL mask (halved with common masks when both masks are on)."""
+    mask_on_reward: bool = True
+    """Weight the per-token log-ratios by the reward mask (else mask ≡ 1, no λ_u term)."""
+    mask_on_kl: bool = True
+    """Weight the per-token KL by the KL mask (else mask ≡ 1, no λ_d term)."""
+    needs_kl = True
+    uses_masks = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, coeff, on in (("l1_reward", self.l1_reward, self.mask_on_reward), ("l1_kl", self.l1_kl, self.mask_on_kl)):
+            if coeff < 0:
+                raise ValueError(f"SparsePO: {name} must be >= 0, got {coeff}.")
+            if coeff and not on:
+                switch = "mask_on_reward" if name == "l1_reward" else "mask_on_kl"
+                raise ValueError(f"SparsePO: {name}={coeff} penalises a mask that is switched off ({switch}=false). "
+                                 f"Set {name}: 0 or {switch}: true.")
+
+    def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:
+        ones = TokenMasks.ones_like(response_mask)
+        if masks is None:
+            return ones
+        return TokenMasks(reward=masks.reward if self.mask_on_reward else ones.reward,
+                          kl=masks.kl if self.mask_on_kl else ones.kl,
+                          common=masks.common, learned=masks.learned)
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None) -> LossOutput:
+        if masks is None:
+            masks = TokenMasks.ones_like(stats.response_mask)
+        return losses.sparsepo_loss(stats, masks, self.beta, self.l1_reward, self.l1_kl,
+                                    self.mask_on_reward, self.mask_on_kl)

@@ -1,0 +1,133 @@
+"""Typed containers passed between stages: batch -> token statistics -> masks -> loss output.
+
+Layout convention used everywhere (method.md §9): a batch of B preference pairs is ONE tensor of 2B rows,
+chosen responses in rows ``0..B-1`` and the rejected response of the same pair in row ``B + i``. Per-token
+tensors are already *shifted*: column ``t`` holds the statistic of the label ``input_ids[:, t + 1]`` predicted
+from the prefix ending at position ``t`` (so they have ``T - 1`` columns). Values outside the response are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label value of prompt and padding positions (PyTorch's cross-entropy convention)."""
+
+
+@dataclass
+class PreferenceBatch:
+    """One training batch of B pairs as 2B right-padded rows (chosen first, then rejected).
+
+    Attributes:
+        input_ids: ``(2B, T)`` token ids; padding uses the tokenizer's pad id.
+        attention_mask: ``(2B, T)`` 1 on real tokens, 0 on padding.
+        labels: ``(2B, T)`` equal to ``input_ids`` on response tokens and ``IGNORE_INDEX`` on prompt and
+            padding positions. Not shifted.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def shifted_labels(self) -> tuple[Tensor, Tensor]:
+        """Labels aligned with the prediction positions ``[:, :-1]``.
+
+        Returns:
+            ``(labels, response_mask)``, both ``(2B, T-1)``; ``labels`` has 0 (a valid id) where the
+            response mask is False so it can be used with ``gather`` directly.
+        """
+        labels = self.labels[:, 1:]
+        response_mask = labels != IGNORE_INDEX
+        return labels.masked_fill(~response_mask, 0), response_mask
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of 2B responses, all ``(2B, T-1)``, float32, zero outside the response.
+
+    Attributes:
+        policy_logps: ``log π_θ(y^t | x, y^<t)`` of the label token.
+        reference_logps: ``log π_ref(y^t | x, y^<t)`` (no gradient).
+        kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (method.md decision 2).
+        response_mask: bool, True on response tokens (labels != -100 after the shift).
+    """
+
+    policy_logps: Tensor
+    reference_logps: Tensor
+    kl: Tensor
+    response_mask: Tensor
+
+    @property
+    def log_ratio(self) -> Tensor:
+        """``ρ^t = log π_θ − log π_ref`` per token, ``(2B, T-1)``, zero outside the response."""
+        return self.policy_logps - self.reference_logps
+
+    @property
+    def num_pairs(self) -> int:
+        return self.policy_logps.shape[0] // 2
+
+    @staticmethod
+    def cat(chosen: TokenStats, rejected: TokenStats) -> TokenStats:
+        """Stack separately computed chosen (B, T) and rejected (B, T) statistics into the 2B layout.
+
+        Both must have the same number of columns (pad with zeros / False beforehand).
+        """
+        return TokenStats(
+            policy_logps=torch.cat([chosen.policy_logps, rejected.policy_logps]),
+            reference_logps=torch.cat([chosen.reference_logps, rejected.reference_logps]),
+            kl=torch.cat([chosen.kl, rejected.kl]),
+            response_mask=torch.cat([chosen.response_mask, rejected.response_mask]),
+        )
+
+
+@dataclass
+class TokenMasks:
+    """Per-token weights of the reward term (``m_u``) and of the KL term (``m_d``), ``(2B, T-1)`` float32.
+
+    Attributes:
+        reward: ``m_u``, zero outside the response.
+        kl: ``m_d``, zero outside the response.
+        common: True when ``kl`` is the very same mask as ``reward`` (one network, method.md §1.2); SparsePO
+            then halves both L1 coefficients.
+        learned: True when the masks carry gradient to trainable parameters (L1 penalties only matter then,
+            but they are applied whenever their coefficient is non-zero).
+    """
+
+    reward: Tensor
+    kl: Tensor
+    common: bool = True
+    learned: bool = False
+
+    @staticmethod
+    def ones_like(response_mask: Tensor) -> TokenMasks:
+        """Mask ≡ 1 on the response (TDPO1 weighting)."""
+        ones = response_mask.float()
+        return TokenMasks(reward=ones, kl=ones, common=True, learned=False)
+
+
+@dataclass
+class LossOutput:
+    """What every objective returns: per-pair tensors of shape ``(B,)``; the caller reduces.
+
+    Attributes:
+        loss: per-pair loss including any penalty.
+        logit: the argument of ``−log σ(·)`` (or of IPO's square), i.e. the implicit reward margin the loss acts on.
+        chosen_reward: implicit reward of the chosen response, detached. For DPO, TDPO1 and SparsePO
+            ``chosen_reward − rejected_reward == logit`` (fixing the sign of method.md §1.3); each loss's
+            docstring says how its rewards relate to its logit.
+        rejected_reward: implicit reward of the rejected response, detached.
+        penalty: the mask L1 part of ``loss`` (zeros for objectives without one).
+    """
+
+    loss: Tensor
+    logit: Tensor
+    chosen_reward: Tensor
+    rejected_reward: Tensor
+    penalty: Tensor
