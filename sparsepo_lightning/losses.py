@@ -101,7 +101,7 @@ def tdpo_loss(stats: TokenStats, beta: float, alpha: float | None = None) -> Los
         kl_term = k_chosen - k_rejected
     else:
         kl_term = alpha * (k_chosen.detach() - k_rejected)
-    logit = beta * (u_chosen - u_rejected + kl_term)
+    logit = beta * ((u_chosen - u_rejected) + kl_term)
     return _output(-F.logsigmoid(logit), logit, beta * (u_chosen + k_chosen), beta * (u_rejected + k_rejected))
 
 
@@ -134,7 +134,7 @@ def sparsepo_loss(
     kl_mask = masks.kl if mask_on_kl else None
     u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask, reward_mask)
     k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask, kl_mask)
-    logit = beta * (u_chosen - u_rejected + k_chosen - k_rejected)
+    logit = beta * ((u_chosen - u_rejected) + (k_chosen - k_rejected))  # same order as tdpo_loss
     halve = 0.5 if (masks.common and mask_on_reward and mask_on_kl) else 1.0
     penalty = torch.zeros_like(logit)
     for on, coeff, mask in ((mask_on_reward, l1_reward, masks.reward), (mask_on_kl, l1_kl, masks.kl)):

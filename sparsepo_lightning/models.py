@@ -137,6 +137,7 @@ def _ensure_converted(alias: str, source: GgufSource) -> Path:
             rank_zero_info(f"Removing leftover of an interrupted conversion: {stale}")
             shutil.rmtree(stale, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{alias}{_PARTIAL_PREFIX}", dir=target.parent))
+        partial.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
         rank_zero_info(f"Converting '{alias}' from {gguf_path} ({source.license}) to {target} (once) ...")
         start = time.perf_counter()
         try:

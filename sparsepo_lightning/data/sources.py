@@ -227,19 +227,23 @@ def iter_parquet(path: str | Path, batch_rows: int = 1024) -> Iterator[RawRow]:
             yield RawRow(f"{path} row {row_no}", value)
 
 
-def iter_hub(name: str, config: str | None, split: str) -> Iterator[RawRow]:
-    """Rows of ``datasets.load_dataset(name, config, split=split)``, located as ``name[split]#index`` (0-based)."""
+def load_hub_split(name: str, config: str | None, split: str) -> Any:
+    """``datasets.load_dataset(name, config, split=split)`` with an error that names the options to fix."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(
             f"could not load hub dataset {name!r} (config {config!r}, split {split!r}): {e}. "
             "Fix: check hub_dataset / hub_config, and set train_split / val_split to splits that exist "
             "(val_split: null disables the hub validation split)."
         ) from e
-    for index, value in enumerate(dataset):
+
+
+def iter_hub(name: str, config: str | None, split: str) -> Iterator[RawRow]:
+    """Rows of a hub dataset split, located as ``name[split]#index`` (0-based, as in ``dataset[index]``)."""
+    for index, value in enumerate(load_hub_split(name, config, split)):
         yield RawRow(f"{name}[{split}]#{index}", value)
 
 
@@ -336,12 +340,16 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
     where = row.location
     if row.decode_error is not None:
         raise _RowError(
-            "bad_json", None, f"{where}: invalid JSON ({row.decode_error}). Fix: make each row one complete JSON object."
+            "bad_json",
+            None,
+            f"{where}: invalid JSON ({row.decode_error}). Fix: make each row one complete JSON object.",
         )
     if not isinstance(row.value, dict):
         raise _RowError(
-            "wrong_type", None, f"{where}: a row must be a JSON object, got {type(row.value).__name__}. "
-            f"Fix: write each row as {{\"{fields.prompt}\": ..., \"{fields.chosen}\": ..., \"{fields.rejected}\": ...}}."
+            "wrong_type",
+            None,
+            f"{where}: a row must be a JSON object, got {type(row.value).__name__}. "
+            f'Fix: write each row as {{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}.',
         )
     chosen = _response_field(row.value, fields.chosen, "chosen_field", where)
     rejected = _response_field(row.value, fields.rejected, "rejected_field", where)
@@ -352,14 +360,18 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
     for name, response in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if _is_empty(response):
             raise _RowError(
-                "empty_response", name, f"{where} field '{name}': the response is empty (or only whitespace). "
-                "Fix: fill in the response or remove the row."
+                "empty_response",
+                name,
+                f"{where} field '{name}': the response is empty (or only whitespace). "
+                "Fix: fill in the response or remove the row.",
             )
     if _as_messages(chosen) == _as_messages(rejected):
         pair_names = f"{fields.chosen}/{fields.rejected}"
         raise _RowError(
-            "identical_responses", pair_names, f"{where} fields '{fields.chosen}' and '{fields.rejected}': "
-            "the two responses are identical, so the pair expresses no preference. Fix: remove the row."
+            "identical_responses",
+            pair_names,
+            f"{where} fields '{fields.chosen}' and '{fields.rejected}': "
+            "the two responses are identical, so the pair expresses no preference. Fix: remove the row.",
         )
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
 
@@ -367,8 +379,10 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
 def _response_field(value: dict[str, Any], name: str, option: str, where: str) -> Text:
     if value.get(name) is None:
         raise _RowError(
-            "missing_field", name, f"{where} field '{name}': missing (row has keys {sorted(value)}). "
-            f"Fix: add '{name}' to every row, or set {option} to the column that holds this response."
+            "missing_field",
+            name,
+            f"{where} field '{name}': missing (row has keys {sorted(value)}). "
+            f"Fix: add '{name}' to every row, or set {option} to the column that holds this response.",
         )
     return _text_field(value, name, where)
 
@@ -381,9 +395,11 @@ def _text_field(value: dict[str, Any], name: str, where: str) -> Text:
     if isinstance(text, list) and all(_is_message(m) for m in text):
         return [{"role": m["role"], "content": m["content"]} for m in text]
     raise _RowError(
-        "wrong_type", name, f"{where} field '{name}': expected a string or a list of "
+        "wrong_type",
+        name,
+        f"{where} field '{name}': expected a string or a list of "
         f"{{'role': str, 'content': str}} messages, got {_describe(text)}. "
-        "Fix: convert the field to plain text or to chat messages."
+        "Fix: convert the field to plain text or to chat messages.",
     )
 
 
@@ -408,10 +424,12 @@ def _split_implicit_prompt(
     """
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise _RowError(
-            "missing_field", fields.prompt, f"{where} field '{fields.prompt}': missing (row has keys "
+            "missing_field",
+            fields.prompt,
+            f"{where} field '{fields.prompt}': missing (row has keys "
             f"{sorted(value)}), and '{fields.chosen}'/'{fields.rejected}' are not full conversations. "
             f"Fix: add a '{fields.prompt}' field, set prompt_field, or store both responses as chat "
-            "conversations that start with the same prompt messages."
+            "conversations that start with the same prompt messages.",
         )
     limit = min(len(chosen), len(rejected)) - 1
     shared = 0
@@ -419,9 +437,11 @@ def _split_implicit_prompt(
         shared += 1
     if shared == 0:
         raise _RowError(
-            "missing_field", fields.prompt, f"{where} field '{fields.prompt}': missing, and the "
+            "missing_field",
+            fields.prompt,
+            f"{where} field '{fields.prompt}': missing, and the "
             f"'{fields.chosen}'/'{fields.rejected}' conversations share no leading messages to use as the prompt. "
-            f"Fix: add a '{fields.prompt}' field or make both conversations start with the same prompt messages."
+            f"Fix: add a '{fields.prompt}' field or make both conversations start with the same prompt messages.",
         )
     return chosen[:shared], chosen[shared:], rejected[shared:]
 

@@ -96,7 +96,9 @@ def _render(pair: PreferencePair, tokenizer: Any, use_chat_template: bool) -> tu
         )
     prompt = _as_messages(pair.prompt, "user")
     prompt_text = _apply_template(tokenizer, prompt, add_generation_prompt=True) if prompt else ""
-    full = {side: _apply_template(tokenizer, prompt + _as_messages(text, "assistant")) for side, text in responses.items()}
+    full = {
+        side: _apply_template(tokenizer, prompt + _as_messages(text, "assistant")) for side, text in responses.items()
+    }
     return prompt_text, full
 
 

@@ -151,6 +151,7 @@ class ActivationMasker(TokenMasker):
             return mean if getattr(head, "bias", None) is None else mean + head.bias.float().mean()
         return torch.stack([self._reduce(head(row)) for row in reference.last_hidden])  # one row at a time
 
+    @torch.no_grad()  # MaPO masks are fully detached (method.md §2)
     def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
         if self._records is None:
             raise RuntimeError("ActivationMasker: run the reference forward inside masker.recording().")

@@ -1,0 +1,15 @@
+"""Preference data: read + validate rows, tokenise pairs, pad them into (2B, T) batches."""
+
+from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.sources import DataReport, PreferencePair, load_pairs
+from sparsepo_lightning.data.tokenize import tokenize_pair
+
+__all__ = [
+    "DataReport",
+    "PreferenceDataModule",
+    "PreferencePair",
+    "collate_pairs",
+    "load_pairs",
+    "tokenize_pair",
+]

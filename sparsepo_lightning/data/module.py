@@ -1,0 +1,307 @@
+"""``PreferenceDataModule``: read + validate + tokenise preference pairs, and serve padded (2B, T) batches.
+
+Typical YAML (``data:`` section of a LightningCLI config)::
+
+    data:
+      class_path: sparsepo_lightning.data.PreferenceDataModule
+      init_args:
+        train_file: data/quickstart/train.jsonl
+        val_file: data/quickstart/val.jsonl
+        max_length: 512
+        max_prompt_length: 256
+        batch_size: 4          # pairs per device per step; each batch has 2 * batch_size rows
+
+``tokenizer`` is a model name or path (the CLI links it from the model). To use an already built tokenizer
+(tests, notebooks), assign it before ``setup``: ``dm.tokenizer = my_tokenizer``; ``setup`` only loads one
+when ``dm.tokenizer`` is still ``None``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.sources import (
+    DataReport,
+    FieldNames,
+    PreferencePair,
+    RowIssue,
+    iter_file,
+    iter_hub,
+    load_hub_split,
+    validate_rows,
+)
+from sparsepo_lightning.data.tokenize import EmptyResponseError, tokenize_pair
+
+log = logging.getLogger(__name__)
+
+Features = dict[str, list[int]]
+
+
+def _resolve_model_path(name: str) -> str:
+    """Local path of a model name via ``sparsepo_lightning.models.resolve_model_path`` when available."""
+    try:
+        from sparsepo_lightning.models import resolve_model_path
+    except ImportError:
+        return name
+    return resolve_model_path(name)
+
+
+def _load_tokenizer(name: str) -> Any:
+    """``AutoTokenizer.from_pretrained`` on the resolved model path."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve_model_path(name))
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference pairs from local files (``.jsonl``/``.json``/``.parquet``) or a hub dataset.
+
+    Sources per split: train from ``train_file`` or ``hub_dataset[train_split]``; validation from
+    ``val_file``, else ``hub_dataset[val_split]``, else a seeded ``val_fraction`` of train; test from
+    ``test_file``. Bad rows are skipped and counted (``self.report[split]``), or raise with ``strict=True``.
+
+    Args:
+        tokenizer: model name or path whose tokenizer is loaded in ``setup`` (unless ``self.tokenizer`` is set).
+        train_file: local training file.
+        val_file: local validation file.
+        test_file: local test file.
+        hub_dataset: ``datasets.load_dataset`` name used for train (and validation, see ``val_split``).
+        hub_config: the hub dataset's configuration name.
+        train_split: hub split used for training.
+        val_split: hub split used for validation; ``None`` for none (or to hold out ``val_fraction``).
+        val_fraction: fraction of the training pairs held out for validation (seeded) when there is no
+            other validation source; 0 disables.
+        prompt_field: row field holding the prompt (may be absent in implicit-prompt conversations).
+        chosen_field: row field holding the preferred response.
+        rejected_field: row field holding the dispreferred response.
+        use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
+            always use it).
+        max_length: maximum tokens of prompt + response per row.
+        max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
+        batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.
+        num_workers: DataLoader worker processes.
+        seed: seeds the train shuffle and the ``val_fraction`` hold-out.
+        strict: raise on the first bad row instead of skipping and counting it.
+        max_train_samples: keep only the first N training pairs (after validation and hold-out).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        hub_dataset: str | None = None,
+        hub_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "test",
+        val_fraction: float = 0.0,
+        prompt_field: str = "prompt",
+        chosen_field: str = "chosen",
+        rejected_field: str = "rejected",
+        use_chat_template: bool = False,
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 42,
+        strict: bool = False,
+        max_train_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
+        self.hub_dataset, self.hub_config = hub_dataset, hub_config
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.fields = FieldNames(prompt_field, chosen_field, rejected_field)
+        self.use_chat_template = use_chat_template
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.strict, self.max_train_samples = strict, max_train_samples
+        self._check_options()
+        self.tokenizer: Any = None
+        """The tokenizer object; loaded from ``tokenizer`` in ``setup`` unless assigned beforehand."""
+        self.pad_token_id: int | None = None
+        self.report: dict[str, DataReport] = {}
+        """Per split (``train``/``val``/``test``): rows read, rejected per reason, truncated."""
+        self.datasets: dict[str, list[Features]] = {}
+
+    def _check_options(self) -> None:
+        if self.train_file and self.hub_dataset:
+            raise ValueError("data: set either train_file or hub_dataset, not both.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction}: must be in [0, 1).")
+        if self.val_fraction > 0 and (self.val_file or (self.hub_dataset and self.val_split)):
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} holds out part of train, but a validation source is also "
+                "set (val_file, or hub_dataset with val_split). Fix: set val_fraction: 0, or remove val_file / "
+                "set val_split: null."
+            )
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length}, data.max_length={self.max_length}: need "
+                "1 <= max_prompt_length < max_length so every response keeps at least one token."
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size}: must be >= 1 (pairs per device).")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"data.max_train_samples={self.max_train_samples}: must be >= 1 or null.")
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download hub splits once (rank 0) so that ``setup`` on every rank reads the local cache."""
+        if self.hub_dataset is None:
+            return
+        for split in filter(None, (self.train_split, self.val_split)):
+            load_hub_split(self.hub_dataset, self.hub_config, split)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``)."""
+        self._ensure_tokenizer()
+        if stage in ("fit", "validate", None) and "val" not in self.datasets:
+            self._setup_train_val(stage)
+        if stage in ("test", None) and self.test_file and "test" not in self.datasets:
+            self._add_split("test", self._read(self.test_file, None, "test"))
+        if stage == "test" and "test" not in self.datasets:
+            raise ValueError("data: testing needs data.test_file.")
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader("train", shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False) if self.datasets.get("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _ensure_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError(
+                    "PreferenceDataModule needs a tokenizer: set data.tokenizer (the CLI links it from the model "
+                    "name) or assign dm.tokenizer = <tokenizer object> before setup()."
+                )
+            self.tokenizer = _load_tokenizer(self.tokenizer_name)
+        self.pad_token_id = _pad_token_id(self.tokenizer)
+
+    def _setup_train_val(self, stage: str | None) -> None:
+        has_train = bool(self.train_file or self.hub_dataset)
+        if stage == "fit" and not has_train:
+            raise ValueError("data: fitting needs data.train_file or data.hub_dataset.")
+        read_train = has_train and (stage != "validate" or self.val_fraction > 0)
+        train = self._read(self.train_file, self.train_split, "train") if read_train else None
+        train, val = self._validation_pairs(train)
+        if train is not None:
+            self._add_split("train", train[: self.max_train_samples])
+        if val:
+            self._add_split("val", val)
+        else:
+            self.datasets["val"] = []
+
+    def _validation_pairs(
+        self, train: list[PreferencePair] | None
+    ) -> tuple[list[PreferencePair] | None, list[PreferencePair]]:
+        """``(train, val)``: val from val_file, the hub val_split, or a seeded hold-out of train (in that order)."""
+        if self.val_file:
+            return train, self._read(self.val_file, None, "val")
+        if self.hub_dataset and self.val_split:
+            return train, self._read(None, self.val_split, "val")
+        if self.val_fraction > 0 and train is not None:
+            train, val = _hold_out(train, self.val_fraction, self.seed)
+            source = f"{self.report['train'].source} (val_fraction={self.val_fraction} hold-out)"
+            self.report["val"] = DataReport(source=source, rows_read=len(val))
+            return train, val
+        return train, []
+
+    def _read(self, path: str | None, hub_split: str | None, split: str) -> list[PreferencePair]:
+        """Validated pairs of one source; the report is stored under ``split``."""
+        if path is not None:
+            rows, name = iter_file(path), path
+        elif self.hub_dataset is not None:
+            rows, name = iter_hub(self.hub_dataset, self.hub_config, hub_split), f"{self.hub_dataset}[{hub_split}]"
+        else:
+            raise ValueError(f"data: no source for the {split} split. Set {split}_file or hub_dataset.")
+        pairs, self.report[split] = validate_rows(rows, self.fields, source=name, strict=self.strict)
+        return pairs
+
+    def _add_split(self, split: str, pairs: list[PreferencePair]) -> None:
+        """Tokenise pairs into features, count truncations / empty responses, log the report once."""
+        report = self.report[split]
+        features = []
+        for pair in pairs:
+            try:
+                feature = tokenize_pair(
+                    pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template
+                )
+            except EmptyResponseError as e:
+                if self.strict:
+                    raise
+                report.reject(RowIssue("empty_response", pair.source, None, str(e)))
+                continue
+            report.prompts_truncated += feature.pop("prompt_truncated")
+            report.responses_truncated += feature.pop("response_truncated")
+            features.append(feature)
+        if not features:
+            raise ValueError(f"data: no valid preference pair left for the {split} split.\n{report.summary()}")
+        self.datasets[split] = features
+        _log_report(split, report)
+
+    def _loader(self, split: str, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"PreferenceDataModule: the {split} split is not set up; call setup() first.")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    """The pad id, falling back to EOS (with one warning) like TRL."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token. Fix: set tokenizer.pad_token.")
+    rank_zero_warn("The tokenizer has no pad token; padding with the EOS id (masked out by attention_mask).")
+    return tokenizer.eos_token_id
+
+
+def _hold_out(
+    pairs: list[PreferencePair], fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Seeded split into ``(train, val)`` with ``max(1, round(fraction * n))`` validation pairs."""
+    n_val = max(1, round(fraction * len(pairs)))
+    if n_val >= len(pairs):
+        raise ValueError(
+            f"data.val_fraction={fraction} leaves no training pair out of {len(pairs)}. Fix: lower val_fraction "
+            "or provide val_file."
+        )
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx = set(order[:n_val])
+    train = [p for i, p in enumerate(pairs) if i not in val_idx]
+    val = [p for i, p in enumerate(pairs) if i in val_idx]
+    return train, val
+
+
+def _log_report(split: str, report: DataReport) -> None:
+    if report.rows_rejected:
+        rank_zero_warn(f"data ({split}): skipped {report.rows_rejected} bad rows.\n{report.summary()}")
+    else:
+        rank_zero_info(f"data ({split}): {report.summary()}")

@@ -1,0 +1,430 @@
+"""Sentiment preference pairs: sample continuations of movie-review prefixes, score them, pair best vs worst.
+
+For every prompt (a short review prefix such as "The acting in this film was") we sample `num_samples`
+plain-text continuations from a causal LM (no chat template), score each continuation with a `Scorer`
+(default: VADER compound sentiment in [-1, 1]) and keep the most positive as `chosen` and the least positive
+as `rejected`. Each output line is::
+
+    {"prompt": str, "chosen": str, "rejected": str, "chosen_score": float, "rejected_score": float}
+
+`prompt + chosen` is exactly the sampled text (continuations keep their leading space). Prompts that cannot
+give a pair (fewer than two non-empty continuations, or best and worst scores tied) are counted and written
+to a sidecar ``<out stem>.skipped.jsonl``, so a resumed run knows they are done.
+
+Building is resumable: an existing output is read, its prompts are skipped and new rows are appended. Batch
+``i`` of the prompt list is always sampled under seed ``seed + i``, so a resumed build writes the same rows as
+an uninterrupted one. An output that was not built from this prompt list is never touched without
+``--overwrite``.
+
+Run (the quickstart data, see data/quickstart/README.md)::
+
+    python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
+        --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+PAIR_KEYS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+SKIP_EMPTY = "empty"
+"""Skip reason: fewer than two non-empty continuations."""
+SKIP_TIED = "tied"
+"""Skip reason: the best and worst continuations have the same score."""
+SKIP_IDENTICAL = "identical"
+"""Skip reason: the best and worst continuations are the same text (possible with a non-deterministic scorer)."""
+
+
+class Scorer(Protocol):
+    """Maps continuation texts to scores; higher means more preferred (more positive)."""
+
+    def __call__(self, texts: list[str]) -> list[float]: ...
+
+
+class VaderScorer:
+    """VADER compound sentiment score of each text, in [-1, 1] (vaderSentiment, MIT license)."""
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [float(self._analyzer.polarity_scores(text)["compound"]) for text in texts]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How continuations are sampled."""
+
+    num_samples: int = 4
+    """Continuations sampled per prompt (at least 2)."""
+    max_new_tokens: int = 24
+    """Maximum length of each continuation, in tokens."""
+    temperature: float = 1.0
+    """Softmax temperature (> 0)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables top-k."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables top-p."""
+    batch_size: int = 32
+    """Prompts per generation batch; each expands to `num_samples` sequences."""
+    seed: int = 0
+    """Batch i of the prompt list is sampled under torch.manual_seed(seed + i)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_samples": (self.num_samples >= 2, "at least 2 (a pair needs two continuations)"),
+            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+            "temperature": (self.temperature > 0, "> 0"),
+            "top_k": (self.top_k >= 0, ">= 0 (0 disables top-k)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "batch_size": (self.batch_size >= 1, "at least 1"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} is invalid: it must be {rule}.")
+
+
+@dataclass
+class BuildReport:
+    """What one `build_pairs` call did."""
+
+    prompts: int
+    """Prompts in the requested list."""
+    already_done: int = 0
+    """Prompts found in the existing output (pairs or skipped) and not sampled again."""
+    written: int = 0
+    """Pairs appended by this call."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Prompts skipped by this call, by reason (`SKIP_EMPTY`, `SKIP_TIED`, `SKIP_IDENTICAL`)."""
+    chosen_scores: list[float] = field(default_factory=list)
+    rejected_scores: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        return (
+            f"{self.prompts} prompts: {self.already_done} already done, {self.written} pairs written, "
+            f"skipped {sum(self.skipped.values())} {dict(self.skipped)}; mean chosen score "
+            f"{mean(self.chosen_scores):.3f}, mean rejected score {mean(self.rejected_scores):.3f}"
+        )
+
+
+def pair_samples(prompt: str, texts: Sequence[str], scores: Sequence[float]) -> tuple[dict | None, str | None]:
+    """Pair the highest-scored continuation (chosen) with the lowest-scored one (rejected).
+
+    Empty (whitespace-only) continuations are ignored. Ties for best or worst go to the earliest sample, so the
+    result is deterministic.
+
+    Returns:
+        ``(row, None)`` with a row of `PAIR_KEYS`, or ``(None, reason)`` when the prompt gives no pair.
+    """
+    kept = [(score, text) for text, score in zip(texts, scores, strict=True) if text.strip()]
+    if len(kept) < 2:
+        return None, SKIP_EMPTY
+    best = max(range(len(kept)), key=lambda i: kept[i][0])  # max/min return the first of equal keys
+    worst = min(range(len(kept)), key=lambda i: kept[i][0])
+    if kept[best][0] == kept[worst][0]:
+        return None, SKIP_TIED
+    if kept[best][1] == kept[worst][1]:
+        return None, SKIP_IDENTICAL
+    row = {"prompt": prompt, "chosen": kept[best][1], "rejected": kept[worst][1]}
+    row |= {"chosen_score": float(kept[best][0]), "rejected_score": float(kept[worst][0])}
+    return row, None
+
+
+def sample_continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    config: SamplingConfig,
+    seed: int,
+) -> list[list[str]]:
+    """Sample `config.num_samples` plain-text continuations for each prompt in one batched `generate` call.
+
+    Prompts are tokenized without a chat template (the tokenizer's own special tokens, e.g. BOS, are kept)
+    and left-padded. Each continuation is cut at its first special token and decoded without it.
+    Sampling runs under `torch.manual_seed(seed)` inside `torch.random.fork_rng`, so the caller's RNG state
+    is left untouched.
+
+    Returns:
+        One list of `num_samples` strings per prompt.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = _left_pad([tokenizer(p)["input_ids"] for p in prompts], pad_id)
+    device = model.device
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=True,
+            num_return_sequences=config.num_samples,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            pad_token_id=pad_id,
+            eos_token_id=_stop_ids(model, tokenizer),
+        )
+    new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * num_samples, <= max_new_tokens)
+    texts = [_decode_until_special(tokenizer, ids) for ids in new_tokens]
+    n = config.num_samples
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into `(input_ids, attention_mask)`, both of shape (B, max_len)."""
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in sequences], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences])
+    return input_ids, attention_mask
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids of the model's generation config and of the tokenizer (they can differ, e.g. chat models)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
+    return list(dict.fromkeys(ids))
+
+
+def _decode_until_special(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """Decode `ids` up to (excluding) the first special token: EOS, padding, or a document separator."""
+    special = set(tokenizer.all_special_ids)
+    end = next((i for i, token in enumerate(ids) if token in special), len(ids))
+    return tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def skipped_path(out: Path) -> Path:
+    """Sidecar listing prompts that gave no pair: ``train.jsonl`` -> ``train.skipped.jsonl``."""
+    return out.with_name(f"{out.stem}.skipped{out.suffix}")
+
+
+def build_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    out: str | Path,
+    scorer: Scorer | None = None,
+    config: SamplingConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Sample, score and pair continuations for `prompts`, appending JSONL rows to `out` (resumable).
+
+    Args:
+        model: causal LM to sample from (left in whatever mode and device it is in).
+        tokenizer: its tokenizer; without a pad token, EOS pads.
+        prompts: distinct prompts, in the order rows are written.
+        out: output JSONL file; prompts already in it (or in its ``.skipped`` sidecar) are not sampled again.
+        scorer: scores continuations; defaults to `VaderScorer`.
+        config: sampling settings; defaults to `SamplingConfig()`.
+        overwrite: delete an existing output and its sidecar first instead of resuming.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A `BuildReport` with counts for this call.
+
+    Raises:
+        ValueError: duplicate prompts, or an existing output that was not built from `prompts` (unless
+            `overwrite`).
+    """
+    config = config or SamplingConfig()
+    scorer = scorer or VaderScorer()
+    out = Path(out)
+    _check_distinct(prompts)
+    if overwrite:
+        out.unlink(missing_ok=True)
+        skipped_path(out).unlink(missing_ok=True)
+    done = _done_prompts(out, set(prompts))
+    report = BuildReport(prompts=len(prompts), already_done=len(done))
+    if done:
+        log.info("Resuming %s: %d of %d prompts already done.", out, len(done), len(prompts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(prompts) - len(done), unit="prompt", desc="sampling", disable=not progress)
+    for index, start in enumerate(range(0, len(prompts), config.batch_size)):
+        batch = list(prompts[start : start + config.batch_size])
+        if all(p in done for p in batch):
+            continue  # the seed of each batch depends on its index only, so skipping keeps later batches intact
+        samples = sample_continuations(model, tokenizer, batch, config, seed=config.seed + index)
+        _score_and_write(batch, samples, done, scorer, out, report)
+        bar.update(sum(p not in done for p in batch))
+        done.update(batch)
+    bar.close()
+    log.info("Built %s: %s", out, report.summary())
+    return report
+
+
+def _score_and_write(
+    batch: list[str], samples: list[list[str]], done: set[str], scorer: Scorer, out: Path, report: BuildReport
+) -> None:
+    """Score one batch, pair each prompt not yet done, append rows and skips to their files."""
+    flat = [text for texts in samples for text in texts]
+    flat_scores = scorer(flat)
+    if len(flat_scores) != len(flat):
+        raise ValueError(f"The scorer returned {len(flat_scores)} scores for {len(flat)} texts; it must return one each.")
+    n = len(samples[0])
+    rows, skips = [], []
+    for i, (prompt, texts) in enumerate(zip(batch, samples, strict=True)):
+        if prompt in done:
+            continue
+        scores = flat_scores[i * n : (i + 1) * n]
+        row, reason = pair_samples(prompt, texts, scores)
+        if row is None:
+            report.skipped[reason] += 1
+            skips.append({"prompt": prompt, "reason": reason, "texts": texts, "scores": scores})
+        else:
+            rows.append(row)
+            report.chosen_scores.append(row["chosen_score"])
+            report.rejected_scores.append(row["rejected_score"])
+    _append_jsonl(out, rows)
+    _append_jsonl(skipped_path(out), skips)
+    report.written += len(rows)
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append rows as JSON lines in a single write (one flush per batch)."""
+    if rows:
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _check_distinct(prompts: Sequence[str]) -> None:
+    """Prompts identify rows when resuming, so they must be distinct."""
+    duplicates = [p for p, count in Counter(prompts).items() if count > 1]
+    if duplicates:
+        raise ValueError(f"The prompt list has {len(duplicates)} duplicated prompts, e.g. {duplicates[0]!r}; remove them.")
+    if not prompts:
+        raise ValueError("The prompt list is empty.")
+
+
+def _done_prompts(out: Path, prompts: set[str]) -> set[str]:
+    """Prompts already in `out` or its sidecar; refuse files that do not belong to this prompt list."""
+    done: set[str] = set()
+    for path, required in ((out, PAIR_KEYS), (skipped_path(out), ("prompt", "reason"))):
+        if not path.exists():
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            problem = _row_problem(line, required, prompts, done)
+            if problem:
+                raise ValueError(
+                    f"Refusing to append to {path}: line {lineno} {problem}, so it was not built from this prompt "
+                    f"list. Pass --overwrite (overwrite=True) to rebuild it, or choose another --out."
+                )
+            done.add(json.loads(line)["prompt"])
+    return done
+
+
+def _row_problem(line: str, required: tuple[str, ...], prompts: set[str], done: set[str]) -> str | None:
+    """Why an existing output line cannot be resumed from, or None if it is fine."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return "is not valid JSON (an interrupted write? delete that line)"
+    if not isinstance(row, dict) or any(key not in row for key in required):
+        return f"lacks one of the keys {list(required)}"
+    if row["prompt"] not in prompts:
+        return f"has prompt {row['prompt']!r}, which is not in the prompt list"
+    if row["prompt"] in done:
+        return f"repeats prompt {row['prompt']!r}"
+    return None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; surrounding whitespace is stripped and blank lines are ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def split_prompts(prompts: Sequence[str], val_size: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministically hold out `val_size` prompts chosen by a seeded shuffle.
+
+    Returns:
+        ``(train, val)``, each in the original order of `prompts`.
+    """
+    if not 0 <= val_size < len(prompts):
+        raise ValueError(f"--val-size={val_size} must be in [0, {len(prompts)}) for {len(prompts)} prompts.")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    val_ids = set(order[:val_size])
+    train = [p for i, p in enumerate(prompts) if i not in val_ids]
+    val = [p for i, p in enumerate(prompts) if i in val_ids]
+    return train, val
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sparsepo_lightning.data.sentiment",
+        description="Build sentiment preference pairs (chosen = most positive continuation) as JSONL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="Model alias (e.g. smollm2-135m), checkpoint folder or hub name.")
+    p.add_argument("--prompts", required=True, type=Path, help="Text file with one prompt per line.")
+    p.add_argument("--out", required=True, type=Path, help="Output JSONL; resumed if it exists.")
+    p.add_argument("--split", choices=("all", "train", "val"), default="all", help="Which part of the prompts to use.")
+    p.add_argument("--val-size", type=int, default=0, help="Prompts held out for the 'val' split.")
+    p.add_argument("--split-seed", type=int, default=0, help="Seed of the train/val shuffle.")
+    defaults = SamplingConfig()
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="Continuations per prompt.")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="Continuation length limit.")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="Sampling temperature.")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="Top-k sampling; 0 disables it.")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="Nucleus sampling mass; 1 disables it.")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Prompts per generate call.")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="Batch i is sampled with seed + i.")
+    p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
+    p.add_argument("--device", default="cpu", help="Torch device for sampling, e.g. cpu or cuda.")
+    p.add_argument("--overwrite", action="store_true", help="Delete an existing --out (and sidecar) first.")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> BuildReport:
+    """Command-line entry point; see the module docstring."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+
+    prompts = read_prompts(args.prompts)
+    if args.split != "all":
+        if args.val_size <= 0:
+            raise SystemExit(f"--split {args.split} needs --val-size > 0 (prompts held out for validation).")
+        train, val = split_prompts(prompts, args.val_size, args.split_seed)
+        prompts = train if args.split == "train" else val
+    config = SamplingConfig(
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    log.info("Sampling %d prompts (%s split) with %s", len(prompts), args.split, config)
+    model = load_causal_lm(args.model, dtype=args.dtype).to(args.device).eval()
+    tokenizer = load_tokenizer(args.model)
+    return build_pairs(model, tokenizer, prompts, args.out, config=config, overwrite=args.overwrite,
+                       progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
