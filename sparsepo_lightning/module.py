@@ -21,10 +21,6 @@ from sparsepo_lightning.types import PreferenceBatch
 PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
 
 
-def _adamw(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params)
-
-
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -44,7 +40,7 @@ class PreferenceModule(LightningModule):
         objective: Objective | None = None,
         masker: TokenMasker | None = None,
         reference: str | None = None,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         mask_weight_decay: float = 0.01,
@@ -85,6 +81,7 @@ class PreferenceModule(LightningModule):
                              f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
         self.optimizer_factory = optimizer
         self.policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
         self.reference: nn.Module | None = None
         if self.objective.needs_reference:
             self.reference = load_causal_lm(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
