@@ -123,7 +123,7 @@ def token_stats(
         else:
             parts.append(_chunk_stats(*args))
     if parts:
-        flat = [torch.cat(values) for values in zip(*parts)]
+        flat = [torch.cat(values) for values in zip(*parts, strict=True)]
     else:  # no response token in the whole batch: keep the graph connected with zero-sized tensors
         flat = [policy_sel.new_zeros(0, dtype=torch.float32) for _ in range(3)]
 

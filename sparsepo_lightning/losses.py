@@ -97,10 +97,7 @@ def tdpo_loss(stats: TokenStats, beta: float, alpha: float | None = None) -> Los
     """
     u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask)
     k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask)
-    if alpha is None:
-        kl_term = k_chosen - k_rejected
-    else:
-        kl_term = alpha * (k_chosen.detach() - k_rejected)
+    kl_term = k_chosen - k_rejected if alpha is None else alpha * (k_chosen.detach() - k_rejected)
     logit = beta * ((u_chosen - u_rejected) + kl_term)
     return _output(-F.logsigmoid(logit), logit, beta * (u_chosen + k_chosen), beta * (u_rejected + k_rejected))
 

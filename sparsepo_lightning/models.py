@@ -209,7 +209,9 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use 'float32', 'bfloat16' or 'float16'.")
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point torch dtype; use 'float32', 'bfloat16' or 'float16'."
+        )
     return resolved
 
 

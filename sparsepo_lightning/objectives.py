@@ -133,7 +133,8 @@ class SparsePO(Objective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, coeff, on in (("l1_reward", self.l1_reward, self.mask_on_reward), ("l1_kl", self.l1_kl, self.mask_on_kl)):
+        options = (("l1_reward", self.l1_reward, self.mask_on_reward), ("l1_kl", self.l1_kl, self.mask_on_kl))
+        for name, coeff, on in options:
             if coeff < 0:
                 raise ValueError(f"SparsePO: {name} must be >= 0, got {coeff}.")
             if coeff and not on:

@@ -40,19 +40,19 @@ def test_token_stats_equal_naive_values_and_gradients(make_model, chunk_size):
     weights = torch.randn(3, *mask.shape)  # arbitrary downstream use of the three statistics
 
     naive = naive_stats(policy, reference, ids, attention, labels, mask)
-    naive_loss = sum((w * s).sum() for w, s in zip(weights, naive))
+    naive_loss = sum((w * s).sum() for w, s in zip(weights, naive, strict=True))
     naive_grads = torch.autograd.grad(naive_loss, list(policy.parameters()))
 
     stats = fused_stats(policy, reference, ids, attention, labels, mask, chunk_size)
     fused = (stats.policy_logps, stats.reference_logps, stats.kl)
-    for got, want in zip(fused, naive):
+    for got, want in zip(fused, naive, strict=True):
         assert got.dtype == torch.float32
         assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (stats.kl[mask] >= -1e-6).all()
     assert (stats.policy_logps[~mask] == 0).all() and (stats.kl[~mask] == 0).all()
-    fused_loss = sum((w * s).sum() for w, s in zip(weights, fused))
+    fused_loss = sum((w * s).sum() for w, s in zip(weights, fused, strict=True))
     fused_grads = torch.autograd.grad(fused_loss, list(policy.parameters()))
-    for got, want in zip(fused_grads, naive_grads):
+    for got, want in zip(fused_grads, naive_grads, strict=True):
         assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 

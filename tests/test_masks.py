@@ -73,7 +73,8 @@ def test_learned_masks_match_naive_per_token_loop():
             total = 0.0
             for layer in range(len(ref.layers)):
                 g = F.layer_norm(ref.layers[layer][row, t], (32,), net.norm.weight, net.norm.bias, net.norm.eps)
-                total = total + net.mixer_weight[layer] * torch.relu(g @ net.layer_weight[layer] + net.layer_bias[layer])
+                z = torch.relu(g @ net.layer_weight[layer] + net.layer_bias[layer])
+                total = total + net.mixer_weight[layer] * z
             assert_close(got.reward[row, t], total, rtol=1e-5, atol=1e-6)
 
 

@@ -3,7 +3,6 @@ parameter groups, checkpoints without the reference, exact resume."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,33 +16,6 @@ from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import DPO, IPO, TDPO2, SimPO, SparsePO
 from sparsepo_lightning.optim import parameter_groups
 from tests.tiny_models import tiny_llama
-
-WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "was", "really", "not", "fine", "plot"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
-    """A 2-layer Llama with the tiny tokenizer's vocabulary, saved as a normal HF checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab=len(tiny_tokenizer))
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.config.bos_token_id = tiny_tokenizer.bos_token_id
-    model.config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def pairs_file(tmp_path_factory) -> str:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(16):
-        pick = lambda n: " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (n,), generator=g))  # noqa: E731
-        rows.append({"prompt": f"review {i}: {pick(3)}", "chosen": pick(2 + i % 3), "rejected": pick(3 + i % 2)})
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
 
 
 def make_data(model_dir: str, pairs: str) -> PreferenceDataModule:

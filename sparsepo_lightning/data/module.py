@@ -19,13 +19,13 @@ when ``dm.tokenizer`` is still ``None``.
 from __future__ import annotations
 
 import functools
-import logging
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.sources import (
@@ -39,8 +39,6 @@ from sparsepo_lightning.data.sources import (
     validate_rows,
 )
 from sparsepo_lightning.data.tokenize import EmptyResponseError, tokenize_pair
-
-log = logging.getLogger(__name__)
 
 Features = dict[str, list[int]]
 
@@ -88,7 +86,8 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
         batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.
         num_workers: DataLoader worker processes.
-        seed: seeds the train shuffle and the ``val_fraction`` hold-out.
+        seed: seeds the ``val_fraction`` hold-out and the train shuffle (pass k over the data is shuffled with
+            ``seed + k``; the pass count is saved in checkpoints, so resuming replays the same order).
         strict: raise on the first bad row instead of skipping and counting it.
         max_train_samples: keep only the first N training pairs (after validation and hold-out).
     """
@@ -134,6 +133,8 @@ class PreferenceDataModule(LightningDataModule):
         self.report: dict[str, DataReport] = {}
         """Per split (``train``/``val``/``test``): rows read, rejected per reason, truncated."""
         self.datasets: dict[str, list[Features]] = {}
+        self._train_passes = 0
+        self._train_sampler: PassShuffleSampler | None = None
 
     def _check_options(self) -> None:
         if self.train_file and self.hub_dataset:
@@ -168,7 +169,9 @@ class PreferenceDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``)."""
         self._ensure_tokenizer()
-        if stage in ("fit", "validate", None) and "val" not in self.datasets:
+        needs_train = stage in ("fit", None) and "train" not in self.datasets
+        needs_val = stage in ("fit", "validate", None) and "val" not in self.datasets
+        if needs_train or needs_val:
             self._setup_train_val(stage)
         if stage in ("test", None) and self.test_file and "test" not in self.datasets:
             self._add_split("test", self._read(self.test_file, None, "test"))
@@ -176,14 +179,24 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError("data: testing needs data.test_file.")
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader("train", shuffle=True, generator=generator)
+        """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k``."""
+        self._train_sampler = PassShuffleSampler(self._split("train"), self.seed, passes=self._train_passes)
+        return self._loader("train", sampler=self._train_sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: how many passes over the training data have started (for exact resume)."""
+        sampler = self._train_sampler
+        return {"train_passes": sampler.passes if sampler is not None else self._train_passes}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._train_passes = int(state_dict.get("train_passes", 0))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False) if self.datasets.get("val") else []
+        """In file order; an empty list (no validation) when there is no validation source."""
+        return self._loader("val") if self._split("val") else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -195,7 +208,8 @@ class PreferenceDataModule(LightningDataModule):
                     "name) or assign dm.tokenizer = <tokenizer object> before setup()."
                 )
             self.tokenizer = _load_tokenizer(self.tokenizer_name)
-        self.pad_token_id = _pad_token_id(self.tokenizer)
+        if self.pad_token_id is None:
+            self.pad_token_id = _pad_token_id(self.tokenizer)
 
     def _setup_train_val(self, stage: str | None) -> None:
         has_train = bool(self.train_file or self.hub_dataset)
@@ -259,18 +273,44 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets[split] = features
         _log_report(split, report)
 
-    def _loader(self, split: str, shuffle: bool, generator: torch.Generator | None = None) -> DataLoader:
+    def _split(self, split: str) -> list[Features]:
         if split not in self.datasets:
             raise RuntimeError(f"PreferenceDataModule: the {split} split is not set up; call setup() first.")
+        return self.datasets[split]
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
-            self.datasets[split],
+            self._split(split),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
             persistent_workers=self.num_workers > 0,
         )
+
+
+class PassShuffleSampler(RandomSampler):
+    """A ``RandomSampler`` whose k-th pass over the data is ``randperm`` seeded with ``seed + k``.
+
+    The number of passes already started is part of the DataModule's checkpoint state, so resuming from a
+    checkpoint taken at the end of an epoch replays exactly the order of an uninterrupted run, whatever
+    epoch number Lightning assigns to the resumed epoch. (Under DDP Lightning replaces this sampler, being a
+    ``RandomSampler``, by its ``DistributedSampler``, which shuffles by ``seed + epoch`` instead.)
+
+    Args:
+        data_source: the dataset (only its length is used).
+        seed: base seed of the shuffle.
+        passes: passes already started, e.g. restored from a checkpoint.
+    """
+
+    def __init__(self, data_source: Sized, seed: int, passes: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.passes = seed, passes
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 def _pad_token_id(tokenizer: Any) -> int:

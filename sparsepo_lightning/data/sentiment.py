@@ -281,7 +281,9 @@ def _score_and_write(
     flat = [text for texts in samples for text in texts]
     flat_scores = scorer(flat)
     if len(flat_scores) != len(flat):
-        raise ValueError(f"The scorer returned {len(flat_scores)} scores for {len(flat)} texts; it must return one each.")
+        raise ValueError(
+            f"The scorer returned {len(flat_scores)} scores for {len(flat)} texts; it must return one each."
+        )
     n = len(samples[0])
     rows, skips = [], []
     for i, (prompt, texts) in enumerate(zip(batch, samples, strict=True)):
@@ -312,7 +314,9 @@ def _check_distinct(prompts: Sequence[str]) -> None:
     """Prompts identify rows when resuming, so they must be distinct."""
     duplicates = [p for p, count in Counter(prompts).items() if count > 1]
     if duplicates:
-        raise ValueError(f"The prompt list has {len(duplicates)} duplicated prompts, e.g. {duplicates[0]!r}; remove them.")
+        raise ValueError(
+            f"The prompt list has {len(duplicates)} duplicated prompts, e.g. {duplicates[0]!r}; remove them."
+        )
     if not prompts:
         raise ValueError("The prompt list is empty.")
 
@@ -422,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     log.info("Sampling %d prompts (%s split) with %s", len(prompts), args.split, config)
     model = load_causal_lm(args.model, dtype=args.dtype).to(args.device).eval()
     tokenizer = load_tokenizer(args.model)
-    return build_pairs(model, tokenizer, prompts, args.out, config=config, overwrite=args.overwrite,
-                       progress=not args.no_progress)
+    return build_pairs(
+        model, tokenizer, prompts, args.out, config=config, overwrite=args.overwrite, progress=not args.no_progress
+    )
 
 
 if __name__ == "__main__":

@@ -133,22 +133,21 @@ class FieldNames:
 
 
 class _RowError(Exception):
-    """Internal: a row failed one check; carries the reason, the field and the full message."""
+    """Internal: one row failed one check. The message reads ``<where> field '<field>': <problem>. Fix: <fix>``."""
 
-    def __init__(self, reason: str, field_name: str | None, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, where: str, field_name: str | None, problem: str, fix: str) -> None:
+        named = f" field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}{named}: {problem}. Fix: {fix}.")
         self.reason = reason
         self.field_name = field_name
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Row iterators: one per source kind, nothing else differs.
-# ---------------------------------------------------------------------------------------------------------
+# Row iterators: one per source kind, nothing else differs. ---------------------------------------------------
 
 
 def iter_jsonl(path: str | Path) -> Iterator[RawRow]:
     """Rows of a JSON-lines file, one per non-blank line, located as ``path:line``."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -156,7 +155,7 @@ def iter_jsonl(path: str | Path) -> Iterator[RawRow]:
             try:
                 yield RawRow(location, json.loads(line))
             except json.JSONDecodeError as e:
-                yield RawRow(location, decode_error=f"column {e.colno}: {e.msg}")
+                yield RawRow(location, decode_error=f"{e.msg} at character {e.pos + 1}")
 
 
 def iter_json(path: str | Path) -> Iterator[RawRow]:
@@ -165,7 +164,7 @@ def iter_json(path: str | Path) -> Iterator[RawRow]:
     Each row is located by the line on which its object starts (``path:line``). A syntax error makes the
     whole file unreadable; it is reported as one ``bad_json`` row at the line JSON's decoder names.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    text = Path(path).read_text(encoding="utf-8-sig")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
@@ -265,9 +264,7 @@ def iter_file(path: str | Path) -> Iterator[RawRow]:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Validation: the same for every source.
-# ---------------------------------------------------------------------------------------------------------
+# Validation: the same for every source. ---------------------------------------------------------------------
 
 
 def load_pairs(
@@ -329,7 +326,7 @@ def validate_rows(
         except _RowError as e:
             if strict:
                 raise ValueError(
-                    f"{e} (strict=True stops at the first bad row; strict=False skips and counts bad rows)"
+                    f"{e} (strict=True stops at the first bad row; strict=False counts and skips them)"
                 ) from None
             report.reject(RowIssue(e.reason, row.location, e.field_name, str(e)))
     return pairs, report
@@ -337,53 +334,33 @@ def validate_rows(
 
 def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
     """Validate one row; raises ``_RowError`` naming the location, field, problem and fix."""
-    where = row.location
+    where, value = row.location, row.value
     if row.decode_error is not None:
-        raise _RowError(
-            "bad_json",
-            None,
-            f"{where}: invalid JSON ({row.decode_error}). Fix: make each row one complete JSON object.",
-        )
-    if not isinstance(row.value, dict):
-        raise _RowError(
-            "wrong_type",
-            None,
-            f"{where}: a row must be a JSON object, got {type(row.value).__name__}. "
-            f'Fix: write each row as {{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}.',
-        )
-    chosen = _response_field(row.value, fields.chosen, "chosen_field", where)
-    rejected = _response_field(row.value, fields.rejected, "rejected_field", where)
-    if row.value.get(fields.prompt) is None:
-        prompt, chosen, rejected = _split_implicit_prompt(row.value, chosen, rejected, fields, where)
+        raise _RowError("bad_json", where, None, f"invalid JSON ({row.decode_error})", "make each row one JSON object")
+    if not isinstance(value, dict):
+        layout = f'{{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}'
+        problem = f"a row must be a JSON object, got {type(value).__name__}"
+        raise _RowError("wrong_type", where, None, problem, f"write each row as {layout}")
+    chosen = _response_field(value, fields.chosen, "chosen_field", where)
+    rejected = _response_field(value, fields.rejected, "rejected_field", where)
+    if value.get(fields.prompt) is None:
+        prompt, chosen, rejected = _split_implicit_prompt(value, chosen, rejected, fields, where)
     else:
-        prompt = _text_field(row.value, fields.prompt, where)
+        prompt = _text_field(value, fields.prompt, where)
     for name, response in ((fields.chosen, chosen), (fields.rejected, rejected)):
         if _is_empty(response):
-            raise _RowError(
-                "empty_response",
-                name,
-                f"{where} field '{name}': the response is empty (or only whitespace). "
-                "Fix: fill in the response or remove the row.",
-            )
+            problem = "the response is empty (or only whitespace)"
+            raise _RowError("empty_response", where, name, problem, "fill in the response or remove the row")
     if _as_messages(chosen) == _as_messages(rejected):
-        pair_names = f"{fields.chosen}/{fields.rejected}"
-        raise _RowError(
-            "identical_responses",
-            pair_names,
-            f"{where} fields '{fields.chosen}' and '{fields.rejected}': "
-            "the two responses are identical, so the pair expresses no preference. Fix: remove the row.",
-        )
+        problem = "chosen and rejected are identical, so the pair expresses no preference"
+        raise _RowError("identical_responses", where, f"{fields.chosen}/{fields.rejected}", problem, "remove the row")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
 
 
 def _response_field(value: dict[str, Any], name: str, option: str, where: str) -> Text:
     if value.get(name) is None:
-        raise _RowError(
-            "missing_field",
-            name,
-            f"{where} field '{name}': missing (row has keys {sorted(value)}). "
-            f"Fix: add '{name}' to every row, or set {option} to the column that holds this response.",
-        )
+        fix = f"add '{name}' to every row, or set {option} to the column that holds this response"
+        raise _RowError("missing_field", where, name, f"missing (row has keys {sorted(value)})", fix)
     return _text_field(value, name, where)
 
 
@@ -394,13 +371,8 @@ def _text_field(value: dict[str, Any], name: str, where: str) -> Text:
         return text
     if isinstance(text, list) and all(_is_message(m) for m in text):
         return [{"role": m["role"], "content": m["content"]} for m in text]
-    raise _RowError(
-        "wrong_type",
-        name,
-        f"{where} field '{name}': expected a string or a list of "
-        f"{{'role': str, 'content': str}} messages, got {_describe(text)}. "
-        "Fix: convert the field to plain text or to chat messages.",
-    )
+    problem = f"expected a string or a list of {{'role': str, 'content': str}} messages, got {_describe(text)}"
+    raise _RowError("wrong_type", where, name, problem, "convert the field to plain text or to chat messages")
 
 
 def _is_message(item: Any) -> bool:
@@ -423,26 +395,17 @@ def _split_implicit_prompt(
     conversations still yield (identical) responses and are reported as ``identical_responses``.
     """
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise _RowError(
-            "missing_field",
-            fields.prompt,
-            f"{where} field '{fields.prompt}': missing (row has keys "
-            f"{sorted(value)}), and '{fields.chosen}'/'{fields.rejected}' are not full conversations. "
-            f"Fix: add a '{fields.prompt}' field, set prompt_field, or store both responses as chat "
-            "conversations that start with the same prompt messages.",
-        )
+        problem = f"missing (row has keys {sorted(value)}), and {fields.chosen}/{fields.rejected} are not conversations"
+        fix = f"add '{fields.prompt}' to every row, set prompt_field, or store both responses as conversations"
+        raise _RowError("missing_field", where, fields.prompt, problem, fix)
     limit = min(len(chosen), len(rejected)) - 1
     shared = 0
     while shared < limit and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise _RowError(
-            "missing_field",
-            fields.prompt,
-            f"{where} field '{fields.prompt}': missing, and the "
-            f"'{fields.chosen}'/'{fields.rejected}' conversations share no leading messages to use as the prompt. "
-            f"Fix: add a '{fields.prompt}' field or make both conversations start with the same prompt messages.",
-        )
+        problem = f"missing, and the {fields.chosen}/{fields.rejected} conversations share no leading messages"
+        fix = f"add '{fields.prompt}' to every row, or start both conversations with the same prompt messages"
+        raise _RowError("missing_field", where, fields.prompt, problem, fix)
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 

@@ -1,0 +1,92 @@
+"""Shared test fixtures: tokenizers built locally (no hub access)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+_CORPUS = [
+    "hello world",
+    "hello there, how are you?",
+    "The movie was great and the actors were wonderful.",
+    "The movie was terrible; I left early.",
+    "Summarize the post in one sentence.",
+    "Write a function that adds two numbers.",
+    "def add(a, b): return a + b",
+]
+
+ZEPHYR_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""Zephyr-like chat template that writes BOS in text and ends each message with EOS."""
+
+
+def _byte_bpe(special_tokens: list[str], vocab_size: int = 320) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) trained on a few sentences: encodes any unicode string, round-trips text."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 20, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-like: byte-level BPE that prepends ``<s>``, eos ``</s>``, pad ``<pad>``, Zephyr chat template."""
+    tokenizer = _byte_bpe(["<pad>", "<s>", "</s>"])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    wrapped.chat_template = ZEPHYR_TEMPLATE
+    return wrapped
+
+
+@pytest.fixture(scope="session")
+def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-like: byte-level BPE, ``<|endoftext|>`` as bos = eos, no pad token, adds no BOS, no chat template."""
+    tokenizer = _byte_bpe(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "was", "really", "not", "fine", "plot"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A 2-layer Llama with the tiny tokenizer's vocabulary, saved as a normal HF checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(vocab=len(tiny_tokenizer))
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.config.bos_token_id = tiny_tokenizer.bos_token_id
+    model.config.eos_token_id = tiny_tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> str:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(16):
+        pick = lambda n: " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (n,), generator=g))  # noqa: E731
+        rows.append({"prompt": f"review {i}: {pick(3)}", "chosen": pick(2 + i % 3), "rejected": pick(3 + i % 2)})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
