@@ -117,12 +117,15 @@ class BuildReport:
 
     def summary(self) -> str:
         """One line for the log."""
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         return (
             f"{self.prompts} prompts: {self.already_done} already done, {self.written} pairs written, "
             f"skipped {sum(self.skipped.values())} {dict(self.skipped)}; mean chosen score "
-            f"{mean(self.chosen_scores):.3f}, mean rejected score {mean(self.rejected_scores):.3f}"
+            f"{_mean(self.chosen_scores):.3f}, mean rejected score {_mean(self.rejected_scores):.3f}"
         )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def pair_samples(prompt: str, texts: Sequence[str], scores: Sequence[float]) -> tuple[dict | None, str | None]:
@@ -208,10 +211,18 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> lis
 
 
 def _decode_until_special(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    """Decode `ids` up to (excluding) the first special token: EOS, padding, or a document separator."""
+    """Decode `ids` up to (excluding) the first special token: EOS, padding, or a document separator.
+
+    Byte-level tokenizers can split one character over several tokens; when `max_new_tokens` cuts such a
+    character, its leading bytes decode to U+FFFD, so we drop those trailing tokens.
+    """
     special = set(tokenizer.all_special_ids)
     end = next((i for i, token in enumerate(ids) if token in special), len(ids))
-    return tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    while end > 0 and text.endswith("\ufffd"):
+        end -= 1
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text
 
 
 def skipped_path(out: Path) -> Path:
