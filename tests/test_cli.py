@@ -64,3 +64,14 @@ def test_quickstart_config_trains_real_smollm2_for_two_steps(tmp_path, monkeypat
     tags = set(EventAccumulator(cli.trainer.logger.log_dir).Reload().Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen"} <= tags
     assert cli.datamodule.report["train"].rows_kept >= 250
+
+
+def test_debug_config_runs_as_shipped(tmp_path, monkeypatch):
+    """configs/debug/tiny.yaml unchanged (tiny-random-llama alias with the SmolLM2 tokenizer, shipped pairs)."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(ROOT)
+    cli = main(["fit", "--config", "configs/debug/tiny.yaml", "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs")])
+    assert cli.trainer.global_step == 4
+    assert cli.model.policy.config.num_hidden_layers == 2 and cli.model.policy.config.vocab_size == 49152
+    assert "val/loss" in cli.trainer.callback_metrics
