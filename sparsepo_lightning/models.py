@@ -99,7 +99,8 @@ MODEL_ALIASES: dict[str, GgufSource | TinyRandomSource] = {
     ),
     "tiny-random-llama": TinyRandomSource(tokenizer_alias="smollm2-135m"),
 }
-"""Canonical alias -> source (GGUF file in a package, or a seeded tiny random model). Aliases are matched case-insensitively; see also `_ALIAS_SYNONYMS`."""
+"""Canonical alias -> source (GGUF file in a package, or a seeded tiny random model).
+Aliases are matched case-insensitively; see also `_ALIAS_SYNONYMS`."""
 
 _ALIAS_SYNONYMS: dict[str, str] = {"smollm2-135m-instruct": "smollm2-135m"}
 
