@@ -46,8 +46,8 @@ class SparsePOCLI(LightningCLI):
             rank_zero_info("Training finished.\n  " + "\n  ".join(lines))
 
 
-def main(args: list[str] | None = None) -> SparsePOCLI:
-    """Entry point of the ``sparsepo`` console script."""
+def run(args: list[str] | None = None) -> SparsePOCLI:
+    """Parse ``args`` (default: the command line), run the subcommand, and return the CLI object."""
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,
@@ -55,6 +55,11 @@ def main(args: list[str] | None = None) -> SparsePOCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success)."""
+    run()
 
 
 if __name__ == "__main__":
