@@ -12,6 +12,8 @@ default logger (``runs/<name>/version_N``); each run gets a new version director
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -48,6 +50,8 @@ class SparsePOCLI(LightningCLI):
 
 def run(args: list[str] | None = None) -> SparsePOCLI:
     """Parse ``args`` (default: the command line), run the subcommand, and return the CLI object."""
+    # The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise here.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,

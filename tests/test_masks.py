@@ -174,3 +174,15 @@ def test_activation_masker_errors_are_actionable():
     masker.bind(model)
     with pytest.raises(RuntimeError, match="recording"):
         masker(None, torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_learned_masks_are_float32_under_bf16_autocast():
+    model = tiny_llama()
+    masker = LearnedMasker()
+    masker.bind(model)
+    ids, attention, _, mask = random_rows()
+    ref = reference_outputs(model, ids, attention, masker)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        masks = masker(ref, mask)
+    assert masks.reward.dtype == torch.float32
+    assert_close(masks.reward, masker(ref, mask).reward)

@@ -41,10 +41,11 @@ class MaskNetwork(nn.Module):
 
     def forward(self, states: Tensor) -> Tensor:
         """Mask values for ``n`` tokens from their reference states ``(n, L, d)`` → ``(n,)``, float32."""
-        normed = self.norm(states.float())  # (n, L, d)
-        per_layer = torch.einsum("nld,ld->nl", normed, self.layer_weight) + self.layer_bias  # (n, L)
-        per_layer = self.dropout(self.layer_act(per_layer))
-        return self.dropout(self.mixer_act(per_layer @ self.mixer_weight))  # (n,)
+        with torch.autocast(device_type=states.device.type, enabled=False):  # masks stay fp32 under AMP
+            normed = self.norm(states.float())  # (n, L, d)
+            per_layer = torch.einsum("nld,ld->nl", normed, self.layer_weight.float()) + self.layer_bias.float()
+            per_layer = self.dropout(self.layer_act(per_layer))  # (n, L)
+            return self.dropout(self.mixer_act(per_layer @ self.mixer_weight.float()))  # (n,)
 
 
 def _layer_norm_eps(config: object) -> float:
