@@ -569,3 +569,59 @@ def test_datamodule_hub_source_reads_train_and_val_splits(tiny_tokenizer, monkey
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 1
     assert dm.report["val"].source == "org/prefs[test]"
+
+
+def test_add_bos_option_forces_or_suppresses_the_bos(tiny_tokenizer, gpt2_style_tokenizer):
+    pair = PreferencePair("The movie was", " great.", " bad.", source="x")
+    bos = tiny_tokenizer.bos_token_id
+    assert tokenize_pair(pair, tiny_tokenizer)["chosen_input_ids"][0] == bos
+    off = tokenize_pair(pair, tiny_tokenizer, add_bos=False)
+    assert off["chosen_input_ids"] == _ids(tiny_tokenizer, "The movie was great.") + [tiny_tokenizer.eos_token_id]
+    on = tokenize_pair(pair, gpt2_style_tokenizer, add_bos=True)["chosen_input_ids"]
+    assert on[0] == gpt2_style_tokenizer.bos_token_id and on.count(gpt2_style_tokenizer.bos_token_id) == 2  # bos, eos
+
+
+class _UpperCaseRows(PreferenceDataModule):
+    """A task loader through the ``convert_rows`` hook: schema ``{q, good, bad}``; rows with ``bad == None``
+    are refused with a task-specific reason."""
+
+    def convert_rows(self, rows, split):
+        from sparsepo_lightning.data.sources import RawRow, Rejection
+
+        for row in rows:
+            value = row.value
+            if value.get("bad") is None:
+                yield RawRow(row.location, rejection=Rejection("no_rejected", "bad", "no rejected answer", "drop it"))
+                continue
+            yield RawRow(row.location, {"prompt": value["q"], "chosen": value["good"], "rejected": value["bad"]})
+
+
+def test_convert_rows_hook_runs_on_files_and_counts_task_rejections(tiny_tokenizer, tmp_path):
+    path = tmp_path / "own.jsonl"
+    rows = [{"q": "hello", "good": " world", "bad": " there"}, {"q": "hello", "good": " x", "bad": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = _UpperCaseRows(max_length=64, max_prompt_length=32, batch_size=2, train_file=str(path))
+    dm.tokenizer = tiny_tokenizer
+    dm.setup("fit")
+    report = dm.report["train"]
+    assert report.rows_read == 2 and report.counts == {"no_rejected": 1}
+    assert f"{path}:2 field 'bad': no rejected answer. Fix: drop it." in report.summary()
+    strict = _UpperCaseRows(max_length=64, max_prompt_length=32, train_file=str(path), strict=True)
+    strict.tokenizer = tiny_tokenizer
+    with pytest.raises(ValueError, match=r"own.jsonl:2 field 'bad'"):
+        strict.setup("fit")
+
+
+def test_hub_dataset_may_be_a_local_folder_in_hub_layout(tiny_tokenizer, tmp_path):
+    root = tmp_path / "org-prefs"
+    (root / "subset-a").mkdir(parents=True)
+    (root / "subset-b").mkdir()
+    row = {"prompt": "hello", "chosen": " world", "rejected": " there"}
+    for subset, n in (("subset-a", 2), ("subset-b", 3)):
+        (root / subset / "train.jsonl").write_text((json.dumps(row) + "\n") * n)
+        (root / subset / "test.jsonl").write_text(json.dumps(row) + "\n")
+    dm = _datamodule(tiny_tokenizer, hub_dataset=str(root), hub_kwargs={"data_dir": "subset-b"})
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 1
+    assert dm.report["train"].source == f"{root}[train]"

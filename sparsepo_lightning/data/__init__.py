@@ -2,13 +2,15 @@
 
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import DataReport, PreferencePair, load_pairs
+from sparsepo_lightning.data.sources import DataReport, PreferencePair, RawRow, Rejection, load_pairs
 from sparsepo_lightning.data.tokenize import tokenize_pair
 
 __all__ = [
     "DataReport",
     "PreferenceDataModule",
     "PreferencePair",
+    "RawRow",
+    "Rejection",
     "collate_pairs",
     "load_pairs",
     "tokenize_pair",

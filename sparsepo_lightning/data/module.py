@@ -19,7 +19,7 @@ when ``dm.tokenizer`` is still ``None``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from sparsepo_lightning.data.sources import (
     DataReport,
     FieldNames,
     PreferencePair,
+    RawRow,
     RowIssue,
     iter_file,
     iter_hub,
@@ -73,6 +74,8 @@ class PreferenceDataModule(LightningDataModule):
         test_file: local test file.
         hub_dataset: ``datasets.load_dataset`` name used for train (and validation, see ``val_split``).
         hub_config: the hub dataset's configuration name.
+        hub_kwargs: more ``datasets.load_dataset`` arguments, e.g. ``{data_dir: harmless-base}`` or
+            ``{revision: <commit>}``. ``hub_dataset`` may also be a local folder in the hub's layout.
         train_split: hub split used for training.
         val_split: hub split used for validation; ``None`` for none (or to hold out ``val_fraction``).
         val_fraction: fraction of the training pairs held out for validation (seeded) when there is no
@@ -82,6 +85,8 @@ class PreferenceDataModule(LightningDataModule):
         rejected_field: row field holding the dispreferred response.
         use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
             always use it).
+        add_bos: start every row with the tokenizer's BOS token; ``None`` follows the tokenizer (BOS when it
+            adds one itself), ``False`` never adds one (raw-text code models, method.md §6.5).
         max_length: maximum tokens of prompt + response per row.
         max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
         batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.
@@ -100,6 +105,7 @@ class PreferenceDataModule(LightningDataModule):
         test_file: str | None = None,
         hub_dataset: str | None = None,
         hub_config: str | None = None,
+        hub_kwargs: dict[str, Any] | None = None,
         train_split: str = "train",
         val_split: str | None = "test",
         val_fraction: float = 0.0,
@@ -107,6 +113,7 @@ class PreferenceDataModule(LightningDataModule):
         chosen_field: str = "chosen",
         rejected_field: str = "rejected",
         use_chat_template: bool = False,
+        add_bos: bool | None = None,
         max_length: int = 512,
         max_prompt_length: int = 256,
         batch_size: int = 4,
@@ -119,10 +126,10 @@ class PreferenceDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
-        self.hub_dataset, self.hub_config = hub_dataset, hub_config
+        self.hub_dataset, self.hub_config, self.hub_kwargs = hub_dataset, hub_config, dict(hub_kwargs or {})
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.fields = FieldNames(prompt_field, chosen_field, rejected_field)
-        self.use_chat_template = use_chat_template
+        self.use_chat_template, self.add_bos = use_chat_template, add_bos
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.strict, self.max_train_samples = strict, max_train_samples
@@ -164,7 +171,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.hub_dataset is None:
             return
         for split in filter(None, (self.train_split, self.val_split)):
-            load_hub_split(self.hub_dataset, self.hub_config, split)
+            load_hub_split(self.hub_dataset, self.hub_config, split, **self.hub_kwargs)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``)."""
@@ -245,11 +252,28 @@ class PreferenceDataModule(LightningDataModule):
         if path is not None:
             rows, name = iter_file(path), path
         elif self.hub_dataset is not None:
-            rows, name = iter_hub(self.hub_dataset, self.hub_config, hub_split), f"{self.hub_dataset}[{hub_split}]"
+            rows = iter_hub(self.hub_dataset, self.hub_config, hub_split, **self.hub_kwargs)
+            name = f"{self.hub_dataset}[{hub_split}]"
         else:
             raise ValueError(f"data: no source for the {split} split. Set {split}_file or hub_dataset.")
+        rows = self.convert_rows(rows, split)
         pairs, self.report[split] = validate_rows(rows, self.fields, source=name, strict=self.strict)
         return pairs
+
+    def convert_rows(self, rows: Iterable[RawRow], split: str) -> Iterable[RawRow]:
+        """Task hook: map rows of a dataset's own schema to ``{prompt, chosen, rejected}`` rows.
+
+        Called on every source (local file or hub split) before validation, so a task loader is tested on
+        fixture files through exactly the code that reads the hub. Keep each output row's ``location`` (or
+        derive it, e.g. ``file:12/pair 2``) and return ``RawRow(location, rejection=Rejection(...))`` for rows
+        that cannot be converted: they are counted per reason in the report (or raise with ``strict``).
+        The default passes rows through unchanged.
+
+        Args:
+            rows: decoded rows of one source.
+            split: ``train``, ``val`` or ``test``.
+        """
+        return rows
 
     def _add_split(self, split: str, pairs: list[PreferencePair]) -> None:
         """Tokenise pairs into features, count truncations / empty responses, log the report once."""
@@ -258,7 +282,8 @@ class PreferenceDataModule(LightningDataModule):
         for pair in pairs:
             try:
                 feature = tokenize_pair(
-                    pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template
+                    pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template,
+                    add_bos=self.add_bos,
                 )
             except EmptyResponseError as e:
                 if self.strict:

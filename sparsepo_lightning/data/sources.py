@@ -26,7 +26,8 @@ Messages = list[dict[str, str]]
 Text = str | Messages
 
 REASONS = ("bad_json", "missing_field", "wrong_type", "empty_response", "identical_responses")
-"""Why a row can be rejected, in the order they are reported."""
+"""Why a row can be rejected, in the order they are reported. Task converters (``RawRow.rejection``) may
+add their own reasons (e.g. ``prompt_mismatch``); those are reported after these, in order of appearance."""
 
 _JSON_LIST_KEYS = ("data", "train")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -102,7 +103,7 @@ class DataReport:
     def summary(self) -> str:
         """One paragraph: kept/read, each rejection reason with its first location, truncations."""
         lines = [f"{self.source}: kept {self.rows_kept} of {self.rows_read} rows"]
-        for reason in REASONS:
+        for reason in [*REASONS, *(r for r in self.counts if r not in REASONS)]:
             if reason in self.counts:
                 issue = self.first[reason]
                 lines.append(f"  rejected {self.counts[reason]} x {reason}; first at {issue.message}")
@@ -115,12 +116,34 @@ class DataReport:
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """Why a task converter refused a row; the validator counts it like any other bad row.
+
+    Attributes:
+        reason: a short snake_case name, one of :data:`REASONS` or a task-specific one (``prompt_mismatch``).
+        field: the offending field, or ``None`` for whole-row problems.
+        problem: what is wrong, e.g. ``"the transcript has no 'Assistant:' turn"``.
+        fix: what the user can do about it.
+    """
+
+    reason: str
+    field: str | None
+    problem: str
+    fix: str
+
+
+@dataclass(frozen=True)
 class RawRow:
-    """One undecoded-or-decoded row and where it came from; ``decode_error`` is set for unreadable rows."""
+    """One undecoded-or-decoded row and where it came from.
+
+    ``decode_error`` is set for unreadable rows; ``rejection`` for rows a task converter refused (the
+    validator counts both and never silently drops a row).
+    """
 
     location: str
     value: Any = None
     decode_error: str | None = None
+    rejection: Rejection | None = None
 
 
 @dataclass(frozen=True)
@@ -226,23 +249,27 @@ def iter_parquet(path: str | Path, batch_rows: int = 1024) -> Iterator[RawRow]:
             yield RawRow(f"{path} row {row_no}", value)
 
 
-def load_hub_split(name: str, config: str | None, split: str) -> Any:
-    """``datasets.load_dataset(name, config, split=split)`` with an error that names the options to fix."""
+def load_hub_split(name: str, config: str | None, split: str, **kwargs: Any) -> Any:
+    """``datasets.load_dataset(name, config, split=split, **kwargs)`` with an error naming the options to fix.
+
+    ``name`` may be a hub id (``Anthropic/hh-rlhf``) or a local folder in the same layout (how the task
+    loaders are tested offline); ``kwargs`` are passed on (``data_dir``, ``data_files``, ``revision``...).
+    """
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(
-            f"could not load hub dataset {name!r} (config {config!r}, split {split!r}): {e}. "
-            "Fix: check hub_dataset / hub_config, and set train_split / val_split to splits that exist "
-            "(val_split: null disables the hub validation split)."
+            f"could not load hub dataset {name!r} (config {config!r}, split {split!r}, options {kwargs}): {e}. "
+            "Fix: check hub_dataset / hub_config / hub_kwargs, and set train_split / val_split to splits that "
+            "exist (val_split: null disables the hub validation split)."
         ) from e
 
 
-def iter_hub(name: str, config: str | None, split: str) -> Iterator[RawRow]:
+def iter_hub(name: str, config: str | None, split: str, **kwargs: Any) -> Iterator[RawRow]:
     """Rows of a hub dataset split, located as ``name[split]#index`` (0-based, as in ``dataset[index]``)."""
-    for index, value in enumerate(load_hub_split(name, config, split)):
+    for index, value in enumerate(load_hub_split(name, config, split, **kwargs)):
         yield RawRow(f"{name}[{split}]#{index}", value)
 
 
@@ -337,6 +364,9 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
     where, value = row.location, row.value
     if row.decode_error is not None:
         raise _RowError("bad_json", where, None, f"invalid JSON ({row.decode_error})", "make each row one JSON object")
+    if row.rejection is not None:
+        r = row.rejection
+        raise _RowError(r.reason, where, r.field, r.problem, r.fix)
     if not isinstance(value, dict):
         layout = f'{{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}'
         problem = f"a row must be a JSON object, got {type(value).__name__}"

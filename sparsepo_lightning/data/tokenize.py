@@ -27,6 +27,7 @@ def tokenize_pair(
     max_length: int = 512,
     max_prompt_length: int = 256,
     use_chat_template: bool = False,
+    add_bos: bool | None = None,
 ) -> dict[str, list[int] | int]:
     """Token ids and labels of both responses of one pair.
 
@@ -38,6 +39,8 @@ def tokenize_pair(
             when prompt + longest response exceeds ``max_length``; must be smaller than ``max_length``.
         use_chat_template: render plain-text pairs with ``tokenizer.apply_chat_template`` too (the prompt
             becomes one user message and each response one assistant message).
+        add_bos: ``None`` adds one BOS when the tokenizer normally starts sequences with it; ``True`` always
+            adds the tokenizer's BOS (error if it has none); ``False`` never adds one.
 
     Returns:
         ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (lists of
@@ -51,14 +54,16 @@ def tokenize_pair(
     """
     _check_lengths(max_length, max_prompt_length)
     prompt_text, full_texts = _render(pair, tokenizer, use_chat_template)
-    bos_to_add = _bos_to_add(tokenizer)
+    bos_to_add = _bos_to_add(tokenizer, add_bos)
     prompt_ids = _encode(tokenizer, prompt_text, bos_to_add)
     sides = {}
     for side in _SIDES:
         full_ids = _encode(tokenizer, full_texts[side], bos_to_add)
         boundary = _common_prefix_length(prompt_ids, full_ids)
         sides[side] = (full_ids[:boundary], _with_eos(full_ids[boundary:], tokenizer.eos_token_id))
-    sides, prompt_cut, response_cut = _truncate(sides, max_length, max_prompt_length, tokenizer.bos_token_id)
+    sides, prompt_cut, response_cut = _truncate(
+        sides, max_length, max_prompt_length, None if add_bos is False else tokenizer.bos_token_id
+    )
     features: dict[str, list[int] | int] = {}
     for side, (prompt, response) in sides.items():
         if not response:
@@ -110,11 +115,15 @@ def _apply_template(tokenizer: Any, messages: Messages, add_generation_prompt: b
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _bos_to_add(tokenizer: Any) -> int | None:
-    """The BOS id if this tokenizer normally starts sequences with it, else ``None``."""
+def _bos_to_add(tokenizer: Any, add_bos: bool | None = None) -> int | None:
+    """The BOS id to put in front of every row (``None``: none), see ``tokenize_pair``'s ``add_bos``."""
     bos = tokenizer.bos_token_id
-    if bos is None:
+    if add_bos is False:
         return None
+    if add_bos and bos is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token. Fix: set add_bos to null or false.")
+    if add_bos or bos is None:
+        return bos
     ids = tokenizer("x").input_ids
     return bos if ids and ids[0] == bos else None
 
