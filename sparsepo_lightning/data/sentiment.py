@@ -2,8 +2,10 @@
 
 For every prompt (a short review prefix such as "The acting in this film was") we sample `num_samples`
 plain-text continuations from a causal LM (no chat template), score each continuation with a `Scorer`
-(default: VADER compound sentiment in [-1, 1]) and keep the most positive as `chosen` and the least positive
-as `rejected`. Each output line is::
+(default: VADER compound sentiment in [-1, 1]; or `ClassifierScorer`, the positive-class probability of a
+sentiment classifier such as ``lvwerra/distilbert-imdb``, via ``--scorer``) and keep the most positive as
+`chosen` and the least positive as `rejected` (``--pairing best_worst``), or, as ODPO does, the better of the
+first two samples against the other (``--pairing first_two``). Each output line is::
 
     {"prompt": str, "chosen": str, "rejected": str, "chosen_score": float, "rejected_score": float}
 
@@ -20,6 +22,11 @@ Run (the quickstart data, see data/quickstart/README.md)::
 
     python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
         --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 48
+
+IMDB review prefixes as prompts (method.md §6.2; see `sparsepo_lightning.data.imdb.imdb_prompts`)::
+
+    python -m sparsepo_lightning.data.sentiment --model <imdb sft model> --imdb stanfordnlp/imdb \\
+        --num-prompts 1000 --scorer lvwerra/distilbert-imdb --pairing first_two --out data/cache/imdb/train.jsonl
 """
 
 from __future__ import annotations
@@ -42,11 +49,13 @@ log = logging.getLogger(__name__)
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 SKIP_EMPTY = "empty"
-"""Skip reason: fewer than two non-empty continuations."""
+"""Skip reason: fewer than two non-empty continuations (``first_two``: one of the first two is empty)."""
 SKIP_TIED = "tied"
 """Skip reason: the best and worst continuations have the same score."""
 SKIP_IDENTICAL = "identical"
 """Skip reason: the best and worst continuations are the same text (possible with a non-deterministic scorer)."""
+PAIRINGS = ("best_worst", "first_two")
+"""How `pair_samples` picks chosen and rejected among the samples of one prompt."""
 
 
 class Scorer(Protocol):
@@ -65,6 +74,94 @@ class VaderScorer:
 
     def __call__(self, texts: list[str]) -> list[float]:
         return [float(self._analyzer.polarity_scores(text)["compound"]) for text in texts]
+
+
+_POSITIVE_NAMES = ("positive", "pos")
+
+
+class ClassifierScorer:
+    """Probability of the positive class under a sequence classifier (``AutoModelForSequenceClassification``).
+
+    E.g. ``lvwerra/distilbert-imdb`` (ODPO's scorer) or ``siebert/sentiment-roberta-large-english``
+    (method.md §6.2). Each text is scored alone (the continuation, not the prompt), truncated to
+    `max_length` tokens; softmax is taken in float32.
+
+    Args:
+        model_name: hub name or local folder of the classifier.
+        positive_label: the positive class, as a label name of ``config.id2label`` or an index; ``None`` finds
+            it from the names (``POSITIVE``/``pos``, case-insensitive, or ``LABEL_1`` of a two-class model).
+        batch_size: texts per forward pass.
+        device: torch device, e.g. ``cpu`` or ``cuda``.
+        max_length: texts are truncated to this many tokens.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        positive_label: str | int | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        max_length: int = 512,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"ClassifierScorer batch_size={batch_size}: must be at least 1.")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_name).to(device).eval()
+        if self.tokenizer.pad_token is None:  # GPT-style classifiers: pad with EOS (attention_mask hides it)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.positive_index = positive_index(self.model.config.id2label, positive_label, model_name)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> list[float]:
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.model.device)
+            logits = self.model(**batch).logits.float()  # (batch, num_labels)
+            scores += logits.softmax(dim=-1)[:, self.positive_index].tolist()
+        return scores
+
+
+def positive_index(id2label: dict[int, str], positive_label: str | int | None, model_name: str = "") -> int:
+    """Index of the positive class in a classifier's ``id2label``.
+
+    Raises:
+        ValueError: the label is not found, or cannot be guessed from the names.
+    """
+    labels = {int(i): str(name) for i, name in id2label.items()}
+    fix = f"pass positive_label (--scorer-positive-label) as one of {labels}"
+    if isinstance(positive_label, int):
+        if positive_label not in labels:
+            raise ValueError(f"{model_name}: positive_label={positive_label} is not a class index; {fix}.")
+        return positive_label
+    if positive_label is not None:
+        matches = [i for i, name in labels.items() if name.lower() == positive_label.lower()]
+        if not matches:
+            raise ValueError(f"{model_name}: positive_label={positive_label!r} is not a label name; {fix}.")
+        return matches[0]
+    matches = [i for i, name in labels.items() if name.lower() in _POSITIVE_NAMES]
+    if len(matches) == 1:
+        return matches[0]
+    if sorted(name.upper() for name in labels.values()) == ["LABEL_0", "LABEL_1"]:
+        return next(i for i, name in labels.items() if name.upper() == "LABEL_1")
+    raise ValueError(f"{model_name}: cannot tell which class is positive from the labels {labels}; {fix}.")
+
+
+def make_scorer(
+    spec: str, positive_label: str | int | None = None, batch_size: int = 32, device: str = "cpu"
+) -> Scorer:
+    """``"vader"`` gives a `VaderScorer`; any other string is a classifier name or path for `ClassifierScorer`."""
+    if spec.lower() == "vader":
+        return VaderScorer()
+    return ClassifierScorer(spec, positive_label=positive_label, batch_size=batch_size, device=device)
 
 
 @dataclass(frozen=True)
@@ -128,16 +225,31 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def pair_samples(prompt: str, texts: Sequence[str], scores: Sequence[float]) -> tuple[dict | None, str | None]:
-    """Pair the highest-scored continuation (chosen) with the lowest-scored one (rejected).
+def pair_samples(
+    prompt: str, texts: Sequence[str], scores: Sequence[float], pairing: str = "best_worst"
+) -> tuple[dict | None, str | None]:
+    """Make one preference pair from the scored continuations of `prompt`.
 
-    Empty (whitespace-only) continuations are ignored. Ties for best or worst go to the earliest sample, so the
-    result is deterministic.
+    Pairing rules:
+
+    - ``best_worst``: the highest-scored continuation is chosen, the lowest-scored one rejected. Empty
+      (whitespace-only) continuations are ignored; ties for best or worst go to the earliest sample.
+    - ``first_two``: ODPO's ``imdb_paired_responses`` rule: only the first two samples are used, the higher
+      scored one is chosen. Unlike ODPO (which then picks the second sample), a tie gives no pair.
 
     Returns:
-        ``(row, None)`` with a row of `PAIR_KEYS`, or ``(None, reason)`` when the prompt gives no pair.
+        ``(row, None)`` with a row of `PAIR_KEYS`, or ``(None, reason)`` when the prompt gives no pair
+        (`SKIP_EMPTY`, `SKIP_TIED` or `SKIP_IDENTICAL`).
+
+    Raises:
+        ValueError: an unknown `pairing`.
     """
-    kept = [(score, text) for text, score in zip(texts, scores, strict=True) if text.strip()]
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing={pairing!r} is unknown: use one of {', '.join(PAIRINGS)}.")
+    scored = list(zip(scores, texts, strict=True))
+    if pairing == "first_two":
+        scored = scored[:2]
+    kept = [(score, text) for score, text in scored if text.strip()]
     if len(kept) < 2:
         return None, SKIP_EMPTY
     best = max(range(len(kept)), key=lambda i: kept[i][0])  # max/min return the first of equal keys
@@ -239,6 +351,7 @@ def build_pairs(
     config: SamplingConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    pairing: str = "best_worst",
 ) -> BuildReport:
     """Sample, score and pair continuations for `prompts`, appending JSONL rows to `out` (resumable).
 
@@ -251,14 +364,17 @@ def build_pairs(
         config: sampling settings; defaults to `SamplingConfig()`.
         overwrite: delete an existing output and its sidecar first instead of resuming.
         progress: show a tqdm progress bar.
+        pairing: ``best_worst`` or ``first_two`` (ODPO), see `pair_samples`.
 
     Returns:
         A `BuildReport` with counts for this call.
 
     Raises:
-        ValueError: duplicate prompts, or an existing output that was not built from `prompts` (unless
-            `overwrite`).
+        ValueError: duplicate prompts, an unknown `pairing`, or an existing output that was not built from
+            `prompts` (unless `overwrite`).
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing={pairing!r} is unknown: use one of {', '.join(PAIRINGS)}.")
     config = config or SamplingConfig()
     scorer = scorer or VaderScorer()
     out = Path(out)
@@ -277,7 +393,7 @@ def build_pairs(
         if all(p in done for p in batch):
             continue  # the seed of each batch depends on its index only, so skipping keeps later batches intact
         samples = sample_continuations(model, tokenizer, batch, config, seed=config.seed + index)
-        _score_and_write(batch, samples, done, scorer, out, report)
+        _score_and_write(batch, samples, done, scorer, out, report, pairing)
         bar.update(sum(p not in done for p in batch))
         done.update(batch)
     bar.close()
@@ -286,7 +402,13 @@ def build_pairs(
 
 
 def _score_and_write(
-    batch: list[str], samples: list[list[str]], done: set[str], scorer: Scorer, out: Path, report: BuildReport
+    batch: list[str],
+    samples: list[list[str]],
+    done: set[str],
+    scorer: Scorer,
+    out: Path,
+    report: BuildReport,
+    pairing: str = "best_worst",
 ) -> None:
     """Score one batch, pair each prompt not yet done, append rows and skips to their files."""
     flat = [text for texts in samples for text in texts]
@@ -301,7 +423,7 @@ def _score_and_write(
         if prompt in done:
             continue
         scores = flat_scores[i * n : (i + 1) * n]
-        row, reason = pair_samples(prompt, texts, scores)
+        row, reason = pair_samples(prompt, texts, scores, pairing)
         if row is None:
             report.skipped[reason] += 1
             skips.append({"prompt": prompt, "reason": reason, "texts": texts, "scores": scores})
@@ -393,8 +515,21 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="Model alias (e.g. smollm2-135m), checkpoint folder or hub name.")
-    p.add_argument("--prompts", required=True, type=Path, help="Text file with one prompt per line.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", type=Path, help="Text file with one prompt per line.")
+    source.add_argument(
+        "--imdb",
+        metavar="DATASET",
+        help="Review prefixes as prompts, from this IMDB hub id or local folder in the hub layout "
+        "(e.g. stanfordnlp/imdb); see sparsepo_lightning.data.imdb.imdb_prompts.",
+    )
     p.add_argument("--out", required=True, type=Path, help="Output JSONL; resumed if it exists.")
+    p.add_argument("--imdb-split", default="train", help="--imdb: dataset split (train, test or unsupervised).")
+    p.add_argument("--imdb-config", default="plain_text", help="--imdb: dataset configuration.")
+    p.add_argument("--num-prompts", type=int, help="--imdb: distinct prompts sampled (seeded); default all.")
+    p.add_argument("--min-words", type=int, default=2, help="--imdb: shortest prompt, in words.")
+    p.add_argument("--max-words", type=int, default=8, help="--imdb: longest prompt, in words (= min: fixed).")
+    p.add_argument("--prompt-seed", type=int, default=0, help="--imdb: seed of prompt lengths and sampling.")
     p.add_argument("--split", choices=("all", "train", "val"), default="all", help="Which part of the prompts to use.")
     p.add_argument("--val-size", type=int, default=0, help="Prompts held out for the 'val' split.")
     p.add_argument("--split-seed", type=int, default=0, help="Seed of the train/val shuffle.")
@@ -408,6 +543,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed, help="Batch i is sampled with seed + i.")
     p.add_argument("--dtype", default="float32", help="Model dtype: float32, bfloat16 or float16.")
     p.add_argument("--device", default="cpu", help="Torch device for sampling, e.g. cpu or cuda.")
+    p.add_argument("--scorer", default="vader", help="'vader', or a sentiment classifier name/path (P(positive)).")
+    p.add_argument("--scorer-positive-label", help="Classifier label name or index of the positive class.")
+    p.add_argument("--pairing", choices=PAIRINGS, default="best_worst", help="best_worst, or ODPO's first_two.")
     p.add_argument("--overwrite", action="store_true", help="Delete an existing --out (and sidecar) first.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return p
@@ -419,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sparsepo_lightning.models import load_causal_lm, load_tokenizer
 
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts) if args.prompts else _imdb_prompts(args)
     if args.split != "all":
         if args.val_size <= 0:
             raise SystemExit(f"--split {args.split} needs --val-size > 0 (prompts held out for validation).")
@@ -437,8 +575,20 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     log.info("Sampling %d prompts (%s split) with %s", len(prompts), args.split, config)
     model = load_causal_lm(args.model, dtype=args.dtype).to(args.device).eval()
     tokenizer = load_tokenizer(args.model)
+    label = args.scorer_positive_label
+    label = int(label) if label is not None and label.isdigit() else label
+    scorer = make_scorer(args.scorer, positive_label=label, batch_size=args.batch_size, device=args.device)
     return build_pairs(
-        model, tokenizer, prompts, args.out, config=config, overwrite=args.overwrite, progress=not args.no_progress
+        model, tokenizer, prompts, args.out, scorer=scorer, config=config, overwrite=args.overwrite,
+        progress=not args.no_progress, pairing=args.pairing,
+    )
+
+
+def _imdb_prompts(args: argparse.Namespace) -> list[str]:
+    from sparsepo_lightning.data.imdb import imdb_prompts
+
+    return imdb_prompts(
+        args.imdb, args.imdb_split, args.num_prompts, args.min_words, args.max_words, args.prompt_seed, args.imdb_config
     )
 
 
