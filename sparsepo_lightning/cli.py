@@ -6,7 +6,10 @@ Examples::
     sparsepo fit --config configs/quickstart.yaml --model.objective.beta 0.5 --trainer.max_steps 20
     sparsepo fit --config configs/quickstart.yaml --print_config      # the full resolved configuration
 
-The model name is given once (``model.model``) and linked to the data module's tokenizer. TensorBoard is the
+The model name is given once (``model.model``) and linked to the data module's tokenizer (or
+``model.tokenizer_name`` when the checkpoint ships none, e.g. ``gpt2-large`` for the IMDB GPT-2 SFT model). The
+``data`` section names its DataModule by ``class_path`` (``PreferenceDataModule`` for plain pair files, or a task
+loader such as ``sparsepo_lightning.data.hh.HHDataModule``). TensorBoard is the
 default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
 """
 
@@ -32,7 +35,7 @@ class SparsePOCLI(LightningCLI):
     """LightningCLI with the values shared by model and data linked once."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-        parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments(("model.model", "model.tokenizer_name"), "data.init_args.tokenizer", compute_fn=_tokenizer_name)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -48,6 +51,11 @@ class SparsePOCLI(LightningCLI):
             rank_zero_info("Training finished.\n  " + "\n  ".join(lines))
 
 
+def _tokenizer_name(model: str, tokenizer: str | None) -> str:
+    """The data module's tokenizer: ``model.tokenizer_name`` when set (e.g. ``gpt2-large``), else the model name."""
+    return tokenizer or model
+
+
 def run(args: list[str] | None = None) -> SparsePOCLI:
     """Parse ``args`` (default: the command line), run the subcommand, and return the CLI object."""
     # The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise here.
@@ -55,6 +63,7 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,
+        subclass_mode_data=True,  # task loaders (HHDataModule, ...) are chosen by class_path
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,

@@ -40,6 +40,7 @@ class PreferenceModule(LightningModule):
         objective: Objective | None = None,
         masker: TokenMasker | None = None,
         reference: str | None = None,
+        tokenizer_name: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
@@ -59,6 +60,8 @@ class PreferenceModule(LightningModule):
             objective: the preference objective; default ``SparsePO()`` (β = 0.8).
             masker: token masker for SparsePO (uniform, activation, learned); default uniform (= TDPO1).
             reference: frozen reference checkpoint; default the same as ``model``.
+            tokenizer_name: tokenizer name or path when ``model`` ships none (the CLI passes it to the data module);
+                default the model's own.
             optimizer: optimizer class/callable taking parameter groups; default ``torch.optim.AdamW``.
                 The learning rate and weight decays are set per group from the options below.
             lr: learning rate of the policy (and of the masks unless ``mask_lr`` is set).

@@ -75,3 +75,15 @@ def test_debug_config_runs_as_shipped(tmp_path, monkeypatch):
     assert cli.trainer.global_step == 4
     assert cli.model.policy.config.num_hidden_layers == 2 and cli.model.policy.config.vocab_size == 49152
     assert "val/loss" in cli.trainer.callback_metrics
+
+
+def test_model_tokenizer_name_overrides_the_linked_tokenizer(tiny_model_dir, monkeypatch):
+    from sparsepo_lightning.cli import SparsePOCLI
+    from sparsepo_lightning.data import PreferenceDataModule
+    from sparsepo_lightning.module import PreferenceModule
+
+    monkeypatch.chdir(ROOT)
+    args = ["--config", "configs/debug/tiny.yaml", "--model.model", tiny_model_dir, "--model.tokenizer_name",
+            "some/tokenizer"]
+    cli = SparsePOCLI(PreferenceModule, PreferenceDataModule, subclass_mode_data=True, args=args, run=False)
+    assert cli.datamodule.tokenizer_name == "some/tokenizer"
