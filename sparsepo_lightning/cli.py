@@ -35,7 +35,8 @@ class SparsePOCLI(LightningCLI):
     """LightningCLI with the values shared by model and data linked once."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-        parser.link_arguments(("model.model", "model.tokenizer_name"), "data.init_args.tokenizer", compute_fn=_tokenizer_name)
+        sources = ("model.model", "model.tokenizer_name")
+        parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
 
     def after_fit(self) -> None:
         trainer = self.trainer
