@@ -54,7 +54,10 @@ def test_parse_splits_on_role_markers_and_keeps_continuation_paragraphs():
 
 def test_a_role_name_inside_a_line_is_content_not_a_marker():
     text = "\n\nHuman: Write 'Assistant: yes' please\nHuman: twice\n\nAssistant: Assistant: yes"
-    assert parse_hh_transcript(text) == [_user("Write 'Assistant: yes' please\nHuman: twice"), _assistant("Assistant: yes")]
+    assert parse_hh_transcript(text) == [
+        _user("Write 'Assistant: yes' please\nHuman: twice"),
+        _assistant("Assistant: yes"),
+    ]
 
 
 @pytest.mark.parametrize("text", ["\n\nAssistant: Hi\n\nHuman: Hello", "Some preamble\n\nHuman: Hi", "", 3])
@@ -88,7 +91,10 @@ def test_fixture_rows_parse_to_these_exact_pairs():
 def test_rows_that_cannot_be_pairs_are_rejected_with_a_reason():
     rows = _rows(TRAIN)
     mismatch = hh_row_to_pair(**rows[4])
-    assert isinstance(mismatch, Rejection) and (mismatch.reason, mismatch.field) == ("prompt_mismatch", "chosen/rejected")
+    assert isinstance(mismatch, Rejection) and (mismatch.reason, mismatch.field) == (
+        "prompt_mismatch",
+        "chosen/rejected",
+    )
     starts_with_assistant = hh_row_to_pair(**rows[6])
     assert (starts_with_assistant.reason, starts_with_assistant.field) == ("unparsable_transcript", "chosen")
     no_assistant = hh_row_to_pair(**rows[7])
