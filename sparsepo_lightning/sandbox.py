@@ -36,6 +36,7 @@ by exiting early or printing. Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -130,7 +131,7 @@ class ExecutionResult:
 
 # The prelude runs in the child before the user's program. It reads "<nonce>\n<program>" from stdin, installs
 # the guard, executes the program in a fresh namespace and, last, writes "<nonce> <status>" on its own line.
-_PRELUDE = r'''
+_PRELUDE = r"""
 def _sandbox_main():
     import sys
     nonce = sys.stdin.readline().strip()
@@ -257,7 +258,7 @@ def _sandbox_main():
 
 
 _sandbox_main()
-'''
+"""
 
 
 def run_program(source: str, config: SandboxConfig | None = None) -> ExecutionResult:
@@ -314,7 +315,7 @@ def run_programs(
         return list(tqdm(results, total=len(sources), unit="program", desc="executing", disable=not progress))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def network_namespace_available(python: str | None = None) -> bool:
     """Whether ``unshare -rn`` (new user + network namespace, unprivileged) can start ``python`` here.
 
@@ -403,10 +404,8 @@ def _communicate(process: subprocess.Popen, stdin: str, timeout: float) -> bool:
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        try:  # also reaps anything the program left behind in its group
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # also kills what the program left behind
             os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         process.wait()
     return timed_out
 
