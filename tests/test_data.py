@@ -625,3 +625,21 @@ def test_hub_dataset_may_be_a_local_folder_in_hub_layout(tiny_tokenizer, tmp_pat
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 1
     assert dm.report["train"].source == f"{root}[train]"
+
+
+def test_builtin_zephyr_chat_template_for_tokenizers_without_one(gpt2_style_tokenizer, tmp_path):
+    """method.md §6.1: ``<|system|>\\n{content}<eos><|user|>\\n...<eos><|assistant|>\\n{response}<eos>``."""
+    path = tmp_path / "chat.jsonl"
+    row = {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "hello"}],
+           "chosen": [{"role": "assistant", "content": "hello there"}], "rejected": "hello world"}
+    path.write_text(json.dumps(row) + "\n")
+    tokenizer = copy.deepcopy(gpt2_style_tokenizer)
+    dm = _datamodule(tokenizer, train_file=str(path), chat_template="zephyr")
+    dm.setup("fit")
+    eos = tokenizer.eos_token
+    rendered = tokenizer.decode(dm.datasets["train"][0]["chosen_input_ids"])
+    assert rendered == f"<|system|>\n{eos}<|user|>\nhello{eos}<|assistant|>\nhello there{eos}"
+    labels = dm.datasets["train"][0]["rejected_labels"]
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == f"hello world{eos}"
+    with pytest.raises(ValueError, match="neither a built-in name"):
+        PreferenceDataModule(chat_template="chatml")

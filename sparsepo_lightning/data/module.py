@@ -39,7 +39,7 @@ from sparsepo_lightning.data.sources import (
     load_hub_split,
     validate_rows,
 )
-from sparsepo_lightning.data.tokenize import EmptyResponseError, tokenize_pair
+from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
 
 Features = dict[str, list[int]]
 
@@ -85,6 +85,8 @@ class PreferenceDataModule(LightningDataModule):
         rejected_field: row field holding the dispreferred response.
         use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
             always use it).
+        chat_template: replaces the tokenizer's chat template: a built-in name (``zephyr``, the format of the
+            released code, method.md §6.1) or a Jinja template string. Needed for models that ship none.
         add_bos: start every row with the tokenizer's BOS token; ``None`` follows the tokenizer (BOS when it
             adds one itself), ``False`` never adds one (raw-text code models, method.md §6.5).
         max_length: maximum tokens of prompt + response per row.
@@ -113,6 +115,7 @@ class PreferenceDataModule(LightningDataModule):
         chosen_field: str = "chosen",
         rejected_field: str = "rejected",
         use_chat_template: bool = False,
+        chat_template: str | None = None,
         add_bos: bool | None = None,
         max_length: int = 512,
         max_prompt_length: int = 256,
@@ -130,6 +133,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.fields = FieldNames(prompt_field, chosen_field, rejected_field)
         self.use_chat_template, self.add_bos = use_chat_template, add_bos
+        self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.strict, self.max_train_samples = strict, max_train_samples
@@ -158,6 +162,11 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(
                 f"data.max_prompt_length={self.max_prompt_length}, data.max_length={self.max_length}: need "
                 "1 <= max_prompt_length < max_length so every response keeps at least one token."
+            )
+        if self.chat_template is not None and "{" not in self.chat_template:
+            raise ValueError(
+                f"data.chat_template={self.chat_template!r} is neither a built-in name ({', '.join(CHAT_TEMPLATES)}) "
+                "nor a Jinja template. Fix: use one of the names or paste the template string."
             )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size}: must be >= 1 (pairs per device).")
@@ -215,6 +224,8 @@ class PreferenceDataModule(LightningDataModule):
                     "name) or assign dm.tokenizer = <tokenizer object> before setup()."
                 )
             self.tokenizer = _load_tokenizer(self.tokenizer_name)
+        if self.chat_template is not None:
+            self.tokenizer.chat_template = self.chat_template
         if self.pad_token_id is None:
             self.pad_token_id = _pad_token_id(self.tokenizer)
 
