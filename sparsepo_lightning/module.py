@@ -21,6 +21,19 @@ from sparsepo_lightning.types import PreferenceBatch
 PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
 
 
+def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """``peft.get_peft_model`` with a causal-LM ``LoraConfig`` built from ``options`` (errors name the option)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("model.lora needs the `peft` package: pip install peft") from e
+    try:
+        config = LoraConfig(task_type="CAUSAL_LM", **options)
+    except TypeError as e:
+        raise ValueError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
+    return get_peft_model(model, config)
+
+
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -53,6 +66,7 @@ class PreferenceModule(LightningModule):
         disable_dropout: bool = True,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -75,6 +89,10 @@ class PreferenceModule(LightningModule):
             disable_dropout: set the dropout of policy and reference to 0 (mask dropout is kept as configured).
             gradient_checkpointing: recompute policy activations in backward to save memory.
             trust_remote_code: allow model code from the checkpoint (off: never run downloaded code by default).
+            lora: train LoRA adapters (``peft.LoraConfig`` arguments, e.g. ``{r: 64, lora_alpha: 16,
+                lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}``) instead of all weights. The
+                reference is then the same model with its adapters disabled: no second copy in memory
+                (method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
@@ -83,21 +101,36 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"masker={type(masker).__name__} has no effect with objective "
                              f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
         self.optimizer_factory = optimizer
+        if lora is not None and reference is not None:
+            raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
+                             f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
         self.policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
         self.reference: nn.Module | None = None
-        if self.objective.needs_reference:
+        if self.objective.needs_reference and lora is None:
             self.reference = load_causal_lm(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
             self.reference.requires_grad_(False).eval()
-        if disable_dropout:
+        if disable_dropout:  # before adding adapters: LoRA's own dropout is an option of `lora`
             for lm in (self.policy, self.reference):
                 if lm is not None:
                     _disable_dropout(lm)
+        if lora is not None:
+            self.policy = _with_lora(self.policy, lora)
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.masker = masker
         if self.objective.uses_masks and self.masker is not None:
-            self.masker.bind(self.reference)
+            self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
+
+    @property
+    def _causal_lm(self) -> nn.Module:
+        """The policy's Hugging Face causal LM (inside the ``PeftModel`` wrapper with LoRA)."""
+        return self.policy.get_base_model() if self.hparams.lora is not None else self.policy
+
+    @property
+    def uses_adapter_reference(self) -> bool:
+        """True when the reference is the policy with its LoRA adapters disabled."""
+        return self.hparams.lora is not None and self.objective.needs_reference
 
     # ---- training mode and checkpoints -------------------------------------------------------------------
     def train(self, mode: bool = True) -> PreferenceModule:
@@ -108,28 +141,39 @@ class PreferenceModule(LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        """Drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights."""
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_state_keys()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.reference is not None:  # the reference is rebuilt from its source; keep strict loading for the rest
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        own = self.state_dict()  # keep strict loading for everything that was saved
+        checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys()})
+
+    def _frozen_state_keys(self) -> set[str]:
+        keys = {f"reference.{k}" for k in self.reference.state_dict()} if self.reference is not None else set()
+        if self.hparams.lora is not None:
+            trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+            keys |= {k for k in self.state_dict() if k.startswith("policy.") and k not in trainable}
+        return keys
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:
-        if self.reference is None:
+        if self.reference is None and not self.uses_adapter_reference:
             return None
+        reference = self.reference if self.reference is not None else self._causal_lm
+        adapters_off = self.policy.disable_adapter() if self.reference is None else nullcontext()
         needs_layers = self.masker is not None and self.masker.needs_layers
         recording = self.masker.recording() if self.masker is not None else nullcontext()
-        with torch.no_grad(), recording:
-            last, layers = final_hidden_states(self.reference, batch.input_ids, batch.attention_mask, needs_layers)
-        return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(self.reference))
+        with torch.no_grad(), adapters_off, recording:
+            last, layers = final_hidden_states(reference, batch.input_ids, batch.attention_mask, needs_layers)
+        return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
 
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
         labels, response_mask = batch.shifted_labels()
-        policy_hidden, _ = final_hidden_states(self.policy, batch.input_ids, batch.attention_mask)
+        policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask)
         reference = self._reference_outputs(batch)
         stats = token_stats(
-            policy_hidden, labels, response_mask, output_head(self.policy),
+            policy_hidden, labels, response_mask, output_head(self._causal_lm),
             reference_hidden=None if reference is None else reference.last_hidden,
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
