@@ -269,6 +269,7 @@ def sample_continuations(
     prompts: Sequence[str],
     config: SamplingConfig,
     seed: int,
+    stop_strings: Sequence[str] = (),
 ) -> list[list[str]]:
     """Sample `config.num_samples` plain-text continuations for each prompt in one batched `generate` call.
 
@@ -276,6 +277,10 @@ def sample_continuations(
     and left-padded. Each continuation is cut at its first special token and decoded without it.
     Sampling runs under `torch.manual_seed(seed)` inside `torch.random.fork_rng`, so the caller's RNG state
     is left untouched.
+
+    Args:
+        stop_strings: a sequence stops generating once its text contains one of these (e.g. ``"\nassert "``
+            for code); the stop string itself is kept in the returned text, callers cut it if they wish.
 
     Returns:
         One list of `num_samples` strings per prompt.
@@ -297,6 +302,7 @@ def sample_continuations(
             top_p=config.top_p,
             pad_token_id=pad_id,
             eos_token_id=_stop_ids(model, tokenizer),
+            **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
         )
     new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * num_samples, <= max_new_tokens)
     texts = [_decode_until_special(tokenizer, ids) for ids in new_tokens]
