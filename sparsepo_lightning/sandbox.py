@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import resource
@@ -54,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 PASSED = "passed"
 """The program ran to the end without an exception."""
@@ -215,9 +218,13 @@ def _sandbox_main():
         setattr(shutil, name, deny(f"shutil.{name}"))
     subprocess.Popen = deny("subprocess.Popen")
     _posixsubprocess.fork_exec = deny("_posixsubprocess.fork_exec")
+    class GuardedRawSocket(_socket.socket):  # what `_socket.socket(...)` creates from now on
+        pass
+
     for name in ("connect", "connect_ex", "bind", "listen", "sendto", "sendmsg"):
         setattr(socket.socket, name, deny(f"socket.{name}"))
-    _socket.socket = socket.SocketType = socket.socket  # raw _socket.socket(...) gets the guarded methods too
+        setattr(GuardedRawSocket, name, deny(f"socket.{name}"))
+    _socket.socket = GuardedRawSocket  # socket.socket subclasses the original type and is guarded itself
     for module in (socket, _socket):
         for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
                      "gethostbyaddr", "getnameinfo"):
@@ -323,15 +330,19 @@ def network_namespace_available(python: str | None = None) -> bool:
     namespaces (``kernel.unprivileged_userns_clone`` / AppArmor may forbid them, e.g. inside containers).
     """
     unshare = shutil.which("unshare")
-    if not sys.platform.startswith("linux") or unshare is None:
-        return False
-    probe = [unshare, "-rn", python or sys.executable, "-I", "-c", "import socket"]
-    limits = functools.partial(_set_limits, SandboxConfig())
-    try:
-        done = subprocess.run(probe, capture_output=True, timeout=20, env=_child_env(Path("/")), preexec_fn=limits)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+    works = False
+    if sys.platform.startswith("linux") and unshare is not None:
+        probe = [unshare, "-rn", python or sys.executable, "-I", "-c", "import socket"]
+        limits = functools.partial(_set_limits, SandboxConfig())
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(probe, capture_output=True, timeout=20, env=_child_env(Path("/")), preexec_fn=limits)
+            works = done.returncode == 0
+    if not works:
+        log.warning(
+            "sandbox: `unshare -rn` does not work here, so programs run without a network namespace; only the "
+            "in-process guard blocks their network access."
+        )
+    return works
 
 
 def _use_namespace(config: SandboxConfig, python: str) -> bool:
