@@ -87,3 +87,32 @@ def test_model_tokenizer_name_overrides_the_linked_tokenizer(tiny_model_dir, mon
             "some/tokenizer"]
     cli = SparsePOCLI(PreferenceModule, PreferenceDataModule, subclass_mode_data=True, args=args, run=False)
     assert cli.datamodule.tokenizer_name == "some/tokenizer"
+
+
+def test_recipes_match_their_generator():
+    """configs/<task>/*.yaml are written by configs/generate.py; a hand edit or a stale table fails here."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "configs" / "generate.py"), "--check"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    for task in ("imdb", "hh", "tldr", "code"):
+        for variant in ("dpo", "tdpo1", "tdpo2", "mapo", "sparsepo_common", "sparsepo_indep", "sparsepo_small"):
+            assert f"configs/{task}/{variant}.yaml" in CONFIGS
+
+
+SMALL_RECIPES = [c for c in CONFIGS if c.endswith("_small.yaml")]
+
+
+@pytest.mark.parametrize("config", SMALL_RECIPES)
+def test_small_recipe_fits_offline_on_smollm2(config, tmp_path, monkeypatch):
+    """Each task's offline recipe as shipped (SmolLM2, data/samples/<task>), shortened to 2 steps."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(ROOT)
+    cli = main(["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert cli.trainer.global_step == 2
+    report = cli.datamodule.report["train"]
+    assert report.rows_kept >= 10, report.summary()
+    assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen"} <= set(cli.trainer.callback_metrics)
