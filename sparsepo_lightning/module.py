@@ -16,9 +16,17 @@ from sparsepo_lightning.metrics import preference_metrics
 from sparsepo_lightning.models import load_causal_lm
 from sparsepo_lightning.objectives import Objective, SparsePO
 from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
-from sparsepo_lightning.types import PreferenceBatch
+from sparsepo_lightning.types import LossOutput, PreferenceBatch, StepRecord, TokenMasks, TokenStats
 
 PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
+
+
+def _detached(value: TokenStats | TokenMasks | LossOutput | None) -> Any:
+    """A copy of a tensor dataclass whose tensors are detached (bools and other fields kept)."""
+    if value is None:
+        return None
+    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
+    return type(value)(**fields)
 
 
 def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
@@ -119,6 +127,8 @@ class PreferenceModule(LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.masker = masker
+        self.last_step: StepRecord | None = None
+        """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
             self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
 
@@ -180,8 +190,10 @@ class PreferenceModule(LightningModule):
         )
         masks = self.masker(reference, response_mask) if self.masker is not None else None
         out = self.objective(stats, masks)
-        metrics = preference_metrics(stats, self.objective.effective_masks(masks, response_mask), out)
+        effective = self.objective.effective_masks(masks, response_mask)
+        metrics = preference_metrics(stats, effective, out)
         self._log_metrics(stage, metrics, batch.num_pairs)
+        self.last_step = StepRecord(stage, batch, _detached(stats), _detached(effective), _detached(out), metrics)
         return out.loss.mean()
 
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:

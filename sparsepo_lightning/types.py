@@ -131,3 +131,27 @@ class LossOutput:
     chosen_reward: Tensor
     rejected_reward: Tensor
     penalty: Tensor
+
+
+@dataclass
+class StepRecord:
+    """Everything one step computed, detached, for callbacks to observe (never to change the loss).
+
+    ``PreferenceModule.last_step`` holds the record of the latest train/val/test batch; it is replaced every
+    step, so a callback reads it in its ``on_*_batch_end`` hook.
+
+    Attributes:
+        stage: ``train``, ``val`` or ``test``.
+        batch: the input batch (``(2B, T)``, chosen rows first).
+        stats: per-token statistics ``(2B, T-1)`` (labels shifted: position t scores token t+1).
+        masks: the masks the loss used (ones where a mask is switched off); ``None`` for objectives without masks.
+        out: the objective's per-pair outputs ``(B,)``.
+        metrics: the scalar metrics logged for this batch.
+    """
+
+    stage: str
+    batch: PreferenceBatch
+    stats: TokenStats
+    masks: TokenMasks | None
+    out: LossOutput
+    metrics: dict[str, Tensor]

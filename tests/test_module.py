@@ -142,3 +142,15 @@ def test_checkpoint_excludes_reference_and_resume_is_exact(tiny_model_dir, pairs
         assert torch.equal(reloaded.masker.state_dict()[name], value)
     policy_bytes = sum(p.numel() * 4 for p in first.policy.parameters())
     assert Path(ckpt).stat().st_size < 3.5 * policy_bytes  # policy + 2 Adam moments (+ masks), not a 4th copy
+
+
+def test_last_step_record_is_detached_and_matches_the_logged_loss(tiny_model_dir, pairs_file, tmp_path):
+    seed_everything(0)
+    module = PreferenceModule(tiny_model_dir, objective=SparsePO(), masker=LearnedMasker())
+    fit(module, make_data(tiny_model_dir, pairs_file), tmp_path, max_steps=1)
+    record = module.last_step
+    assert record is not None and record.stage == "train"
+    assert record.masks.learned and not record.masks.reward.requires_grad and not record.out.loss.requires_grad
+    assert record.stats.kl.shape == record.masks.reward.shape == (record.batch.input_ids.shape[0],
+                                                                  record.batch.input_ids.shape[1] - 1)
+    torch.testing.assert_close(record.metrics["loss"], record.out.loss.mean())
