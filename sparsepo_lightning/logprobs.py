@@ -1,15 +1,25 @@
 """Per-token log-probabilities and full-vocabulary KL, in float32, over response positions only.
 
 Why this file exists (method.md §8.1, decision 5): the released code keeps four ``(B, T, V)`` log-softmaxes
-plus a reference softmax alive at once. Here the models return only their final hidden states; the LM head
-is applied to the *response* positions only, ``chunk_size`` tokens at a time, and every chunk is wrapped in
-activation checkpointing, so neither model's ``(N, V)`` logits survive the forward pass: in backward each
-chunk is recomputed, used and freed. Peak extra memory is ``O(chunk_size · V)`` instead of ``O(2 · 2B · T · V)``.
+plus a reference softmax alive at once. Here the models return only their final hidden states and the LM head
+is applied to the *response* positions only, ``chunk_size`` tokens at a time, so neither model's ``(N, V)``
+logits survive the forward pass. Two implementations:
+
+- ``fused`` (default): :class:`FusedTokenStats`, a custom autograd function that takes the hidden states and
+  the head's weight (and bias) directly, saves only the ``(n, d)`` hidden states, labels and per-token
+  log-normalisers, and recomputes each chunk's logits in backward, writing the gradient w.r.t. hidden states
+  and head weight itself. Extra memory is ``O(chunk_size · V)``; nothing of size ``(n, V)`` is saved.
+- ``checkpoint``: each chunk calls the head *module* under ``torch.utils.checkpoint``. Slower (autograd saves
+  and replays the whole chunk graph) but it goes through the module's own forward, so it is the fallback for
+  heads the fused path cannot read: FSDP-sharded heads (FSDP2 ``DTensor`` weights, FSDP1 flat parameters,
+  gathered only inside the module's forward), LoRA-wrapped or quantised heads. ``auto`` picks it for any head
+  that is not a plain ``nn.Linear`` with a regular tensor weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +30,8 @@ from sparsepo_lightning.types import TokenStats
 
 Head = Callable[[Tensor], Tensor]
 """Maps hidden states ``(n, d)`` to logits ``(n, V)`` (an ``nn.Linear`` LM head, possibly tied)."""
+
+Implementation = Literal["auto", "fused", "checkpoint"]
 
 
 def output_head(model: nn.Module) -> Head:
@@ -58,6 +70,117 @@ def final_hidden_states(
     return out.last_hidden_state, layers
 
 
+def linear_head_params(head: Head, hidden_size: int) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` of a plain ``nn.Linear`` head the fused path can use directly, else None.
+
+    None for anything whose forward is more than ``h @ W.T + b`` on a full local weight: subclasses (LoRA,
+    quantised layers), FSDP2 ``DTensor`` weights, FSDP1 flat-parameter shards (wrong shape outside forward).
+    """
+    if type(head) is not nn.Linear:
+        return None
+    weight, bias = head.weight, head.bias
+    if type(weight.data) is not Tensor or weight.dim() != 2 or weight.shape[1] != hidden_size:
+        return None
+    return weight, bias
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``(c, d) → (c, V)`` float32 logits: the matmul in the weights' dtype (as the model does), upcast per chunk."""
+    return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+
+def _log_normaliser(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits, dim=-1)  # (c,)
+
+
+class FusedTokenStats(torch.autograd.Function):
+    """Label log-probs of policy and reference and KL(π_ref‖π_θ) for ``n`` response tokens, chunked, fp32.
+
+    ``forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, chunk_size, with_kl)`` returns
+    ``(policy_logps, reference_logps, kl)``, each ``(n,)`` float32. Gradients flow to ``hidden``, ``weight``
+    and ``bias`` only; the reference is a constant (its inputs get no gradient). Saved for backward: the
+    ``(n, d)`` hidden states of both models, the labels and the two ``(n,)`` log-normalisers — never logits.
+
+    Backward recomputes each chunk's logits and uses, with ``g`` the incoming gradient of the label log-prob
+    and ``k`` that of the KL (``p``: policy softmax, ``q``: reference softmax, ``e_y``: one-hot label)::
+
+        ∂/∂z [g·log p_y + k·Σ_v q_v (log q_v − log p_v)] = g·(e_y − p) + k·(p − q)
+
+    then ``∂h = ∂z @ W`` and ``∂W += ∂zᵀ @ h`` (accumulated in float32), ``∂b += Σ ∂z``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ref_hidden: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
+        labels: Tensor,
+        chunk_size: int,
+        with_kl: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n = hidden.shape[0]
+        policy_lp = hidden.new_zeros(n, dtype=torch.float32)
+        reference_lp, kl = torch.zeros_like(policy_lp), torch.zeros_like(policy_lp)
+        lse, ref_lse = torch.zeros_like(policy_lp), torch.zeros_like(policy_lp)
+        with_ref = ref_hidden is not None and ref_weight is not None
+        for start in range(0, n, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            label = labels[chunk, None]
+            logits = _logits(hidden[chunk], weight, bias)  # (c, V)
+            lse[chunk] = _log_normaliser(logits)
+            policy_lp[chunk] = logits.gather(-1, label).squeeze(-1) - lse[chunk]
+            if not with_ref:
+                continue
+            ref_logits = _logits(ref_hidden[chunk], ref_weight, ref_bias)  # (c, V)
+            ref_lse[chunk] = _log_normaliser(ref_logits)
+            reference_lp[chunk] = ref_logits.gather(-1, label).squeeze(-1) - ref_lse[chunk]
+            if with_kl:  # in place on the two (c, V) buffers: no third one
+                ref_logits.sub_(ref_lse[chunk, None])  # log q
+                logits.sub_(lse[chunk, None]).sub_(ref_logits)  # log p − log q
+                # KL = Σ_v q (log q − log p) ≥ 0 (method.md decision 2); log-softmax form avoids 0·(−inf).
+                kl[chunk] = -logits.mul_(ref_logits.exp_()).sum(-1)
+        ctx.chunk_size, ctx.with_kl = chunk_size, with_kl and with_ref
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden if ctx.with_kl else None,
+                              ref_weight if ctx.with_kl else None, ref_bias if ctx.with_kl else None,
+                              labels, lse, ref_lse)
+        ctx.mark_non_differentiable(reference_lp)
+        return policy_lp, reference_lp, kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_lp: Tensor, _grad_ref: Tensor, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            g, k = grad_lp[chunk, None].float(), grad_kl[chunk, None].float()  # (c, 1)
+            grad_z = _logits(hidden[chunk], weight, bias).sub_(lse[chunk, None]).exp_()  # p, (c, V)
+            grad_z.mul_(k - g if ctx.with_kl else -g)  # (k − g)·p
+            grad_z.scatter_add_(-1, labels[chunk, None], g)  # + g·e_y
+            if ctx.with_kl:
+                ref_p = _logits(ref_hidden[chunk], ref_weight, ref_bias).sub_(ref_lse[chunk, None]).exp_()
+                grad_z.addcmul_(ref_p, k, value=-1.0)  # − k·q
+                del ref_p
+            grad_z = grad_z.to(weight.dtype)
+            h = hidden[chunk].to(weight.dtype)
+            if grad_h is not None:
+                grad_h[chunk] = (grad_z @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(grad_z.t().float(), h.float())  # no-op casts in float32
+            if grad_b is not None:
+                grad_b += grad_z.float().sum(0)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
 def _chunk_stats(
     policy_hidden: Tensor,
     reference_hidden: Tensor | None,
@@ -66,7 +189,7 @@ def _chunk_stats(
     reference_head: Head | None,
     with_kl: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Label log-probs of both models and KL(π_ref‖π_θ) for one chunk of ``n`` response tokens, float32."""
+    """Checkpoint path: label log-probs of both models and KL(π_ref‖π_θ) for one chunk, through the head modules."""
     policy_lp = F.log_softmax(policy_head(policy_hidden).float(), dim=-1)  # (n, V)
     policy_label_lp = policy_lp.gather(-1, labels[:, None]).squeeze(-1)  # (n,)
     zeros = policy_label_lp.new_zeros(policy_label_lp.shape)
@@ -82,37 +205,8 @@ def _chunk_stats(
     return policy_label_lp, reference_label_lp, kl
 
 
-def token_stats(
-    policy_hidden: Tensor,
-    labels: Tensor,
-    response_mask: Tensor,
-    policy_head: Head,
-    reference_hidden: Tensor | None = None,
-    reference_head: Head | None = None,
-    with_kl: bool = True,
-    chunk_size: int = 1024,
-) -> TokenStats:
-    """Per-token statistics from final hidden states, response positions only, chunked.
-
-    Args:
-        policy_hidden: ``(N, T, d)`` final hidden states of the policy for the full rows.
-        labels: ``(N, T-1)`` shifted labels (``PreferenceBatch.shifted_labels()``), any valid id off-response.
-        response_mask: ``(N, T-1)`` bool, True where column ``t`` predicts a response token.
-        policy_head: LM head of the policy.
-        reference_hidden: ``(N, T, d)`` final hidden states of the reference, or None for reference-free
-            objectives (reference log-probs and KL are then zeros).
-        reference_head: LM head of the reference.
-        with_kl: compute the full-vocabulary KL (needed by TDPO/SparsePO only).
-        chunk_size: response tokens per LM-head call; memory is ``O(chunk_size · V)``.
-
-    Returns:
-        TokenStats with ``(N, T-1)`` float32 tensors, zero outside the response.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    policy_sel = policy_hidden[:, :-1][response_mask]  # (n_resp, d), row-major order
-    reference_sel = None if reference_hidden is None else reference_hidden[:, :-1][response_mask]
-    label_sel = labels[response_mask]  # (n_resp,)
+def _checkpointed_stats(policy_sel: Tensor, reference_sel: Tensor | None, label_sel: Tensor, policy_head: Head,
+                        reference_head: Head | None, with_kl: bool, chunk_size: int) -> list[Tensor]:
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in range(0, label_sel.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -122,10 +216,70 @@ def token_stats(
             parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
             parts.append(_chunk_stats(*args))
-    if parts:
-        flat = [torch.cat(values) for values in zip(*parts, strict=True)]
-    else:  # no response token in the whole batch: keep the graph connected with zero-sized tensors
-        flat = [policy_sel.new_zeros(0, dtype=torch.float32) for _ in range(3)]
+    if not parts:  # no response token in the whole batch: keep the graph connected with zero-sized tensors
+        return [policy_sel.new_zeros(0, dtype=torch.float32) for _ in range(3)]
+    return [torch.cat(values) for values in zip(*parts, strict=True)]
+
+
+def token_stats(
+    policy_hidden: Tensor,
+    labels: Tensor,
+    response_mask: Tensor,
+    policy_head: Head,
+    reference_hidden: Tensor | None = None,
+    reference_head: Head | None = None,
+    with_kl: bool = True,
+    chunk_size: int = 1024,
+    implementation: Implementation = "auto",
+) -> TokenStats:
+    """Per-token statistics from final hidden states, response positions only, chunked.
+
+    Args:
+        policy_hidden: ``(N, T, d)`` final hidden states of the policy for the full rows.
+        labels: ``(N, T-1)`` shifted labels (``PreferenceBatch.shifted_labels()``), any valid id off-response.
+        response_mask: ``(N, T-1)`` bool, True where column ``t`` predicts a response token.
+        policy_head: LM head of the policy.
+        reference_hidden: ``(N, T, d)`` final hidden states of the reference (treated as a constant), or None
+            for reference-free objectives (reference log-probs and KL are then zeros).
+        reference_head: LM head of the reference.
+        with_kl: compute the full-vocabulary KL (needed by TDPO/SparsePO only).
+        chunk_size: response tokens per LM-head call; extra memory is ``O(chunk_size · V)`` float32.
+        implementation: ``fused`` (:class:`FusedTokenStats`), ``checkpoint`` (head modules under activation
+            checkpointing, the fallback for FSDP-sharded or wrapped heads) or ``auto`` (fused when both heads
+            are plain ``nn.Linear`` layers with local weights).
+
+    Returns:
+        TokenStats with ``(N, T-1)`` float32 tensors, zero outside the response.
+
+    Raises:
+        ValueError: bad ``chunk_size`` or ``implementation``, or ``fused`` requested for a head it cannot read.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if implementation not in ("auto", "fused", "checkpoint"):
+        raise ValueError(f"implementation must be 'auto', 'fused' or 'checkpoint', got {implementation!r}.")
+    policy_sel = policy_hidden[:, :-1][response_mask]  # (n_resp, d), row-major order
+    reference_sel = None if reference_hidden is None else reference_hidden[:, :-1][response_mask]
+    label_sel = labels[response_mask]  # (n_resp,)
+    fused_params = None
+    if implementation != "checkpoint":
+        d = policy_hidden.shape[-1]
+        policy_params = linear_head_params(policy_head, d)
+        reference_params = (None, None) if reference_head is None else linear_head_params(reference_head, d)
+        if policy_params is not None and reference_params is not None:
+            fused_params = (*policy_params, *reference_params)
+        elif implementation == "fused":
+            raise ValueError("implementation='fused' needs plain nn.Linear LM heads with local (unsharded) weights; "
+                             "use implementation='checkpoint' (or 'auto') for sharded or wrapped heads.")
+    if fused_params is not None:
+        weight, bias, ref_weight, ref_bias = fused_params
+        with_ref = reference_sel is not None and ref_weight is not None
+        flat = FusedTokenStats.apply(policy_sel, weight, bias, reference_sel if with_ref else None,
+                                     ref_weight if with_ref else None, ref_bias if with_ref else None,
+                                     label_sel, chunk_size, with_kl)
+    else:
+        flat = _checkpointed_stats(policy_sel, reference_sel, label_sel, policy_head, reference_head, with_kl,
+                                   chunk_size)
 
     def scatter(values: Tensor) -> Tensor:
         out = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
