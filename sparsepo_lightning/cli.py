@@ -15,6 +15,7 @@ default logger (``runs/<name>/version_N``); each run gets a new version director
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
@@ -72,7 +73,15 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
 
 
 def main() -> None:
-    """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success)."""
+    """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success).
+
+    ``sparsepo evaluate <command> ...`` is dispatched to :mod:`sparsepo_lightning.evaluate` before LightningCLI.
+    """
+    if sys.argv[1:2] == ["evaluate"]:
+        from sparsepo_lightning.evaluate import main as evaluate_main
+
+        evaluate_main(sys.argv[2:])
+        return
     run()
 
 

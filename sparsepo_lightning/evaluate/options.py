@@ -1,0 +1,79 @@
+"""Command-line options and inputs shared by the evaluation commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sparsepo_lightning.evaluate.sampling import CHAT_TEMPLATE_CHOICES, GenerationConfig
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--device``, ``--out``, ``--no-progress``."""
+    p.add_argument("--dtype", default="float32", help="Weight dtype: float32, bfloat16 or float16.")
+    p.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda.")
+    p.add_argument("--out", type=Path, required=True, help="Output folder (JSON, CSV, PNG, TensorBoard events).")
+    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+
+
+def add_generation_arguments(
+    p: argparse.ArgumentParser, num_samples: int, max_new_tokens: int, temperature: float | None = 1.0,
+    top_p: float = 1.0, batch_size: int = 8,
+) -> None:
+    """Sampling options (defaults per command); ``temperature=None`` leaves ``--temperature`` to the command."""
+    p.add_argument("--num-samples", type=int, default=num_samples, help="Completions sampled per prompt.")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="Completion length limit, in tokens.")
+    if temperature is not None:
+        p.add_argument("--temperature", type=float, default=temperature, help="Sampling temperature; 0 = greedy.")
+    p.add_argument("--top-p", type=float, default=top_p, help="Nucleus sampling mass; 1 disables it.")
+    p.add_argument("--top-k", type=int, default=0, help="Top-k sampling; 0 disables it.")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="Prompts per generate call.")
+    p.add_argument("--seed", type=int, default=0, help="Batch i of the prompts is sampled with seed + i.")
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="none",
+                   help="Render each prompt as a chat user message: the tokenizer's template ('model') or a "
+                   "built-in one; 'none' feeds raw text. Use what the policy was trained with.")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, help="With a chat template: a system message first ('' = empty).")
+
+
+def generation_config(args: argparse.Namespace, temperature: float | None = None) -> GenerationConfig:
+    """The `GenerationConfig` of parsed options (``temperature`` overrides ``--temperature``)."""
+    return GenerationConfig(
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature if temperature is None else temperature, top_p=args.top_p, top_k=args.top_k,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Distinct prompts, in file order: a text file (one per line) or JSON lines / a JSON list with ``prompt``.
+
+    Works with the quickstart ``prompts.txt``, the IMDB SFT samples (``data/samples/imdb/imdb-sft-test.jsonl``)
+    and any pairs file whose ``prompt`` is a string.
+
+    Raises:
+        ValueError: no prompt found, or a row without a string ``prompt``.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                if line.strip()]  # fmt: skip
+        prompts = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}: row {i} has no string 'prompt'. Fix: give a prompts file or pairs file.")
+            prompts.append(row["prompt"])
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = list(dict.fromkeys(prompts))[:limit]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found.")
+    return prompts
+
+
+def options_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options as JSON-friendly values, for the summary file."""
+    plain = (str, int, float, bool, list, type(None))
+    return {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items() if not callable(v)}

@@ -1,0 +1,128 @@
+"""``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (method.md §6.2).
+
+For each policy (model name/path or ``.ckpt``), ``--num-samples`` continuations of each held-out prompt are
+sampled and scored by the same pluggable scorer as the IMDB pair builder (``vader`` or a classifier name, whose
+score is P(positive)). The sequence KL is estimated on the policy's own samples::
+
+    KL(π_θ‖π_ref) ≈ mean over samples y ~ π_θ of Σ_t [log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)]
+
+(log-softmax in float32, summed over the sampled tokens including a sampled EOS). The estimator is unbiased only
+when the samples come from π_θ itself: keep ``--temperature 1 --top-p 1 --top-k 0`` (the defaults) for it.
+Each policy is one point of the reward–KL frontier plot. Run::
+
+    sparsepo evaluate sentiment --policies runs/a/checkpoints/last.ckpt runs/b/checkpoints/last.ckpt \\
+        --prompts data/samples/imdb/imdb-sft-test.jsonl --num-samples 8 --out eval/imdb
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+import torch
+
+from sparsepo_lightning.data.sentiment import make_scorer
+from sparsepo_lightning.evaluate.options import (
+    add_generation_arguments,
+    add_model_arguments,
+    generation_config,
+    load_prompts,
+    options_record,
+)
+from sparsepo_lightning.evaluate.policies import label_of, load_policy, reference_name
+from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
+from sparsepo_lightning.evaluate.sampling import Completion, generate, render_prompts, sequence_logprobs
+from sparsepo_lightning.models import load_causal_lm
+
+log = logging.getLogger(__name__)
+HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoint; reward-KL frontier plot."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule .ckpt files.")
+    p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
+    p.add_argument("--reference", help="Reference model for the KL (default: the one each checkpoint was trained "
+                   "against; required for plain model names).")  # fmt: skip
+    p.add_argument("--prompts", required=True, help="Prompts: .txt (one per line) or .jsonl/.json with 'prompt'.")
+    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N distinct prompts.")
+    p.add_argument("--scorer", default="vader", help="'vader', or a sentiment classifier name/path (P(positive)).")
+    p.add_argument("--scorer-positive-label", help="Classifier label name or index of the positive class.")
+    add_generation_arguments(p, num_samples=4, max_new_tokens=48)
+    add_model_arguments(p)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate every policy; returns the JSON summary."""
+    labels = args.labels or [label_of(p) for p in args.policies]
+    if len(labels) != len(args.policies):
+        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    config = generation_config(args)
+    label = args.scorer_positive_label
+    scorer = make_scorer(args.scorer, int(label) if label and label.isdigit() else label, device=args.device)
+    report = Report(args.out, "sentiment")
+    results, samples, references = [], [], {}
+    for step, (spec, name) in enumerate(zip(args.policies, labels, strict=True)):
+        ref_name = _reference_for(spec, args.reference)
+        if ref_name not in references:
+            references = {ref_name: load_causal_lm(ref_name, dtype=args.dtype).to(args.device).eval()}
+        policy = load_policy(spec, args.dtype, args.device, label=name)
+        rendered = render_prompts(policy.tokenizer, prompts, args.chat_template, args.system_prompt)
+        completions = generate(policy.model, policy.tokenizer, rendered, config, progress=not args.no_progress,
+                               desc=f"sampling {name}")  # fmt: skip
+        flat = [c for group in completions for c in group]
+        rewards = torch.tensor(scorer([c.text for c in flat]), dtype=torch.float64)
+        kl = sequence_kl(policy.model, references[ref_name], flat, args.batch_size, not args.no_progress)
+        result = {"label": name, "policy": spec, "reference": ref_name, **summarise(rewards, kl)}
+        results.append(result)
+        report.scalars({"reward": result["reward_mean"], "kl": result["kl_mean"]}, step)
+        report.text(f"samples/{name}", "\n\n".join(f"**{prompts[i // config.num_samples]}**{c.text}"
+                                                   for i, c in enumerate(flat[:8])))  # fmt: skip
+        samples += [{"label": name, "prompt": prompts[i // config.num_samples], "completion": c.text,
+                     "reward": float(rewards[i]), "kl": float(kl[i])} for i, c in enumerate(flat)]  # fmt: skip
+        log.info("%s: reward %.4f, KL %.4f", name, result["reward_mean"], result["kl_mean"])
+        del policy
+    summary = {"command": "sentiment", "config": options_record(args), "results": results}
+    report.write_json(summary)
+    report.write_csv(results)
+    report.write_jsonl(samples)
+    report.plot(frontier_plot(results))
+    summary["files"] = {k: str(v) for k, v in report.close().items()}
+    return summary
+
+
+def _reference_for(spec: str, reference: str | None) -> str:
+    name = reference or reference_name(spec)
+    if name is None:
+        raise ValueError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
+                         "(e.g. the SFT model the policy started from).")  # fmt: skip
+    return name
+
+
+def sequence_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, completions: list[Completion], batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Per-sample ``Σ_t log π_θ(y_t|…) − log π_ref(y_t|…)`` over sampled tokens, float32, shape ``(N,)``."""
+    policy_logps = sequence_logprobs(policy, completions, batch_size, progress, desc="policy log-probs")
+    reference_logps = sequence_logprobs(reference, completions, batch_size, progress, desc="reference log-probs")
+    return policy_logps - reference_logps
+
+
+def summarise(rewards: torch.Tensor, kl: torch.Tensor) -> dict[str, float]:
+    """Means, standard deviations and standard errors of the per-sample rewards and KL estimates."""
+    n = rewards.numel()
+    out: dict[str, float] = {"num_samples": n}
+    for name, values in (("reward", rewards.double()), ("kl", kl.double())):
+        std = float(values.std()) if n > 1 else 0.0
+        out |= {f"{name}_mean": float(values.mean()), f"{name}_std": std, f"{name}_sem": std / n**0.5}
+    return out
+
+
+def frontier_plot(results: list[dict[str, Any]]) -> Plot:
+    """One point per policy: x = KL, y = expected reward, labelled with the policy name."""
+    series = Series("policies", [r["kl_mean"] for r in results], [r["reward_mean"] for r in results],
+                    point_labels=[r["label"] for r in results])  # fmt: skip
+    return Plot("Reward-KL frontier", "sequence KL(policy || reference), nats", "expected reward", [series],
+                lines=False)  # fmt: skip
