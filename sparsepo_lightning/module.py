@@ -6,10 +6,11 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from sparsepo_lightning import sharding
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import preference_metrics
@@ -40,6 +41,35 @@ def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     except TypeError as e:
         raise ValueError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
     return get_peft_model(model, config)
+
+
+def _check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_size: int,
+                   max_consecutive_nonfinite: int, mask_collapse_steps: int) -> None:
+    """Reject contradictory or out-of-range numeric options at construction, naming the option and the fix."""
+    if lr <= 0:
+        raise ValueError(f"model.lr={lr}: must be > 0.")
+    if mask_lr is not None and mask_lr <= 0:
+        raise ValueError(f"model.mask_lr={mask_lr}: must be > 0. Fix: a positive value, or null to use model.lr. "
+                         "(To freeze the masks use a fixed masker such as UniformMasker.)")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1) (a fraction of the optimizer steps).")
+    if chunk_size < 1:
+        raise ValueError(f"model.chunk_size={chunk_size}: must be >= 1 (response tokens per LM-head call).")
+    if max_consecutive_nonfinite < 1:
+        raise ValueError(f"model.max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1.")
+    if mask_collapse_steps < 1:
+        raise ValueError(f"model.mask_collapse_steps={mask_collapse_steps}: must be >= 1.")
+
+
+def _check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:
+    """A masker reading per-layer states needs a reference that exposes them (a decoder-only HF causal LM)."""
+    config = getattr(reference, "config", None)
+    if masker.needs_layers and not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
+        raise ValueError(
+            f"model.masker={type(masker).__name__} reads the reference's per-layer hidden states, but the reference "
+            f"{type(reference).__name__} exposes none (its config has no num_hidden_layers/hidden_size). Fix: use a "
+            "Hugging Face decoder-only causal LM as model.reference, or an ActivationMasker/UniformMasker."
+        )
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -75,6 +105,10 @@ class PreferenceModule(LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: dict[str, Any] | None = None,
+        max_consecutive_nonfinite: int = 10,
+        mask_collapse_steps: int = 100,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: str | None = None,
     ) -> None:
         """
         Args:
@@ -101,8 +135,18 @@ class PreferenceModule(LightningModule):
                 lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}``) instead of all weights. The
                 reference is then the same model with its adapters disabled: no second copy in memory
                 (method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
+            max_consecutive_nonfinite: optimizer steps with a NaN/inf loss or gradient are skipped (weights and
+                optimizer state unchanged) and logged; this many in a row stop the run (``NonFiniteGuard``).
+            mask_collapse_steps: warn when the reward mask is all zeros for this many training batches in a row.
+            activation_checkpointing: wrap each policy decoder block in an activation-checkpoint wrapper in
+                ``configure_model`` (before FSDP sharding; any strategy). Prefer it to ``gradient_checkpointing``
+                under ``ModelParallelStrategy``.
+            fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2), compute dtype of the sharded policy and
+                reference (e.g. ``bfloat16``) with float32 gradient reduction; None computes in ``dtype``. Mask
+                networks and per-token statistics stay float32.
         """
         super().__init__()
+        _check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
         if masker is not None and not self.objective.uses_masks:
@@ -130,6 +174,7 @@ class PreferenceModule(LightningModule):
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
+            _check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
             self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
 
     @property
@@ -156,8 +201,10 @@ class PreferenceModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_state_keys()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # distributed checkpoint: the strategy has loaded the weights already
+            return
         own = self.state_dict()  # keep strict loading for everything that was saved
-        checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys()})
+        checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys() if k in own})
 
     def _frozen_state_keys(self) -> set[str]:
         keys = {f"reference.{k}" for k in self.reference.state_dict()} if self.reference is not None else set()
@@ -165,6 +212,37 @@ class PreferenceModule(LightningModule):
             trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
             keys |= {k for k in self.state_dict() if k.startswith("policy.") and k not in trainable}
         return keys
+
+    # ---- sharding ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Activation checkpointing (option), then FSDP2 sharding under ``ModelParallelStrategy`` (``sharding.py``).
+
+        Runs once, before ``configure_optimizers``, so the optimizer holds the sharded parameters. Policy and
+        reference are sharded per decoder block, head and body; the mask networks get one group of their own.
+        The frozen keys (reference, LoRA base) are hidden from the state dict, so distributed checkpoints omit
+        them on save and do not ask for them on load.
+        """
+        if getattr(self, "_model_configured", False):
+            return
+        self._model_configured = True
+        if self.hparams.get("activation_checkpointing"):
+            sharding.checkpoint_blocks(self._causal_lm)
+        if self.device_mesh is None:
+            return
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("PreferenceModule shards over data_parallel only. Fix: ModelParallelStrategy("
+                             "tensor_parallel_size=1, data_parallel_size=<number of GPUs>).")
+        if "data_parallel" in (mesh.mesh_dim_names or ()):
+            mesh = mesh["data_parallel"]
+        sharding.drop_frozen_keys_from_state_dict(self, self._frozen_state_keys())
+        mp_policy = sharding.mixed_precision(self.hparams.get("fsdp_param_dtype"))
+        sharding.shard_causal_lm(self._causal_lm, mesh, mp_policy)
+        if self.reference is not None:
+            sharding.shard_causal_lm(self.reference, mesh, mp_policy, reshard_root_after_forward=True)
+        if self.masker is not None and any(True for _ in self.masker.parameters()):
+            sharding.shard_module(self.masker, mesh)
+        sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker)])
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:
@@ -174,7 +252,11 @@ class PreferenceModule(LightningModule):
         adapters_off = self.policy.disable_adapter() if self.reference is None else nullcontext()
         needs_layers = self.masker is not None and self.masker.needs_layers
         recording = self.masker.recording() if self.masker is not None else nullcontext()
-        with torch.no_grad(), adapters_off, recording:
+        # A separate frozen reference runs under inference_mode (no autograd bookkeeping at all); its outputs are
+        # only read by ops that save nothing of them for backward (indexing, masks' stack, no-grad statistics).
+        # The LoRA adapter-off reference is the policy itself (gradient checkpointing may be on): plain no_grad.
+        frozen = torch.inference_mode() if self.reference is not None else torch.no_grad()
+        with frozen, adapters_off, recording:
             last, layers = final_hidden_states(reference, batch.input_ids, batch.attention_mask, needs_layers)
         return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
 
@@ -210,6 +292,24 @@ class PreferenceModule(LightningModule):
 
     def test_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test")
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The non-finite guard is part of every run (it replaces a ``NonFiniteGuard`` in ``trainer.callbacks``)."""
+        from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard
+
+        return [NonFiniteGuard(self.hparams.max_consecutive_nonfinite, self.hparams.mask_collapse_steps)]
+
+    def setup(self, stage: str) -> None:
+        """Check options that depend on the trainer (precision) before any step runs."""
+        precision = str(getattr(self.trainer, "precision", ""))
+        if stage == "fit" and precision.startswith("16") and precision != "16-true":
+            fp16 = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+            if fp16:
+                raise ValueError(
+                    f"trainer.precision={precision} scales fp16 gradients with a GradScaler, which cannot unscale "
+                    f"float16 trainable weights (model.dtype={self.hparams.dtype}; e.g. {fp16[0]}). Fix: "
+                    "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."
+                )
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

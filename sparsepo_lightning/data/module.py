@@ -145,7 +145,10 @@ class PreferenceDataModule(LightningDataModule):
         """Per split (``train``/``val``/``test``): rows read, rejected per reason, truncated."""
         self.datasets: dict[str, list[Features]] = {}
         self._train_passes = 0
+        self._train_skip = 0
         self._train_sampler: PassShuffleSampler | None = None
+        self.sources: dict[str, list[str]] = {}
+        """Per split, the row location (``file:line``) of each kept pair, parallel to ``datasets[split]``."""
 
     def _check_options(self) -> None:
         if self.train_file and self.hub_dataset:
@@ -196,16 +199,42 @@ class PreferenceDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k``."""
-        self._train_sampler = PassShuffleSampler(self._split("train"), self.seed, passes=self._train_passes)
+        self._train_sampler = PassShuffleSampler(self._split("train"), self.seed, passes=self._train_passes,
+                                                 skip=self._train_skip)
+        self._train_skip = 0
         return self._loader("train", sampler=self._train_sampler)
 
-    def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: how many passes over the training data have started (for exact resume)."""
-        sampler = self._train_sampler
-        return {"train_passes": sampler.passes if sampler is not None else self._train_passes}
+    def state_dict(self) -> dict[str, int | bool]:
+        """Saved in checkpoints: passes over the training data started, and batches done in the current pass.
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._train_passes = int(state_dict.get("train_passes", 0))
+        The batch count is Lightning's (``batch_progress.current.processed``), not the sampler's, because the
+        trainer prefetches a batch ahead. Resuming mid-pass replays that pass's order minus the batches done.
+        """
+        sampler = self._train_sampler
+        passes = sampler.passes if sampler is not None else self._train_passes
+        trainer = self.trainer
+        done, complete = 0, True
+        if sampler is not None and trainer is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            complete = done >= trainer.num_training_batches
+        return {"train_passes": passes, "train_batches_done": done, "train_pass_complete": complete}
+
+    def load_state_dict(self, state_dict: dict[str, int | bool]) -> None:
+        passes = int(state_dict.get("train_passes", 0))
+        if passes > 0 and not state_dict.get("train_pass_complete", True):  # resume inside pass `passes - 1`
+            self._train_passes, self._train_skip = passes - 1, int(state_dict["train_batches_done"]) * self.batch_size
+        else:
+            self._train_passes, self._train_skip = passes, 0
+
+    def train_batch_sources(self, batch_idx: int) -> list[str] | None:
+        """Row locations (``file:line``) of training batch ``batch_idx`` of the current pass (single process only;
+        ``None`` when unknown, e.g. under DDP where Lightning replaces the sampler)."""
+        sampler = self._train_sampler
+        if sampler is None or not sampler.order or (self.trainer is not None and self.trainer.world_size > 1):
+            return None
+        indices = sampler.order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size]
+        sources = self.sources.get("train", [])
+        return [sources[i] for i in indices if i < len(sources)] or None
 
     def val_dataloader(self) -> DataLoader | list:
         """In file order; an empty list (no validation) when there is no validation source."""
@@ -289,7 +318,7 @@ class PreferenceDataModule(LightningDataModule):
     def _add_split(self, split: str, pairs: list[PreferencePair]) -> None:
         """Tokenise pairs into features, count truncations / empty responses, log the report once."""
         report = self.report[split]
-        features = []
+        features, sources = [], []
         for pair in pairs:
             try:
                 feature = tokenize_pair(
@@ -304,9 +333,11 @@ class PreferenceDataModule(LightningDataModule):
             report.prompts_truncated += feature.pop("prompt_truncated")
             report.responses_truncated += feature.pop("response_truncated")
             features.append(feature)
+            sources.append(pair.source)
         if not features:
             raise ValueError(f"data: no valid preference pair left for the {split} split.\n{report.summary()}")
         self.datasets[split] = features
+        self.sources[split] = sources
         _log_report(split, report)
 
     def _split(self, split: str) -> list[Features]:
@@ -328,25 +359,32 @@ class PreferenceDataModule(LightningDataModule):
 class PassShuffleSampler(RandomSampler):
     """A ``RandomSampler`` whose k-th pass over the data is ``randperm`` seeded with ``seed + k``.
 
-    The number of passes already started is part of the DataModule's checkpoint state, so resuming from a
-    checkpoint taken at the end of an epoch replays exactly the order of an uninterrupted run, whatever
-    epoch number Lightning assigns to the resumed epoch. (Under DDP Lightning replaces this sampler, being a
+    The number of passes already started (and, mid-pass, the batches done) is part of the DataModule's
+    checkpoint state, so resuming from a checkpoint taken at the end of an epoch or in the middle of one replays
+    exactly the order of an uninterrupted run, whatever epoch number Lightning assigns to the resumed epoch
+    (mid-epoch: the rest of the interrupted pass, then the next passes). (Under DDP Lightning replaces this sampler, being a
     ``RandomSampler``, by its ``DistributedSampler``, which shuffles by ``seed + epoch`` instead.)
 
     Args:
         data_source: the dataset (only its length is used).
         seed: base seed of the shuffle.
         passes: passes already started, e.g. restored from a checkpoint.
+        skip: samples of the first pass to leave out (already trained on before a mid-epoch checkpoint); the
+            length stays that of a full pass, so Lightning's restored batch counters line up.
     """
 
-    def __init__(self, data_source: Sized, seed: int, passes: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int, passes: int = 0, skip: int = 0) -> None:
         super().__init__(data_source)
-        self.seed, self.passes = seed, passes
+        self.seed, self.passes, self.skip = seed, passes, skip
+        self.order: list[int] = []
+        """The permutation of the current pass."""
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.passes)
         self.passes += 1
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        self.order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        yield from self.order[skip:]
 
 
 def _pad_token_id(tokenizer: Any) -> int:
