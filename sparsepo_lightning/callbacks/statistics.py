@@ -1,0 +1,371 @@
+"""Mask and reward statistics aggregated exactly over an optimizer step (all micro-batches, all ranks).
+
+The module logs ``train/...`` metrics of the *last* micro-batch of each optimizer step (Lightning's on-step
+behaviour). These callbacks instead accumulate every micro-batch in torchmetrics states (sums and counts with
+``dist_reduce_fx="sum"``, maxima with ``"max"``) and compute, log and reset them once per logging window of
+optimizer steps, so a logged value equals the single-batch value on the concatenation of all micro-batches of
+all ranks. Names (method.md §5, prefix ``train_step/`` for training, ``val_epoch/`` for a validation run):
+
+- ``MaskStatistics``: ``masks/sparsity_{reward,kl}_{chosen,rejected}`` (% of exact zeros among response tokens,
+  per response then averaged over responses), ``masks/l1_{reward,kl}_{chosen,rejected}`` (Σ|m| per response,
+  averaged), ``masks/max_{reward,kl}``, ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and
+  TensorBoard histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
+- ``RewardStatistics``: ``loss``, ``logit``, ``rewards/{chosen,rejected,margin,accuracy}``,
+  ``logps/{chosen,rejected}``, ``kl/token_{chosen,rejected}`` (mean KL per response token, token-weighted),
+  ``kl/seq_{chosen,rejected}`` (Σ KL per response, averaged) and ``kl/masked_{chosen,rejected}`` (Σ m_d·KL).
+
+The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
+(``module.PROGRESS_BAR_METRICS``); these callbacks do not change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from sparsepo_lightning.masks.learned import MaskNetwork
+from sparsepo_lightning.types import StepRecord, TokenMasks
+
+TRAIN_PREFIX = "train_step/"
+"""Prefix of values aggregated over the optimizer steps of one logging window."""
+VAL_PREFIX = "val_epoch/"
+"""Prefix of values aggregated over one whole validation run (all batches, all ranks)."""
+
+
+@dataclass
+class Stats:
+    """Per-batch contributions to a ``WeightedStats`` metric.
+
+    Attributes:
+        means: name -> ``(values, weights)`` of equal shape; the window value is ``Σ v·w / Σ w``.
+        maxima: name -> a tensor; the window value is the elementwise max over updates (and ranks).
+        values: name -> a 1-D tensor of samples, concatenated over the window (histograms).
+    """
+
+    means: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    maxima: dict[str, Tensor] = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
+
+
+class WeightedStats(Metric):
+    """Weighted means, maxima and concatenated samples of named statistics, reduced across ranks on ``compute``.
+
+    States are created on the first update that names them (on the device of its values); every rank must
+    update the same names, which holds when all ranks run the same configuration.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__(sync_on_compute=True)
+        self._kinds: dict[str, str] = {}
+
+    def _ensure(self, name: str, kind: str, like: Tensor) -> None:
+        if name in self._kinds:
+            return
+        self._kinds[name] = kind
+        key = name.replace("/", "__")
+        if kind == "mean":
+            self.add_state(f"{key}__sum", torch.zeros((), device=like.device), dist_reduce_fx="sum")
+            self.add_state(f"{key}__weight", torch.zeros((), device=like.device), dist_reduce_fx="sum")
+        elif kind == "max":
+            self.add_state(f"{key}__max", torch.full(like.shape, -torch.inf, device=like.device), dist_reduce_fx="max")
+        else:
+            self.add_state(f"{key}__values", [], dist_reduce_fx="cat")
+
+    def update(self, stats: Stats) -> None:
+        """Add one micro-batch's contributions (no host sync)."""
+        for name, (values, weights) in stats.means.items():
+            self._ensure(name, "mean", values)
+            key = name.replace("/", "__")
+            setattr(self, f"{key}__sum", getattr(self, f"{key}__sum") + (values.float() * weights).sum())
+            setattr(self, f"{key}__weight", getattr(self, f"{key}__weight") + weights.float().sum())
+        for name, value in stats.maxima.items():
+            self._ensure(name, "max", value)
+            key = f"{name.replace('/', '__')}__max"
+            setattr(self, key, torch.maximum(getattr(self, key), value.float()))
+        for name, values in stats.values.items():
+            self._ensure(name, "values", values)
+            getattr(self, f"{name.replace('/', '__')}__values").append(values.detach().float().flatten())
+
+    def compute(self) -> dict[str, Tensor]:
+        """name -> weighted mean, elementwise max, or the concatenated samples of the window."""
+        out = {}
+        for name, kind in self._kinds.items():
+            key = name.replace("/", "__")
+            if kind == "mean":
+                out[name] = getattr(self, f"{key}__sum") / getattr(self, f"{key}__weight").clamp(min=1e-12)
+            elif kind == "max":
+                out[name] = getattr(self, f"{key}__max")
+            else:
+                samples = getattr(self, f"{key}__values")
+                out[name] = torch.cat(samples) if isinstance(samples, list) else samples  # a tensor after sync
+        return out
+
+
+# ---- what each callback extracts from one step ---------------------------------------------------------------
+def _pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def _per_response(stats: Stats, name: str, values: Tensor, sep: str = "_") -> None:
+    """Register a per-response value ``(2B,)`` as ``{name}_chosen`` and ``{name}_rejected`` means over responses."""
+    chosen, rejected = _pairs(values)
+    stats.means[f"{name}{sep}chosen"] = (chosen, torch.ones_like(chosen))
+    stats.means[f"{name}{sep}rejected"] = (rejected, torch.ones_like(rejected))
+
+
+def mask_stats(masks: TokenMasks, response_mask: Tensor, histograms: bool = False) -> Stats:
+    """Sparsity, L1 mass and max of the reward and KL masks of one batch (method.md §5), in float32.
+
+    Args:
+        masks: ``(2B, T-1)`` masks as the loss used them (chosen rows first).
+        response_mask: ``(2B, T-1)`` bool, True on response tokens.
+        histograms: also return the mask values over response tokens (``values``) for histograms; the KL
+            histograms are skipped when the KL mask is the reward mask (common masks).
+
+    Returns:
+        ``Stats`` whose means are per-response values with weight 1, so the window value is the average over all
+        responses of the window.
+    """
+    stats = Stats()
+    counts = response_mask.sum(-1).clamp(min=1)  # (2B,)
+    same = masks.kl.data_ptr() == masks.reward.data_ptr() and masks.kl.shape == masks.reward.shape
+    for name, mask in (("reward", masks.reward), ("kl", masks.kl)):
+        mask = mask.detach().float()  # fp32: tiny fp16 values would underflow to 0 and count as sparse
+        zeros = ((mask == 0) & response_mask).sum(-1)  # (2B,)
+        _per_response(stats, f"masks/sparsity_{name}", 100.0 * zeros / counts)
+        _per_response(stats, f"masks/l1_{name}", (mask.abs() * response_mask).sum(-1))
+        stats.maxima[f"masks/max_{name}"] = mask.masked_fill(~response_mask, -torch.inf).amax()
+        if histograms and not (name == "kl" and same):
+            chosen, rejected = _pairs(mask)
+            chosen_resp, rejected_resp = _pairs(response_mask)
+            stats.values[f"masks/{name}_chosen"] = chosen[chosen_resp]
+            stats.values[f"masks/{name}_rejected"] = rejected[rejected_resp]
+    return stats
+
+
+def reward_stats(record: StepRecord) -> Stats:
+    """Implicit rewards, logit, log-probs and KL of one batch; per-pair/per-response means and token-weighted KL."""
+    stats, out, tokens = Stats(), record.out, record.stats
+    ones = torch.ones_like(out.logit)
+    margin = out.chosen_reward - out.rejected_reward
+    for name, value in (("loss", out.loss), ("logit", out.logit), ("rewards/chosen", out.chosen_reward),
+                        ("rewards/rejected", out.rejected_reward), ("rewards/margin", margin),
+                        ("rewards/accuracy", (margin > 0).float())):
+        stats.means[name] = (value.detach().float(), ones)
+    resp = tokens.response_mask
+    _per_response(stats, "logps", (tokens.policy_logps.float() * resp).sum(-1), sep="/")
+    kl = tokens.kl.float() * resp  # (2B, T-1)
+    _per_response(stats, "kl/seq", kl.sum(-1))
+    for side, rows, counts in zip(("chosen", "rejected"), _pairs(kl.sum(-1)), _pairs(resp.sum(-1).float()),
+                                  strict=True):
+        stats.means[f"kl/token_{side}"] = (rows / counts.clamp(min=1), counts)  # = Σ KL / Σ tokens over the window
+    if record.masks is not None:
+        _per_response(stats, "kl/masked", (kl * record.masks.kl.float()).sum(-1))
+    return stats
+
+
+# ---- dead units of learned masks ----------------------------------------------------------------------------
+class UnitActivity:
+    """Per-unit maximum pre-activation of the per-layer units of every ``MaskNetwork`` with ReLU units.
+
+    A forward hook on each network's ``layer_act`` (the ReLU after ``w_l·LN(h) + b_l``) records, for each of the L
+    units, the max of its pre-activation over the tokens of that call. The mask networks only see response tokens,
+    so unit ``l`` is dead on a window when this max is ≤ 0 for every call of the window (ReLU output exactly 0 on
+    every response token). Costs one ``amax`` over ``(n, L)`` per call; no extra forward pass.
+    """
+
+    def __init__(self, masker: nn.Module | None) -> None:
+        self.pending: dict[str, Tensor] = {}
+        self._handles = []
+        if masker is None:
+            return
+        for child_name, child in masker.named_children():
+            if isinstance(child, MaskNetwork) and isinstance(child.layer_act, nn.ReLU):
+                name = child_name.removesuffix("_net")
+                self._handles.append(child.layer_act.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):  # noqa: ANN202 (torch hook signature)
+        def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            pre = args[0].detach()  # (n, L)
+            if pre.numel() == 0:
+                return
+            unit_max = pre.float().amax(0)  # (L,)
+            previous = self.pending.get(name)
+            self.pending[name] = unit_max if previous is None else torch.maximum(previous, unit_max)
+
+        return record
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def pop(self) -> dict[str, Tensor]:
+        """The per-unit maxima recorded since the last ``pop``, keyed ``masks/unit_max_{reward,kl}``."""
+        pending, self.pending = self.pending, {}
+        return {f"masks/unit_max_{name}": value for name, value in pending.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def dead_fractions(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``masks/unit_max_X`` (L,) -> ``masks/dead_units_X``: fraction of units whose max pre-activation is ≤ 0."""
+    prefix = "masks/unit_max_"
+    return {f"masks/dead_units_{k.removeprefix(prefix)}": (v <= 0).float().mean()
+            for k, v in values.items() if k.startswith(prefix)}
+
+
+# ---- the callbacks ------------------------------------------------------------------------------------------
+def _record(pl_module: LightningModule, stage: str) -> StepRecord | None:
+    record = getattr(pl_module, "last_step", None)
+    return record if record is not None and record.stage == stage else None
+
+
+def tensorboard_writers(trainer: Trainer) -> list[Any]:
+    """The ``SummaryWriter`` of every TensorBoard logger of the trainer (other loggers are skipped)."""
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+class _StepStatistics(Callback):
+    """Shared window logic: accumulate every batch, compute/log/reset at optimizer-step (or validation) ends."""
+
+    def __init__(self, log_every_n_steps: int | None, histogram_every_n_steps: int) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 or null (the trainer's), got {log_every_n_steps}.")
+        if histogram_every_n_steps < 0:
+            raise ValueError(f"histogram_every_n_steps must be >= 0 (0: never), got {histogram_every_n_steps}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self._train, self._train_hist, self._val = WeightedStats(), WeightedStats(), WeightedStats()
+        self._last_global_step = 0
+
+    def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
+        raise NotImplementedError
+
+    def _histograms_due(self) -> bool:
+        """Whether the optimizer step in progress (number ``last + 1``) gets histograms."""
+        every = self.histogram_every_n_steps
+        return every > 0 and (self._last_global_step + 1) % every == 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_global_step = trainer.global_step  # resumed runs continue counting from the checkpoint
+        for metric in (self._train, self._train_hist, self._val):
+            metric.reset()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        record = _record(pl_module, "train")
+        if record is None:
+            return
+        histograms = self._histograms_due()
+        stats = self._collect(record, pl_module, histograms)
+        hist = Stats(values=stats.values)
+        stats.values = {}
+        self._train.update(stats)
+        if hist.values:
+            self._train_hist.update(hist)
+        if trainer.global_step == self._last_global_step:
+            return  # gradient accumulation: the optimizer has not stepped yet
+        self._last_global_step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0:
+            self._log(trainer, pl_module, self._train.compute(), TRAIN_PREFIX, on_step=True)
+            self._train.reset()
+        if self._train_hist.update_count:
+            self._write_histograms(trainer, self._train_hist.compute(), TRAIN_PREFIX)
+            self._train_hist.reset()
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        record = _record(pl_module, "val")
+        stats = self._collect(record, pl_module, self.histogram_every_n_steps > 0) if record is not None else None
+        if stats is not None and not trainer.sanity_checking:
+            self._val.update(stats)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self._val.update_count:
+            self._val.reset()
+            return
+        values = self._val.compute()
+        samples = {k: v for k, v in values.items() if k in self._val._kinds and self._val._kinds[k] == "values"}
+        scalars = {k: v for k, v in values.items() if k not in samples}
+        self._log(trainer, pl_module, scalars, VAL_PREFIX, on_step=False)
+        self._write_histograms(trainer, samples, VAL_PREFIX)
+        self._val.reset()
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, Tensor], prefix: str,
+             on_step: bool) -> None:
+        values = {**values, **dead_fractions(values)}
+        scalars = {prefix + k: v for k, v in values.items() if v.ndim == 0}  # unit maxima stay internal
+        # Already reduced across ranks by WeightedStats.compute: no second sync.
+        pl_module.log_dict(scalars, on_step=on_step, on_epoch=not on_step, sync_dist=False, batch_size=1)
+
+    def _write_histograms(self, trainer: Trainer, samples: dict[str, Tensor], prefix: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for writer in tensorboard_writers(trainer):
+            for name, values in samples.items():
+                if values.numel():
+                    writer.add_histogram(prefix + name, values.cpu(), global_step=trainer.global_step)
+
+
+class MaskStatistics(_StepStatistics):
+    """Sparsity, L1 mass, max and histograms of the reward/KL masks, and dead learned units (module docstring).
+
+    Objectives without masks (DPO, IPO, SimPO, TDPO) log nothing. Histograms go to TensorBoard loggers only.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, histogram_every_n_steps: int = 50) -> None:
+        """
+        Args:
+            log_every_n_steps: optimizer steps per logged window; default the trainer's ``log_every_n_steps``.
+                Values are averaged over every micro-batch and rank of the window.
+            histogram_every_n_steps: write mask-value histograms of every N-th optimizer step (all its
+                micro-batches and ranks) and of every validation run; 0 disables histograms.
+        """
+        super().__init__(log_every_n_steps, histogram_every_n_steps)
+        self._units: UnitActivity | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._units is None:
+            self._units = UnitActivity(getattr(pl_module, "masker", None))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._units is not None:
+            self._units.remove()
+            self._units = None
+
+    def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
+        units = self._units.pop() if self._units is not None else {}
+        if record.masks is None:
+            return Stats()
+        stats = mask_stats(record.masks, record.stats.response_mask, histograms)
+        stats.maxima.update(units)
+        return stats
+
+
+class RewardStatistics(_StepStatistics):
+    """Loss, logit, implicit rewards (margin, accuracy), log-probs, per-token and sequence KL (module docstring)."""
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        """
+        Args:
+            log_every_n_steps: optimizer steps per logged window; default the trainer's ``log_every_n_steps``.
+        """
+        super().__init__(log_every_n_steps, histogram_every_n_steps=0)
+
+    def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
+        return reward_stats(record)
