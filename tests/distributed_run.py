@@ -1,0 +1,147 @@
+"""Two-process CPU (gloo) training runs for ``tests/test_distributed.py``: Lightning re-launches this file per rank.
+
+Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` with MODE one of
+
+- ``ddp`` / ``fsdp2`` / ``fsdp2_bf16_ac``: one SGD step on 2 pairs per rank; every rank writes
+  ``OUT_DIR/rank{r}.pt`` with its loss and the full (gathered) weights of policy, reference and masks
+  before and after the step;
+- ``fsdp2_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a sharded checkpoint
+  and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank.
+
+The test runs the same functions in one process (``devices=1``, 4 pairs per batch) as the baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning.masks import LearnedMasker
+from sparsepo_lightning.module import PreferenceModule
+from sparsepo_lightning.objectives import SparsePO
+
+STEPS_PER_EPOCH = 4  # 16 pairs, 4 pairs per optimizer step (2 per rank x 2 ranks)
+
+
+class InOrderData(PreferenceDataModule):
+    """Training pairs in file order, so 1 process x 4 pairs and 2 ranks x 2 pairs see the same global batch.
+
+    Lightning's own training sampler always shuffles, so the trainer runs with ``use_distributed_sampler=False``
+    and ranks get a non-shuffling ``DistributedSampler`` here: rank r takes pairs r, r+2, ...
+    """
+
+    def train_dataloader(self) -> DataLoader:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = DistributedSampler(self._split("train"), shuffle=False) if distributed else None
+        return self._loader("train", sampler=sampler)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.rows: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.rows.append(batch.input_ids.cpu())
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def make_module(model_dir: str, optimizer: Any = torch.optim.SGD, lr: float = 0.1, **options: Any) -> PreferenceModule:
+    seed_everything(0)  # same mask-network init on every rank and in the single-process baseline
+    return PreferenceModule(model=model_dir, objective=SparsePO(l1_reward=0.01, l1_kl=0.01), masker=LearnedMasker(),
+                            optimizer=optimizer, lr=lr, warmup_ratio=0.0, schedule="constant", **options)
+
+
+def make_data(model_dir: str, pairs: str, batch_size: int) -> InOrderData:
+    return InOrderData(tokenizer=model_dir, train_file=pairs, val_file=pairs, batch_size=batch_size, max_length=32,
+                       max_prompt_length=16)
+
+
+def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callbacks: list[Callback]) -> Trainer:
+    if strategy == "fsdp2":
+        strategy_obj: Any = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    else:
+        strategy_obj = strategy
+    return Trainer(accelerator="cpu", devices=devices, strategy=strategy_obj, max_steps=max_steps,
+                   limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=callbacks,
+                   use_distributed_sampler=False)
+
+
+def full_state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """Full tensors of a (possibly FSDP2-sharded) module's state; a collective call under FSDP2."""
+    if module is None:
+        return {}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone().float()
+            for k, v in module.state_dict().items()}
+
+
+def snapshot(module: PreferenceModule) -> dict[str, dict[str, torch.Tensor]]:
+    return {"policy": full_state(module.policy), "reference": full_state(module.reference),
+            "masker": full_state(module.masker)}
+
+
+class Snapshot(Callback):
+    """Weights when training starts (after sharding), so the test sees what the step changed."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = snapshot(pl_module)
+
+
+def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path, **options: Any) -> dict[str, Any]:
+    """One optimizer step (SGD: the update is ``-lr * gradient``) on 4 pairs in all; returns loss and weights."""
+    module = make_module(model_dir, **options)
+    recorder, before = LossRecorder(), Snapshot()
+    trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before])
+    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices))
+    return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
+            "rank": trainer.global_rank, "reference_training": module.reference.training}
+
+
+def resume(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
+    """Losses of an uninterrupted 8-step run, of its first epoch (4 steps, then a sharded checkpoint is saved)
+    and of the run resumed from that checkpoint; the checkpoint directory is ``root / "epoch1"``."""
+    adamw = dict(optimizer=torch.optim.AdamW, lr=1e-2)
+    runs: dict[str, Any] = {}
+    for name, callbacks_extra in (("full", []), ("part1", [StopAfterFirstEpoch()])):
+        recorder = LossRecorder()
+        trainer = make_trainer("fsdp2", 2, root / name, 2 * STEPS_PER_EPOCH, [recorder, *callbacks_extra])
+        trainer.fit(make_module(model_dir, **adamw), datamodule=make_data(model_dir, pairs, batch_size=2))
+        runs[name] = recorder.losses
+    trainer.save_checkpoint(root / "epoch1")
+    recorder = LossRecorder()
+    trainer = make_trainer("fsdp2", 2, root / "resumed", 2 * STEPS_PER_EPOCH, [recorder])
+    trainer.fit(make_module(model_dir, **adamw), datamodule=make_data(model_dir, pairs, batch_size=2),
+                ckpt_path=root / "epoch1")
+    runs["resumed"] = recorder.losses
+    runs["rank"] = trainer.global_rank
+    return runs
+
+
+def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
+    out = Path(out_dir)
+    if mode == "fsdp2_resume":
+        result = resume(model_dir, pairs, out)
+    elif mode == "fsdp2_bf16_ac":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, fsdp_param_dtype="bfloat16",
+                          activation_checkpointing=True)
+    else:
+        result = one_step(mode, 2, model_dir, pairs, out)
+    torch.save(result, out / f"rank{result['rank']}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])

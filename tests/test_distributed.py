@@ -1,0 +1,103 @@
+"""Data-parallel training on 2 CPU processes (gloo) against a single-process run on the same global batch.
+
+Each distributed run is ``tests/distributed_run.py`` in a subprocess (Lightning re-launches it once per rank);
+the ranks write their losses and gathered weights to ``tmp_path``, compared here against the same functions
+run in this process with ``devices=1``. One SGD step makes the weight update ``-lr * gradient``, so equal
+updates mean equal (globally averaged) gradients: per-rank means over 2 pairs averaged over 2 ranks equal
+the mean over the 4 pairs of the single-process batch.
+GPU-only paths (FSDP1 ``FSDPStrategy``, ``bf16-mixed``) are at the end and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed_run import STEPS_PER_EPOCH, one_step
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "distributed_run.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, out: Path, model_dir: str, pairs: str, timeout: int = 240) -> list[dict]:
+    """Run ``distributed_run.py MODE`` on 2 ranks and return what each rank saved, in rank order."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):  # never inherit a launcher's rank
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), model_dir, pairs], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, pairs_file, tmp_path_factory) -> dict:
+    """The baseline: one process, one SGD step on the first 4 pairs."""
+    return one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path_factory.mktemp("single"))
+
+
+def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float) -> None:
+    loss = sum(r["loss"][0] for r in ranks) / len(ranks)
+    assert loss == pytest.approx(single["loss"][0], rel=1e-5)
+    for r in ranks:
+        assert not r["reference_training"]
+        for name, value in r["after"]["reference"].items():  # frozen: bit-identical, and equal to the baseline's
+            assert torch.equal(value, r["before"]["reference"][name]), f"reference changed: {name}"
+            assert torch.equal(value, single["after"]["reference"][name])
+        for part in ("policy", "masker"):
+            for name, value in r["after"][part].items():
+                torch.testing.assert_close(value, single["after"][part][name], rtol=rtol, atol=atol,
+                                           msg=lambda m, n=f"{part}.{name}": f"{n}: {m}")
+    for name, value in ranks[0]["after"]["masker"].items():  # no rank drifted
+        assert torch.equal(value, ranks[1]["after"]["masker"][name]), f"masker differs across ranks: {name}"
+    for part in ("policy", "masker"):  # the step did something measurable (else equality would be vacuous)
+        moved = max((v - single["before"][part][k]).abs().max().item() for k, v in single["after"][part].items())
+        assert moved > 1e-4, f"{part} did not move"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_file, tmp_path):
+    """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen."""
+    ranks = launch(mode, tmp_path, tiny_model_dir, pairs_file)
+    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp2_bf16_compute_and_activation_checkpointing(single, tiny_model_dir, pairs_file, tmp_path):
+    """bf16 compute with fp32 reductions + per-block activation checkpointing: close to the fp32 step."""
+    ranks = launch("fsdp2_bf16_ac", tmp_path, tiny_model_dir, pairs_file)
+    loss = sum(r["loss"][0] for r in ranks) / 2
+    assert loss == pytest.approx(single["loss"][0], rel=2e-2)
+    for part in ("policy", "masker"):  # the update points the same way as the fp32 one (bf16 rounds ~3 digits)
+        update = torch.cat([(v - ranks[0]["before"][part][k]).flatten() for k, v in ranks[0]["after"][part].items()])
+        ref = torch.cat([(v - single["before"][part][k]).flatten() for k, v in single["after"][part].items()])
+        assert torch.nn.functional.cosine_similarity(update, ref, dim=0) > 0.98, part
+        assert update.norm() == pytest.approx(ref.norm().item(), rel=0.05)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly(tiny_model_dir, pairs_file, tmp_path):
+    """Save a distributed checkpoint after epoch 1 on 2 ranks, resume: same losses as the uninterrupted run."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ranks = launch("fsdp2_resume", tmp_path, tiny_model_dir, pairs_file, timeout=300)
+    for r in ranks:
+        assert len(r["part1"]) == STEPS_PER_EPOCH and len(r["full"]) == 2 * STEPS_PER_EPOCH
+        assert r["part1"] + r["resumed"] == pytest.approx(r["full"], rel=1e-5, abs=1e-6)
+    ckpt = tmp_path / "epoch1"
+    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
+    keys = FileSystemReader(ckpt).read_metadata().state_dict_metadata.keys()
+    assert not any(k.startswith("state_dict.reference.") for k in keys), "the frozen reference was saved"
+    assert any(k.startswith("state_dict.masker.") for k in keys) and any(k.startswith("optimizer_0.") for k in keys)
