@@ -1,0 +1,345 @@
+"""Side-by-side training-step benchmark: TRL ``DPOTrainer`` vs our objectives vs the floor, same model and batch.
+
+Every configuration runs in a fresh subprocess (so peak memory is its own), on SmolLM2-135M (alias
+``smollm2-135m``, offline) with the same synthetic pairs: token streams cut from ``data/quickstart/train.jsonl``
+to exact lengths (prompt ``T/4`` tokens, chosen and rejected ``3T/4`` tokens each), so every row is exactly
+``T`` tokens and nobody pads. One measured step = forward + backward + AdamW step (lr 1e-6, no clipping):
+
+- ``trl``: ``DPOTrainer.training_step`` (its defaults: sigmoid loss, β=0.1, fused LM head, metrics) + optimizer;
+- ``floor``: the policy's own forward (all logits) + backward of ``logits.mean()`` + the reference forward
+  under ``inference_mode`` + optimizer: what running the two models costs with no preference loss at all;
+- ``dpo``, ``tdpo1``, ``mapo`` (SparsePO + ActivationMasker), ``sparsepo_common`` / ``sparsepo_indep``
+  (SparsePO + LearnedMasker): ``PreferenceModule.training_step`` (default options) + backward + optimizer.
+
+Memory: CUDA uses ``torch.cuda.max_memory_allocated``. On CPU, tracemalloc does not see torch's allocations,
+so the worker reads the kernel's resident-set high-water mark: after the warm-up step it records ``VmRSS``,
+resets ``VmHWM`` (``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the measured steps. ``step_mem``
+is that peak minus the resident memory before the step (activations, logits, gradients, temporaries); the
+resident part (weights of both models + AdamW state, identical for all configurations) is reported as
+``resident``. Without ``clear_refs`` the worker falls back to ``getrusage`` max RSS of the process.
+
+Run: ``python benchmarks/bench_dpo.py`` (full, lengths 128/512/1024) or ``--quick`` (a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("trl", "floor", "dpo", "tdpo1", "mapo", "sparsepo_common", "sparsepo_indep")
+MODEL = "smollm2-135m"
+LR = 1e-6
+WARMUP_LENGTH = 32
+"""The warm-up step (gradients, AdamW state, first-call overheads) runs on this length: it costs little."""
+
+
+# ---- workload --------------------------------------------------------------------------------------------
+def model_path(layers: int | None) -> str:
+    """The alias itself, or a checkpoint of SmolLM2-135M cut to its first ``layers`` blocks (same d, same V).
+
+    A CPU cannot run the 30-block model at T=1024 for 7 configurations in minutes; the cut model keeps the
+    full-vocabulary head (V = 49152, d = 576), which is what token statistics are about.
+    """
+    if layers is None:
+        return MODEL
+    out = ROOT / "data/cache/bench" / f"{MODEL}-{layers}layers"
+    if not (out / "config.json").exists():
+        from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(MODEL)
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+        model.save_pretrained(out)
+        load_tokenizer(MODEL).save_pretrained(out)
+    return str(out)
+
+
+def token_pairs(length: int, num_pairs: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """``num_pairs`` (prompt, chosen, rejected) id lists of exact lengths ``T/4``, ``3T/4``, ``3T/4``."""
+    from sparsepo_lightning.models import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    rows = [json.loads(line) for line in (ROOT / "data/quickstart/train.jsonl").read_text().splitlines() if line]
+    stream = tokenizer(" ".join(r["prompt"] + r["chosen"] + r["rejected"] for r in rows))["input_ids"]
+    prompt_len = length // 4
+    need = (prompt_len + 2 * (length - prompt_len)) * num_pairs
+    stream = (stream * (need // len(stream) + 1))[:need]
+    pairs, at = [], 0
+    for _ in range(num_pairs):
+        prompt, at = stream[at:at + prompt_len], at + prompt_len
+        chosen, at = stream[at:at + length - prompt_len], at + length - prompt_len
+        rejected, at = stream[at:at + length - prompt_len], at + length - prompt_len
+        pairs.append((prompt, chosen, rejected))
+    return pairs
+
+
+def preference_batch(pairs, device):
+    import torch
+
+    from sparsepo_lightning.types import IGNORE_INDEX, PreferenceBatch
+
+    rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    ids = torch.tensor(rows, device=device)
+    labels = ids.clone()
+    for i, (prompt, _, _) in enumerate(pairs * 2):
+        labels[i, :len(prompt)] = IGNORE_INDEX
+    return PreferenceBatch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+# ---- one configuration (worker process) ------------------------------------------------------------------
+def _ours(name: str, device, model: str):
+    import torch
+
+    from sparsepo_lightning.masks.activation import ActivationMasker
+    from sparsepo_lightning.masks.learned import LearnedMasker
+    from sparsepo_lightning.module import PreferenceModule
+    from sparsepo_lightning.objectives import DPO, TDPO1, SparsePO
+    from sparsepo_lightning.optim import parameter_groups
+
+    objective, masker = {
+        "dpo": (DPO(), None), "tdpo1": (TDPO1(), None), "mapo": (SparsePO(), ActivationMasker()),
+        "sparsepo_common": (SparsePO(), LearnedMasker()), "sparsepo_indep": (SparsePO(), LearnedMasker(True)),
+    }[name]
+    module = PreferenceModule(model, objective=objective, masker=masker).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
+
+    def step(batch):
+        module.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, lambda pairs: preference_batch(pairs, device)
+
+
+def _floor(device, model: str):
+    import torch
+
+    from sparsepo_lightning.models import load_causal_lm
+
+    policy, reference = load_causal_lm(model).to(device).train(), load_causal_lm(model).to(device).eval()
+    reference.requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
+
+    def step(batch):
+        policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.mean().backward()
+        with torch.inference_mode():
+            reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, lambda pairs: preference_batch(pairs, device)
+
+
+def _trl(device, num_pairs: int, model: str):
+    import logging
+
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    tokenizer = load_tokenizer(MODEL)
+    text = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * num_pairs)
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=num_pairs, learning_rate=LR,
+                     max_length=None, report_to=[], save_strategy="no", use_cpu=device.type == "cpu",
+                     dataloader_num_workers=0, max_grad_norm=0.0, bf16=False, fp16=False)
+    trainer = DPOTrainer(model=load_causal_lm(model), ref_model=load_causal_lm(model), args=args,
+                         train_dataset=text, processing_class=tokenizer)
+    model = trainer.model
+    # The same optimizer as every other configuration (TRL would pick its own default); no clipping anywhere.
+    trainer.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we do not run
+
+    def batch_of(pairs):
+        examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
+        collated = trainer.data_collator(examples)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+
+    def step(batch):
+        trainer.training_step(model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step, batch_of
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(step, batch, steps: int, device) -> dict:
+    """Median step time and peak memory of ``steps`` steps, from a just-collected resident state."""
+    import torch
+
+    gc.collect()
+    cpu_hwm = False
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        resident = _rss_kib("VmRSS") * 1024
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            cpu_hwm = True
+        except OSError:
+            pass
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+    elif cpu_hwm:
+        peak, source = _rss_kib("VmHWM") * 1024, "VmHWM_after_clear_refs"
+    else:  # whole-process high-water mark (includes model loading): an upper bound
+        peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+    mib = 2**20
+    return {"step_s": statistics.median(times), "step_mem_mib": (peak - resident) / mib, "peak_mib": peak / mib,
+            "resident_mib": resident / mib, "memory_source": source}
+
+
+def worker(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: int, model: str) -> list[dict]:
+    """Measure one configuration at each length, shortest first, in this (fresh) process.
+
+    The peak is reset before each length, so lengths do not see each other's memory; the models and the
+    optimizer are loaded once (loading dominates a CPU run otherwise).
+    """
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step, batch_of = (_trl(device, num_pairs, model) if name == "trl" else _floor(device, model)
+                      if name == "floor" else _ours(name, device, model))
+    warmup_batch = batch_of(token_pairs(WARMUP_LENGTH, num_pairs))
+    for _ in range(warmup):  # allocates AdamW state; first-call overheads
+        step(warmup_batch)
+    results = []
+    for length in sorted(lengths):
+        batch = batch_of(token_pairs(length, num_pairs))
+        row = {"config": name, "length": length, "pairs": num_pairs, "device": str(device)}
+        results.append({**row, **_measure(step, batch, steps, device)})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+def run_config(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: int, model: str,
+               timeout: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", name, "--lengths", ",".join(map(str, lengths)),
+           "--pairs", str(num_pairs), "--warmup", str(warmup), "--steps", str(steps), "--model", model]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        finished = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        done_lengths = {r["length"] for r in finished}
+        return finished + [{"config": name, "length": n, "error": f"timeout after {timeout:.0f}s"}
+                           for n in lengths if n not in done_lengths]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    if done.returncode or not lines:
+        error = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return [{"config": name, "length": n, "error": error} for n in lengths]
+    return json.loads(lines[-1])
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Step time and step memory of every row as ratios to TRL's and to the floor's at the same length."""
+    by_key = {(r["config"], r["length"]): r for r in results if "error" not in r}
+    for r in results:
+        for base in ("trl", "floor"):
+            ref = by_key.get((base, r["length"]))
+            if "error" in r or ref is None:
+                continue
+            r[f"time_vs_{base}"] = r["step_s"] / ref["step_s"]
+            r[f"mem_vs_{base}"] = r["step_mem_mib"] / ref["step_mem_mib"]
+            r[f"peak_vs_{base}"] = r["peak_mib"] / ref["peak_mib"]
+
+
+def table(results: list[dict]) -> str:
+    head = ("| T | config | step s | ×TRL time | ×floor time | step MiB | ×TRL mem | ×floor mem | peak MiB "
+            "| ×TRL peak |")
+    lines = [head, "|---" * 10 + "|"]
+    nan = float("nan")
+    for r in sorted(results, key=lambda r: r["length"]):
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['config']} | error: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['length']} | {r['config']} | {r['step_s']:.2f} | {r.get('time_vs_trl', nan):.2f} "
+                     f"| {r.get('time_vs_floor', nan):.2f} | {r['step_mem_mib']:.0f} | {r.get('mem_vs_trl', nan):.2f} "
+                     f"| {r.get('mem_vs_floor', nan):.2f} | {r['peak_mib']:.0f} | {r.get('peak_vs_trl', nan):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: T=64, 1 pair, 1 block, 1 measured step")
+    parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 128,512,1024)")
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 1 on CPU, 4 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 2 on CPU, 5 on CUDA)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/latest.json"))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cut SmolLM2-135M to its first N blocks (default: 30 on CUDA, 2 on CPU, 1 with --quick)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        print(json.dumps(worker(args.worker, lengths, args.pairs, args.warmup, args.steps, args.model)))
+        return
+    import torch
+
+    load_before = os.getloadavg()
+    cuda = torch.cuda.is_available()
+    lengths = [64] if args.quick else [int(x) for x in (args.lengths or "128,512,1024").split(",")]
+    num_pairs = args.pairs or (1 if args.quick or not cuda else 4)
+    steps = args.steps or (1 if args.quick else 5 if cuda else 1)
+    layers = args.layers or (1 if args.quick else None if cuda else 2)
+    model = model_path(layers if layers != 30 else None)
+    results = []
+    for name in args.configs.split(","):
+        results += run_config(name, lengths, num_pairs, args.warmup, steps, model, timeout=900)
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    add_ratios(results)
+    import trl
+
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
+            "trl": trl.__version__,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "pairs": num_pairs, "steps": steps,
+            "warmup": args.warmup, "warmup_length": WARMUP_LENGTH,
+            "model": MODEL, "layers": layers or 30}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(json.dumps(meta))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
