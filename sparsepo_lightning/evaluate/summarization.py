@@ -95,9 +95,13 @@ def load_references(data: str, subset: str, split: str, limit: int | None) -> di
     ``chosen``; a folder is read as a hub dataset (``subset``, ``split``), a file by its suffix.
     """
     from sparsepo_lightning.data.sources import iter_file, load_hub_split
-    from sparsepo_lightning.data.tldr import comparison_to_pair
+    from sparsepo_lightning.data.tldr import TLDR_HUB_ID, TLDR_PARQUET_REVISION, comparison_to_pair
 
-    rows = (row.value for row in iter_file(data)) if Path(data).is_file() else load_hub_split(data, subset, split)
+    if Path(data).is_file():
+        rows = (row.value for row in iter_file(data))
+    else:  # TL;DR keeps each subset in a folder (data_dir), as TLDRDataModule reads it
+        revision = {"revision": TLDR_PARQUET_REVISION} if data == TLDR_HUB_ID else {}
+        rows = load_hub_split(data, None, split, data_dir=subset, **revision)
     references: dict[str, list[str]] = {}
     for row in rows:
         pair = comparison_to_pair(row) if "summaries" in row else row
