@@ -29,7 +29,20 @@ TRAINER_DEFAULTS = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs", "name": "sparsepo"},
     },
+    # Crash safety (sparsepo_lightning/checkpointing.py): atomic checkpoint writes and weights_only loads. With
+    # CALLBACK_DEFAULTS: a last.ckpt every 200 optimizer steps (mid-epoch) and at each epoch end, and
+    # `--ckpt_path last` resumes from the newest run version.
+    "plugins": {"class_path": "sparsepo_lightning.checkpointing.AtomicCheckpointIO"},
 }
+
+CALLBACK_DEFAULTS = [
+    {
+        "class_path": "sparsepo_lightning.checkpointing.RunCheckpoint",
+        "init_args": {"save_last": True, "every_n_train_steps": 200},  # also at epoch ends and at the end
+    },
+]
+"""Default ``trainer.callbacks`` (a parser default, so a config's own list replaces it, unlike LightningCLI's
+persistent ``trainer_defaults`` callbacks which could not be configured)."""
 
 
 class SparsePOCLI(LightningCLI):
@@ -38,6 +51,7 @@ class SparsePOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         sources = ("model.model", "model.tokenizer_name")
         parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
+        parser.set_defaults({"trainer.callbacks": CALLBACK_DEFAULTS})
 
     def after_fit(self) -> None:
         trainer = self.trainer

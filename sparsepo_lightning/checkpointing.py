@@ -1,0 +1,147 @@
+"""Crash-safe checkpoints: atomic writes, ``weights_only`` loads, ``--ckpt_path last`` across run versions,
+and no silent reuse of a non-empty checkpoint directory.
+
+The CLI uses both by default (``cli.TRAINER_DEFAULTS``)::
+
+    trainer:
+      plugins: sparsepo_lightning.checkpointing.AtomicCheckpointIO
+      callbacks:
+        - class_path: sparsepo_lightning.checkpointing.RunCheckpoint
+          init_args: {save_last: true, every_n_train_steps: 200}   # + at every epoch end and at the end
+
+Resume after a crash or pre-emption with ``sparsepo fit --config <same config> --ckpt_path last``: the newest
+``last.ckpt`` of the run's previous versions (``runs/<name>/version_*/checkpoints``) is found, weights, optimizer,
+scheduler, loop counters and the data order (mid-epoch included) are restored, and the resumed run writes to a
+new version directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file in the target directory, ``fsync``, then ``os.replace``.
+
+    A crash (SIGKILL, power loss, full disk) during a write leaves the previous ``last.ckpt`` intact and at most a
+    stray ``.<name>.*.tmp`` file; a reader never sees a half-written checkpoint. Loads use ``weights_only=True``
+    unless the caller passes ``False`` explicitly: a checkpoint is data, never code.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)  # make the rename itself durable
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=True if weights_only is None else weights_only)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that never overwrites another run's checkpoints and resumes ``last`` across versions.
+
+    - ``ckpt_path="last"`` first looks in this run's directory, then in the sibling version directories of the
+      logger (``runs/<name>/version_*/checkpoints/last*.ckpt``, newest file wins): with a versioned logger each
+      run has a fresh directory, where plain ``ModelCheckpoint`` finds nothing and silently starts from scratch.
+    - Besides ``every_n_train_steps``, it also saves at every epoch end and when training stops, so ``last.ckpt``
+      always holds the final state.
+    - Fitting into a checkpoint directory that already holds files is an error, unless the run resumes from a
+      checkpoint inside that directory (continuing the same run) or ``overwrite=True``.
+
+    Args:
+        overwrite: allow writing into a non-empty checkpoint directory (files with the same names are replaced).
+        **kwargs: ``ModelCheckpoint`` arguments (``dirpath``, ``save_last``, ``every_n_train_steps``, ...).
+    """
+
+    def __init__(self, *args: Any, overwrite: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.overwrite = overwrite
+        self._user_dirpath = self.dirpath  # None when the directory follows the logger's version
+        self._existing_files: list[str] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        directory = Path(self.dirpath) if self.dirpath else None
+        self._existing_files = sorted(p.name for p in directory.iterdir()) if directory and directory.is_dir() else []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse to overwrite (checked once the resume path is known, before anything is written)."""
+        super().on_train_start(trainer, pl_module)
+        if not self._existing_files or self.overwrite or self.save_top_k == 0 and not self.save_last:
+            return
+        here = Path(self.dirpath).resolve()
+        resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == here
+        if not resumed:
+            shown = ", ".join(self._existing_files[:3]) + (" ..." if len(self._existing_files) > 3 else "")
+            raise FileExistsError(
+                f"checkpoint directory {self.dirpath} already holds files ({shown}) from another run; this run would "
+                "overwrite them. Fix: resume that run with --ckpt_path last (or a path inside it), choose another "
+                "directory (ModelCheckpoint dirpath, or a new logger version), or set "
+                "RunCheckpoint(overwrite=true) to replace them."
+            )
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_now(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_now(trainer)
+
+    def _save_now(self, trainer: Trainer) -> None:
+        """Also checkpoint at every epoch end and when training stops (``every_n_train_steps`` alone does not), so
+        ``last.ckpt`` always holds the final state."""
+        if not (self.save_last or self.save_top_k) or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        found = super()._find_last_checkpoints(trainer)
+        if found or self._user_dirpath is not None or trainer.logger is None or not trainer.logger.log_dir:
+            return found
+        runs = Path(trainer.logger.log_dir).parent  # runs/<name>; siblings are version_0, version_1, ...
+        previous = {os.path.normpath(p) for p in runs.glob("*/checkpoints/last*.ckpt") if p.is_file()}
+        if previous:
+            newest = max(previous, key=os.path.getmtime)
+            rank_zero_info(f"--ckpt_path last: resuming from {newest} (the newest last checkpoint under {runs}).")
+        return previous

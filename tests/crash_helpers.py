@@ -1,0 +1,37 @@
+"""Callbacks used by the crash-and-resume test inside a real ``sparsepo fit`` subprocess (imported by class_path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+
+class LossJSONL(Callback):
+    """Append ``{"step", "batch_idx", "loss"}`` per training batch to a JSONL file, fsynced (survives SIGKILL)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        line = json.dumps({"step": trainer.global_step, "batch_idx": batch_idx, "loss": float(outputs["loss"])})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class BlockAtStep(Callback):
+    """Before the batch of optimizer step ``step + 1`` starts, write ``marker`` and hang until killed."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(batch_idx))
+            while True:
+                time.sleep(1)
