@@ -38,7 +38,7 @@ from sparsepo_lightning.evaluate.options import (
 )
 from sparsepo_lightning.evaluate.policies import label_of, load_policy
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
-from sparsepo_lightning.evaluate.sampling import generate
+from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def _sample(spec: str, problems: list[Problem], args: argparse.Namespace) -> lis
     policy = load_policy(spec, args.dtype, args.device)
     humaneval = args.benchmark == "humaneval"
     stops = HUMANEVAL_STOP_STRINGS if humaneval else STOP_STRINGS
-    groups = generate(policy.model, policy.tokenizer, [p.prompt for p in problems], generation_config(args),
+    prompts = render_prompts(policy.tokenizer, [p.prompt for p in problems], args.chat_template, args.system_prompt)
+    groups = generate(policy.model, policy.tokenizer, prompts, generation_config(args),
                       stop_strings=stops, progress=not args.no_progress, desc=f"sampling {policy.label}")  # fmt: skip
     cut = _cut_at_stop if humaneval else truncate_completion
     return [[cut(c.text) for c in group] for group in groups]

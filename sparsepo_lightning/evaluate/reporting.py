@@ -144,7 +144,7 @@ def _render_matplotlib(plot: Plot, path: Path) -> None:
 
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-_SIZE, _LEFT, _RIGHT, _TOP, _BOTTOM = (640, 480), 70, 20, 40, 50
+_SIZE, _LEFT, _RIGHT, _TOP, _BOTTOM = (720, 480), 70, 100, 40, 50  # right margin: room for point labels
 
 
 def _render_pillow(plot: Plot, path: Path) -> None:
@@ -177,10 +177,11 @@ def _render_pillow(plot: Plot, path: Path) -> None:
             draw.line([px, py, px + 4, py], fill="grey")
     for k, s in enumerate(plot.series):
         color = _COLORS[k % len(_COLORS)]
-        points = [to_px(x, y) for x, y in zip(s.x, s.y, strict=True)]
+        finite = [i for i, (x, y) in enumerate(zip(s.x, s.y, strict=True)) if np.isfinite(x) and np.isfinite(y)]
+        points = {i: to_px(s.x[i], s.y[i]) for i in finite}  # NaN metrics (e.g. self-BLEU of 1 sample) are skipped
         if plot.lines and len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for i, (px, py) in enumerate(points):
+            draw.line(list(points.values()), fill=color, width=2)
+        for i, (px, py) in points.items():
             if s.low is not None and s.high is not None:
                 draw.line([to_px(s.x[i], s.low[i]), to_px(s.x[i], s.high[i])], fill=color, width=1)
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
