@@ -84,7 +84,6 @@ class RewardModelJudge:
             scores += self.model(**batch).logits.float()[:, 0].tolist()  # (batch,)
         return scores
 
-
     def _render(self, prompt: str, completion: str) -> str:
         if not self.chat_template:
             return prompt + completion
