@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -27,6 +28,7 @@ from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
+from sparsepo_lightning.sharding import decoder_blocks
 
 STEPS_PER_EPOCH = 4  # 16 pairs, 4 pairs per optimizer step (2 per rank x 2 ranks)
 
@@ -99,6 +101,14 @@ class Snapshot(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.before = snapshot(pl_module)
+        self.block_dtypes: list[torch.dtype] = []
+        block = decoder_blocks(pl_module.policy)[0]
+        block.register_forward_hook(lambda mod, args, out: self.block_dtypes.append(_first_tensor(out).dtype))
+        self.checkpointed = sum(isinstance(m, CheckpointWrapper) for m in pl_module.policy.modules())
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path, **options: Any) -> dict[str, Any]:
@@ -108,6 +118,7 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
     trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before])
     trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices))
     return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
+            "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank, "reference_training": module.reference.training}
 
 

@@ -79,6 +79,8 @@ def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_fil
 def test_fsdp2_bf16_compute_and_activation_checkpointing(single, tiny_model_dir, pairs_file, tmp_path):
     """bf16 compute with fp32 reductions + per-block activation checkpointing: close to the fp32 step."""
     ranks = launch("fsdp2_bf16_ac", tmp_path, tiny_model_dir, pairs_file)
+    assert ranks[0]["checkpointed_blocks"] == 2 and set(ranks[0]["block_dtypes"]) == {torch.bfloat16}
+    assert single["checkpointed_blocks"] == 0 and set(single["block_dtypes"]) == {torch.float32}
     loss = sum(r["loss"][0] for r in ranks) / 2
     assert loss == pytest.approx(single["loss"][0], rel=2e-2)
     for part in ("policy", "masker"):  # the update points the same way as the fp32 one (bf16 rounds ~3 digits)
@@ -101,3 +103,57 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly(tiny_model_dir, pairs_file, tm
     keys = FileSystemReader(ckpt).read_metadata().state_dict_metadata.keys()
     assert not any(k.startswith("state_dict.reference.") for k in keys), "the frozen reference was saved"
     assert any(k.startswith("state_dict.masker.") for k in keys) and any(k.startswith("optimizer_0.") for k in keys)
+
+
+# ---- GPU-only paths: FSDP1 (FSDPStrategy) and bf16-mixed; skipped without CUDA ---------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy and bf16-mixed need a CUDA GPU")
+
+
+@needs_cuda
+def test_fsdp1_bf16_mixed_one_step_and_sharded_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    """FSDPStrategy with per-block auto-wrap and activation checkpointing, bf16-mixed: a finite step, a frozen
+    reference, a sharded checkpoint directory; peak memory is printed for the README."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tests.distributed_run import LossRecorder, make_data, make_module
+
+    module = make_module(tiny_model_dir, optimizer=torch.optim.AdamW, lr=1e-3)
+    reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                            state_dict_type="sharded", use_orig_params=True)  # frozen + trainable share a unit
+    recorder = LossRecorder()
+    trainer = Trainer(accelerator="cuda", devices=1, strategy=strategy, precision="bf16-mixed", max_steps=2,
+                      limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[recorder])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=make_data(tiny_model_dir, pairs_file, batch_size=2))
+    print(f"fsdp1 bf16-mixed peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
+    assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
+    with module.trainer.strategy.model.summon_full_params(module.trainer.strategy.model):
+        for name, value in module.reference.state_dict().items():
+            torch.testing.assert_close(value.cpu(), reference_before[name])
+    trainer.save_checkpoint(tmp_path / "sharded")
+    assert (tmp_path / "sharded").is_dir()
+
+
+@needs_cuda
+def test_fsdp2_bf16_mixed_one_step_on_gpu(tiny_model_dir, pairs_file, tmp_path):
+    """ModelParallelStrategy on one GPU with FSDP2 bf16 compute and trainer bf16-mixed autocast: finite steps."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from tests.distributed_run import LossRecorder, make_data, make_module
+
+    module = make_module(tiny_model_dir, optimizer=torch.optim.AdamW, lr=1e-3, fsdp_param_dtype="bfloat16",
+                         activation_checkpointing=True)
+    recorder = LossRecorder()
+    trainer = Trainer(accelerator="cuda", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1,
+                      tensor_parallel_size=1), precision="bf16-mixed", max_steps=2, limit_val_batches=0,
+                      num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=tmp_path, callbacks=[recorder])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=make_data(tiny_model_dir, pairs_file, batch_size=2))
+    print(f"fsdp2 bf16 peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
+    assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
