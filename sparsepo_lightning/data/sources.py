@@ -15,6 +15,7 @@ Accepted row shapes (field names configurable):
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -169,16 +170,28 @@ class _RowError(Exception):
 
 
 def iter_jsonl(path: str | Path) -> Iterator[RawRow]:
-    """Rows of a JSON-lines file, one per non-blank line, located as ``path:line``."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
-        for line_no, line in enumerate(f, start=1):
+    """Rows of a JSON-lines file, one per non-blank line, located as ``path:line``.
+
+    A line that is not UTF-8, not JSON, or nested too deeply to decode is one ``bad_json`` row; the other lines
+    are still read.
+    """
+    with open(path, "rb") as f:  # bytes: one undecodable line must not stop the whole file
+        for line_no, raw in enumerate(f, start=1):
+            location = f"{path}:{line_no}"
+            try:
+                line = (raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRow(location, decode_error=f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at "
+                                                    f"character {e.start + 1})")
+                continue
             if not line.strip():
                 continue
-            location = f"{path}:{line_no}"
             try:
                 yield RawRow(location, json.loads(line))
             except json.JSONDecodeError as e:
                 yield RawRow(location, decode_error=f"{e.msg} at character {e.pos + 1}")
+            except RecursionError:
+                yield RawRow(location, decode_error="nested too deeply to decode")
 
 
 def iter_json(path: str | Path) -> Iterator[RawRow]:
@@ -187,11 +200,20 @@ def iter_json(path: str | Path) -> Iterator[RawRow]:
     Each row is located by the line on which its object starts (``path:line``). A syntax error makes the
     whole file unreadable; it is reported as one ``bad_json`` row at the line JSON's decoder names.
     """
-    text = Path(path).read_text(encoding="utf-8-sig")
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        yield RawRow(f"{path}:{line}", decode_error="not valid UTF-8 (the whole file is unreadable)")
+        return
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
         yield RawRow(f"{path}:{e.lineno}", decode_error=f"column {e.colno}: {e.msg} (the whole file is unreadable)")
+        return
+    except RecursionError:
+        yield RawRow(f"{path}:1", decode_error="nested too deeply to decode (the whole file is unreadable)")
         return
     rows, start = _json_row_list(document, text, path)
     lines = _json_row_lines(text, start, len(rows))
@@ -233,7 +255,7 @@ def _json_row_lines(text: str, start: int | None, count: int) -> list[int] | Non
             index = space.match(text, index).end()
             if text[index] == ",":
                 index = space.match(text, index + 1).end()
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         return None
     return lines if len(lines) == count else None
 

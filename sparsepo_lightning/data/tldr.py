@@ -142,7 +142,8 @@ def _axis_fields(value: Any) -> tuple[str, str, str, float]:
         raise BadRow("missing_field", "info.id", "missing, so the row cannot be grouped with its post", "fill it in")
     summary = value.get("summary")
     text = _summary_text(summary, "summary")
-    overall = (summary.get("axes") or {}).get("overall")
+    axes = summary.get("axes")
+    overall = axes.get("overall") if isinstance(axes, dict) else None
     if not isinstance(overall, int | float) or isinstance(overall, bool):
         problem = f"expected a number, got {overall!r}"
         raise BadRow("missing_rating", "summary.axes.overall", problem, "rate the summary or drop the row")
