@@ -95,6 +95,10 @@ class WeightedStats(Metric):
             self._ensure(name, "values", values)
             getattr(self, f"{name.replace('/', '__')}__values").append(values.detach().float().flatten())
 
+    def sample_names(self) -> set[str]:
+        """Names whose value is a concatenation of samples (histograms), not a scalar."""
+        return {name for name, kind in self._kinds.items() if kind == "values"}
+
     def compute(self) -> dict[str, Tensor]:
         """name -> weighted mean, elementwise max, or the concatenated samples of the window."""
         out = {}
@@ -300,7 +304,7 @@ class _StepStatistics(Callback):
             self._val.reset()
             return
         values = self._val.compute()
-        samples = {k: v for k, v in values.items() if k in self._val._kinds and self._val._kinds[k] == "values"}
+        samples = {k: v for k, v in values.items() if k in self._val.sample_names()}
         scalars = {k: v for k, v in values.items() if k not in samples}
         self._log(trainer, pl_module, scalars, VAL_PREFIX, on_step=False)
         self._write_histograms(trainer, samples, VAL_PREFIX)
@@ -325,7 +329,9 @@ class _StepStatistics(Callback):
 class MaskStatistics(_StepStatistics):
     """Sparsity, L1 mass, max and histograms of the reward/KL masks, and dead learned units (module docstring).
 
-    Objectives without masks (DPO, IPO, SimPO, TDPO) log nothing. Histograms go to TensorBoard loggers only.
+    Objectives without masks (DPO, IPO, SimPO, TDPO) log nothing. Histograms go to TensorBoard loggers only,
+    at ``trainer.global_step`` (optimizer steps done). A step skipped by ``NonFiniteGuard`` still counts as a step,
+    so its NaN statistics show up in its window.
     """
 
     def __init__(self, log_every_n_steps: int | None = None, histogram_every_n_steps: int = 50) -> None:
