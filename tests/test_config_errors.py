@@ -67,7 +67,7 @@ def test_fp16_mixed_precision_with_float16_trainable_weights(tiny_model_dir):
     """GradScaler cannot unscale fp16 gradients; the error comes at setup, before any step, with the fix."""
     module = PreferenceModule(tiny_model_dir, dtype="float16")
     module._trainer = SimpleNamespace(precision="16-mixed")
-    with pytest.raises(ValueError, match=r"trainer.precision=16-mixed .* model.dtype=float16; .*Fix: model.dtype"):
+    with pytest.raises(ValueError, match=r"trainer.precision=16-mixed .*\(model.dtype=float16; .*Fix: model.dtype"):
         module.setup("fit")
     module._trainer = SimpleNamespace(precision="bf16-mixed")
     module.setup("fit")
