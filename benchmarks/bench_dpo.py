@@ -3,7 +3,10 @@
 Every configuration runs in a fresh subprocess (so peak memory is its own), on SmolLM2-135M (alias
 ``smollm2-135m``, offline) with the same synthetic pairs: token streams cut from ``data/quickstart/train.jsonl``
 to exact lengths (prompt ``T/4`` tokens, chosen and rejected ``3T/4`` tokens each), so every row is exactly
-``T`` tokens and nobody pads. One measured step = forward + backward + AdamW step (lr 1e-6, no clipping):
+``T`` tokens and nobody pads. One measured step = forward + backward + AdamW step (lr 1e-6, no clipping).
+On CPU the time ratios use the process's CPU
+seconds (``time.process_time``, idle OpenMP threads sleep), which other jobs on a shared machine disturb far
+less than wall seconds; wall seconds are reported too.
 
 - ``trl``: ``DPOTrainer.training_step`` (its defaults: sigmoid loss, β=0.1, fused LM head, metrics) + optimizer;
 - ``floor``: the policy's own forward (all logits) + backward of ``logits.mean()`` + the reference forward
@@ -203,13 +206,14 @@ def _measure(step, batch, steps: int, device) -> dict:
             cpu_hwm = True
         except OSError:
             pass
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if device.type == "cuda":
         peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     elif cpu_hwm:
@@ -217,7 +221,8 @@ def _measure(step, batch, steps: int, device) -> dict:
     else:  # whole-process high-water mark (includes model loading): an upper bound
         peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
     mib = 2**20
-    return {"step_s": statistics.median(times), "step_mem_mib": (peak - resident) / mib, "peak_mib": peak / mib,
+    return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+            "step_mem_mib": (peak - resident) / mib, "peak_mib": peak / mib,
             "resident_mib": resident / mib, "memory_source": source}
 
 
@@ -249,7 +254,8 @@ def run_config(name: str, lengths: list[int], num_pairs: int, warmup: int, steps
                timeout: float) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", name, "--lengths", ",".join(map(str, lengths)),
            "--pairs", str(num_pairs), "--warmup", str(warmup), "--steps", str(steps), "--model", model]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # PASSIVE: idle OpenMP threads sleep instead of spinning, so process CPU time counts work, not waiting.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
@@ -266,28 +272,34 @@ def run_config(name: str, lengths: list[int], num_pairs: int, warmup: int, steps
 
 
 def add_ratios(results: list[dict]) -> None:
-    """Step time and step memory of every row as ratios to TRL's and to the floor's at the same length."""
+    """Step time and step memory of every row as ratios to TRL's and to the floor's at the same length.
+
+    Time ratios use process CPU seconds on CPU (robust to other jobs on a shared machine; wall seconds are
+    kept in the results) and wall seconds on CUDA.
+    """
     by_key = {(r["config"], r["length"]): r for r in results if "error" not in r}
     for r in results:
         for base in ("trl", "floor"):
             ref = by_key.get((base, r["length"]))
             if "error" in r or ref is None:
                 continue
-            r[f"time_vs_{base}"] = r["step_s"] / ref["step_s"]
+            key = "cpu_s" if r["device"] == "cpu" else "step_s"
+            r[f"time_vs_{base}"] = r[key] / ref[key]
             r[f"mem_vs_{base}"] = r["step_mem_mib"] / ref["step_mem_mib"]
             r[f"peak_vs_{base}"] = r["peak_mib"] / ref["peak_mib"]
 
 
 def table(results: list[dict]) -> str:
-    head = ("| T | config | step s | ×TRL time | ×floor time | step MiB | ×TRL mem | ×floor mem | peak MiB "
+    head = ("| T | config | wall s | CPU s | ×TRL time | ×floor time | step MiB | ×TRL mem | ×floor mem | peak MiB "
             "| ×TRL peak |")
-    lines = [head, "|---" * 10 + "|"]
+    lines = [head, "|---" * 11 + "|"]
     nan = float("nan")
     for r in sorted(results, key=lambda r: r["length"]):
         if "error" in r:
-            lines.append(f"| {r['length']} | {r['config']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['length']} | {r['config']} | error: {r['error']} | | | | | | | | |")
             continue
-        lines.append(f"| {r['length']} | {r['config']} | {r['step_s']:.2f} | {r.get('time_vs_trl', nan):.2f} "
+        lines.append(f"| {r['length']} | {r['config']} | {r['step_s']:.2f} | {r['cpu_s']:.2f} "
+                     f"| {r.get('time_vs_trl', nan):.2f} "
                      f"| {r.get('time_vs_floor', nan):.2f} | {r['step_mem_mib']:.0f} | {r.get('mem_vs_trl', nan):.2f} "
                      f"| {r.get('mem_vs_floor', nan):.2f} | {r['peak_mib']:.0f} | {r.get('peak_vs_trl', nan):.2f} |")
     return "\n".join(lines)
