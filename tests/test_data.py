@@ -469,7 +469,7 @@ def test_datamodule_train_order_depends_on_seed_and_pass_and_resumes_from_state(
     pass0 = next_pass(loader)
     state = uninterrupted.state_dict()
     pass1 = next_pass(loader)
-    assert state == {"train_passes": 1} and pass0 != pass1
+    assert state == {"train_passes": 1, "train_batches_done": 0, "train_pass_complete": True} and pass0 != pass1
     resumed = datamodule(1)
     resumed.load_state_dict(state)
     assert next_pass(resumed.train_dataloader()) == pass1
