@@ -362,8 +362,8 @@ class PassShuffleSampler(RandomSampler):
     The number of passes already started (and, mid-pass, the batches done) is part of the DataModule's
     checkpoint state, so resuming from a checkpoint taken at the end of an epoch or in the middle of one replays
     exactly the order of an uninterrupted run, whatever epoch number Lightning assigns to the resumed epoch
-    (mid-epoch: the rest of the interrupted pass, then the next passes). (Under DDP Lightning replaces this sampler, being a
-    ``RandomSampler``, by its ``DistributedSampler``, which shuffles by ``seed + epoch`` instead.)
+    (mid-epoch: the rest of the interrupted pass, then the next passes). (Under DDP Lightning replaces this
+    sampler, being a ``RandomSampler``, by its ``DistributedSampler``, which shuffles by ``seed + epoch`` instead.)
 
     Args:
         data_source: the dataset (only its length is used).
