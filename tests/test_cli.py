@@ -11,17 +11,18 @@ from sparsepo_lightning.cli import run as main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+PRESETS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "callbacks").rglob("*.yaml"))
 
 
 def test_configs_exist():
     assert "configs/quickstart.yaml" in CONFIGS and "configs/debug/tiny.yaml" in CONFIGS
 
 
-COMPOSABLE = ("configs/distributed/",)
+COMPOSABLE = ("configs/distributed/", "callbacks/")
 """Second-config presets: parsed on top of a task recipe, as their headers say to use them."""
 
 
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS + PRESETS)
 def test_every_shipped_yaml_parses(config, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     base = ["--config", "configs/hh/sparsepo_common.yaml"] if config.startswith(COMPOSABLE) else []
