@@ -30,5 +30,5 @@ clean-venv:
 .PHONY: bench
 # Side-by-side step time / peak memory vs TRL's DPOTrainer (benchmarks/README.md); CPU: ~10-15 min on 2 cores.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet 'trl==1.16.0'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_dpo.py
