@@ -243,7 +243,8 @@ def test_second_config_replaces_the_callback_list(capsys, monkeypatch):
               "--config", "callbacks/analysis.yaml", "--print_config"])
     printed = capsys.readouterr().out
     assert printed.count("class_path: sparsepo_lightning.callbacks.") == 4
-    assert printed.count("class_path: lightning.pytorch.callbacks.") == 2
+    assert printed.count("class_path: sparsepo_lightning.checkpointing.RunCheckpoint") == 1
+    assert printed.count("class_path: lightning.pytorch.callbacks.LearningRateMonitor") == 1
 
 
 def test_fit_with_analysis_preset_writes_scalars_histograms_images_and_text(tiny_model_dir, pairs_file, tmp_path,
