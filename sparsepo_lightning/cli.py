@@ -38,7 +38,7 @@ TRAINER_DEFAULTS = {
 CALLBACK_DEFAULTS = [
     {
         "class_path": "sparsepo_lightning.checkpointing.RunCheckpoint",
-        "init_args": {"save_last": True, "every_n_train_steps": 200},  # also at epoch ends and at the end
+        "init_args": {"save_last": "link", "every_n_train_steps": 200},  # last.ckpt = a link, not a 2nd copy
     },
 ]
 """Default ``trainer.callbacks`` (a parser default, so a config's own list replaces it, unlike LightningCLI's

@@ -266,3 +266,18 @@ def test_fit_with_analysis_preset_writes_scalars_histograms_images_and_text(tiny
     assert "samples/prompt_0/text_summary" in tags["tensors"]
     assert (log_dir / "heatmaps" / "step_2.html").is_file()
     assert list((log_dir / "checkpoints").glob("last.ckpt"))
+
+
+def test_quickstart_with_analysis_preset_writes_heatmap_images(tmp_path, monkeypatch):
+    """The issue's check on the real thing: the quickstart (SmolLM2, shipped pairs) + analysis.yaml, 2 steps."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(ROOT)
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", "callbacks/analysis.yaml",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
+                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
+    log_dir = Path(cli.trainer.logger.log_dir)
+    tags = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0}).Reload().Tags()
+    assert {"heatmaps/pair_0", "heatmaps/pair_1"} <= set(tags["images"])
+    assert {"train_step/masks/sparsity_reward_chosen", "val_epoch/rewards/accuracy"} <= set(tags["scalars"])
+    assert "val_epoch/masks/reward_chosen" in tags["histograms"]  # common mask: one histogram per side
+    assert (log_dir / "heatmaps" / "step_2.html").is_file()
