@@ -57,8 +57,9 @@ TASKS = [
               "init_args": {"format": "odpo", "pairing": "first_two",
                             "train_file": "data/imdb/imdb-sft-train.jsonl", "val_file": "data/imdb/imdb-sft-test.jsonl",
                             **ZEPHYR, "max_length": 512, "max_prompt_length": 256}},
-        notes=("Data: ODPO's imdb-sft-{train,test}.jsonl (github.com/rycolab/odpo, data/) copied to data/imdb/, or",
-               "pairs built with `python -m sparsepo_lightning.data.sentiment --imdb stanfordnlp/imdb ...` (format: pairs).",
+        notes=("Data: ODPO's imdb-sft-{train,test}.jsonl (github.com/rycolab/odpo, data/) copied to data/imdb/,",
+               "or pairs built by `python -m sparsepo_lightning.data.sentiment --imdb stanfordnlp/imdb ...`",
+               "(then format: pairs).",
                "max_length 512: reviews are short and GPT-2 has 1024 positions (the released 2048 cannot apply)."),
     ),
     Task(
@@ -67,8 +68,8 @@ TASKS = [
         l1_common=0.001,
         data={"class_path": "sparsepo_lightning.data.hh.HHDataModule",
               "init_args": {**ZEPHYR, "system_prompt": "", "max_length": 2048, "max_prompt_length": 1024}},
-        notes=("Policy/reference: the paper first fine-tunes Pythia-1.4B on HH chosen dialogues (SFT, lr 1e-5, 1 epoch);",
-               "point model.model at that SFT checkpoint. Effective batch 128 (README); exps.sh used 64."),
+        notes=("Policy/reference: the paper first fine-tunes Pythia-1.4B on HH chosen dialogues (SFT, lr 1e-5,",
+               "1 epoch); point model.model at that SFT checkpoint. Effective batch 128 (README); exps.sh used 64."),
     ),
     Task(
         name="tldr", title="TL;DR summarisation", model="CarperAI/openai_summarize_tldr_sft",
@@ -100,6 +101,10 @@ def _sparsepo(beta: float, l1: float = 0.0) -> dict[str, Any]:
             "init_args": {"beta": beta, "l1_reward": l1, "l1_kl": l1}}
 
 
+def _learned(independent: bool) -> dict[str, Any]:
+    return {"class_path": "sparsepo_lightning.masks.LearnedMasker", "init_args": {"independent": independent}}
+
+
 VARIANTS: dict[str, tuple[str, Any]] = {
     # name: (description, builder(task, beta) -> (objective, masker))
     "dpo": ("DPO baseline", lambda t, b: ({"class_path": "sparsepo_lightning.objectives.DPO",
@@ -119,8 +124,7 @@ VARIANTS: dict[str, tuple[str, Any]] = {
                                           "init_args": {"groups": ["mlp", "attn", "resid", "logits"],
                                                         "mapping": "zn_rescale"}})),
     "sparsepo_common": ("SparsePO, learned common mask",
-                        lambda t, b: (_sparsepo(b, t.l1_common), {"class_path": "sparsepo_lightning.masks.LearnedMasker",
-                                                                  "init_args": {"independent": False}})),
+                        lambda t, b: (_sparsepo(b, t.l1_common), _learned(independent=False))),
     "sparsepo_indep": ("SparsePO, learned independent reward and KL masks",
                        lambda t, b: (_sparsepo(b), {"class_path": "sparsepo_lightning.masks.LearnedMasker",
                                                     "init_args": {"independent": True}})),
@@ -176,7 +180,8 @@ def recipe(task: Task, variant: str) -> dict[str, Any]:
         model["dtype"] = task.dtype
     if task.lora is not None:
         model["lora"] = task.lora
-    data = {"class_path": task.data["class_path"], "init_args": {**task.data["init_args"], "batch_size": task.batch_size}}
+    init_args = {**task.data["init_args"], "batch_size": task.batch_size}
+    data = {"class_path": task.data["class_path"], "init_args": init_args}
     return {"seed_everything": 42, "trainer": _trainer(task, small=False), "model": model, "data": data}
 
 
