@@ -235,6 +235,7 @@ class PreferenceModule(LightningModule):
                              "tensor_parallel_size=1, data_parallel_size=<number of GPUs>).")
         if "data_parallel" in (mesh.mesh_dim_names or ()):
             mesh = mesh["data_parallel"]
+        self._sharded = True
         sharding.drop_frozen_keys_from_state_dict(self, self._frozen_state_keys())
         mp_policy = sharding.mixed_precision(self.hparams.get("fsdp_param_dtype"))
         sharding.shard_causal_lm(self._causal_lm, mesh, mp_policy)
@@ -255,7 +256,10 @@ class PreferenceModule(LightningModule):
         # A separate frozen reference runs under inference_mode (no autograd bookkeeping at all); its outputs are
         # only read by ops that save nothing of them for backward (indexing, masks' stack, no-grad statistics).
         # The LoRA adapter-off reference is the policy itself (gradient checkpointing may be on): plain no_grad.
-        frozen = torch.inference_mode() if self.reference is not None else torch.no_grad()
+        # Under FSDP2 too: parameters unsharded inside inference_mode would be inference tensors, and the head,
+        # called again outside it for the statistics (tied with the embedding), could not refill them.
+        inference = self.reference is not None and not getattr(self, "_sharded", False)
+        frozen = torch.inference_mode() if inference else torch.no_grad()
         with frozen, adapters_off, recording:
             last, layers = final_hidden_states(reference, batch.input_ids, batch.attention_mask, needs_layers)
         return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))

@@ -76,6 +76,21 @@ def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_fil
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp2_tied_embeddings_match_single_process(tiny_tokenizer, pairs_file, tmp_path):
+    """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process."""
+    from tests.tiny_models import tiny_llama
+
+    model_dir = tmp_path / "tied"
+    model = tiny_llama(tied=True, vocab=len(tiny_tokenizer))
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    single = one_step("auto", 1, str(model_dir), pairs_file, tmp_path / "single")
+    ranks = launch("fsdp2", tmp_path / "fsdp2", str(model_dir), pairs_file)
+    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+
+
 def test_fsdp2_bf16_compute_and_activation_checkpointing(single, tiny_model_dir, pairs_file, tmp_path):
     """bf16 compute with fp32 reductions + per-block activation checkpointing: close to the fp32 step."""
     ranks = launch("fsdp2_bf16_ac", tmp_path, tiny_model_dir, pairs_file)
