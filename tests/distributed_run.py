@@ -5,6 +5,7 @@ Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` wit
 - ``ddp`` / ``fsdp2`` / ``fsdp2_bf16_ac``: one SGD step on 2 pairs per rank; every rank writes
   ``OUT_DIR/rank{r}.pt`` with its loss and the full (gathered) weights of policy, reference and masks
   before and after the step;
+- ``fsdp2_lora`` / ``fsdp2_clip``: the same with LoRA adapters / with ``gradient_clip_val``;
 - ``fsdp2_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a sharded checkpoint
   and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank.
 
@@ -30,6 +31,9 @@ from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
 from sparsepo_lightning.sharding import decoder_blocks
 
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+CLIP = 0.01
+"""Small enough that the global gradient norm is clipped (so clipping under FSDP2 is actually exercised)."""
 STEPS_PER_EPOCH = 4  # 16 pairs, 4 pairs per optimizer step (2 per rank x 2 ranks)
 
 
@@ -72,7 +76,8 @@ def make_data(model_dir: str, pairs: str, batch_size: int) -> InOrderData:
                        max_prompt_length=16)
 
 
-def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callbacks: list[Callback]) -> Trainer:
+def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callbacks: list[Callback],
+                 **trainer_options: Any) -> Trainer:
     if strategy == "fsdp2":
         strategy_obj: Any = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
     else:
@@ -80,7 +85,7 @@ def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callba
     return Trainer(accelerator="cpu", devices=devices, strategy=strategy_obj, max_steps=max_steps,
                    limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=callbacks,
-                   use_distributed_sampler=False)
+                   use_distributed_sampler=False, **trainer_options)
 
 
 def full_state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
@@ -111,15 +116,18 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path, **options: Any) -> dict[str, Any]:
+def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path,
+             gradient_clip_val: float | None = None, **options: Any) -> dict[str, Any]:
     """One optimizer step (SGD: the update is ``-lr * gradient``) on 4 pairs in all; returns loss and weights."""
     module = make_module(model_dir, **options)
     recorder, before = LossRecorder(), Snapshot()
-    trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before])
+    trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before],
+                           gradient_clip_val=gradient_clip_val)
     trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices))
     return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
-            "rank": trainer.global_rank, "reference_training": module.reference.training}
+            "rank": trainer.global_rank,
+            "reference_training": module.reference.training if module.reference is not None else False}
 
 
 def resume(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
@@ -149,6 +157,10 @@ def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
     elif mode == "fsdp2_bf16_ac":
         result = one_step("fsdp2", 2, model_dir, pairs, out, fsdp_param_dtype="bfloat16",
                           activation_checkpointing=True)
+    elif mode == "fsdp2_lora":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, lora=LORA)
+    elif mode == "fsdp2_clip":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, gradient_clip_val=CLIP)
     else:
         result = one_step(mode, 2, model_dir, pairs, out)
     torch.save(result, out / f"rank{result['rank']}.pt")
