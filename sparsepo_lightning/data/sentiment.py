@@ -286,7 +286,7 @@ def sample_continuations(
         One list of `num_samples` strings per prompt.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = _left_pad([tokenizer(p)["input_ids"] for p in prompts], pad_id)
+    input_ids, attention_mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], pad_id)
     device = model.device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
@@ -301,16 +301,16 @@ def sample_continuations(
             top_k=config.top_k,
             top_p=config.top_p,
             pad_token_id=pad_id,
-            eos_token_id=_stop_ids(model, tokenizer),
+            eos_token_id=stop_ids(model, tokenizer),
             **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
         )
     new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * num_samples, <= max_new_tokens)
-    texts = [_decode_until_special(tokenizer, ids) for ids in new_tokens]
+    texts = [decode_until_special(tokenizer, ids) for ids in new_tokens]
     n = config.num_samples
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into `(input_ids, attention_mask)`, both of shape (B, max_len)."""
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
@@ -320,7 +320,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids of the model's generation config and of the tokenizer (they can differ, e.g. chat models)."""
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
@@ -328,7 +328,7 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> lis
     return list(dict.fromkeys(ids))
 
 
-def _decode_until_special(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+def decode_until_special(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     """Decode `ids` up to (excluding) the first special token: EOS, padding, or a document separator.
 
     Byte-level tokenizers can split one character over several tokens; when `max_new_tokens` cuts such a

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsepo_lightning.data.sentiment import _decode_until_special, _left_pad, _stop_ids
+from sparsepo_lightning.data.sentiment import decode_until_special, left_pad, stop_ids
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
 
 CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
@@ -115,25 +115,25 @@ def _generate_batch(
 ) -> list[list[Completion]]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = [_encode_prompt(tokenizer, p) for p in prompts]
-    input_ids, attention_mask = _left_pad(prompt_ids, pad_id)
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     greedy = config.temperature == 0
     per_prompt = 1 if greedy else config.num_samples
     sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
-    stop_ids = _stop_ids(model, tokenizer)
+    eos_ids = stop_ids(model, tokenizer)
     device = model.device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.inference_mode():
         torch.manual_seed(seed)
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=not greedy,
             num_return_sequences=per_prompt, max_new_tokens=config.max_new_tokens, pad_token_id=pad_id,
-            eos_token_id=stop_ids, **sampling,
+            eos_token_id=eos_ids, **sampling,
             **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
         )
     new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * per_prompt, <= max_new_tokens)
     completions = []
     for i, ids in enumerate(new_tokens):
-        end = next((j + 1 for j, token in enumerate(ids) if token in stop_ids), len(ids))
-        text = _decode_until_special(tokenizer, ids)
+        end = next((j + 1 for j, token in enumerate(ids) if token in eos_ids), len(ids))
+        text = decode_until_special(tokenizer, ids)
         completions.append(Completion(text, prompt_ids[i // per_prompt], ids[:end]))
     grouped = [completions[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
     return [group * config.num_samples if greedy else group for group in grouped]
