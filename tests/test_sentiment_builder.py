@@ -103,7 +103,8 @@ def test_pair_samples_reports_why_no_pair(texts, scores, reason):
 
 def test_decoding_stops_at_special_tokens_and_drops_a_cut_multibyte_character(byte_tokenizer):
     ids = byte_tokenizer(" café")["input_ids"]  # "é" is two byte tokens
-    decode = sentiment.decode_until_special
+    from sparsepo_lightning.generation import decode_until_special as decode
+
     assert decode(byte_tokenizer, ids) == " café"
     assert decode(byte_tokenizer, ids[:-1]) == " caf"  # cut inside "é"
     assert decode(byte_tokenizer, [*ids, byte_tokenizer.eos_token_id, *ids]) == " café"

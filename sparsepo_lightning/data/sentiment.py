@@ -45,6 +45,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.generation import decode_until_special, seeded_generate
+
 log = logging.getLogger(__name__)
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
@@ -285,62 +287,14 @@ def sample_continuations(
     Returns:
         One list of `num_samples` strings per prompt.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], pad_id)
-    device = model.device
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=True,
-            num_return_sequences=config.num_samples,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            pad_token_id=pad_id,
-            eos_token_id=stop_ids(model, tokenizer),
-            **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
-        )
-    new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * num_samples, <= max_new_tokens)
+    new_tokens = seeded_generate(
+        model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], seed, config.num_samples,
+        config.max_new_tokens, stop_strings, do_sample=True, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p,
+    )  # (len(prompts) * num_samples, <= max_new_tokens)
     texts = [decode_until_special(tokenizer, ids) for ids in new_tokens]
     n = config.num_samples
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into `(input_ids, attention_mask)`, both of shape (B, max_len)."""
-    if pad_id is None:
-        raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in sequences], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences])
-    return input_ids, attention_mask
-
-
-def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS ids of the model's generation config and of the tokenizer (they can differ, e.g. chat models)."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
-    return list(dict.fromkeys(ids))
-
-
-def decode_until_special(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    """Decode `ids` up to (excluding) the first special token: EOS, padding, or a document separator.
-
-    Byte-level tokenizers can split one character over several tokens; when `max_new_tokens` cuts such a
-    character, its leading bytes decode to U+FFFD, so we drop those trailing tokens.
-    """
-    special = set(tokenizer.all_special_ids)
-    end = next((i for i, token in enumerate(ids) if token in special), len(ids))
-    text = tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    while end > 0 and text.endswith("\ufffd"):
-        end -= 1
-        text = tokenizer.decode(ids[:end], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text
 
 
 def skipped_path(out: Path) -> Path:

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsepo_lightning.data.sentiment import decode_until_special, left_pad, stop_ids
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
+from sparsepo_lightning.generation import decode_until_special, seeded_generate, stop_ids
 
 CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
 """``none``: raw prompt text; ``model``: the tokenizer's own template; or a built-in template by name."""
@@ -113,23 +113,13 @@ def _generate_batch(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], config: GenerationConfig,
     seed: int, stop_strings: Sequence[str],
 ) -> list[list[Completion]]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompt_ids = [_encode_prompt(tokenizer, p) for p in prompts]
-    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     greedy = config.temperature == 0
     per_prompt = 1 if greedy else config.num_samples
     sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
+    new_tokens = seeded_generate(model, tokenizer, prompt_ids, seed, per_prompt, config.max_new_tokens, stop_strings,
+                                 do_sample=not greedy, **sampling)  # (len(prompts) * per_prompt, <= max_new_tokens)
     eos_ids = stop_ids(model, tokenizer)
-    device = model.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.inference_mode():
-        torch.manual_seed(seed)
-        output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=not greedy,
-            num_return_sequences=per_prompt, max_new_tokens=config.max_new_tokens, pad_token_id=pad_id,
-            eos_token_id=eos_ids, **sampling,
-            **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
-        )
-    new_tokens = output[:, input_ids.shape[1] :].tolist()  # (len(prompts) * per_prompt, <= max_new_tokens)
     completions = []
     for i, ids in enumerate(new_tokens):
         end = next((j + 1 for j, token in enumerate(ids) if token in eos_ids), len(ids))
