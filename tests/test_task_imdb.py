@@ -21,16 +21,8 @@ from sparsepo_lightning.data.imdb import (
     prefixes,
     review_prefix,
 )
-from sparsepo_lightning.data.sentiment import (
-    SKIP_EMPTY,
-    SKIP_TIED,
-    ClassifierScorer,
-    VaderScorer,
-    make_scorer,
-    pair_samples,
-    positive_index,
-    skipped_path,
-)
+from sparsepo_lightning.data.scorers import ClassifierScorer, VaderScorer, make_scorer, positive_index
+from sparsepo_lightning.data.sentiment import SKIP_EMPTY, SKIP_TIED, pair_samples, skipped_path
 from sparsepo_lightning.data.sources import FieldNames, iter_jsonl, validate_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sparsepo_lightning.data.sentiment import make_scorer
+from sparsepo_lightning.data.scorers import make_scorer
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
