@@ -19,15 +19,16 @@ when ``dm.tokenizer`` is still ``None``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.sampler import PassShuffleSampler
 from sparsepo_lightning.data.sources import (
     DataReport,
     FieldNames,
@@ -40,24 +41,9 @@ from sparsepo_lightning.data.sources import (
     validate_rows,
 )
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
+from sparsepo_lightning.models import load_tokenizer
 
 Features = dict[str, list[int]]
-
-
-def _resolve_model_path(name: str) -> str:
-    """Local path of a model name via ``sparsepo_lightning.models.resolve_model_path`` when available."""
-    try:
-        from sparsepo_lightning.models import resolve_model_path
-    except ImportError:
-        return name
-    return resolve_model_path(name)
-
-
-def _load_tokenizer(name: str) -> Any:
-    """``AutoTokenizer.from_pretrained`` on the resolved model path."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(_resolve_model_path(name))
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -252,7 +238,7 @@ class PreferenceDataModule(LightningDataModule):
                     "PreferenceDataModule needs a tokenizer: set data.tokenizer (the CLI links it from the model "
                     "name) or assign dm.tokenizer = <tokenizer object> before setup()."
                 )
-            self.tokenizer = _load_tokenizer(self.tokenizer_name)
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
         if self.chat_template is not None:
             self.tokenizer.chat_template = self.chat_template
         if self.pad_token_id is None:
@@ -354,37 +340,6 @@ class PreferenceDataModule(LightningDataModule):
             collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
             persistent_workers=self.num_workers > 0,
         )
-
-
-class PassShuffleSampler(RandomSampler):
-    """A ``RandomSampler`` whose k-th pass over the data is ``randperm`` seeded with ``seed + k``.
-
-    The number of passes already started (and, mid-pass, the batches done) is part of the DataModule's
-    checkpoint state, so resuming from a checkpoint taken at the end of an epoch or in the middle of one replays
-    exactly the order of an uninterrupted run, whatever epoch number Lightning assigns to the resumed epoch
-    (mid-epoch: the rest of the interrupted pass, then the next passes). (Under DDP Lightning replaces this
-    sampler, being a ``RandomSampler``, by its ``DistributedSampler``, which shuffles by ``seed + epoch`` instead.)
-
-    Args:
-        data_source: the dataset (only its length is used).
-        seed: base seed of the shuffle.
-        passes: passes already started, e.g. restored from a checkpoint.
-        skip: samples of the first pass to leave out (already trained on before a mid-epoch checkpoint); the
-            length stays that of a full pass, so Lightning's restored batch counters line up.
-    """
-
-    def __init__(self, data_source: Sized, seed: int, passes: int = 0, skip: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed, self.passes, self.skip = seed, passes, skip
-        self.order: list[int] = []
-        """The permutation of the current pass."""
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.passes)
-        self.passes += 1
-        self.order = torch.randperm(len(self.data_source), generator=generator).tolist()
-        skip, self.skip = self.skip, 0
-        yield from self.order[skip:]
 
 
 def _pad_token_id(tokenizer: Any) -> int:
