@@ -22,10 +22,18 @@ from sparsepo_lightning.losses import pair_sums, split_pairs
 from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
 
 
+def response_sparsity(mask: Tensor, response_mask: Tensor) -> Tensor:
+    """% of exact zeros of ``mask`` among each row's response tokens (method.md §5), ``(2B,)`` float32.
+
+    Computed in fp32: tiny fp16 mask values would underflow to 0 and count as sparse.
+    """
+    zeros = ((mask.detach().float() == 0) & response_mask).float().sum(-1)
+    return 100.0 * zeros / response_mask.sum(-1).clamp(min=1)
+
+
 def _mask_metrics(name: str, mask: Tensor, response_mask: Tensor) -> dict[str, Tensor]:
     mask = mask.detach().float()
-    zeros = ((mask == 0) & response_mask).float().sum(-1)  # (2B,)
-    sparsity = 100.0 * zeros / response_mask.sum(-1).clamp(min=1)
+    sparsity = response_sparsity(mask, response_mask)
     l1_chosen, l1_rejected = pair_sums(mask.abs(), response_mask)
     sparsity_chosen, sparsity_rejected = split_pairs(sparsity)
     return {

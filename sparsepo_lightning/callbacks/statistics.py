@@ -30,7 +30,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from sparsepo_lightning.losses import split_pairs
 from sparsepo_lightning.masks.learned import MaskNetwork
+from sparsepo_lightning.metrics import response_sparsity
 from sparsepo_lightning.types import StepRecord, TokenMasks
 
 TRAIN_PREFIX = "train_step/"
@@ -115,14 +117,9 @@ class WeightedStats(Metric):
 
 
 # ---- what each callback extracts from one step ---------------------------------------------------------------
-def _pairs(values: Tensor) -> tuple[Tensor, Tensor]:
-    half = values.shape[0] // 2
-    return values[:half], values[half:]
-
-
 def _per_response(stats: Stats, name: str, values: Tensor, sep: str = "_") -> None:
     """Register a per-response value ``(2B,)`` as ``{name}_chosen`` and ``{name}_rejected`` means over responses."""
-    chosen, rejected = _pairs(values)
+    chosen, rejected = split_pairs(values)
     stats.means[f"{name}{sep}chosen"] = (chosen, torch.ones_like(chosen))
     stats.means[f"{name}{sep}rejected"] = (rejected, torch.ones_like(rejected))
 
@@ -141,17 +138,15 @@ def mask_stats(masks: TokenMasks, response_mask: Tensor, histograms: bool = Fals
         responses of the window.
     """
     stats = Stats()
-    counts = response_mask.sum(-1).clamp(min=1)  # (2B,)
     same = masks.kl.data_ptr() == masks.reward.data_ptr() and masks.kl.shape == masks.reward.shape
     for name, mask in (("reward", masks.reward), ("kl", masks.kl)):
         mask = mask.detach().float()  # fp32: tiny fp16 values would underflow to 0 and count as sparse
-        zeros = ((mask == 0) & response_mask).sum(-1)  # (2B,)
-        _per_response(stats, f"masks/sparsity_{name}", 100.0 * zeros / counts)
+        _per_response(stats, f"masks/sparsity_{name}", response_sparsity(mask, response_mask))
         _per_response(stats, f"masks/l1_{name}", (mask.abs() * response_mask).sum(-1))
         stats.maxima[f"masks/max_{name}"] = mask.masked_fill(~response_mask, -torch.inf).amax()
         if histograms and not (name == "kl" and same):
-            chosen, rejected = _pairs(mask)
-            chosen_resp, rejected_resp = _pairs(response_mask)
+            chosen, rejected = split_pairs(mask)
+            chosen_resp, rejected_resp = split_pairs(response_mask)
             stats.values[f"masks/{name}_chosen"] = chosen[chosen_resp]
             stats.values[f"masks/{name}_rejected"] = rejected[rejected_resp]
     return stats
@@ -170,7 +165,7 @@ def reward_stats(record: StepRecord) -> Stats:
     _per_response(stats, "logps", (tokens.policy_logps.float() * resp).sum(-1), sep="/")
     kl = tokens.kl.float() * resp  # (2B, T-1)
     _per_response(stats, "kl/seq", kl.sum(-1))
-    for side, rows, counts in zip(("chosen", "rejected"), _pairs(kl.sum(-1)), _pairs(resp.sum(-1).float()),
+    for side, rows, counts in zip(("chosen", "rejected"), split_pairs(kl.sum(-1)), split_pairs(resp.sum(-1).float()),
                                   strict=True):
         stats.means[f"kl/token_{side}"] = (rows / counts.clamp(min=1), counts)  # = Σ KL / Σ tokens over the window
     if record.masks is not None:
