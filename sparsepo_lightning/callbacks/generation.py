@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from sparsepo_lightning.callbacks.statistics import tensorboard_writers
+from sparsepo_lightning.generation import decode_until_special, seeded_generate
 
 
 def prompt_ids_from_batch(input_ids: Tensor, labels: Tensor, limit: int) -> list[Tensor]:
@@ -134,16 +135,12 @@ class GenerationSamples(Callback):
         return samples
 
     def _complete(self, model: nn.Module, tokenizer: Any, ids: Tensor) -> str:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         options: dict[str, Any] = {"do_sample": False}
         if self.temperature > 0:
             options = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
-        devices = [torch.cuda.current_device()] if ids.is_cuda else []
-        with torch.random.fork_rng(devices=devices):  # training randomness stays as it was
-            torch.manual_seed(self.seed)
-            out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=pad, **options)
-        return tokenizer.decode(out[0, ids.shape[0]:], skip_special_tokens=True)
+        # fork_rng inside: training randomness stays as it was
+        new_ids = seeded_generate(model, tokenizer, [ids.tolist()], self.seed, 1, self.max_new_tokens, **options)
+        return decode_until_special(tokenizer, new_ids[0])
 
 
 def _markdown(sample: dict[str, str]) -> str:
