@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from sparsepo_lightning import sharding
@@ -196,7 +197,14 @@ class PreferenceModule(LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights."""
+        """Drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights.
+
+        Except under ``FSDPStrategy`` (FSDP1): it loads a checkpoint into the wrapped model before any hook
+        runs, and its flat-parameter units (which hold frozen and trainable weights together) insist on every
+        key, so FSDP1 checkpoints keep the frozen weights (sharded like the rest: 1/N of the reference per rank).
+        """
+        if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            return
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_state_keys()}
 

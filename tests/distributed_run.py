@@ -6,8 +6,11 @@ Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` wit
   ``OUT_DIR/rank{r}.pt`` with its loss and the full (gathered) weights of policy, reference and masks
   before and after the step;
 - ``fsdp2_lora`` / ``fsdp2_clip``: the same with LoRA adapters / with ``gradient_clip_val``;
-- ``fsdp2_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a sharded checkpoint
-  and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank.
+- ``fsdp2_resume`` / ``fsdp1_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a
+  sharded checkpoint and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank;
+- ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
+  CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
+  only; torch runs it on CPU with gloo when the device is given).
 
 The test runs the same functions in one process (``devices=1``, 4 pairs per batch) as the baseline.
 """
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
@@ -35,6 +38,31 @@ LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj
 CLIP = 0.01
 """Small enough that the global gradient norm is clipped (so clipping under FSDP2 is actually exercised)."""
 STEPS_PER_EPOCH = 4  # 16 pairs, 4 pairs per optimizer step (2 per rank x 2 ranks)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """``FSDPStrategy`` on CPU, for tests: wraps with ``device_id=cpu`` (Lightning passes ``None`` there, which
+    FSDP1 refuses without an accelerator). Everything else (auto-wrap, checkpointing, state dicts) is Lightning's.
+    A subclass also passes Lightning's GPU-only check, which looks for the exact ``FSDPStrategy`` type."""
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # FSDPStrategy._setup_model, CPU device
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                         mixed_precision=self.mixed_precision_config,
+                                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                         **self.kwargs)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        return model
+
+
+def fsdp1_strategy() -> CPUFSDPStrategy:
+    """The layout of ``configs/distributed/fsdp1.yaml`` (block class = the tiny Llama's), on CPU."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                           state_dict_type="sharded", sharding_strategy="FULL_SHARD")
 
 
 class InOrderData(PreferenceDataModule):
@@ -80,6 +108,8 @@ def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callba
                  **trainer_options: Any) -> Trainer:
     if strategy == "fsdp2":
         strategy_obj: Any = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    elif strategy == "fsdp1":
+        strategy_obj = fsdp1_strategy()
     else:
         strategy_obj = strategy
     return Trainer(accelerator="cpu", devices=devices, strategy=strategy_obj, max_steps=max_steps,
@@ -97,8 +127,22 @@ def full_state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
 
 
 def snapshot(module: PreferenceModule) -> dict[str, dict[str, torch.Tensor]]:
+    strategy = module._trainer.strategy if module._trainer is not None else None
+    if isinstance(strategy, FSDPStrategy) and strategy.model is not None:  # FSDP1: gather the flat shards
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False):
+            return {part: _unwrapped_parameters(getattr(module, part)) for part in ("policy", "reference", "masker")}
     return {"policy": full_state(module.policy), "reference": full_state(module.reference),
             "masker": full_state(module.masker)}
+
+
+def _unwrapped_parameters(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """Parameters under the names the unwrapped module has (FSDP1/checkpoint-wrapper prefixes removed)."""
+    if module is None:
+        return {}
+    clean = lambda name: name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")  # noqa: E731
+    return {clean(k): v.detach().clone().float() for k, v in module.named_parameters()}
 
 
 class Snapshot(Callback):
@@ -130,19 +174,19 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
             "reference_training": module.reference.training if module.reference is not None else False}
 
 
-def resume(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
+def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> dict[str, Any]:
     """Losses of an uninterrupted 8-step run, of its first epoch (4 steps, then a sharded checkpoint is saved)
     and of the run resumed from that checkpoint; the checkpoint directory is ``root / "epoch1"``."""
     adamw = dict(optimizer=torch.optim.AdamW, lr=1e-2)
     runs: dict[str, Any] = {}
     for name, callbacks_extra in (("full", []), ("part1", [StopAfterFirstEpoch()])):
         recorder = LossRecorder()
-        trainer = make_trainer("fsdp2", 2, root / name, 2 * STEPS_PER_EPOCH, [recorder, *callbacks_extra])
+        trainer = make_trainer(strategy, 2, root / name, 2 * STEPS_PER_EPOCH, [recorder, *callbacks_extra])
         trainer.fit(make_module(model_dir, **adamw), datamodule=make_data(model_dir, pairs, batch_size=2))
         runs[name] = recorder.losses
     trainer.save_checkpoint(root / "epoch1")
     recorder = LossRecorder()
-    trainer = make_trainer("fsdp2", 2, root / "resumed", 2 * STEPS_PER_EPOCH, [recorder])
+    trainer = make_trainer(strategy, 2, root / "resumed", 2 * STEPS_PER_EPOCH, [recorder])
     trainer.fit(make_module(model_dir, **adamw), datamodule=make_data(model_dir, pairs, batch_size=2),
                 ckpt_path=root / "epoch1")
     runs["resumed"] = recorder.losses
@@ -152,8 +196,8 @@ def resume(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
 
 def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
     out = Path(out_dir)
-    if mode == "fsdp2_resume":
-        result = resume(model_dir, pairs, out)
+    if mode in ("fsdp2_resume", "fsdp1_resume"):
+        result = resume(model_dir, pairs, out, strategy=mode.split("_")[0])
     elif mode == "fsdp2_bf16_ac":
         result = one_step("fsdp2", 2, model_dir, pairs, out, fsdp_param_dtype="bfloat16",
                           activation_checkpointing=True)

@@ -69,9 +69,12 @@ def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float,
         assert moved > min_move, f"{part} did not move"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1"])
 def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_file, tmp_path):
-    """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen."""
+    """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen.
+
+    ``fsdp1`` is Lightning's ``FSDPStrategy`` with the recipe's per-block auto-wrap and activation checkpointing,
+    run on CPU (``tests.distributed_run.CPUFSDPStrategy``)."""
     ranks = launch(mode, tmp_path, tiny_model_dir, pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
@@ -124,19 +127,52 @@ def test_fsdp2_bf16_compute_and_activation_checkpointing(single, tiny_model_dir,
         assert update.norm() == pytest.approx(ref.norm().item(), rel=0.05)
 
 
-def test_fsdp2_sharded_checkpoint_resumes_exactly(tiny_model_dir, pairs_file, tmp_path):
-    """Save a distributed checkpoint after epoch 1 on 2 ranks, resume: same losses as the uninterrupted run."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_sharded_checkpoint_resumes_exactly(strategy, tiny_model_dir, pairs_file, tmp_path):
+    """Save a distributed checkpoint after epoch 1 on 2 ranks, resume: same losses as the uninterrupted run.
+
+    FSDP2 checkpoints leave the frozen reference out; FSDP1 ones keep it (its flat-parameter units load every key
+    before any hook can add them back; ``PreferenceModule.on_save_checkpoint``)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    ranks = launch("fsdp2_resume", tmp_path, tiny_model_dir, pairs_file, timeout=300)
+    ranks = launch(f"{strategy}_resume", tmp_path, tiny_model_dir, pairs_file, timeout=300)
     for r in ranks:
         assert len(r["part1"]) == STEPS_PER_EPOCH and len(r["full"]) == 2 * STEPS_PER_EPOCH
         assert r["part1"] + r["resumed"] == pytest.approx(r["full"], rel=1e-5, abs=1e-6)
     ckpt = tmp_path / "epoch1"
     assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
     keys = FileSystemReader(ckpt).read_metadata().state_dict_metadata.keys()
-    assert not any(k.startswith("state_dict.reference.") for k in keys), "the frozen reference was saved"
-    assert any(k.startswith("state_dict.masker.") for k in keys) and any(k.startswith("optimizer_0.") for k in keys)
+    root = "state_dict" if strategy == "fsdp2" else "model"
+    has_reference = any(k.startswith(f"{root}.reference.") for k in keys)
+    assert has_reference == (strategy == "fsdp1"), f"reference saved: {has_reference}"
+    assert any(k.startswith(f"{root}.masker.") for k in keys) and any(k.startswith("optimizer_0") for k in keys)
+
+
+def test_fsdp1_recipe_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(tiny_model_dir, pairs_file, tmp_path):
+    """``configs/distributed/fsdp1.yaml`` as shipped (auto-wrap + activation checkpointing on the block class,
+    sharded state dict, ``bf16-mixed``: FSDP1 keeps bf16 parameter copies, so the fp32 mask networks see bf16
+    weights) on 2 CPU processes; only the accelerator and the CPU subclass of the strategy differ. It trains,
+    writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "sparsepo_lightning.cli", "fit", "--config", "configs/debug/tiny.yaml",
+               "--config", "configs/distributed/fsdp1.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+               "--trainer.strategy.class_path", "tests.distributed_run.CPUFSDPStrategy", "--model.model",
+               tiny_model_dir, "--data.train_file", pairs_file, "--data.val_file", pairs_file,
+               "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false"]
+    for steps, extra in ((2, []), (4, ["--ckpt_path", "last"])):
+        env["MASTER_PORT"] = str(_free_port())
+        proc = subprocess.run([*command, "--trainer.max_steps", str(steps), *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    first, resumed = runs / "debug" / "version_0" / "checkpoints", runs / "debug" / "version_1" / "checkpoints"
+    assert (first / "last.ckpt").is_dir() and (first / "last.ckpt" / "meta.pt").is_file()  # sharded: a folder
+    assert "resuming from" in proc.stderr + proc.stdout and str(first / "last.ckpt") in proc.stderr + proc.stdout
+    meta = torch.load(resumed / "last.ckpt" / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 4  # continued from step 2, not restarted
 
 
 # ---- GPU-only paths: FSDP1 (FSDPStrategy) and bf16-mixed; skipped without CUDA ---------------------------------

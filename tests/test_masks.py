@@ -186,3 +186,23 @@ def test_learned_masks_are_float32_under_bf16_autocast():
         masks = masker(ref, mask)
     assert masks.reward.dtype == torch.float32
     assert_close(masks.reward, masker(ref, mask).reward)
+
+
+def test_learned_masks_compute_in_float32_when_a_wrapper_stores_parameters_in_bf16():
+    """FSDP1 mixed precision hands the mask network bf16 parameters; it must still compute in fp32 (LayerNorm on
+    fp32 input with bf16 weights raises otherwise). The result equals fp32 compute with bf16-rounded weights."""
+    model = tiny_llama()
+    masker = LearnedMasker(init_std=0.5, mixer_activation="none")  # no ReLU: nonzero values to compare
+    masker.bind(model)
+    ids, attention, _, mask = random_rows()
+    ref = reference_outputs(model, ids, attention, masker)
+    with torch.no_grad():
+        masker.reward_net.norm.weight.uniform_(0.5, 1.5)
+        masker.reward_net.norm.bias.uniform_(-0.1, 0.1)
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in masker.state_dict().items()}
+    masker.load_state_dict(rounded)
+    expected = masker(ref, mask).reward
+    masker.to(torch.bfloat16)
+    masks = masker(ref, mask)
+    assert masks.reward.dtype == torch.float32 and expected.abs().sum() > 0
+    assert_close(masks.reward, expected, rtol=1e-6, atol=1e-7)

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker, scatter_response
 from sparsepo_lightning.types import TokenMasks
@@ -41,8 +42,12 @@ class MaskNetwork(nn.Module):
 
     def forward(self, states: Tensor) -> Tensor:
         """Mask values for ``n`` tokens from their reference states ``(n, L, d)`` → ``(n,)``, float32."""
-        with torch.autocast(device_type=states.device.type, enabled=False):  # masks stay fp32 under AMP
-            normed = self.norm(states.float())  # (n, L, d)
+        # Masks stay fp32 under AMP, and whatever dtype a wrapper stores the parameters in (FSDP1 mixed precision
+        # casts every parameter of a unit to bf16 for the forward; LayerNorm would refuse fp32 input then).
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            norm = self.norm
+            normed = F.layer_norm(states.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
+                                  norm.eps)  # (n, L, d)
             per_layer = torch.einsum("nld,ld->nl", normed, self.layer_weight.float()) + self.layer_bias.float()
             per_layer = self.dropout(self.layer_act(per_layer))  # (n, L)
             return self.dropout(self.mixer_act(per_layer @ self.mixer_weight.float()))  # (n,)
