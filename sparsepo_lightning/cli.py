@@ -5,6 +5,8 @@ Examples::
     sparsepo fit --config configs/quickstart.yaml
     sparsepo fit --config configs/quickstart.yaml --model.objective.beta 0.5 --trainer.max_steps 20
     sparsepo fit --config configs/quickstart.yaml --print_config      # the full resolved configuration
+    sparsepo evaluate --help                                          # evaluation commands (argparse)
+    sparsepo export runs/quickstart/version_0/checkpoints/last.ckpt exported/quickstart   # HF checkpoint + masks
 
 The model name is given once (``model.model``) and linked to the data module's tokenizer (or
 ``model.tokenizer_name`` when the checkpoint ships none, e.g. ``gpt2-large`` for the IMDB GPT-2 SFT model). The
@@ -89,12 +91,18 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
 def main() -> None:
     """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success).
 
-    ``sparsepo evaluate <command> ...`` is dispatched to :mod:`sparsepo_lightning.evaluate` before LightningCLI.
+    ``sparsepo evaluate <command> ...`` and ``sparsepo export ...`` are dispatched to
+    :mod:`sparsepo_lightning.evaluate` and :mod:`sparsepo_lightning.export` before LightningCLI.
     """
     if sys.argv[1:2] == ["evaluate"]:
         from sparsepo_lightning.evaluate import main as evaluate_main
 
         evaluate_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["export"]:
+        from sparsepo_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
         return
     run()
 

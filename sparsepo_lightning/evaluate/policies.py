@@ -1,9 +1,10 @@
-"""Load the models to evaluate: a model name/path, or a PreferenceModule Lightning checkpoint (``.ckpt``).
+"""Load the models to evaluate: a model name/path, or a PreferenceModule checkpoint written by ``sparsepo fit``.
 
-A checkpoint holds the trained policy but not the reference (``PreferenceModule.on_save_checkpoint``); with LoRA
-it holds only the adapters and masks. The policy is rebuilt from ``hyper_parameters["model"]``, its ``policy.*``
-weights are loaded with ``torch.load(weights_only=True)`` (no pickled code runs), and LoRA adapters are merged
-into the base weights, so every command sees a plain Hugging Face causal LM.
+A checkpoint is a Lightning ``.ckpt`` file or the distributed checkpoint folder of an FSDP2 run; both are read by
+:mod:`sparsepo_lightning.checkpoint_reading` (``weights_only``: no pickled code runs). It holds the trained policy
+but not the reference; with LoRA only the adapters and masks. The policy is rebuilt from
+``hyper_parameters["model"]`` and the saved weights, with LoRA adapters merged into the base weights, so every
+command sees a plain Hugging Face causal LM.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.checkpoint_reading import build_policy, is_checkpoint, read_checkpoint, read_hparams
 from sparsepo_lightning.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_POLICY_PREFIX = "policy."
+_OPTION = "the path given to --policies"
 
 
 @dataclass
@@ -35,19 +36,14 @@ class LoadedPolicy:
     """The reference it was trained against (checkpoints only; ``None`` for a plain model name)."""
 
 
-def is_checkpoint(spec: str) -> bool:
-    """True for a Lightning checkpoint file (``*.ckpt``)."""
-    return spec.endswith(".ckpt")
-
-
 def label_of(spec: str) -> str:
-    """A short display name: ``runs/x/checkpoints/step=10.ckpt`` -> ``step=10``; model names are kept."""
+    """A short display name: ``runs/x/checkpoints/step=10.ckpt`` (file or FSDP2 folder) -> ``step=10``; names kept."""
     return Path(spec).stem if is_checkpoint(spec) else spec
 
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
-    """The ``hyper_parameters`` of a PreferenceModule checkpoint (loaded with ``weights_only=True``)."""
-    return dict(_read_checkpoint(path).get("hyper_parameters") or {})
+    """The ``hyper_parameters`` of a PreferenceModule checkpoint (file or folder), without reading its weights."""
+    return read_hparams(path, option=_OPTION)
 
 
 def reference_name(spec: str) -> str | None:
@@ -59,7 +55,7 @@ def reference_name(spec: str) -> str | None:
 
 
 def load_policy(spec: str, dtype: str = "float32", device: str = "cpu", label: str | None = None) -> LoadedPolicy:
-    """Load a model name/path or a PreferenceModule checkpoint, in eval mode on ``device``.
+    """Load a model name/path or a PreferenceModule checkpoint (``.ckpt`` or FSDP2 folder), in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: a ``.ckpt`` path that does not exist.
@@ -70,58 +66,9 @@ def load_policy(spec: str, dtype: str = "float32", device: str = "cpu", label: s
         tokenizer = load_tokenizer(spec)
         reference = None
     else:
-        model, tokenizer_name, reference = _load_checkpoint_policy(spec, dtype)
-        tokenizer = load_tokenizer(tokenizer_name)
+        checkpoint = read_checkpoint(spec, option=_OPTION)
+        model = build_policy(checkpoint, dtype)
+        tokenizer = load_tokenizer(checkpoint.tokenizer_name)
+        reference = checkpoint.reference_name
     model.to(device).eval()
     return LoadedPolicy(label or label_of(spec), model, tokenizer, reference)
-
-
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist. Fix: check the path given to --policies.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors come in many types
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). Only "
-            "PreferenceModule checkpoints written by `sparsepo fit` are supported."
-        ) from e
-
-
-def _load_checkpoint_policy(path: str, dtype: str) -> tuple[PreTrainedModel, str, str]:
-    """Rebuild the policy of a PreferenceModule checkpoint; returns ``(model, tokenizer name, reference name)``."""
-    checkpoint = _read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "model" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: no hyper_parameters['model'] or state_dict; not a PreferenceModule checkpoint.")
-    name = hparams["model"]
-    state = {k[len(_POLICY_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(_POLICY_PREFIX)}
-    model = load_causal_lm(name, dtype=dtype, trust_remote_code=bool(hparams.get("trust_remote_code", False)))
-    if hparams.get("lora") is not None:
-        model = _merged_lora(model, hparams["lora"], state, path)
-    else:
-        _load_strict(model, state, path)
-    reference = hparams.get("reference") or name
-    return model, hparams.get("tokenizer_name") or name, reference
-
-
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the policy weights do not fit the model named in the checkpoint: {e}") from e
-
-
-def _merged_lora(model: PreTrainedModel, options: dict[str, Any], state: dict[str, torch.Tensor], path: str):
-    """Wrap ``model`` with the checkpoint's LoRA config, load the saved adapters, merge them into the weights."""
-    from peft import LoraConfig, get_peft_model
-
-    options = {k: v for k, v in options.items() if k != "task_type"}
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
-    result = peft_model.load_state_dict(state, strict=False)  # the frozen base weights are not in the checkpoint
-    if result.unexpected_keys or not state:
-        raise ValueError(
-            f"{path}: the saved LoRA adapters do not fit a {options} LoRA on {type(model).__name__} "
-            f"(unexpected keys: {result.unexpected_keys[:3]}, saved tensors: {len(state)})."
-        )
-    return peft_model.merge_and_unload()

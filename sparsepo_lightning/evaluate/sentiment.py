@@ -1,6 +1,6 @@
 """``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (method.md §6.2).
 
-For each policy (model name/path or ``.ckpt``), ``--num-samples`` continuations of each held-out prompt are
+For each policy (model name/path or checkpoint), ``--num-samples`` continuations of each held-out prompt are
 sampled and scored by the same pluggable scorer as the IMDB pair builder (``vader`` or a classifier name, whose
 score is P(positive)). The sequence KL is estimated on the policy's own samples::
 
@@ -40,7 +40,8 @@ HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule .ckpt files.")
+    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
+                   "(.ckpt files or FSDP2 checkpoint folders).")  # fmt: skip
     p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
     p.add_argument("--reference", help="Reference model for the KL (default: the one each checkpoint was trained "
                    "against; required for plain model names).")  # fmt: skip
