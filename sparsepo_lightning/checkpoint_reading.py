@@ -3,16 +3,17 @@
 - a Lightning checkpoint file (``.ckpt``): one ``torch.save`` dict with ``state_dict``, ``hyper_parameters``,
   optimizer states, ...; read with ``torch.load(weights_only=True, mmap=True)``, so no pickled code runs and
   the optimizer states are mapped, never read into memory;
-- a distributed checkpoint folder written under ``ModelParallelStrategy`` (FSDP2): ``torch.distributed.checkpoint``
-  shards (``__<rank>_0.distcp`` + ``.metadata``) holding ``state_dict`` and ``optimizer_<i>``, plus Lightning's
+- a distributed checkpoint folder written under ``ModelParallelStrategy`` (FSDP2) or ``FSDPStrategy`` (FSDP1,
+  sharded): ``torch.distributed.checkpoint`` shards (``__<rank>_0.distcp`` + ``.metadata``) holding
+  ``state_dict`` (FSDP1: ``model``) and ``optimizer_<i>``, plus Lightning's
   ``meta.pt`` with everything else (hyper-parameters, counters). Only the ``state_dict`` tensors are read, with
   the public ``torch.distributed.checkpoint.load(..., no_dist=True)`` into full tensors allocated from the
   metadata: no process group, no optimizer state. ``.metadata`` is a pickle; it is read with an unpickler that
   only accepts the checkpoint's own metadata classes (the ``weights_only`` rule of this project).
 
 Both hold what ``PreferenceModule`` saves: ``policy.*`` (all policy weights, or only the LoRA adapters) and
-``masker.*`` (the mask networks), never the reference. `build_policy` rebuilds the policy from
-``hyper_parameters["model"]`` and these weights.
+``masker.*`` (the mask networks), never the reference (FSDP1 folders hold it; it is not read). `build_policy`
+rebuilds the policy from ``hyper_parameters["model"]`` and these weights.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ DCP_METADATA = ".metadata"
 """File that marks a ``torch.distributed.checkpoint`` folder."""
 LIGHTNING_META = "meta.pt"
 """Lightning's non-tensor part of a distributed checkpoint (``lightning.fabric.utilities.load._METADATA_FILENAME``)."""
-_STATE_DICT = "state_dict."
+_MODEL_ROOTS = ("state_dict.", "model.")
+"""Where the module's tensors sit in a distributed checkpoint: ``ModelParallelStrategy`` (FSDP2) saves them under
+``state_dict``, ``FSDPStrategy`` (FSDP1, ``state_dict_type: sharded``) under ``model`` (with the frozen reference,
+which is not read)."""
+REFERENCE_PREFIX = "reference."
 
 
 @dataclass
@@ -172,12 +177,14 @@ def _read_distributed_state(path: Path) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, EOFError, AttributeError) as e:
         raise ValueError(f"{path / DCP_METADATA}: not a readable torch.distributed.checkpoint metadata file ({e}). "
                          "Fix: give the folder `trainer.save_checkpoint` wrote under ModelParallelStrategy.") from e
+    root = next((r for r in _MODEL_ROOTS if any(key.startswith(r) for key in entries)), _MODEL_ROOTS[0])
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in entries.items()
-             if key.startswith(_STATE_DICT) and isinstance(md, TensorStorageMetadata)}  # fmt: skip
+             if key.startswith(root) and isinstance(md, TensorStorageMetadata)
+             and not key.startswith(f"{root}{REFERENCE_PREFIX}")}  # fmt: skip
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
         dcp.load(state, storage_reader=reader, no_dist=True)
-    return {k[len(_STATE_DICT) :]: v for k, v in state.items()}
+    return {k[len(root) :]: v for k, v in state.items()}
 
 
 class _SafeMetadataReader(FileSystemReader):

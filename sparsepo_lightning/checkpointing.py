@@ -140,7 +140,8 @@ class RunCheckpoint(ModelCheckpoint):
         if found or self._user_dirpath is not None or trainer.logger is None or not trainer.logger.log_dir:
             return found
         runs = Path(trainer.logger.log_dir).parent  # runs/<name>; siblings are version_0, version_1, ...
-        previous = {os.path.normpath(p) for p in runs.glob("*/checkpoints/last*.ckpt") if p.exists()}  # sharded: a folder
+        # exists(): a sharded checkpoint is a folder (or a link to one)
+        previous = {os.path.normpath(p) for p in runs.glob("*/checkpoints/last*.ckpt") if p.exists()}
         if previous:
             newest = max(previous, key=os.path.getmtime)
             rank_zero_info(f"--ckpt_path last: resuming from {newest} (the newest last checkpoint under {runs}).")

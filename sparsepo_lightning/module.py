@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning import sharding
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
@@ -110,6 +111,7 @@ class PreferenceModule(LightningModule):
         mask_collapse_steps: int = 100,
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
+        meta_init: bool = False,
     ) -> None:
         """
         Args:
@@ -145,6 +147,10 @@ class PreferenceModule(LightningModule):
             fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2), compute dtype of the sharded policy and
                 reference (e.g. ``bfloat16``) with float32 gradient reduction; None computes in ``dtype``. Mask
                 networks and per-token statistics stay float32.
+            meta_init: build policy and reference without weights (meta device) and load them in
+                ``configure_model``, after FSDP2 sharding: each rank reads only its shard from the safetensors
+                files, so no rank holds two full models in CPU memory (``meta_init.py``). Needs safetensors
+                checkpoints; not with ``lora``. Without a trainer, call ``configure_model()`` before use.
         """
         super().__init__()
         _check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
@@ -157,10 +163,15 @@ class PreferenceModule(LightningModule):
         if lora is not None and reference is not None:
             raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
                              f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
-        self.policy = load_causal_lm(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        if meta_init and lora is not None:
+            raise ValueError("model.meta_init builds the policy without weights, which peft cannot wrap with LoRA "
+                             "adapters. Fix: set model.meta_init: false with model.lora (the reference is the "
+                             "policy itself then: one copy of the weights).")
+        load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
+        self.policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.reference: nn.Module | None = None
         if self.objective.needs_reference and lora is None:
-            self.reference = load_causal_lm(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.reference = load(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
             self.reference.requires_grad_(False).eval()
         if disable_dropout:  # before adding adapters: LoRA's own dropout is an option of `lora`
             for lm in (self.policy, self.reference):
@@ -236,6 +247,7 @@ class PreferenceModule(LightningModule):
         if self.hparams.get("activation_checkpointing"):
             sharding.checkpoint_blocks(self._causal_lm)
         if self.device_mesh is None:
+            self._load_meta_weights()
             return
         mesh = self.device_mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
@@ -252,6 +264,14 @@ class PreferenceModule(LightningModule):
         if self.masker is not None and any(True for _ in self.masker.parameters()):
             sharding.shard_module(self.masker, mesh)
         sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker)])
+        self._load_meta_weights()
+
+    def _load_meta_weights(self) -> None:
+        """With ``meta_init``: allocate and load policy and reference weights (each rank its shard if sharded)."""
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        for lm in (self.policy, self.reference):
+            if lm is not None and meta_init_lib.has_meta_parameters(lm):
+                meta_init_lib.load_weights(lm, device)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:

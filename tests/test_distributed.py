@@ -69,18 +69,21 @@ def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float,
         assert moved > min_move, f"{part} did not move"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", "fsdp2_meta"])
 def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_file, tmp_path):
     """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen.
 
     ``fsdp1`` is Lightning's ``FSDPStrategy`` with the recipe's per-block auto-wrap and activation checkpointing,
-    run on CPU (``tests.distributed_run.CPUFSDPStrategy``)."""
+    run on CPU (``tests.distributed_run.CPUFSDPStrategy``); ``fsdp2_meta`` builds both models on the meta device
+    and loads each rank's shards after sharding (``meta_init``), against a baseline loaded by ``from_pretrained``."""
     ranks = launch(mode, tmp_path, tiny_model_dir, pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp2_tied_embeddings_match_single_process(tiny_tokenizer, pairs_file, tmp_path):
-    """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process."""
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_meta"])
+def test_fsdp2_tied_embeddings_match_single_process(mode, tiny_tokenizer, pairs_file, tmp_path):
+    """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process;
+    with ``meta_init`` the tie survives the meta-device build and the shard-wise load."""
     from tests.tiny_models import tiny_llama
 
     model_dir = tmp_path / "tied"
@@ -90,7 +93,7 @@ def test_fsdp2_tied_embeddings_match_single_process(tiny_tokenizer, pairs_file, 
     tiny_tokenizer.save_pretrained(model_dir)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     single = one_step("auto", 1, str(model_dir), pairs_file, tmp_path / "single")
-    ranks = launch("fsdp2", tmp_path / "fsdp2", str(model_dir), pairs_file)
+    ranks = launch(mode, tmp_path / mode, str(model_dir), pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
@@ -148,20 +151,30 @@ def test_sharded_checkpoint_resumes_exactly(strategy, tiny_model_dir, pairs_file
     assert any(k.startswith(f"{root}.masker.") for k in keys) and any(k.startswith("optimizer_0") for k in keys)
 
 
-def test_fsdp1_recipe_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(tiny_model_dir, pairs_file, tmp_path):
-    """``configs/distributed/fsdp1.yaml`` as shipped (auto-wrap + activation checkpointing on the block class,
-    sharded state dict, ``bf16-mixed``: FSDP1 keeps bf16 parameter copies, so the fp32 mask networks see bf16
-    weights) on 2 CPU processes; only the accelerator and the CPU subclass of the strategy differ. It trains,
-    writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
+PRESET_ON_CPU = {  # the only changes to the shipped presets: CPU, 2 processes
+    "fsdp1": ["--trainer.strategy.class_path", "tests.distributed_run.CPUFSDPStrategy"],
+    "fsdp2": ["--trainer.strategy.init_args.data_parallel_size", "2"],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_ON_CPU))
+def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(preset, tiny_model_dir,
+                                                                                     pairs_file, tmp_path):
+    """``configs/distributed/<preset>.yaml`` on top of a recipe, as the README launches it, on 2 CPU processes.
+
+    fsdp1: auto-wrap + activation checkpointing on the block class, sharded state dict, ``bf16-mixed`` (FSDP1
+    keeps bf16 parameter copies, so the fp32 mask networks see bf16 weights); the strategy is its CPU subclass.
+    fsdp2: bf16 compute with fp32 reduction, activation checkpointing, ``meta_init`` (each rank loads its shards).
+    Each trains, writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "sparsepo_lightning.cli", "fit", "--config", "configs/debug/tiny.yaml",
-               "--config", "configs/distributed/fsdp1.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-               "--trainer.strategy.class_path", "tests.distributed_run.CPUFSDPStrategy", "--model.model",
-               tiny_model_dir, "--data.train_file", pairs_file, "--data.val_file", pairs_file,
+               "--config", f"configs/distributed/{preset}.yaml", "--trainer.accelerator", "cpu",
+               "--trainer.devices", "2", *PRESET_ON_CPU[preset], "--model.model", tiny_model_dir,
+               "--data.train_file", pairs_file, "--data.val_file", pairs_file,
                "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false"]
     for steps, extra in ((2, []), (4, ["--ckpt_path", "last"])):
         env["MASTER_PORT"] = str(_free_port())

@@ -134,15 +134,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_checkpoint_folder_exports_the_full_policy_and_masks(tiny_model_dir, pairs_file, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_sharded_checkpoint_folder_exports_the_full_policy_and_masks(strategy, tiny_model_dir, pairs_file,
+                                                                      tmp_path):
     """``tests/export_run.py`` trains 2 steps on 2 gloo ranks, saves a sharded checkpoint and, on rank 0, the
-    gathered (``full_tensor``) weights at that point; the export read in this process must equal them."""
+    gathered weights at that point; the export read in this process must equal them. FSDP1 folders also hold
+    the frozen reference (not exported)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(REPO / "tests/export_run.py"), str(tmp_path), tiny_model_dir,
-                           pairs_file], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    command = [sys.executable, str(REPO / "tests/export_run.py"), str(tmp_path), tiny_model_dir, pairs_file, strategy]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     sharded, full = tmp_path / "sharded", torch.load(tmp_path / "full.pt", weights_only=True)
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
