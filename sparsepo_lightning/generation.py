@@ -7,10 +7,53 @@ are decoded, so a builder and an evaluation sampling the same prompts with the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How continuations are sampled; subclasses set their defaults and limits (pair builders, evaluation)."""
+
+    num_samples: int = 4
+    """Continuations sampled per prompt."""
+    max_new_tokens: int = 48
+    """Maximum length of each continuation, in tokens."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding where ``greedy_allowed``."""
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 disables top-k (overriding the model's generation_config)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables top-p."""
+    batch_size: int = 8
+    """Prompts per ``generate`` call; each expands to ``num_samples`` sequences."""
+    seed: int = 0
+    """Batch i of the prompt list is sampled under ``torch.manual_seed(seed + i)``."""
+
+    min_samples: ClassVar[int] = 1
+    greedy_allowed: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        temperature = (self.temperature >= 0, ">= 0 (0 = greedy)") if self.greedy_allowed else (
+            self.temperature > 0, "> 0")
+        checks = {
+            "num_samples": (self.num_samples >= self.min_samples, f">= {self.min_samples}"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "temperature": temperature,
+            "top_k": (self.top_k >= 0, ">= 0 (0 disables top-k)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                raise ValueError(f"{self.option_name(name)}={getattr(self, name)!r} is invalid: it must be {rule}.")
+
+    def option_name(self, field_name: str) -> str:
+        """How the user spells an option in error messages."""
+        return f"{type(self).__name__}.{field_name}"
 
 
 def seeded_generate(

@@ -278,3 +278,13 @@ def test_reward_model_judge_returns_one_scalar_per_completion(tiny_tokenizer, tm
     scores = judge(["hello", "hello", "the movie"], [" world", " there", " was great"])
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores) and len(set(scores)) > 1
     assert judge(["the movie"], [" was great"]) == pytest.approx(scores[2:], abs=1e-5)
+
+
+def test_generation_config_allows_greedy_single_samples_and_names_the_flag():
+    """Evaluation shares the builders' option checks (generation.SamplingOptions) with its own limits."""
+    config = GenerationConfig(num_samples=1, temperature=0)
+    assert (config.max_new_tokens, config.batch_size, config.top_k) == (48, 8, 0)
+    with pytest.raises(ValueError, match=r"--max-new-tokens=0 is invalid: it must be >= 1"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"--temperature=-1.0 is invalid"):
+        GenerationConfig(temperature=-1.0)

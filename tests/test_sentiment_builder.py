@@ -212,6 +212,9 @@ def test_rejects_duplicate_prompts_and_bad_settings(tiny_model, byte_tokenizer, 
         SamplingConfig(num_samples=1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"SamplingConfig.temperature=0 is invalid: it must be > 0"):
+        SamplingConfig(temperature=0)  # greedy decoding would give identical continuations
+    assert (SamplingConfig().max_new_tokens, SamplingConfig().batch_size) == (24, 32)
 
 
 def test_split_prompts_is_deterministic_disjoint_and_order_preserving():

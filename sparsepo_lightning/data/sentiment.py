@@ -39,12 +39,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparsepo_lightning.data.scorers import Scorer, VaderScorer, make_scorer
-from sparsepo_lightning.generation import decode_until_special, seeded_generate
+from sparsepo_lightning.generation import SamplingOptions, decode_until_special, seeded_generate
 
 log = logging.getLogger(__name__)
 
@@ -60,36 +61,14 @@ PAIRINGS = ("best_worst", "first_two")
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How continuations are sampled."""
+class SamplingConfig(SamplingOptions):
+    """How the pair builders sample continuations: at least 2 per prompt (a pair needs two), temperature > 0."""
 
-    num_samples: int = 4
-    """Continuations sampled per prompt (at least 2)."""
     max_new_tokens: int = 24
-    """Maximum length of each continuation, in tokens."""
-    temperature: float = 1.0
-    """Softmax temperature (> 0)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens; 0 disables top-k."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]; 1 disables top-p."""
     batch_size: int = 32
-    """Prompts per generation batch; each expands to `num_samples` sequences."""
-    seed: int = 0
-    """Batch i of the prompt list is sampled under torch.manual_seed(seed + i)."""
 
-    def __post_init__(self) -> None:
-        checks = {
-            "num_samples": (self.num_samples >= 2, "at least 2 (a pair needs two continuations)"),
-            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
-            "temperature": (self.temperature > 0, "> 0"),
-            "top_k": (self.top_k >= 0, ">= 0 (0 disables top-k)"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "batch_size": (self.batch_size >= 1, "at least 1"),
-        }
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} is invalid: it must be {rule}.")
+    min_samples: ClassVar[int] = 2
+    greedy_allowed: ClassVar[bool] = False
 
 
 @dataclass

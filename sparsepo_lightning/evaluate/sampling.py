@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
-from sparsepo_lightning.generation import decode_until_special, seeded_generate, stop_ids
+from sparsepo_lightning.generation import SamplingOptions, decode_until_special, seeded_generate, stop_ids
 
 CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
 """``none``: raw prompt text; ``model``: the tokenizer's own template; or a built-in template by name."""
@@ -34,33 +34,12 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
-    """How completions are sampled."""
+class GenerationConfig(SamplingOptions):
+    """How completions are sampled by ``sparsepo evaluate``: greedy decoding (temperature 0) allowed, one sample
+    per prompt is enough; errors name the command-line flag."""
 
-    num_samples: int = 4
-    """Completions per prompt."""
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    """0 means greedy decoding (one decode, repeated ``num_samples`` times)."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 disables top-k (overriding the model's generation_config, which often sets 50)."""
-    batch_size: int = 8
-    """Prompts per ``generate`` call (each expands to ``num_samples`` sequences)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "num_samples": (self.num_samples >= 1, ">= 1"),
-            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "top_k": (self.top_k >= 0, ">= 0"),
-            "batch_size": (self.batch_size >= 1, ">= 1"),
-        }
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r} is invalid: it must be {rule}.")
+    def option_name(self, field_name: str) -> str:
+        return f"--{field_name.replace('_', '-')}"
 
 
 def render_prompts(
