@@ -117,7 +117,7 @@ def read_checkpoint(path: str | Path, option: str = "the checkpoint path") -> Tr
     if "model" not in hparams or not isinstance(state, dict) or not any(k.startswith(POLICY_PREFIX) for k in state):
         raise ValueError(f"{path}: no hyper_parameters['model'] or no policy.* weights; not a PreferenceModule "
                          "checkpoint. Fix: give a checkpoint written by `sparsepo fit` (a .ckpt file, or the "
-                         "checkpoint folder of an FSDP2 run).")  # fmt: skip
+                         "sharded checkpoint folder of an FSDP2 or FSDP1 run).")  # fmt: skip
     state = {k: v for k, v in state.items() if k.startswith((POLICY_PREFIX, MASKER_PREFIX))}
     return TrainedCheckpoint(path, distributed, hparams, state, meta.get("global_step"), meta.get("epoch"))
 

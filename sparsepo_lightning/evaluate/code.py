@@ -95,7 +95,7 @@ def mbpp_problems(source: str, config: str | None, split: str, limit: int | None
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or FSDP2 checkpoint folders).")  # fmt: skip
+                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
     p.add_argument("--canonical", action="store_true", help="Evaluate the benchmark's reference solutions instead.")
     p.add_argument("--benchmark", choices=BENCHMARKS, default="humaneval", help="Which problems.")
     p.add_argument("--mbpp-source", default=MBPP_HUB_ID, help="MBPP: hub id, local folder, or .jsonl/.json file.")

@@ -1,6 +1,6 @@
 """Load the models to evaluate: a model name/path, or a PreferenceModule checkpoint written by ``sparsepo fit``.
 
-A checkpoint is a Lightning ``.ckpt`` file or the distributed checkpoint folder of an FSDP2 run; both are read by
+A checkpoint is a Lightning ``.ckpt`` file or the sharded checkpoint folder of an FSDP2 or FSDP1 run; both are read by
 :mod:`sparsepo_lightning.checkpoint_reading` (``weights_only``: no pickled code runs). It holds the trained policy
 but not the reference; with LoRA only the adapters and masks. The policy is rebuilt from
 ``hyper_parameters["model"]`` and the saved weights, with LoRA adapters merged into the base weights, so every
@@ -37,7 +37,7 @@ class LoadedPolicy:
 
 
 def label_of(spec: str) -> str:
-    """A short display name: ``runs/x/checkpoints/step=10.ckpt`` (file or FSDP2 folder) -> ``step=10``; names kept."""
+    """A short display name: ``runs/x/checkpoints/step=10.ckpt`` (file or FSDP folder) -> ``step=10``; names kept."""
     return Path(spec).stem if is_checkpoint(spec) else spec
 
 
@@ -55,7 +55,7 @@ def reference_name(spec: str) -> str | None:
 
 
 def load_policy(spec: str, dtype: str = "float32", device: str = "cpu", label: str | None = None) -> LoadedPolicy:
-    """Load a model name/path or a PreferenceModule checkpoint (``.ckpt`` or FSDP2 folder), in eval mode on ``device``.
+    """Load a model name/path or a PreferenceModule checkpoint (``.ckpt`` or FSDP folder), in eval mode on ``device``.
 
     Raises:
         FileNotFoundError: a ``.ckpt`` path that does not exist.

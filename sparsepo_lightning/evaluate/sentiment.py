@@ -41,7 +41,7 @@ HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoi
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or FSDP2 checkpoint folders).")  # fmt: skip
+                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
     p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
     p.add_argument("--reference", help="Reference model for the KL (default: the one each checkpoint was trained "
                    "against; required for plain model names).")  # fmt: skip

@@ -42,7 +42,7 @@ DEFAULT_ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or FSDP2 checkpoint folders).")  # fmt: skip
+                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
     p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
     p.add_argument("--data", required=True, help="TL;DR hub-layout folder or file of comparisons, or a pairs file.")
     p.add_argument("--subset", default="comparisons", help="Folder data: TL;DR subset (comparisons).")

@@ -123,7 +123,7 @@ def bootstrap_interval(per_prompt: np.ndarray, resamples: int = 1000, seed: int 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or FSDP2 checkpoint folders).")  # fmt: skip
+                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
     p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
     p.add_argument("--opponent", help="Model name/path or checkpoint to compare with (default: each checkpoint's "
                    "reference; required for plain model names).")  # fmt: skip
