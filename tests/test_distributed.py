@@ -200,10 +200,10 @@ def test_fsdp1_bf16_mixed_one_step_and_sharded_checkpoint(tiny_model_dir, pairs_
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from tests.distributed_run import LossRecorder, make_data, make_module
+    from tests.distributed_run import LossRecorder, make_data, make_module, snapshot
 
     module = make_module(tiny_model_dir, optimizer=torch.optim.AdamW, lr=1e-3)
-    reference_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    reference_before = {k: v.clone().float() for k, v in module.reference.state_dict().items()}
     strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
                             state_dict_type="sharded", use_orig_params=True)  # frozen + trainable share a unit
     recorder = LossRecorder()
@@ -214,9 +214,10 @@ def test_fsdp1_bf16_mixed_one_step_and_sharded_checkpoint(tiny_model_dir, pairs_
     trainer.fit(module, datamodule=make_data(tiny_model_dir, pairs_file, batch_size=2))
     print(f"fsdp1 bf16-mixed peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
-    with module.trainer.strategy.model.summon_full_params(module.trainer.strategy.model):
-        for name, value in module.reference.state_dict().items():
-            torch.testing.assert_close(value.cpu(), reference_before[name])
+    reference_after = snapshot(module)["reference"]  # gathered under summon_full_params, unwrapped names
+    assert reference_after.keys() == reference_before.keys()
+    for name, value in reference_after.items():
+        torch.testing.assert_close(value.cpu(), reference_before[name])
     trainer.save_checkpoint(tmp_path / "sharded")
     assert (tmp_path / "sharded").is_dir()
 
