@@ -26,7 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from sparsepo_lightning.models import _as_dtype, resolve_model_path
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "base_layer.")
+"""Name parts added by wrappers (FSDP1, activation checkpointing, peft's LoRA layer around the base Linear)."""
 
 
 def empty_causal_lm(name: str, dtype: str | torch.dtype = "float32",
@@ -46,6 +47,27 @@ def empty_causal_lm(name: str, dtype: str | torch.dtype = "float32",
     with contextlib.suppress(OSError):  # no generation_config.json: keep the one derived from the config
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
+
+
+def materialize_lora_adapters(peft_model: nn.Module) -> None:
+    """Give the LoRA adapters of a ``peft`` model built on a meta-device base real (CPU) weights, initialised as
+    its ``LoraConfig`` says; the base weights stay on meta for ``load_weights``, which keeps the adapters.
+
+    Raises:
+        ValueError: DoRA (``use_dora``), whose init reads the base weights.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for adapter, config in peft_model.peft_config.items():
+        if getattr(config, "use_dora", False):
+            raise ValueError("model.lora.use_dora initialises from the base weights, which model.meta_init loads "
+                             "later. Fix: set model.meta_init: false, or drop use_dora.")
+        for layer in peft_model.modules():
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                for container in layer.adapter_layer_names:
+                    if adapter in getattr(layer, container):
+                        getattr(layer, container)[adapter].to_empty(device="cpu")
+                layer.reset_lora_parameters(adapter, config.init_lora_weights)
 
 
 def has_meta_parameters(module: nn.Module) -> bool:
@@ -83,30 +105,33 @@ def load_weights(model: nn.Module, device: torch.device | str) -> None:
     """Allocate ``model``'s meta parameters on ``device`` and fill them from its checkpoint (``name_or_path``).
 
     Works on a plain module and on one sharded by ``fully_shard`` (each rank copies only its slice of each
-    tensor). Buffers keep their values. A parameter missing from the checkpoint is an error; checkpoint
-    tensors the model does not have (e.g. a tied ``lm_head.weight``, old GPT-2 attention-bias buffers) are ignored.
+    tensor). Tensors that are not on meta (buffers, LoRA adapters) keep their values; a LoRA-wrapped Linear
+    (``q_proj.base_layer.weight``) is filled from the checkpoint's ``q_proj.weight``. A parameter missing from
+    the checkpoint is an error; checkpoint tensors the model does not have (e.g. a tied ``lm_head.weight``, old
+    GPT-2 attention-bias buffers) are ignored.
 
     Raises:
         KeyError: a parameter is not in the checkpoint (names the first ones and the checkpoint).
     """
     from safetensors import safe_open
 
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    # to_empty re-allocates every tensor: keep what already has values (buffers, LoRA adapters) and put it back
+    kept = {name: _local(t).detach().clone() for name, t in _named_tensors(model).items() if not _local(t).is_meta}
+    remaining = {_unwrapped(name) for name, p in model.named_parameters() if _local(p).is_meta}
     model.to_empty(device=device)
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if not sharded and hasattr(model, "tie_weights"):  # to_empty gives each alias its own tensor; FSDP2 keeps ties
         model.tie_weights()
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
     targets = _named_tensors(model)
+    with torch.no_grad():
+        for name, value in kept.items():
+            _local(targets[name]).copy_(value)
     prefix = getattr(model, "base_model_prefix", "")
-    remaining = {_unwrapped(name) for name, _ in model.named_parameters()}
     for file in checkpoint_files(model.name_or_path):
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             for key in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = key if key in targets else f"{prefix}.{key}" if f"{prefix}.{key}" in targets else None
-                if name is None:
+                if name is None or name in kept:
                     continue
                 _copy_into(targets[name], reader.get_tensor(key))
                 remaining.discard(name)
@@ -124,8 +149,8 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _unwrapped(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
+    for part in _WRAPPER_PREFIXES:
+        name = name.replace(part, "")
     return name
 
 

@@ -150,7 +150,8 @@ class PreferenceModule(LightningModule):
             meta_init: build policy and reference without weights (meta device) and load them in
                 ``configure_model``, after FSDP2 sharding: each rank reads only its shard from the safetensors
                 files, so no rank holds two full models in CPU memory (``meta_init.py``). Needs safetensors
-                checkpoints; not with ``lora``. Without a trainer, call ``configure_model()`` before use.
+                checkpoints. With ``lora`` the adapters are initialised at once, the base weights loaded later.
+                Without a trainer, call ``configure_model()`` before use.
         """
         super().__init__()
         _check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
@@ -163,10 +164,6 @@ class PreferenceModule(LightningModule):
         if lora is not None and reference is not None:
             raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
                              f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
-        if meta_init and lora is not None:
-            raise ValueError("model.meta_init builds the policy without weights, which peft cannot wrap with LoRA "
-                             "adapters. Fix: set model.meta_init: false with model.lora (the reference is the "
-                             "policy itself then: one copy of the weights).")
         load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
         self.policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.reference: nn.Module | None = None
@@ -179,6 +176,8 @@ class PreferenceModule(LightningModule):
                     _disable_dropout(lm)
         if lora is not None:
             self.policy = _with_lora(self.policy, lora)
+            if meta_init:
+                meta_init_lib.materialize_lora_adapters(self.policy)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -269,7 +268,7 @@ class PreferenceModule(LightningModule):
     def _load_meta_weights(self) -> None:
         """With ``meta_init``: allocate and load policy and reference weights (each rank its shard if sharded)."""
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        for lm in (self.policy, self.reference):
+        for lm in (self._causal_lm, self.reference):
             if lm is not None and meta_init_lib.has_meta_parameters(lm):
                 meta_init_lib.load_weights(lm, device)
 

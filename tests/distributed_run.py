@@ -5,8 +5,8 @@ Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` wit
 - ``ddp`` / ``fsdp2`` / ``fsdp2_bf16_ac``: one SGD step on 2 pairs per rank; every rank writes
   ``OUT_DIR/rank{r}.pt`` with its loss and the full (gathered) weights of policy, reference and masks
   before and after the step;
-- ``fsdp2_lora`` / ``fsdp2_clip`` / ``fsdp2_meta``: the same with LoRA adapters / with ``gradient_clip_val`` /
-  with ``meta_init`` (weights loaded shard by shard after sharding);
+- ``fsdp2_lora`` / ``fsdp2_clip`` / ``fsdp2_meta`` / ``fsdp2_lora_meta``: the same with LoRA adapters / with
+  ``gradient_clip_val`` / with ``meta_init`` (weights loaded shard by shard after sharding) / with both;
 - ``fsdp2_resume`` / ``fsdp1_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a
   sharded checkpoint and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank;
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
@@ -206,6 +206,8 @@ def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
         result = one_step("fsdp2", 2, model_dir, pairs, out, meta_init=True)
     elif mode == "fsdp2_lora":
         result = one_step("fsdp2", 2, model_dir, pairs, out, lora=LORA)
+    elif mode == "fsdp2_lora_meta":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, lora=LORA, meta_init=True)
     elif mode == "fsdp2_clip":
         result = one_step("fsdp2", 2, model_dir, pairs, out, gradient_clip_val=CLIP)
     else:

@@ -63,6 +63,30 @@ def test_preference_module_meta_init_equals_the_eager_module(tiny_model_dir):
     assert lazy.policy.generation_config.eos_token_id == eager.policy.generation_config.eos_token_id
 
 
+def test_lora_with_meta_init_loads_base_weights_and_initialises_adapters(tiny_model_dir):
+    """LoRA on a meta-device base: adapters get real init values at once (B = 0: the policy starts as the base),
+    the wrapped base Linear (``q_proj.base_layer.weight``) is filled from ``q_proj.weight`` in configure_model."""
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    eager = PreferenceModule(model=tiny_model_dir, objective=SparsePO(), lora=lora)
+    lazy = PreferenceModule(model=tiny_model_dir, objective=SparsePO(), lora=lora, meta_init=True)
+    adapters = {k: v for k, v in lazy.policy.named_parameters() if "lora_" in k}
+    assert adapters and not any(v.is_meta for v in adapters.values())
+    before = {k: v.clone() for k, v in adapters.items()}
+    lazy.configure_model()
+    state, want = lazy.policy.state_dict(), eager.policy.state_dict()
+    assert state.keys() == want.keys()
+    for key, value in want.items():
+        if "lora_" not in key:  # base weights loaded as from_pretrained; adapters: checked below
+            assert torch.equal(state[key], value), key
+    for key, value in adapters.items():  # kept through to_empty
+
+        assert torch.equal(value, before[key]), key
+        assert (value.abs().sum() == 0) == ("lora_B" in key), key
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(lazy.policy(ids).logits, eager.policy(ids).logits)  # B = 0: both equal the base
+
+
 def test_meta_init_errors_name_the_fix(tmp_path, tiny_model_dir):
     model = tiny_llama()
     model.save_pretrained(tmp_path)
@@ -70,8 +94,9 @@ def test_meta_init_errors_name_the_fix(tmp_path, tiny_model_dir):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # an old-format checkpoint
     with pytest.raises(FileNotFoundError, match="meta_init: false"):
         checkpoint_files(str(tmp_path))
-    with pytest.raises(ValueError, match="meta_init: false with model.lora"):
-        PreferenceModule(model=tiny_model_dir, meta_init=True, lora={"r": 2, "target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match="use_dora .*Fix: set model.meta_init: false"):
+        PreferenceModule(model=tiny_model_dir, meta_init=True, lora={"r": 2, "target_modules": ["q_proj"],
+                                                                     "use_dora": True})
     other = tmp_path / "bigger"
     tiny_llama().save_pretrained(other)
     model = empty_causal_lm(str(other))
