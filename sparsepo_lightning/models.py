@@ -23,11 +23,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from lightning.pytorch.utilities import rank_zero_info
 from packaging.version import Version
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 CACHE_ENV_VAR = "SPARSEPO_CACHE"
@@ -285,3 +287,74 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     The pad token is left as the checkpoint defines it (possibly None); data modules fall back to EOS.
     """
     return AutoTokenizer.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+
+
+def load_policy_and_reference(
+    model: str,
+    reference: str | None,
+    needs_reference: bool,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    lora: dict[str, Any] | None = None,
+    meta_init: bool = False,
+    disable_dropout: bool = True,
+    gradient_checkpointing: bool = False,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The policy to train (in train mode) and its frozen reference (eval mode, no gradients), as
+    ``PreferenceModule`` options describe them.
+
+    Args:
+        model: the policy's alias, folder or hub name.
+        reference: the reference's; None means the same as ``model``.
+        needs_reference: False for reference-free objectives (SimPO): no reference is loaded.
+        lora: ``peft.LoraConfig`` arguments: the policy gets adapters and the reference is the policy with its
+            adapters disabled (no separate reference is returned).
+        meta_init: parameters on the meta device (``meta_init.py``), weights loaded later by ``load_weights``.
+        disable_dropout: set every dropout of both models to 0 (before LoRA, whose dropout is its own option).
+
+    Returns:
+        ``(policy, reference)``; the policy is a ``peft.PeftModel`` with ``lora``; ``reference`` is None
+        without ``needs_reference`` or with ``lora``.
+    """
+    from sparsepo_lightning import meta_init as meta_init_lib  # it imports this module
+
+    if lora is not None and reference is not None:
+        raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
+                         f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
+    load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
+    policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    frozen = None
+    if needs_reference and lora is None:
+        frozen = load(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
+        frozen.requires_grad_(False).eval()
+    if disable_dropout:
+        for lm in (policy, frozen):
+            if lm is not None:
+                _disable_dropout(lm)
+    if lora is not None:
+        policy = with_lora(policy, lora)
+        if meta_init:
+            meta_init_lib.materialize_lora_adapters(policy)
+    policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, frozen
+
+
+def with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """``peft.get_peft_model`` with a causal-LM ``LoraConfig`` built from ``options`` (errors name the option)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("model.lora needs the `peft` package: pip install peft") from e
+    try:
+        config = LoraConfig(task_type="CAUSAL_LM", **options)
+    except TypeError as e:
+        raise ValueError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
+    return get_peft_model(model, config)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0

@@ -16,7 +16,7 @@ from sparsepo_lightning import sharding
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import preference_metrics
-from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.models import load_policy_and_reference
 from sparsepo_lightning.objectives import Objective, SparsePO
 from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
 from sparsepo_lightning.types import LossOutput, PreferenceBatch, StepRecord, TokenMasks, TokenStats
@@ -30,19 +30,6 @@ def _detached(value: TokenStats | TokenMasks | LossOutput | None) -> Any:
         return None
     fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
     return type(value)(**fields)
-
-
-def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
-    """``peft.get_peft_model`` with a causal-LM ``LoraConfig`` built from ``options`` (errors name the option)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise ImportError("model.lora needs the `peft` package: pip install peft") from e
-    try:
-        config = LoraConfig(task_type="CAUSAL_LM", **options)
-    except TypeError as e:
-        raise ValueError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
-    return get_peft_model(model, config)
 
 
 def _check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_size: int,
@@ -72,12 +59,6 @@ def _check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:
             f"{type(reference).__name__} exposes none (its config has no num_hidden_layers/hidden_size). Fix: use a "
             "Hugging Face decoder-only causal LM as model.reference, or an ActivationMasker/UniformMasker."
         )
-
-
-def _disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 class PreferenceModule(LightningModule):
@@ -161,26 +142,11 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"masker={type(masker).__name__} has no effect with objective "
                              f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
         self.optimizer_factory = optimizer
-        if lora is not None and reference is not None:
-            raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
-                             f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
-        load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
-        self.policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.reference: nn.Module | None = None
-        if self.objective.needs_reference and lora is None:
-            self.reference = load(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
-            self.reference.requires_grad_(False).eval()
-        if disable_dropout:  # before adding adapters: LoRA's own dropout is an option of `lora`
-            for lm in (self.policy, self.reference):
-                if lm is not None:
-                    _disable_dropout(lm)
-        if lora is not None:
-            self.policy = _with_lora(self.policy, lora)
-            if meta_init:
-                meta_init_lib.materialize_lora_adapters(self.policy)
-        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy, self.reference = load_policy_and_reference(
+            model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
+            lora=lora, meta_init=meta_init, disable_dropout=disable_dropout,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         self.masker = masker
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
@@ -248,20 +214,10 @@ class PreferenceModule(LightningModule):
         if self.device_mesh is None:
             self._load_meta_weights()
             return
-        mesh = self.device_mesh
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError("PreferenceModule shards over data_parallel only. Fix: ModelParallelStrategy("
-                             "tensor_parallel_size=1, data_parallel_size=<number of GPUs>).")
-        if "data_parallel" in (mesh.mesh_dim_names or ()):
-            mesh = mesh["data_parallel"]
         self._sharded = True
         sharding.drop_frozen_keys_from_state_dict(self, self._frozen_state_keys())
-        mp_policy = sharding.mixed_precision(self.hparams.get("fsdp_param_dtype"))
-        sharding.shard_causal_lm(self._causal_lm, mesh, mp_policy)
-        if self.reference is not None:
-            sharding.shard_causal_lm(self.reference, mesh, mp_policy, reshard_root_after_forward=True)
-        if self.masker is not None and any(True for _ in self.masker.parameters()):
-            sharding.shard_module(self.masker, mesh)
+        sharding.shard_preference_models(self._causal_lm, self.reference, self.masker, self.device_mesh,
+                                         self.hparams.get("fsdp_param_dtype"))
         sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker)])
         self._load_meta_weights()
 

@@ -95,6 +95,34 @@ def shard_causal_lm(model: nn.Module, mesh: DeviceMesh, mp_policy: Any = None,
     _keep_output_capture(model)
 
 
+def shard_preference_models(policy: nn.Module, reference: nn.Module | None, masker: nn.Module | None,
+                            mesh: DeviceMesh, param_dtype: str | None) -> None:
+    """The layout of the module docstring: policy and reference per block, head and body, the masker as one group.
+
+    Args:
+        policy: the policy's HF causal LM (inside the PeftModel with LoRA).
+        reference: the separate frozen reference, or None; its root is resharded after forward (no backward).
+        masker: the token masker; sharded when it has parameters (learned masks).
+        mesh: Lightning's device mesh; its ``data_parallel`` dimension is used.
+        param_dtype: compute dtype (``"bfloat16"``) with float32 gradient reduction, or None.
+
+    Raises:
+        ValueError: a tensor-parallel dimension larger than 1 (not supported), with the fix.
+    """
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError("PreferenceModule shards over data_parallel only. Fix: ModelParallelStrategy("
+                         "tensor_parallel_size=1, data_parallel_size=<number of GPUs>).")
+    if "data_parallel" in names:
+        mesh = mesh["data_parallel"]
+    mp_policy = mixed_precision(param_dtype)
+    shard_causal_lm(policy, mesh, mp_policy)
+    if reference is not None:
+        shard_causal_lm(reference, mesh, mp_policy, reshard_root_after_forward=True)
+    if masker is not None and any(True for _ in masker.parameters()):
+        shard_module(masker, mesh)
+
+
 def _keep_output_capture(model: nn.Module) -> None:
     """Re-register HF output capture (``output_hidden_states``) for the classes ``fully_shard`` swapped in.
 
