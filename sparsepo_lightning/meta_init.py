@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from sparsepo_lightning.models import _as_dtype, resolve_model_path
+from sparsepo_lightning.models import _DTYPE_KWARG, _as_dtype, resolve_model_path
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "base_layer.")
@@ -36,12 +36,13 @@ def empty_causal_lm(name: str, dtype: str | torch.dtype = "float32",
 
     The checkpoint folder is remembered on the model (``model.name_or_path``) for ``load_weights``.
     """
-    from accelerate import init_empty_weights  # a dependency of peft; the field's way to build empty models
+    from accelerate import init_empty_weights  # the field's way to build a model without weights
 
     path = resolve_model_path(name)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=_as_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 **{_DTYPE_KWARG: _as_dtype(dtype)})
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which unties a tied head
     model.name_or_path = path
     with contextlib.suppress(OSError):  # no generation_config.json: keep the one derived from the config
