@@ -31,14 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env() -> dict[str, str]:
+    """Environment of a 2-process gloo run on 127.0.0.1: a free port, loopback, one thread per rank, the repo
+    importable, and no rank variables inherited from a launcher around pytest."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    return env
+
+
 def launch(mode: str, out: Path, model_dir: str, pairs: str, timeout: int = 240) -> list[dict]:
     """Run ``distributed_run.py MODE`` on 2 ranks and return what each rank saved, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):  # never inherit a launcher's rank
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), model_dir, pairs], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), model_dir, pairs], cwd=REPO, env=rank_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -170,10 +176,6 @@ def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_la
     keeps bf16 parameter copies, so the fp32 mask networks see bf16 weights); the strategy is its CPU subclass.
     fsdp2: bf16 compute with fp32 reduction, activation checkpointing, ``meta_init`` (each rank loads its shards).
     Each trains, writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "sparsepo_lightning.cli", "fit", "--config", "configs/debug/tiny.yaml",
                "--config", f"configs/distributed/{preset}.yaml", "--trainer.accelerator", "cpu",
@@ -181,8 +183,7 @@ def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_la
                "--data.train_file", pairs_file, "--data.val_file", pairs_file,
                "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false"]
     for steps, extra in ((2, []), (4, ["--ckpt_path", "last"])):
-        env["MASTER_PORT"] = str(_free_port())
-        proc = subprocess.run([*command, "--trainer.max_steps", str(steps), *extra], cwd=REPO, env=env,
+        proc = subprocess.run([*command, "--trainer.max_steps", str(steps), *extra], cwd=REPO, env=rank_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     first, resumed = runs / "debug" / "version_0" / "checkpoints", runs / "debug" / "version_1" / "checkpoints"

@@ -7,10 +7,8 @@ checked for existence; the trained weights are also checked to differ from the u
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ from sparsepo_lightning.export import export_checkpoint, load_masks
 from sparsepo_lightning.masks import LearnedMasker, ReferenceOutputs
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
+from tests.test_distributed import rank_env
 from tests.test_module import fit, make_data
 from tests.tiny_models import tiny_llama
 
@@ -128,24 +127,14 @@ def test_lora_export_merged_and_as_peft_adapter_give_the_trained_logits(tiny_mod
     torch.testing.assert_close(_logits(with_adapter), expected, rtol=1e-6, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
 def test_sharded_checkpoint_folder_exports_the_full_policy_and_masks(strategy, tiny_model_dir, pairs_file,
                                                                       tmp_path):
     """``tests/export_run.py`` trains 2 steps on 2 gloo ranks, saves a sharded checkpoint and, on rank 0, the
     gathered weights at that point; the export read in this process must equal them. FSDP1 folders also hold
     the frozen reference (not exported)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
     command = [sys.executable, str(REPO / "tests/export_run.py"), str(tmp_path), tiny_model_dir, pairs_file, strategy]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(command, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     sharded, full = tmp_path / "sharded", torch.load(tmp_path / "full.pt", weights_only=True)
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

@@ -7,7 +7,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sparsepo_lightning.evaluate.policies import label_of
 from sparsepo_lightning.evaluate.sampling import CHAT_TEMPLATE_CHOICES, GenerationConfig
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """``--policies`` (required) and ``--labels``; read them back with `policy_labels`."""
+    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
+                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
+    p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
+
+
+def policy_labels(args: argparse.Namespace) -> list[str]:
+    """One display name per ``--policies`` entry: ``--labels``, else the checkpoint file stems.
+
+    Raises:
+        ValueError: ``--labels`` has another count than ``--policies``.
+    """
+    labels = args.labels or [label_of(p) for p in args.policies]
+    if len(labels) != len(args.policies):
+        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+    return labels
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """``--prompts`` (required) and ``--num-prompts``; read them back with `load_prompts`."""
+    p.add_argument("--prompts", required=True, help="Prompts: .txt (one per line) or .jsonl/.json with 'prompt'.")
+    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N distinct prompts.")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,11 +26,14 @@ from sparsepo_lightning.data.scorers import make_scorer
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
+    add_policy_arguments,
+    add_prompt_arguments,
     generation_config,
     load_prompts,
     options_record,
+    policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import label_of, load_policy, reference_name
+from sparsepo_lightning.evaluate.policies import load_policy, reference_name
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
 from sparsepo_lightning.evaluate.sampling import Completion, generate, render_prompts, sequence_logprobs
 from sparsepo_lightning.models import load_causal_lm
@@ -40,13 +43,10 @@ HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoi
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
-    p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
+    add_policy_arguments(p)
     p.add_argument("--reference", help="Reference model for the KL (default: the one each checkpoint was trained "
                    "against; required for plain model names).")  # fmt: skip
-    p.add_argument("--prompts", required=True, help="Prompts: .txt (one per line) or .jsonl/.json with 'prompt'.")
-    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N distinct prompts.")
+    add_prompt_arguments(p)
     p.add_argument("--scorer", default="vader", help="'vader', or a sentiment classifier name/path (P(positive)).")
     p.add_argument("--scorer-positive-label", help="Classifier label name or index of the positive class.")
     add_generation_arguments(p, num_samples=4, max_new_tokens=48)
@@ -55,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every policy; returns the JSON summary."""
-    labels = args.labels or [label_of(p) for p in args.policies]
-    if len(labels) != len(args.policies):
-        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+    labels = policy_labels(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
     config = generation_config(args)
     label = args.scorer_positive_label

@@ -28,10 +28,12 @@ from typing import Any
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
+    add_policy_arguments,
     generation_config,
     options_record,
+    policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import label_of, load_policy
+from sparsepo_lightning.evaluate.policies import load_policy
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
 from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 
@@ -41,9 +43,7 @@ DEFAULT_ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
-    p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
+    add_policy_arguments(p)
     p.add_argument("--data", required=True, help="TL;DR hub-layout folder or file of comparisons, or a pairs file.")
     p.add_argument("--subset", default="comparisons", help="Folder data: TL;DR subset (comparisons).")
     p.add_argument("--split", default="validation", help="Folder data: split.")
@@ -58,9 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sweep temperatures for each policy; returns the JSON summary."""
-    labels = args.labels or [label_of(p) for p in args.policies]
-    if len(labels) != len(args.policies):
-        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+    labels = policy_labels(args)
     references = load_references(args.data, args.subset, args.split, args.num_prompts)
     prompts = list(references)
     keys = usable_rouge_keys(args.rouge_keys)

@@ -36,11 +36,14 @@ from sparsepo_lightning.data.scorers import Scorer, make_scorer
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
+    add_policy_arguments,
+    add_prompt_arguments,
     generation_config,
     load_prompts,
     options_record,
+    policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import label_of, load_policy, reference_name
+from sparsepo_lightning.evaluate.policies import load_policy, reference_name
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
 from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 
@@ -122,13 +125,10 @@ def bootstrap_interval(per_prompt: np.ndarray, resamples: int = 1000, seed: int 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policies", nargs="+", required=True, help="Model names/paths or PreferenceModule checkpoints "
-                   "(.ckpt files or sharded FSDP checkpoint folders).")  # fmt: skip
-    p.add_argument("--labels", nargs="+", help="Display names of the policies (default: checkpoint file stems).")
+    add_policy_arguments(p)
     p.add_argument("--opponent", help="Model name/path or checkpoint to compare with (default: each checkpoint's "
                    "reference; required for plain model names).")  # fmt: skip
-    p.add_argument("--prompts", required=True, help="Prompts: .txt (one per line) or .jsonl/.json with 'prompt'.")
-    p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N distinct prompts.")
+    add_prompt_arguments(p)
     p.add_argument("--judge", default="vader", help="'vader', a sentiment classifier, or a reward model name/path.")
     p.add_argument("--judge-type", choices=JUDGE_TYPES, default="classifier",
                    help="How a model judge scores: classifier = P(positive), reward = scalar logit.")
@@ -140,9 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compare every policy with its opponent; returns the JSON summary."""
-    labels = args.labels or [label_of(p) for p in args.policies]
-    if len(labels) != len(args.policies):
-        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+    labels = policy_labels(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
     judge = make_judge(args.judge, args.judge_type, args.judge_chat_template, args.device)
     report = Report(args.out, "winrate")
