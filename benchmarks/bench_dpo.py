@@ -40,6 +40,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from proc_status import status_kib  # benchmarks/ is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl", "floor", "dpo", "tdpo1", "mapo", "sparsepo_common", "sparsepo_indep")
 MODEL = "smollm2-135m"
@@ -182,13 +184,6 @@ def _trl(device, num_pairs: int, model: str):
     return step, batch_of
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _measure(step, batch, steps: int, device) -> dict:
     """Median step time and peak memory of ``steps`` steps, from a just-collected resident state."""
     import torch
@@ -200,7 +195,7 @@ def _measure(step, batch, steps: int, device) -> dict:
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        resident = _rss_kib("VmRSS") * 1024
+        resident = status_kib("VmRSS") * 1024
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             cpu_hwm = True
@@ -217,7 +212,7 @@ def _measure(step, batch, steps: int, device) -> dict:
     if device.type == "cuda":
         peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     elif cpu_hwm:
-        peak, source = _rss_kib("VmHWM") * 1024, "VmHWM_after_clear_refs"
+        peak, source = status_kib("VmHWM") * 1024, "VmHWM_after_clear_refs"
     else:  # whole-process high-water mark (includes model loading): an upper bound
         peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
     mib = 2**20

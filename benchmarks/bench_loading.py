@@ -21,16 +21,10 @@ import sys
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from proc_status import status_kib  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 class _AnonPeak:
@@ -42,19 +36,19 @@ class _AnonPeak:
     def __init__(self) -> None:
         import threading
 
-        self.peak = _status_kib("RssAnon")
+        self.peak = status_kib("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _status_kib("RssAnon"))
+            self.peak = max(self.peak, status_kib("RssAnon"))
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _status_kib("RssAnon"))
+        return max(self.peak, status_kib("RssAnon"))
 
 
 def _worker(rank: int, model: str, meta_init: bool, dtype: str, port: int, results: dict) -> None:
@@ -70,7 +64,7 @@ def _worker(rank: int, model: str, meta_init: bool, dtype: str, port: int, resul
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("data_parallel",))
-    base = _status_kib("RssAnon")
+    base = status_kib("RssAnon")
     sampler = _AnonPeak()
     module = PreferenceModule(model=model, objective=SparsePO(), masker=LearnedMasker(), meta_init=meta_init,
                               dtype=dtype)
@@ -80,7 +74,7 @@ def _worker(rank: int, model: str, meta_init: bool, dtype: str, port: int, resul
     local = sum(p.to_local().numel() * p.element_size() for lm in (module.policy, module.reference)
                 for p in lm.parameters())
     dist.barrier()
-    results[(meta_init, rank)] = {"peak_mib": (peak - base) / 1024, "after_mib": (_status_kib("RssAnon") - base) / 1024,
+    results[(meta_init, rank)] = {"peak_mib": (peak - base) / 1024, "after_mib": (status_kib("RssAnon") - base) / 1024,
                                   "local_shards_mib": local / 2**20}
     dist.destroy_process_group()
 

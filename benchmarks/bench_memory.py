@@ -22,16 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from proc_status import status_kib  # benchmarks/ is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN = 49152, 576
 METHODS = ("naive", "checkpoint", "fused")
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _naive(hidden, weight, ref_hidden, ref_weight, labels, mask):
@@ -67,7 +62,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = _rss_kib("VmRSS") * 1024
+        before = status_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")
     if method == "naive":
         label_lp, kl = _naive(hidden, head.weight, ref_hidden, ref_head.weight, labels, mask)
@@ -80,7 +75,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _rss_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024
     return {"method": method, "length": length, "peak_extra_mib": (peak - before) / 2**20, "device": str(device)}
 
 
