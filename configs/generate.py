@@ -101,8 +101,11 @@ def _sparsepo(beta: float, l1: float = 0.0) -> dict[str, Any]:
             "init_args": {"beta": beta, "l1_reward": l1, "l1_kl": l1}}
 
 
-def _learned(independent: bool) -> dict[str, Any]:
-    return {"class_path": "sparsepo_lightning.masks.LearnedMasker", "init_args": {"independent": independent}}
+def _learned(independent: bool, init: str = "released") -> dict[str, Any]:
+    """Paper recipes start the masks as the released code does (``init: released``); the offline small recipes
+    start them at 1 (``init: ones``), because the released start is often dead on SmolLM2 (docs/method.md)."""
+    return {"class_path": "sparsepo_lightning.masks.LearnedMasker",
+            "init_args": {"independent": independent, "init": init}}
 
 
 VARIANTS: dict[str, tuple[str, Any]] = {
@@ -126,8 +129,7 @@ VARIANTS: dict[str, tuple[str, Any]] = {
     "sparsepo_common": ("SparsePO, learned common mask",
                         lambda t, b: (_sparsepo(b, t.l1_common), _learned(independent=False))),
     "sparsepo_indep": ("SparsePO, learned independent reward and KL masks",
-                       lambda t, b: (_sparsepo(b), {"class_path": "sparsepo_lightning.masks.LearnedMasker",
-                                                    "init_args": {"independent": True}})),
+                       lambda t, b: (_sparsepo(b), _learned(independent=True))),
 }
 """Every task gets every variant except IPO/SimPO, which are shipped for the dialogue and summarisation tasks."""
 
@@ -188,8 +190,7 @@ def recipe(task: Task, variant: str) -> dict[str, Any]:
 def small_recipe(task: Task) -> dict[str, Any]:
     """SparsePO (learned common mask) on SmolLM2-135M and the shipped samples: minutes on a CPU, offline."""
     model: dict[str, Any] = {"model": "smollm2-135m", "objective": _sparsepo(task.beta, task.l1_common),
-                             "masker": {"class_path": "sparsepo_lightning.masks.LearnedMasker",
-                                        "init_args": {"independent": False}},
+                             "masker": _learned(independent=False, init="ones"),
                              "lr": 2e-5, "mask_weight_decay": 0.01, "warmup_ratio": 0.1, "schedule": "cosine"}
     data = {"class_path": SMALL_DATA[task.name]["class_path"],
             "init_args": {**SMALL_DATA[task.name]["init_args"], "batch_size": 2}}
@@ -209,6 +210,9 @@ def render(task: Task, variant: str) -> str:
                  f"{task.devices * task.batch_size * task.accumulate}; keep it when changing the GPU count.",
                  "precision 16-mixed as released; bf16-mixed is the better choice on Ampere or newer GPUs.",
                  *task.notes]
+        if variant.startswith("sparsepo_"):
+            lines += ["Masks start as in the released code (init: released: N(0, 0.02), often near 0 or dead);",
+                      "init: ones starts every mask at 1 (= TDPO1 at step 0) and cannot start dead."]
     lines.append(f"Run: sparsepo fit --config configs/{task.name}/{variant}.yaml")
     comments = "".join(f"# {line}\n" for line in lines)
     return HEADER + comments + yaml.safe_dump(config, sort_keys=False, width=120)

@@ -18,13 +18,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from lightning.pytorch.utilities import rank_zero_info
@@ -182,12 +186,31 @@ def _ensure_converted(alias: str, source: GgufSource | TinyRandomSource) -> Path
         rank_zero_info(f"Building '{alias}' ({source.license}) into {target} (once) ...")
         start = time.perf_counter()
         try:
-            source.build(alias, partial)
+            with preserved_rng_state():  # building draws random numbers: a seeded run must not see them
+                source.build(alias, partial)
             partial.rename(target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # no-op after a successful rename
         rank_zero_info(f"Built '{alias}' in {time.perf_counter() - start:.1f}s -> {target}")
     return target
+
+
+@contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Restore the torch (CPU and CUDA), NumPy and Python random states on exit.
+
+    Converting a model on first use builds it from its config, which initialises weights from the global RNG.
+    Without this, the first seeded run after a fresh install would draw everything after the conversion (mask
+    initialisation, dropout, data order) from a different state than every later run with the model cached.
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # conversions build on the CPU
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _gguf_path(alias: str, source: GgufSource) -> Path:

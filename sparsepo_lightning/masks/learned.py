@@ -12,6 +12,9 @@ from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker, scatter
 from sparsepo_lightning.types import TokenMasks
 
 Activation = Literal["relu", "none"]
+Init = Literal["ones", "released"]
+"""How mask networks start: ``ones`` (every mask exactly 1: SparsePO starts as TDPO1) or ``released`` (the
+released code's N(0, ``init_std``) weights, whose masks start near 0 and often dead; see ``MaskNetwork``)."""
 
 
 def _activation(name: Activation) -> nn.Module:
@@ -23,12 +26,21 @@ class MaskNetwork(nn.Module):
 
     ``g_l = LN(h_l)``; ``z_l = drop(act(w_l·g_l + b_l))``; ``m = drop(act(Σ_l v_l z_l))`` (method.md §3.2).
     Output is ≥ 0 with ReLU and unbounded above (parity with the released code). Parameters:
-    ``L·(d+1) + L + 2d``. Init: weights N(0, ``init_std``), biases 0, LayerNorm (1, 0).
+    ``L·(d+1) + L + 2d``. LayerNorm starts at (1, 0); the rest by ``init``:
+
+    - ``ones``: ``w_l = 0``, ``b_l = 1``, ``v_l = 1/L``, so ``z_l = 1`` and ``m = 1`` on every token whatever the
+      input: the objective starts exactly at its uniform-mask value (SparsePO = TDPO1) at the nominal β, every
+      ReLU is active, and the gradients ``∂m/∂w_l = v_l·g_l`` (token-dependent) and ``∂m/∂v_l = z_l`` let the
+      network learn which tokens to down-weight. A deviation from the released code (docs/method.md).
+    - ``released``: ``w_l, v_l ~ N(0, init_std)``, ``b_l = 0`` (the released code). The mixer output is then a
+      sum of L small terms of either sign: on SmolLM2-135M the initial masks are 6–95 % exact zeros depending on
+      the seed, with means of 0.0004–0.04 (an effective β 20–2000× below the nominal one). Where the mask is 0
+      no gradient reaches the network, so such a start can stay dead.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, layer_norm_eps: float = 1e-5, dropout: float = 0.0,
                  layer_activation: Activation = "relu", mixer_activation: Activation = "relu",
-                 init_std: float = 0.02) -> None:
+                 init_std: float = 0.02, init: Init = "ones") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.layer_weight = nn.Parameter(torch.empty(num_layers, hidden_size))  # w_l, one row per layer
@@ -37,8 +49,15 @@ class MaskNetwork(nn.Module):
         self.layer_act = _activation(layer_activation)
         self.mixer_act = _activation(mixer_activation)
         self.dropout = nn.Dropout(dropout)
-        nn.init.normal_(self.layer_weight, std=init_std)
-        nn.init.normal_(self.mixer_weight, std=init_std)
+        if init == "ones":
+            nn.init.zeros_(self.layer_weight)
+            nn.init.ones_(self.layer_bias)
+            nn.init.constant_(self.mixer_weight, 1.0 / num_layers)
+        elif init == "released":
+            nn.init.normal_(self.layer_weight, std=init_std)
+            nn.init.normal_(self.mixer_weight, std=init_std)
+        else:
+            raise ValueError(f"MaskNetwork: init must be 'ones' or 'released', got {init!r}.")
 
     def forward(self, states: Tensor) -> Tensor:
         """Mask values for ``n`` tokens from their reference states ``(n, L, d)`` → ``(n,)``, float32."""
@@ -71,21 +90,27 @@ class LearnedMasker(TokenMasker):
     needs_layers = True
 
     def __init__(self, independent: bool = False, dropout: float = 0.0, layer_activation: Activation = "relu",
-                 mixer_activation: Activation = "relu", init_std: float = 0.02) -> None:
+                 mixer_activation: Activation = "relu", init_std: float = 0.02, init: Init = "ones") -> None:
         """
         Args:
             independent: two mask networks (reward and KL) instead of one common mask.
             dropout: mask dropout, applied in training when > 0 (the released recipe effectively uses 0, §3.2).
             layer_activation: activation after each per-layer Linear ("relu" or "none").
             mixer_activation: activation after the mixer ("relu" or "none").
-            init_std: standard deviation of the normal init of the Linear weights.
+            init_std: standard deviation of the normal init of the Linear weights (``init: released``).
+            init: ``ones`` (default): every mask starts at exactly 1, so training starts as TDPO1 at the nominal β
+                and learns which tokens to drop; ``released``: the released code's N(0, init_std) weights, whose
+                masks start near 0 (often entirely 0: a dead start). See ``MaskNetwork``.
         """
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LearnedMasker: dropout must be in [0, 1), got {dropout}.")
+        if init not in ("ones", "released"):
+            raise ValueError(f"LearnedMasker: init must be 'ones' or 'released', got {init!r}. Fix: "
+                             "model.masker.init_args.init: ones (masks start at 1) or released (N(0, init_std)).")
         self.independent = independent
         self._network_args = dict(dropout=dropout, layer_activation=layer_activation,
-                                  mixer_activation=mixer_activation, init_std=init_std)
+                                  mixer_activation=mixer_activation, init_std=init_std, init=init)
         self.reward_net: MaskNetwork | None = None
         self.kl_net: MaskNetwork | None = None
 
