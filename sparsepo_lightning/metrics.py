@@ -10,7 +10,9 @@ Every value is a scalar tensor (mean over the B pairs of the batch); no ``.item(
   sparse trainer also summed prompt and padding positions);
 - ``kl/masked_{chosen,rejected}``: Σ m_d·KL (the K_w, K_l of the loss);
 - ``masks/sparsity_{reward,kl}_{chosen,rejected}``: % of exact zeros among response tokens (fp32),
-  ``masks/l1_{reward,kl}_{chosen,rejected}``: Σ|m| per response, ``masks/max_{reward,kl}``: max over the batch.
+  ``masks/l1_{reward,kl}_{chosen,rejected}``: Σ|m| per response, ``masks/max_{reward,kl}``: max over the batch,
+  ``masks/mean_{reward,kl}``: mean mask value over all response tokens of the batch (the factor by which the
+  masks scale β on an average token: 1 for uniform masks).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def _mask_metrics(name: str, mask: Tensor, response_mask: Tensor) -> dict[str, T
         f"masks/l1_{name}_chosen": l1_chosen.mean(),
         f"masks/l1_{name}_rejected": l1_rejected.mean(),
         f"masks/max_{name}": mask.masked_fill(~response_mask, -torch.inf).amax().clamp(min=0.0),
+        f"masks/mean_{name}": (mask * response_mask).sum() / response_mask.sum().clamp(min=1),
     }
 
 
