@@ -268,6 +268,12 @@ def reference_dir(settings: StudySettings, paths: Paths) -> Path:
     return paths.out / "runs" / f"reference-{key}"
 
 
+def _final_checkpoint(paths: Paths, key: str) -> Path | None:
+    """The newest checkpoint file of a run (the only one: it is written once, at the end of training)."""
+    files = sorted((paths.work / "checkpoints" / key).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
 def run_study(settings: StudySettings, paths: Paths, device: str = "cpu", limit: int | None = None,
               only: Sequence[str] | None = None) -> list[str]:
     """Build the data and run the plan (skipping finished work); returns the names of the runs done now.
@@ -295,9 +301,12 @@ def run_study(settings: StudySettings, paths: Paths, device: str = "cpu", limit:
         run_dir = paths.run_dir(run, key)
         if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
             continue
-        checkpoint = paths.work / "checkpoints" / key / "final.ckpt"
-        if not (run_dir / "metrics.json").is_file() or not checkpoint.is_file():
+        checkpoint = _final_checkpoint(paths, key)
+        if not (run_dir / "metrics.json").is_file() or checkpoint is None:
             train(settings, paths, run, config, key)
+            checkpoint = _final_checkpoint(paths, key)
+        if checkpoint is None:
+            raise RuntimeError(f"{run.name}: training wrote no checkpoint under {paths.work / 'checkpoints' / key}")
         evaluate(settings, paths, str(checkpoint), run.name, run_dir)
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
         done.append(run.name)
