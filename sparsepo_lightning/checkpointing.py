@@ -30,6 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from sparsepo_lightning.errors import OutputExistsError
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the target directory, ``fsync``, then ``os.replace``.
@@ -116,7 +118,7 @@ class RunCheckpoint(ModelCheckpoint):
         resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == here
         if not resumed:
             shown = ", ".join(self._existing_files[:3]) + (" ..." if len(self._existing_files) > 3 else "")
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"checkpoint directory {self.dirpath} already holds files ({shown}) from another run; this run would "
                 "overwrite them. Fix: resume that run with --ckpt_path last (or a path inside it), choose another "
                 "directory (ModelCheckpoint dirpath, or a new logger version), or set "
@@ -140,6 +142,27 @@ class RunCheckpoint(ModelCheckpoint):
         if self.monitor is None:
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Say what a resume restores (instead of Lightning's generic "dataloader is not resumable" warning, which
+        the CLI silences: the data module saves its place in the pass)."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if trainer.state.fn != "fit":
+            return
+        datamodule = trainer.datamodule
+        data = checkpoint.get(type(datamodule).__qualname__, {}) if datamodule is not None else {}
+        step = checkpoint.get("global_step", 0)
+        restored = "weights, masks, optimizer, learning-rate schedule and loop counters are restored"
+        if not data or data.get("train_pass_complete", True):
+            where = "at an epoch boundary; the next pass starts as in an uninterrupted run"
+        elif trainer.world_size == 1:
+            where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
+                     "the pass continues with the next batch of the same order, exactly as an uninterrupted run")
+        else:
+            where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
+                     f"under DDP ({trainer.world_size} processes) Lightning's DistributedSampler restarts this pass "
+                     "from its beginning, so its first batches are trained on again")
+        rank_zero_info(f"Resuming at step {step}: {restored}; {where}.")
 
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
         """Point ``linkpath`` at ``filepath`` atomically: a new link under a temporary name, renamed over it."""
