@@ -94,6 +94,12 @@ def is_checkpoint(spec: str | Path) -> bool:
     return str(spec).endswith(".ckpt") or is_distributed_checkpoint(spec)
 
 
+def checkpoint_step(path: str | Path, option: str = "the checkpoint path") -> int | None:
+    """The ``global_step`` a checkpoint was saved at, without reading its tensors."""
+    step = _read_meta(_existing(path, option)).get("global_step")
+    return None if step is None else int(step)
+
+
 def read_hparams(path: str | Path, option: str = "the checkpoint path") -> dict[str, Any]:
     """The ``hyper_parameters`` of a checkpoint, without reading its tensors (errors as `read_checkpoint`)."""
     return dict(_read_meta(_existing(path, option)).get("hyper_parameters") or {})

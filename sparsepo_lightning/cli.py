@@ -35,8 +35,13 @@ from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support
-from sparsepo_lightning.data import PreferenceDataModule
-from sparsepo_lightning.data import code, hh, imdb, tldr  # noqa: F401 (task loaders: listed by `fit --help`)
+from sparsepo_lightning.data import (  # the task loaders are imported so that `fit --help` lists them
+    PreferenceDataModule,
+    code,  # noqa: F401
+    hh,  # noqa: F401
+    imdb,  # noqa: F401
+    tldr,  # noqa: F401
+)
 from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.module import PreferenceModule
 
@@ -187,7 +192,7 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:] or os.environ.get("SPARSEPO_DEBUG", "") not in ("", "0")
     sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
     if debug:
-        os.environ["JSONARGPARSE_DEBUG"] = "1"  # parse errors raise with their traceback too
+        os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise with their traceback too
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in (*OTHER_COMMANDS, *SUBCOMMAND_HELP) else ""
     try:
         if command == "evaluate":

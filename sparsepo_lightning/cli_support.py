@@ -44,7 +44,7 @@ class SparsePOArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"{prog}: error: {explain(message, parser, ARGV)}\n"
-                         f"All options: {prog} --help. Traceback: add --debug.\n")  # fmt: skip
+                         f"All options: {prog} --help (--debug shows the traceback).\n")  # fmt: skip
         sys.exit(2)
 
 

@@ -54,3 +54,10 @@ class KillBeforeRelink(RunCheckpoint):
         if self.calls == self.nth:
             os.kill(os.getpid(), signal.SIGKILL)
         super()._link_checkpoint(trainer, filepath, linkpath)
+
+
+class InternalError(Callback):
+    """Raises a plain ``RuntimeError`` when set up: an internal error, which keeps its traceback."""
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        raise RuntimeError("an internal error")
