@@ -17,7 +17,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 
-from sparsepo_lightning.errors import ConfigError, MissingFileError
+from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 
 ARGV: list[str] = []
 """The arguments being parsed (set by the CLI before parsing), to find the config files an error comes from."""
@@ -121,7 +121,8 @@ def _locate(leaf: str, argv: list[str]) -> str | None:
 
 
 def check_before_loading(config: Namespace, subcommand: str) -> None:
-    """Checks that need no model: ``--ckpt_path`` exists (or ``last`` resolves) and the log folder is usable."""
+    """Checks that need no model: ``--ckpt_path`` exists (or ``last`` resolves), the log folder is writable and a
+    checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
     logger = config.get("trainer", {}).get("logger")
     run_dir = None
     if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
@@ -133,6 +134,8 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
             raise ConfigError(f"trainer.logger.init_args.save_dir={save_dir}: {existing} is not a writable folder. "
                               "Fix: --trainer.logger.init_args.save_dir DIR with a folder you can write to.")
     ckpt_path = config.get("ckpt_path")
+    if subcommand == "fit":
+        _check_checkpoint_dirs(config.get("trainer", {}).get("callbacks") or [], ckpt_path)
     if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
         return
     if ckpt_path == "last":
@@ -150,6 +153,26 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
         hint = f" The newest last checkpoint of this run is {runs[-1]} (--ckpt_path last)." if runs else ""
         raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file or folder (working directory {os.getcwd()})."
                                f"{hint} Fix: give an existing .ckpt file or checkpoint folder, or --ckpt_path last.")
+
+
+def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
+    """A ``RunCheckpoint`` with its own ``dirpath`` that already holds files fails now, not after the models load
+    (the same rule as ``RunCheckpoint.on_train_start``: resuming from inside the folder or ``overwrite`` is fine)."""
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(callback, Namespace) or not str(callback.get("class_path")).endswith("RunCheckpoint"):
+            continue
+        init = callback.get("init_args") or Namespace()
+        dirpath = init.get("dirpath")
+        if not dirpath or init.get("overwrite") or not Path(dirpath).is_dir() or not any(Path(dirpath).iterdir()):
+            continue
+        resumed = ckpt_path == "last" or (ckpt_path and Path(ckpt_path).resolve().parent == Path(dirpath).resolve())
+        if not resumed:
+            shown = ", ".join(sorted(p.name for p in Path(dirpath).iterdir())[:3])
+            raise OutputExistsError(
+                f"checkpoint directory {dirpath} (RunCheckpoint dirpath) already holds files ({shown}) from another "
+                "run; this run would overwrite them. Fix: resume that run with --ckpt_path last, choose another "
+                "dirpath, or set RunCheckpoint overwrite: true to replace them."
+            )
 
 
 def _last_checkpoints(run_dir: Path) -> list[str]:

@@ -81,6 +81,18 @@ def test_user_errors_are_one_message_before_any_model_loads(args, phrases, bad_r
     _user_error(sparsepo(*TINY, "--model.model", NO_MODEL, *args), *phrases)
 
 
+def test_an_occupied_checkpoint_folder_fails_before_any_model_loads(tmp_path):
+    occupied = tmp_path / "ckpts"
+    occupied.mkdir()
+    (occupied / "last.ckpt").write_text("another run's checkpoint")
+    config = tmp_path / "ckpt.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: sparsepo_lightning.checkpointing.RunCheckpoint\n"
+                      f"      init_args: {{dirpath: {json.dumps(str(occupied))}}}\n")
+    _user_error(sparsepo(*TINY, "--config", str(config), "--model.model", NO_MODEL),
+                f"checkpoint directory {occupied}", "last.ckpt", "Fix:")
+    assert (occupied / "last.ckpt").read_text() == "another run's checkpoint"
+
+
 def test_export_errors_are_one_message(tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
