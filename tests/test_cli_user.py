@@ -104,6 +104,13 @@ def test_export_errors_are_one_message(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr and "missing.ckpt' does not exist" in done.stderr
 
 
+def test_evaluate_option_errors_are_one_message(tmp_path):
+    done = sparsepo("evaluate", "sentiment", "--policies", "a-model", "another-model", "--labels", "one",
+                    "--prompts", str(ROOT / "data/samples/imdb/imdb-sft-test.jsonl"), "--out", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--labels: got 1 names for 2 --policies; give one each." in done.stderr
+
+
 @pytest.mark.parametrize("switch", ["flag", "env"])
 def test_debug_shows_the_traceback(switch):
     args, env = (["--debug"], None) if switch == "flag" else ([], {"SPARSEPO_DEBUG": "1"})

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sparsepo_lightning.data.scorers import make_scorer
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -113,7 +114,7 @@ def _score(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, ref
 def _reference_for(spec: str, reference: str | None) -> str:
     name = reference or reference_name(spec)
     if name is None:
-        raise ValueError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
+        raise ConfigError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
                          "(e.g. the SFT model the policy started from).")  # fmt: skip
     return name
 
