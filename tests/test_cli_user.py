@@ -75,9 +75,13 @@ def bad_rows(tmp_path_factory) -> str:
     (["--ckpt_path", "last", "--trainer.logger.init_args.save_dir", "TMP"],
      ["--ckpt_path last: no last checkpoint under", "Fix:"]),
     (["--model.warmup_ratio", "1.5"], ["model.warmup_ratio=1.5: must be in [0, 1)"]),
-], ids=["missing-data", "only-bad-rows", "masker-objective", "missing-ckpt", "last-resolves-nothing", "option"])
+    (["--trainer.logger.init_args.save_dir", "FILE"], ["is not a writable folder", "Fix:"]),
+], ids=["missing-data", "only-bad-rows", "masker-objective", "missing-ckpt", "last-resolves-nothing", "option",
+        "log-folder"])
 def test_user_errors_are_one_message_before_any_model_loads(args, phrases, bad_rows, tmp_path):
-    args = [bad_rows if a == "BAD" else str(tmp_path / "runs") if a == "TMP" else a for a in args]
+    (tmp_path / "a-file").write_text("not a folder")
+    places = {"BAD": bad_rows, "TMP": str(tmp_path / "runs"), "FILE": str(tmp_path / "a-file" / "runs")}
+    args = [places.get(a, a) for a in args]
     _user_error(sparsepo(*TINY, "--model.model", NO_MODEL, *args), *phrases)
 
 
