@@ -105,6 +105,7 @@ class SparsePOCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        cli_support.START_DIR[:] = [os.getcwd()]
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)

@@ -21,6 +21,8 @@ from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExist
 
 ARGV: list[str] = []
 """The arguments being parsed (set by the CLI before parsing), to find the config files an error comes from."""
+START_DIR: list[str] = [os.getcwd()]
+"""The working directory the arguments are relative to (jsonargparse changes it while it reads a config file)."""
 
 OPTIMIZER_FIX = (
     "the optimizer is set in one place, the model: --model.optimizer CLASS (e.g. --model.optimizer torch.optim.SGD) "
@@ -65,7 +67,21 @@ def explain(message: str, parser: Any, argv: list[str]) -> str:
         group, class_path, key = nested.groups()
         return _unknown_key(f"{group}.init_args.{key}", _init_parameters(class_path, f"{group}.init_args."), argv,
                             "key ", f" (not a parameter of {class_path})")  # fmt: skip
+    if "Problems parsing config" in message and "<unicode string>" in message:
+        broken = next((f for f in config_files(argv) if not _parses(f)), None)
+        if broken is not None:
+            return message.replace('"<unicode string>"', broken) + f"\nFix: correct the YAML syntax of {broken}."
     return message
+
+
+def _parses(file: str) -> bool:
+    import yaml
+
+    try:
+        yaml.safe_load(_path(file).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return True
 
 
 def _unknown_key(key: str, candidates: list[str], argv: list[str], kind: str, why: str = "") -> str:
@@ -104,13 +120,17 @@ def config_files(argv: list[str]) -> list[str]:
     return files
 
 
+def _path(file: str) -> Path:
+    return Path(START_DIR[0], file)
+
+
 def _locate(leaf: str, argv: list[str]) -> str | None:
     """``file:line`` of the last config file in ``argv`` that has ``leaf:`` as a YAML key, if any."""
     pattern = re.compile(rf"^\s*(-\s+)?{re.escape(leaf)}\s*:")
     found = None
     for file in config_files(argv):
         try:
-            lines = Path(file).read_text().splitlines()
+            lines = _path(file).read_text().splitlines()
         except OSError:
             continue
         for number, line in enumerate(lines, 1):

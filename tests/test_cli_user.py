@@ -142,6 +142,15 @@ def test_misspelt_yaml_keys_name_the_file_line_and_the_likely_key(tmp_path):
                 "Did you mean 'model.objective.init_args.beta'?")
     _user_error(sparsepo(*TINY, "--trainer.max_stepz", "3", "--model.model", NO_MODEL),
                 "unknown option --trainer.max_stepz on the command line", "Did you mean 'trainer.max_steps'?")
+    relative = os.path.relpath(typo, ROOT)  # jsonargparse reads a config file from inside its folder
+    _user_error(sparsepo(*TINY, "--config", relative, "--model.model", NO_MODEL), f"in {relative}:3")
+
+
+def test_broken_yaml_names_its_file_and_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1\n")
+    _user_error(sparsepo(*TINY, "--config", str(broken), "--model.model", NO_MODEL),
+                f"in {broken}, line 2", f"Fix: correct the YAML syntax of {broken}.")
 
 
 def test_top_level_optimizer_is_refused_with_the_fix():
