@@ -154,18 +154,30 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
             raise ConfigError(f"trainer.logger.init_args.save_dir={save_dir}: {existing} is not a writable folder. "
                               "Fix: --trainer.logger.init_args.save_dir DIR with a folder you can write to.")
     ckpt_path = config.get("ckpt_path")
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if subcommand == "fit":
-        _check_checkpoint_dirs(config.get("trainer", {}).get("callbacks") or [], ckpt_path)
+        _check_checkpoint_dirs(callbacks, ckpt_path)
     if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
         return
+    own_dirs = [Path(str(c.init_args.dirpath)) for c in callbacks if isinstance(c, Namespace)
+                and str(c.get("class_path")).endswith("Checkpoint") and (c.get("init_args") or {}).get("dirpath")]
     if ckpt_path == "last":
-        if subcommand == "fit" and run_dir is not None and not _last_checkpoints(run_dir):
-            broken = sorted(str(p) for p in run_dir.glob("*/checkpoints/last*.ckpt") if not p.exists())
+        if own_dirs:  # a checkpoint callback with its own folder resumes from there only
+            where = " or ".join(f"{d}/last*.ckpt" for d in own_dirs)
+            found = any(p.exists() for d in own_dirs for p in d.glob("last*.ckpt"))
+        else:
+            where = f"{run_dir}/version_*/checkpoints/last*.ckpt" if run_dir is not None else ""
+            found = run_dir is None or bool(_last_checkpoints(run_dir))
+        if not found:
+            links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
+                     else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
+            broken = sorted(str(p) for p in links if not p.exists())
             raise MissingFileError(
-                f"--ckpt_path last: no last checkpoint under {run_dir}/version_*/checkpoints"
-                + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check "
-                "trainer.logger save_dir/name (the run to resume), give a checkpoint file with --ckpt_path PATH, or "
-                "drop --ckpt_path to start from scratch."
+                f"--ckpt_path last: no last checkpoint at {where}"
+                + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
+                "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
+                "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
             )
         return
     if not Path(ckpt_path).exists():
@@ -178,7 +190,7 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
 def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
     """A ``RunCheckpoint`` with its own ``dirpath`` that already holds files fails now, not after the models load
     (the same rule as ``RunCheckpoint.on_train_start``: resuming from inside the folder or ``overwrite`` is fine)."""
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+    for callback in callbacks:
         if not isinstance(callback, Namespace) or not str(callback.get("class_path")).endswith("RunCheckpoint"):
             continue
         init = callback.get("init_args") or Namespace()

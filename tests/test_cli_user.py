@@ -73,7 +73,7 @@ def bad_rows(tmp_path_factory) -> str:
      ["masker=LearnedMasker has no effect with objective DPO", "Remove `masker`"]),
     (["--ckpt_path", "missing.ckpt"], ["--ckpt_path missing.ckpt: no such file", "--ckpt_path last"]),
     (["--ckpt_path", "last", "--trainer.logger.init_args.save_dir", "TMP"],
-     ["--ckpt_path last: no last checkpoint under", "Fix:"]),
+     ["--ckpt_path last: no last checkpoint at", "Fix:"]),
     (["--model.warmup_ratio", "1.5"], ["model.warmup_ratio=1.5: must be in [0, 1)"]),
     (["--trainer.logger.init_args.save_dir", "FILE"], ["is not a writable folder", "Fix:"]),
 ], ids=["missing-data", "only-bad-rows", "masker-objective", "missing-ckpt", "last-resolves-nothing", "option",
@@ -95,6 +95,15 @@ def test_an_occupied_checkpoint_folder_fails_before_any_model_loads(tmp_path):
     _user_error(sparsepo(*TINY, "--config", str(config), "--model.model", NO_MODEL),
                 f"checkpoint directory {occupied}", "last.ckpt", "Fix:")
     assert (occupied / "last.ckpt").read_text() == "another run's checkpoint"
+
+
+def test_last_pointing_at_a_deleted_checkpoint_is_named(tmp_path):
+    checkpoints = tmp_path / "runs" / "debug" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").symlink_to("epoch=0-step=200.ckpt")  # its target is gone
+    _user_error(sparsepo(*TINY, "--model.model", NO_MODEL, "--ckpt_path", "last",
+                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")),
+                "--ckpt_path last: no last checkpoint at", f"broken links: {checkpoints / 'last.ckpt'}", "Fix:")
 
 
 def test_export_errors_are_one_message(tmp_path):
