@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from transformers import PreTrainedModel
 
+from sparsepo_lightning.errors import ConfigError, MissingFileError
 from sparsepo_lightning.models import load_causal_lm
 
 POLICY_PREFIX = "policy."
@@ -93,6 +94,12 @@ def is_checkpoint(spec: str | Path) -> bool:
     return str(spec).endswith(".ckpt") or is_distributed_checkpoint(spec)
 
 
+def checkpoint_step(path: str | Path, option: str = "the checkpoint path") -> int | None:
+    """The ``global_step`` a checkpoint was saved at, without reading its tensors."""
+    step = _read_meta(_existing(path, option)).get("global_step")
+    return None if step is None else int(step)
+
+
 def read_hparams(path: str | Path, option: str = "the checkpoint path") -> dict[str, Any]:
     """The ``hyper_parameters`` of a checkpoint, without reading its tensors (errors as `read_checkpoint`)."""
     return dict(_read_meta(_existing(path, option)).get("hyper_parameters") or {})
@@ -115,7 +122,7 @@ def read_checkpoint(path: str | Path, option: str = "the checkpoint path") -> Tr
     hparams = dict(meta.get("hyper_parameters") or {})
     state = _read_distributed_state(path) if distributed else meta.get("state_dict")
     if "model" not in hparams or not isinstance(state, dict) or not any(k.startswith(POLICY_PREFIX) for k in state):
-        raise ValueError(f"{path}: no hyper_parameters['model'] or no policy.* weights; not a PreferenceModule "
+        raise ConfigError(f"{path}: no hyper_parameters['model'] or no policy.* weights; not a PreferenceModule "
                          "checkpoint. Fix: give a checkpoint written by `sparsepo fit` (a .ckpt file, or the "
                          "sharded checkpoint folder of an FSDP2 or FSDP1 run).")  # fmt: skip
     state = {k: v for k, v in state.items() if k.startswith((POLICY_PREFIX, MASKER_PREFIX))}
@@ -144,9 +151,9 @@ def build_policy(checkpoint: TrainedCheckpoint, dtype: str = "float32", merge_lo
 def _existing(path: str | Path, option: str) -> Path:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist. Fix: check {option}.")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist. Fix: check {option}.")
     if path.is_dir() and not is_distributed_checkpoint(path):
-        raise ValueError(f"{path}: a folder without {DCP_METADATA}, so not a distributed checkpoint. Fix: give a "
+        raise ConfigError(f"{path}: a folder without {DCP_METADATA}, so not a distributed checkpoint. Fix: give a "
                          ".ckpt file, or the folder `trainer.save_checkpoint` wrote under ModelParallelStrategy.")
     return path
 

@@ -18,6 +18,7 @@ new version directory.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+from sparsepo_lightning.errors import OutputExistsError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -84,6 +87,10 @@ class RunCheckpoint(ModelCheckpoint):
       always holds the final state.
     - Fitting into a checkpoint directory that already holds files is an error, unless the run resumes from a
       checkpoint inside that directory (continuing the same run) or ``overwrite=True``.
+    - With ``save_last="link"`` the link is re-pointed atomically (a new link under a temporary name, renamed over
+      ``last.ckpt``) and the previous step checkpoint is deleted only afterwards, so a kill at any moment leaves
+      ``last.ckpt`` pointing at a complete checkpoint (Lightning deletes the old file first, then removes and
+      re-creates the link: a kill in between leaves a broken link that ``--ckpt_path last`` cannot use).
 
     Args:
         overwrite: allow writing into a non-empty checkpoint directory (files with the same names are replaced).
@@ -95,6 +102,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.overwrite = overwrite
         self._user_dirpath = self.dirpath  # None when the directory follows the logger's version
         self._existing_files: list[str] = []
+        self._pending_removals: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -110,7 +118,7 @@ class RunCheckpoint(ModelCheckpoint):
         resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == here
         if not resumed:
             shown = ", ".join(self._existing_files[:3]) + (" ..." if len(self._existing_files) > 3 else "")
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"checkpoint directory {self.dirpath} already holds files ({shown}) from another run; this run would "
                 "overwrite them. Fix: resume that run with --ckpt_path last (or a path inside it), choose another "
                 "directory (ModelCheckpoint dirpath, or a new logger version), or set "
@@ -134,6 +142,57 @@ class RunCheckpoint(ModelCheckpoint):
         if self.monitor is None:
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Say what a resume restores (instead of Lightning's generic "dataloader is not resumable" warning, which
+        the CLI silences: the data module saves its place in the pass)."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if trainer.state.fn != "fit":
+            return
+        datamodule = trainer.datamodule
+        data = checkpoint.get(type(datamodule).__qualname__, {}) if datamodule is not None else {}
+        step = checkpoint.get("global_step", 0)
+        restored = "weights, masks, optimizer, learning-rate schedule and loop counters are restored"
+        if not data or data.get("train_pass_complete", True):
+            where = "at an epoch boundary; the next pass starts as in an uninterrupted run"
+        elif trainer.world_size == 1:
+            where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
+                     "the pass continues with the next batch of the same order, exactly as an uninterrupted run")
+        else:
+            where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
+                     f"under DDP ({trainer.world_size} processes) Lightning's DistributedSampler restarts this pass "
+                     "from its beginning, so its first batches are trained on again")
+        rank_zero_info(f"Resuming at step {step}: {restored}; {where}.")
+
+    def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
+        """Point ``linkpath`` at ``filepath`` atomically: a new link under a temporary name, renamed over it."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            directory = os.path.dirname(linkpath)
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):  # a copied sharded folder of an old run
+                shutil.rmtree(linkpath)
+            tmp = os.path.join(directory, f".{os.path.basename(linkpath)}.{os.getpid()}.link.tmp")
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            try:
+                os.symlink(os.path.relpath(filepath, directory), tmp)
+            except OSError:  # no symlinks (Windows without the privilege): a copy, as Lightning does
+                shutil.copy(filepath, tmp)
+            os.replace(tmp, linkpath)
+            _fsync_directory(Path(directory))
+        trainer.strategy.barrier()
+
+    def _remove_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if self.save_last == "link":  # deleted after last.ckpt points at the new checkpoint
+            self._pending_removals.append(filepath)
+        else:
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        pending, self._pending_removals = self._pending_removals, []
+        for filepath in pending:
+            if os.path.abspath(filepath) != os.path.abspath(self.last_model_path or ""):
+                super()._remove_checkpoint(trainer, filepath)
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)

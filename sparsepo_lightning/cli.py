@@ -1,4 +1,5 @@
-"""Command line: ``sparsepo fit|validate|test --config configs/<task>/<variant>.yaml`` (LightningCLI).
+"""Command line: ``sparsepo fit|validate|test --config configs/<task>/<variant>.yaml`` (LightningCLI), plus
+``sparsepo evaluate`` and ``sparsepo export``.
 
 Examples::
 
@@ -13,18 +14,55 @@ The model name is given once (``model.model``) and linked to the data module's t
 ``data`` section names its DataModule by ``class_path`` (``PreferenceDataModule`` for plain pair files, or a task
 loader such as ``sparsepo_lightning.data.hh.HHDataModule``). TensorBoard is the
 default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
+
+User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors` and parse errors)
+print one message with the place and the fix and exit with status 2, without a traceback; ``--debug`` (anywhere on
+the command line) or ``SPARSEPO_DEBUG=1`` shows it. Everything that needs no model is checked before the models
+load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the log folder.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning import cli_support
+from sparsepo_lightning.data import (  # the task loaders are imported so that `fit --help` lists them
+    PreferenceDataModule,
+    code,  # noqa: F401
+    hh,  # noqa: F401
+    imdb,  # noqa: F401
+    tldr,  # noqa: F401
+)
+from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.module import PreferenceModule
+
+DESCRIPTION = (
+    "Preference alignment (SparsePO, DPO, IPO, SimPO, TDPO, MaPO) with PyTorch Lightning. Start with `sparsepo fit "
+    "--config configs/quickstart.yaml`; `sparsepo <command> --help` lists a command's options; --debug shows the "
+    "traceback of an error."
+)
+
+SUBCOMMAND_HELP = {
+    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest run.",
+    "validate": "Run the validation split once on a model or checkpoint (--ckpt_path).",
+    "test": "Run the test split (data.test_file) once on a model or checkpoint (--ckpt_path).",
+}
+"""The LightningCLI subcommands offered (``predict`` is not: a preference model has no forward to predict with)."""
+
+OTHER_COMMANDS = {
+    "evaluate": "Evaluate trained checkpoints: sentiment, summarization, code (pass@k), winrate.",
+    "export": "Write a checkpoint's policy as a Hugging Face model folder, plus its masks.",
+}
+"""Commands that ``main`` dispatches before LightningCLI (listed in ``sparsepo --help`` all the same)."""
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -48,12 +86,62 @@ persistent ``trainer_defaults`` callbacks which could not be configured)."""
 
 
 class SparsePOCLI(LightningCLI):
-    """LightningCLI with the values shared by model and data linked once."""
+    """LightningCLI with the values shared by model and data linked once, ``fit``/``validate``/``test`` only,
+    clear parse errors and the checks that need no model run before the models load."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in SUBCOMMAND_HELP}
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:  # noqa: ANN001
+        for name, help_line in SUBCOMMAND_HELP.items():  # the one-line help shown by `sparsepo --help`
+            kwargs.setdefault(name, {}).setdefault("description", help_line)
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        for name, help_line in OTHER_COMMANDS.items():  # listed only: main() runs them before LightningCLI
+            listed = ArgumentParser(prog=f"sparsepo {name}", description=help_line)
+            parser._subcommands_action.add_subcommand(name, listed, help=f"{help_line} (sparsepo {name} --help)")
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
+        cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        cli_support.START_DIR[:] = [os.getcwd()]
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         sources = ("model.model", "model.tokenizer_name")
         parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
         parser.set_defaults({"trainer.callbacks": CALLBACK_DEFAULTS})
+
+    def before_instantiate_classes(self) -> None:
+        """Checks before any model loads. The data module (a subclass-mode argument) is instantiated before the
+        model group, so its files are checked there, through an instantiator wrapping Lightning's own."""
+        if self.subcommand is None:
+            return
+        cli_support.check_before_loading(self.config[self.subcommand], self.subcommand)
+        lightning_instantiator = _InstantiatorFn(cli=self, key="data")
+        subcommand = self.subcommand
+
+        def instantiate_and_check(class_type: type, *args: Any, applied_instantiation_links: dict,
+                                  **kwargs: Any) -> LightningDataModule:  # fmt: skip
+            datamodule = lightning_instantiator(class_type, *args,
+                                                applied_instantiation_links=applied_instantiation_links, **kwargs)
+            if isinstance(datamodule, PreferenceDataModule):
+                datamodule.check_sources(subcommand)
+            return datamodule
+
+        self.parser.add_instantiator(instantiate_and_check, LightningDataModule, subclasses=True, prepend=True)
+
+    def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN201
+        """Lightning's trainer, with :class:`StepProgressBar` as the progress bar unless the config has one or
+        turns it off."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(cli_support.StepProgressBar())
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -78,12 +166,18 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     """Parse ``args`` (default: the command line), run the subcommand, and return the CLI object."""
     # The frozen reference is in eval mode on purpose; Lightning's generic warning about it is noise here.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Our data module resumes mid-epoch exactly (its state_dict); RunCheckpoint says what resumes instead.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    cli_support.quiet_lightning()
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,
         subclass_mode_data=True,  # task loaders (HHDataModule, ...) are chosen by class_path
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={"prog": "sparsepo", "description": DESCRIPTION},
+        parser_class=cli_support.SparsePOArgumentParser,
+        auto_configure_optimizers=False,  # one place for the optimizer: model.optimizer (keeps groups + schedule)
         args=args,
     )
 
@@ -92,19 +186,43 @@ def main() -> None:
     """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success).
 
     ``sparsepo evaluate <command> ...`` and ``sparsepo export ...`` are dispatched to
-    :mod:`sparsepo_lightning.evaluate` and :mod:`sparsepo_lightning.export` before LightningCLI.
+    :mod:`sparsepo_lightning.evaluate` and :mod:`sparsepo_lightning.export` before LightningCLI. A
+    :class:`~sparsepo_lightning.errors.UserError` is printed as one message (exit status 2) unless ``--debug`` is on
+    the command line or ``SPARSEPO_DEBUG`` is set (then: the traceback).
     """
-    if sys.argv[1:2] == ["evaluate"]:
-        from sparsepo_lightning.evaluate import main as evaluate_main
+    debug = "--debug" in sys.argv[1:] or os.environ.get("SPARSEPO_DEBUG", "") not in ("", "0")
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
+    if debug:
+        os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise with their traceback too
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in (*OTHER_COMMANDS, *SUBCOMMAND_HELP) else ""
+    try:
+        if command == "evaluate":
+            from sparsepo_lightning.evaluate import main as evaluate_main
 
-        evaluate_main(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["export"]:
-        from sparsepo_lightning.export import main as export_main
+            evaluate_main(sys.argv[2:])
+        elif command == "export":
+            from sparsepo_lightning.export import main as export_main
 
-        export_main(sys.argv[2:])
-        return
-    run()
+            export_main(sys.argv[2:])
+        else:
+            run()
+    except Exception as e:
+        user_error = _user_error(e)
+        if debug or user_error is None:
+            raise
+        sys.stderr.write(f"sparsepo{' ' + command if command else ''}: error: {user_error}\n"
+                         "(--debug or SPARSEPO_DEBUG=1 shows the traceback)\n")  # fmt: skip
+        sys.exit(2)
+
+
+def _user_error(error: BaseException | None) -> UserError | None:
+    """The :class:`UserError` behind ``error``: itself, or its cause (jsonargparse wraps what a class's
+    ``__init__`` raises in its own "does not validate" error)."""
+    for _ in range(20):
+        if error is None or isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
+from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 from sparsepo_lightning.masks.base import TokenMasker
 from sparsepo_lightning.models import load_tokenizer
 
@@ -93,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     _check_out_dir(out)
     trained = read_checkpoint(checkpoint, option=_OPTION)
     if lora == "adapter" and trained.lora is None:
-        raise ValueError(f"--lora adapter: {trained.path} was trained without LoRA (hyper_parameters['lora'] is "
+        raise ConfigError(f"--lora adapter: {trained.path} was trained without LoRA (hyper_parameters['lora'] is "
                          "null), so it has no adapter to save. Fix: drop --lora.")  # fmt: skip
     policy = build_policy(trained, dtype, merge_lora=lora == "merged")
     tokenizer = load_tokenizer(trained.tokenizer_name, trust_remote_code=bool(trained.hparams.get("trust_remote_code")))
@@ -123,7 +124,7 @@ def load_masks(out_dir: str | Path) -> ExportedMasks:
     """
     out = Path(out_dir)
     if not (out / MASKS_FILE).is_file():
-        raise FileNotFoundError(f"{out / MASKS_FILE} does not exist: {out} is not a `sparsepo export` folder, or "
+        raise MissingFileError(f"{out / MASKS_FILE} does not exist: {out} is not a `sparsepo export` folder, or "
                                 "the exported checkpoint had no mask networks (e.g. uniform or activation masks).")
     info = json.loads((out / MASKS_INFO).read_text())
     masker = info.get("masker") or {}
@@ -133,7 +134,7 @@ def load_masks(out_dir: str | Path) -> ExportedMasks:
 
 def _check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty folder; `sparsepo export` never "
+        raise OutputExistsError(f"{out} already exists and is not an empty folder; `sparsepo export` never "
                               "overwrites. Fix: give a new output folder, or move/delete that one first.")
 
 

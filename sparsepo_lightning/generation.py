@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -49,7 +51,7 @@ class SamplingOptions:
         }
         for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"{self.option_name(name)}={getattr(self, name)!r} is invalid: it must be {rule}.")
+                raise ConfigError(f"{self.option_name(name)}={getattr(self, name)!r} is invalid: it must be {rule}.")
 
     def option_name(self, field_name: str) -> str:
         """How the user spells an option in error messages."""

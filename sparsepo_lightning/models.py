@@ -36,6 +36,8 @@ from packaging.version import Version
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.errors import ConfigError
+
 CACHE_ENV_VAR = "SPARSEPO_CACHE"
 """Environment variable that overrides the cache folder for converted models and built data."""
 
@@ -273,7 +275,7 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(
+        raise ConfigError(
             f"dtype={dtype!r} is not a floating-point torch dtype; use 'float32', 'bfloat16' or 'float16'."
         )
     return resolved
@@ -342,7 +344,7 @@ def load_policy_and_reference(
     from sparsepo_lightning import meta_init as meta_init_lib  # it imports this module
 
     if lora is not None and reference is not None:
-        raise ValueError("model.lora uses the policy with adapters disabled as the reference; a separate "
+        raise ConfigError("model.lora uses the policy with adapters disabled as the reference; a separate "
                          f"model.reference={reference!r} contradicts it. Fix: remove one of the two options.")
     load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
     policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -373,7 +375,7 @@ def with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     try:
         config = LoraConfig(task_type="CAUSAL_LM", **options)
     except TypeError as e:
-        raise ValueError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
+        raise ConfigError(f"model.lora={options}: {e}. Fix: use peft.LoraConfig argument names.") from None
     return get_peft_model(model, config)
 
 

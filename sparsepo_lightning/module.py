@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning import sharding
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import preference_metrics
@@ -36,25 +37,25 @@ def _check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_
                    max_consecutive_nonfinite: int, mask_collapse_steps: int) -> None:
     """Reject contradictory or out-of-range numeric options at construction, naming the option and the fix."""
     if lr <= 0:
-        raise ValueError(f"model.lr={lr}: must be > 0.")
+        raise ConfigError(f"model.lr={lr}: must be > 0.")
     if mask_lr is not None and mask_lr <= 0:
-        raise ValueError(f"model.mask_lr={mask_lr}: must be > 0. Fix: a positive value, or null to use model.lr. "
+        raise ConfigError(f"model.mask_lr={mask_lr}: must be > 0. Fix: a positive value, or null to use model.lr. "
                          "(To freeze the masks use a fixed masker such as UniformMasker.)")
     if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1) (a fraction of the optimizer steps).")
+        raise ConfigError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1) (a fraction of the optimizer steps).")
     if chunk_size < 1:
-        raise ValueError(f"model.chunk_size={chunk_size}: must be >= 1 (response tokens per LM-head call).")
+        raise ConfigError(f"model.chunk_size={chunk_size}: must be >= 1 (response tokens per LM-head call).")
     if max_consecutive_nonfinite < 1:
-        raise ValueError(f"model.max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1.")
+        raise ConfigError(f"model.max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1.")
     if mask_collapse_steps < 1:
-        raise ValueError(f"model.mask_collapse_steps={mask_collapse_steps}: must be >= 1.")
+        raise ConfigError(f"model.mask_collapse_steps={mask_collapse_steps}: must be >= 1.")
 
 
 def _check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:
     """A masker reading per-layer states needs a reference that exposes them (a decoder-only HF causal LM)."""
     config = getattr(reference, "config", None)
     if masker.needs_layers and not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
-        raise ValueError(
+        raise ConfigError(
             f"model.masker={type(masker).__name__} reads the reference's per-layer hidden states, but the reference "
             f"{type(reference).__name__} exposes none (its config has no num_hidden_layers/hidden_size). Fix: use a "
             "Hugging Face decoder-only causal LM as model.reference, or an ActivationMasker/UniformMasker."
@@ -140,7 +141,7 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
         if masker is not None and not self.objective.uses_masks:
-            raise ValueError(f"masker={type(masker).__name__} has no effect with objective "
+            raise ConfigError(f"masker={type(masker).__name__} has no effect with objective "
                              f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
         self.optimizer_factory = optimizer
         self.policy, self.reference = load_policy_and_reference(
@@ -296,7 +297,7 @@ class PreferenceModule(LightningModule):
         if stage == "fit" and precision.startswith("16") and precision != "16-true":
             fp16 = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype == torch.float16]
             if fp16:
-                raise ValueError(
+                raise ConfigError(
                     f"trainer.precision={precision} scales fp16 gradients with a GradScaler, which cannot unscale "
                     f"float16 trainable weights (model.dtype={self.hparams.dtype}; e.g. {fp16[0]}). Fix: "
                     "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."

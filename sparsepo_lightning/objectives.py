@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from sparsepo_lightning import losses
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
 
 
@@ -36,7 +37,7 @@ class Objective(ABC):
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
-            raise ValueError(f"{type(self).__name__}: beta must be > 0, got {self.beta}.")
+            raise ConfigError(f"{type(self).__name__}: beta must be > 0, got {self.beta}.")
 
 
 @dataclass
@@ -136,10 +137,10 @@ class SparsePO(Objective):
         options = (("l1_reward", self.l1_reward, self.mask_on_reward), ("l1_kl", self.l1_kl, self.mask_on_kl))
         for name, coeff, on in options:
             if coeff < 0:
-                raise ValueError(f"SparsePO: {name} must be >= 0, got {coeff}.")
+                raise ConfigError(f"SparsePO: {name} must be >= 0, got {coeff}.")
             if coeff and not on:
                 switch = "mask_on_reward" if name == "l1_reward" else "mask_on_kl"
-                raise ValueError(f"SparsePO: {name}={coeff} penalises a mask that is switched off ({switch}=false). "
+                raise ConfigError(f"SparsePO: {name}={coeff} penalises a mask that is switched off ({switch}=false). "
                                  f"Set {name}: 0 or {switch}: true.")
 
     def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:

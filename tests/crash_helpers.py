@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 from lightning.pytorch import Callback
+
+from sparsepo_lightning.checkpointing import RunCheckpoint
 
 
 class LossJSONL(Callback):
@@ -35,3 +38,26 @@ class BlockAtStep(Callback):
             Path(self.marker).write_text(str(batch_idx))
             while True:
                 time.sleep(1)
+
+
+class KillBeforeRelink(RunCheckpoint):
+    """``RunCheckpoint`` that SIGKILLs its own process when ``last.ckpt`` is about to be re-pointed for the
+    ``nth`` time: after the new step checkpoint is written, before the link moves (the window of the old
+    delete-then-relink order)."""
+
+    def __init__(self, nth: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nth, self.calls = nth, 0
+
+    def _link_checkpoint(self, trainer, filepath, linkpath) -> None:  # noqa: ANN001
+        self.calls += 1
+        if self.calls == self.nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._link_checkpoint(trainer, filepath, linkpath)
+
+
+class InternalError(Callback):
+    """Raises a plain ``RuntimeError`` when set up: an internal error, which keeps its traceback."""
+
+    def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
+        raise RuntimeError("an internal error")

@@ -234,3 +234,35 @@ def test_trust_remote_code_is_off_unless_set(monkeypatch):
     models.load_causal_lm("some/model")
     models.load_causal_lm("some/model", trust_remote_code=True)
     assert seen == [False, True]
+
+
+def test_kill_while_last_link_is_repointed_still_resumes(tiny_model_dir, pairs_file, tmp_path):
+    """``save_last: link``, a step checkpoint every step: the run is SIGKILLed after step 2's checkpoint is written
+    and before ``last.ckpt`` is re-pointed at it. ``last.ckpt`` must still lead to a complete checkpoint (step 1;
+    the old order deleted it first, leaving a broken link that ``--ckpt_path last`` skipped, silently restarting
+    from scratch), and ``--ckpt_path last`` resumes from it at step 2."""
+    runs, losses = tmp_path / "runs", tmp_path / "resume.jsonl"
+    killing = tmp_path / "kill.yaml"
+    killing.write_text("trainer:\n  callbacks:\n    - class_path: tests.crash_helpers.KillBeforeRelink\n"
+                       "      init_args: {nth: 2, save_last: link, every_n_train_steps: 1}\n")
+    done = subprocess.run(_fit_cmd(tiny_model_dir, pairs_file, runs, killing, "--trainer.max_steps", "3"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    checkpoints = runs / "debug" / "version_0" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    assert last.is_symlink() and last.exists(), sorted(p.name for p in checkpoints.iterdir())
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    resume = _callbacks_yaml(tmp_path / "resume.yaml", losses)
+    done = subprocess.run(_fit_cmd(tiny_model_dir, pairs_file, runs, resume, "--trainer.max_steps", "3",
+                                   "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {last}" in done.stdout + done.stderr
+    assert [r["step"] for r in _losses(losses)] == [2, 3]
+
+
+def test_link_is_repointed_before_the_old_checkpoint_is_deleted(tiny_model_dir, pairs_file, tmp_path):
+    """In process: every step the link moves to the new step checkpoint, the old one goes, no temporary is left."""
+    callback = _fit(tiny_model_dir, pairs_file, tmp_path / "ckpts", 3, save_last="link", every_n_train_steps=1)
+    names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    assert names == ["epoch=0-step=3.ckpt", "last.ckpt"], names
+    assert os.readlink(tmp_path / "ckpts" / "last.ckpt") == "epoch=0-step=3.ckpt" and callback.losses

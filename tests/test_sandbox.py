@@ -188,8 +188,8 @@ def test_required_namespace_without_unshare_raises(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(sandbox, "network_namespace_available", lambda python=None: False)
     with pytest.raises(RuntimeError, match="network_namespace"):
-        run_program(GOOD, SandboxConfig(network_namespace=True))
-    assert run_program(GOOD, SandboxConfig(network_namespace=None)).passed  # falls back to the guard
+        run_program(GOOD, SandboxConfig(network_namespace=True, boundary=False))
+    assert run_program(GOOD, SandboxConfig(network_namespace=None, boundary=False)).passed  # falls back to the guard
 
 
 def test_child_does_not_see_the_parent_working_directory_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -210,7 +210,7 @@ def test_the_namespace_still_blocks_a_program_that_bypasses_the_guard():
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.setblocking(False)
-        config = SandboxConfig(timeout=5.0, memory_mb=256, network_namespace=True)
+        config = SandboxConfig(timeout=5.0, memory_mb=256, network_namespace=True, boundary=False)  # unshare -rn
         result = run_program(f"PORT = {listener.getsockname()[1]}\n{bypass}", config)
         assert result.status == ERROR and "unreachable" in result.stderr
         with pytest.raises(BlockingIOError):

@@ -19,7 +19,9 @@ when ``dm.tokenizer`` is still ``None``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ from sparsepo_lightning.data.sources import (
     validate_rows,
 )
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
+from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
 from sparsepo_lightning.models import load_tokenizer
 
 Features = dict[str, list[int]]
@@ -128,6 +131,7 @@ class PreferenceDataModule(LightningDataModule):
         """The tokenizer object; loaded from ``tokenizer`` in ``setup`` unless assigned beforehand."""
         self.pad_token_id: int | None = None
         self.report: dict[str, DataReport] = {}
+        self._checked: dict[tuple[str, str], list[PreferencePair]] = {}
         """Per split (``train``/``val``/``test``): rows read, rejected per reason, truncated."""
         self.datasets: dict[str, list[Features]] = {}
         self._train_passes = 0
@@ -138,29 +142,44 @@ class PreferenceDataModule(LightningDataModule):
 
     def _check_options(self) -> None:
         if self.train_file and self.hub_dataset:
-            raise ValueError("data: set either train_file or hub_dataset, not both.")
+            raise ConfigError("data: set either train_file or hub_dataset, not both.")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}: must be in [0, 1).")
+            raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in [0, 1).")
         if self.val_fraction > 0 and (self.val_file or (self.hub_dataset and self.val_split)):
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_fraction={self.val_fraction} holds out part of train, but a validation source is also "
                 "set (val_file, or hub_dataset with val_split). Fix: set val_fraction: 0, or remove val_file / "
                 "set val_split: null."
             )
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_prompt_length={self.max_prompt_length}, data.max_length={self.max_length}: need "
                 "1 <= max_prompt_length < max_length so every response keeps at least one token."
             )
         if self.chat_template is not None and "{" not in self.chat_template:
-            raise ValueError(
+            raise ConfigError(
                 f"data.chat_template={self.chat_template!r} is neither a built-in name ({', '.join(CHAT_TEMPLATES)}) "
                 "nor a Jinja template. Fix: use one of the names or paste the template string."
             )
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size={self.batch_size}: must be >= 1 (pairs per device).")
+            raise ConfigError(f"data.batch_size={self.batch_size}: must be >= 1 (pairs per device).")
         if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"data.max_train_samples={self.max_train_samples}: must be >= 1 or null.")
+            raise ConfigError(f"data.max_train_samples={self.max_train_samples}: must be >= 1 or null.")
+
+    def check_sources(self, stage: str) -> None:
+        """Before any model loads: each local file ``stage`` reads exists (else ``MissingFileError``) and holds a
+        valid pair (else ``DataError``), both naming the option. The pairs are kept for :meth:`setup`."""
+        for split in {"fit": ("train", "val"), "validate": ("val", "train"), "test": ("test",)}.get(stage, ()):
+            path, option = getattr(self, f"{split}_file", None), f"data.{split}_file"
+            if path is None or (split == "train" and stage == "validate" and not self.val_fraction > 0):
+                continue
+            if not Path(path).is_file():
+                raise MissingFileError(f"{option}: data file {str(path)!r} does not exist (working directory "
+                                       f"{os.getcwd()}). Fix: correct {option} in the config or pass --{option}.")
+            if not (pairs := self._read(path, None, split)):
+                raise DataError(f"{option}: no valid preference pair in {path}.\n{self.report[split].summary()}\n"
+                                "Fix: repair the rows listed above, or point the option at another file.")
+            self._checked[(split, str(path))] = pairs
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
 
@@ -181,7 +200,7 @@ class PreferenceDataModule(LightningDataModule):
         if stage in ("test", None) and self.test_file and "test" not in self.datasets:
             self._add_split("test", self._read(self.test_file, None, "test"))
         if stage == "test" and "test" not in self.datasets:
-            raise ValueError("data: testing needs data.test_file.")
+            raise ConfigError("data: testing needs data.test_file.")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k``."""
@@ -234,7 +253,7 @@ class PreferenceDataModule(LightningDataModule):
     def _ensure_tokenizer(self) -> None:
         if self.tokenizer is None:
             if self.tokenizer_name is None:
-                raise ValueError(
+                raise ConfigError(
                     "PreferenceDataModule needs a tokenizer: set data.tokenizer (the CLI links it from the model "
                     "name) or assign dm.tokenizer = <tokenizer object> before setup()."
                 )
@@ -247,7 +266,7 @@ class PreferenceDataModule(LightningDataModule):
     def _setup_train_val(self, stage: str | None) -> None:
         has_train = bool(self.train_file or self.hub_dataset)
         if stage == "fit" and not has_train:
-            raise ValueError("data: fitting needs data.train_file or data.hub_dataset.")
+            raise ConfigError("data: fitting needs data.train_file or data.hub_dataset.")
         read_train = has_train and (stage != "validate" or self.val_fraction > 0)
         train = self._read(self.train_file, self.train_split, "train") if read_train else None
         train, val = self._validation_pairs(train)
@@ -275,13 +294,15 @@ class PreferenceDataModule(LightningDataModule):
 
     def _read(self, path: str | None, hub_split: str | None, split: str) -> list[PreferencePair]:
         """Validated pairs of one source; the report is stored under ``split``."""
+        if path is not None and (split, str(path)) in self._checked:  # validated by check_sources
+            return self._checked.pop((split, str(path)))
         if path is not None:
             rows, name = iter_file(path), path
         elif self.hub_dataset is not None:
             rows = iter_hub(self.hub_dataset, self.hub_config, hub_split, **self.hub_kwargs)
             name = f"{self.hub_dataset}[{hub_split}]"
         else:
-            raise ValueError(f"data: no source for the {split} split. Set {split}_file or hub_dataset.")
+            raise ConfigError(f"data: no source for the {split} split. Set {split}_file or hub_dataset.")
         rows = self.convert_rows(rows, split)
         pairs, self.report[split] = validate_rows(rows, self.fields, source=name, strict=self.strict)
         return pairs
@@ -321,7 +342,7 @@ class PreferenceDataModule(LightningDataModule):
             features.append(feature)
             sources.append(pair.source)
         if not features:
-            raise ValueError(f"data: no valid preference pair left for the {split} split.\n{report.summary()}")
+            raise DataError(f"data: no valid preference pair left for the {split} split.\n{report.summary()}")
         self.datasets[split] = features
         self.sources[split] = sources
         _log_report(split, report)
@@ -347,7 +368,7 @@ def _pad_token_id(tokenizer: Any) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token. Fix: set tokenizer.pad_token.")
+        raise ConfigError("the tokenizer has neither a pad nor an eos token. Fix: set tokenizer.pad_token.")
     rank_zero_warn("The tokenizer has no pad token; padding with the EOS id (masked out by attention_mask).")
     return tokenizer.eos_token_id
 
@@ -358,7 +379,7 @@ def _hold_out(
     """Seeded split into ``(train, val)`` with ``max(1, round(fraction * n))`` validation pairs."""
     n_val = max(1, round(fraction * len(pairs)))
     if n_val >= len(pairs):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={fraction} leaves no training pair out of {len(pairs)}. Fix: lower val_fraction "
             "or provide val_file."
         )

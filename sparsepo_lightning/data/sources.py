@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
+
 Messages = list[dict[str, str]]
 Text = str | Messages
 
@@ -231,7 +233,7 @@ def _json_row_list(document: Any, text: str, path: str | Path) -> tuple[list[Any
                 match = re.search(r'"' + key + r'"\s*:\s*\[', text)
                 return document[key], None if match is None else match.end() - 1
     keys = sorted(document) if isinstance(document, dict) else None
-    raise ValueError(
+    raise DataError(
         f"{path}: expected a JSON list of rows or an object with a 'data' or 'train' list, "
         f"got {type(document).__name__} (keys {keys}). "
         'Fix: store the rows as a top-level list or as {"data": [...]}, or convert the file to JSONL.'
@@ -282,7 +284,7 @@ def load_hub_split(name: str, config: str | None, split: str, **kwargs: Any) -> 
     try:
         return datasets.load_dataset(name, config, split=split, **kwargs)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"could not load hub dataset {name!r} (config {config!r}, split {split!r}, options {kwargs}): {e}. "
             "Fix: check hub_dataset / hub_config / hub_kwargs, and set train_split / val_split to splits that "
             "exist (val_split: null disables the hub validation split)."
@@ -299,7 +301,7 @@ def iter_file(path: str | Path) -> Iterator[RawRow]:
     """Dispatch on the suffix: ``.jsonl``, ``.json`` or ``.parquet``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist. Fix: check train_file/val_file/test_file.")
+        raise MissingFileError(f"data file {str(path)!r} does not exist. Fix: check train_file/val_file/test_file.")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return iter_jsonl(path)
@@ -307,7 +309,7 @@ def iter_file(path: str | Path) -> Iterator[RawRow]:
         return iter_json(path)
     if suffix == ".parquet":
         return iter_parquet(path)
-    raise ValueError(
+    raise ConfigError(
         f"{path}: unsupported file type {suffix!r}. Fix: use one of {', '.join(_FILE_SUFFIXES)}, "
         "or load it with `datasets` and pass a hub_dataset name."
     )
@@ -354,7 +356,7 @@ def load_pairs(
     fields = FieldNames(prompt_field, chosen_field, rejected_field)
     pairs, report = validate_rows(rows, fields, source=source, strict=strict)
     if not pairs:
-        raise ValueError(f"no valid preference pair in {source}.\n{report.summary()}")
+        raise DataError(f"no valid preference pair in {source}.\n{report.summary()}")
     return pairs, report
 
 
@@ -374,7 +376,7 @@ def validate_rows(
             pairs.append(_row_to_pair(row, fields))
         except _RowError as e:
             if strict:
-                raise ValueError(
+                raise DataError(
                     f"{e} (strict=True stops at the first bad row; strict=False counts and skips them)"
                 ) from None
             report.reject(RowIssue(e.reason, row.location, e.field_name, str(e)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsepo_lightning.data.sources import Messages, PreferencePair, Text
+from sparsepo_lightning.errors import DataError
 from sparsepo_lightning.types import IGNORE_INDEX
 
 _SIDES = ("chosen", "rejected")
@@ -31,7 +32,7 @@ CHAT_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE}
 """Built-in chat templates by name, for base/SFT models that ship none (Pythia, GPT-J, GPT-2)."""
 
 
-class EmptyResponseError(ValueError):
+class EmptyResponseError(DataError):
     """A response has no token left to train on (e.g. it tokenised to nothing and the tokenizer has no EOS)."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from sparsepo_lightning.data.code import MBPP_HUB_ID, STOP_STRINGS, load_mbpp, truncate_completion
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -113,10 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sample (or take the canonical solutions), execute, estimate pass@k per policy; returns the JSON summary."""
     if bool(args.policies) == args.canonical:
-        raise ValueError("Give either --policies (models to sample from) or --canonical (reference solutions).")
+        raise ConfigError("Give either --policies (models to sample from) or --canonical (reference solutions).")
     bad_k = [k for k in args.k if not 1 <= k <= args.num_samples]
     if bad_k:
-        raise ValueError(f"--k {bad_k}: each k must be in [1, --num-samples={args.num_samples}].")
+        raise ConfigError(f"--k {bad_k}: each k must be in [1, --num-samples={args.num_samples}].")
     problems = (humaneval_problems(args.limit) if args.benchmark == "humaneval"
                 else mbpp_problems(args.mbpp_source, args.mbpp_config, args.mbpp_split, args.limit))  # fmt: skip
     sandbox = SandboxConfig(timeout=args.timeout, memory_mb=args.memory_mb)

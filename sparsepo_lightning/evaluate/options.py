@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.policies import label_of
 from sparsepo_lightning.evaluate.sampling import CHAT_TEMPLATE_CHOICES, GenerationConfig
 
@@ -26,7 +27,7 @@ def policy_labels(args: argparse.Namespace) -> list[str]:
     """
     labels = args.labels or [label_of(p) for p in args.policies]
     if len(labels) != len(args.policies):
-        raise ValueError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
+        raise ConfigError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
     return labels
 
 
@@ -89,13 +90,13 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         prompts = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}: row {i} has no string 'prompt'. Fix: give a prompts file or pairs file.")
+                raise ConfigError(f"{path}: row {i} has no string 'prompt'. Fix: give a prompts file or pairs file.")
             prompts.append(row["prompt"])
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     prompts = list(dict.fromkeys(prompts))[:limit]
     if not prompts:
-        raise ValueError(f"{path}: no prompts found.")
+        raise ConfigError(f"{path}: no prompts found.")
     return prompts
 
 

@@ -16,7 +16,13 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsepo_lightning.checkpoint_reading import build_policy, is_checkpoint, read_checkpoint, read_hparams
+from sparsepo_lightning.checkpoint_reading import (
+    build_policy,
+    checkpoint_step,
+    is_checkpoint,
+    read_checkpoint,
+    read_hparams,
+)
 from sparsepo_lightning.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,8 +43,17 @@ class LoadedPolicy:
 
 
 def label_of(spec: str) -> str:
-    """A short display name: ``runs/x/checkpoints/step=10.ckpt`` (file or FSDP folder) -> ``step=10``; names kept."""
-    return Path(spec).stem if is_checkpoint(spec) else spec
+    """A short display name: a checkpoint of a run (``runs/quickstart/version_0/checkpoints/last.ckpt``, file or
+    FSDP folder) -> ``quickstart/version_0 @ step 70`` (the step saved in it); another checkpoint -> its file stem
+    (``step=10``); model names are kept."""
+    if not is_checkpoint(spec):
+        return spec
+    path = Path(spec)
+    if path.parent.name != "checkpoints" or len(path.parents) < 3:
+        return path.stem
+    step = checkpoint_step(path)
+    run = f"{path.parent.parent.parent.name}/{path.parent.parent.name}"
+    return f"{run} @ step {step}" if step is not None else f"{run} {path.stem}"
 
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.generation import SamplingOptions, decode_until_special, seeded_generate, stop_ids
 
 CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
@@ -49,12 +50,12 @@ def render_prompts(
     """Prompts as the model sees them: raw text, or one user message (after an optional system message)
     rendered with a chat template and the generation prompt, as the training data modules render them."""
     if chat_template not in CHAT_TEMPLATE_CHOICES:
-        raise ValueError(f"--chat-template={chat_template!r}: use one of {', '.join(CHAT_TEMPLATE_CHOICES)}.")
+        raise ConfigError(f"--chat-template={chat_template!r}: use one of {', '.join(CHAT_TEMPLATE_CHOICES)}.")
     if chat_template == "none":
         return list(prompts)
     template = CHAT_TEMPLATES.get(chat_template)
     if template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat-template model: the tokenizer has no chat template. Fix: --chat-template zephyr.")
+        raise ConfigError("--chat-template model: the tokenizer has no chat template. Fix: --chat-template zephyr.")
     system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     return [
         tokenizer.apply_chat_template([*system, {"role": "user", "content": p}], chat_template=template,

@@ -8,7 +8,9 @@ score is P(positive)). The sequence KL is estimated on the policy's own samples:
 
 (log-softmax in float32, summed over the sampled tokens including a sampled EOS). The estimator is unbiased only
 when the samples come from π_θ itself: keep ``--temperature 1 --top-p 1 --top-k 0`` (the defaults) for it.
-Each policy is one point of the reward–KL frontier plot. Run::
+Each policy is one point of the reward–KL frontier plot, labelled by run and step (``quickstart/version_0 @ step
+70``); each reference is drawn too, as the KL = 0 anchor at its own expected reward (its samples scored the same
+way; ``references`` in the JSON). Run::
 
     sparsepo evaluate sentiment --policies runs/a/checkpoints/last.ckpt runs/b/checkpoints/last.ckpt \\
         --prompts data/samples/imdb/imdb-sft-test.jsonl --num-samples 8 --out eval/imdb
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from sparsepo_lightning.data.scorers import make_scorer
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -57,44 +60,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every policy; returns the JSON summary."""
     labels = policy_labels(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
-    config = generation_config(args)
+    generation_config(args)  # checks the sampling options before any model loads
     label = args.scorer_positive_label
     scorer = make_scorer(args.scorer, int(label) if label and label.isdigit() else label, device=args.device)
     report = Report(args.out, "sentiment")
-    results, samples, references = [], [], {}
+    results, samples, references, anchors = [], [], {}, {}
     for step, (spec, name) in enumerate(zip(args.policies, labels, strict=True)):
         ref_name = _reference_for(spec, args.reference)
         if ref_name not in references:
             references = {ref_name: load_causal_lm(ref_name, dtype=args.dtype).to(args.device).eval()}
         policy = load_policy(spec, args.dtype, args.device, label=name)
-        rendered = render_prompts(policy.tokenizer, prompts, args.chat_template, args.system_prompt)
-        completions = generate(policy.model, policy.tokenizer, rendered, config, progress=not args.no_progress,
-                               desc=f"sampling {name}")  # fmt: skip
-        flat = [c for group in completions for c in group]
-        rewards = torch.tensor(scorer([c.text for c in flat]), dtype=torch.float64)
-        kl = sequence_kl(policy.model, references[ref_name], flat, args.batch_size, not args.no_progress)
-        result = {"label": name, "policy": spec, "reference": ref_name, **summarise(rewards, kl)}
+        result, rows = _score(args, policy.model, policy.tokenizer, references[ref_name], prompts, scorer, name)
+        result = {"label": name, "policy": spec, "reference": ref_name, **result}
         results.append(result)
         report.scalars({"reward": result["reward_mean"], "kl": result["kl_mean"]}, step)
-        report.text(f"samples/{name}", "\n\n".join(f"**{prompts[i // config.num_samples]}**{c.text}"
-                                                   for i, c in enumerate(flat[:8])))  # fmt: skip
-        samples += [{"label": name, "prompt": prompts[i // config.num_samples], "completion": c.text,
-                     "reward": float(rewards[i]), "kl": float(kl[i])} for i, c in enumerate(flat)]  # fmt: skip
+        report.text(f"samples/{name}", "\n\n".join(f"**{r['prompt']}**{r['completion']}" for r in rows[:8]))
+        samples += rows
         log.info("%s: reward %.4f, KL %.4f", name, result["reward_mean"], result["kl_mean"])
+        if spec == ref_name:  # the reference itself was evaluated: its point is the anchor
+            anchors[ref_name] = {**result, "label": f"reference {ref_name}"}
+        elif ref_name not in anchors:  # the reference's own samples, scored the same way; KL 0 by definition
+            anchor, _ = _score(args, references[ref_name], policy.tokenizer, None, prompts, scorer, ref_name)
+            anchors[ref_name] = {"label": f"reference {ref_name}", "policy": ref_name, "reference": ref_name,
+                                 **anchor}  # fmt: skip
+            log.info("reference %s: reward %.4f", ref_name, anchor["reward_mean"])
         del policy
-    summary = {"command": "sentiment", "config": options_record(args), "results": results}
+    summary = {"command": "sentiment", "config": options_record(args), "results": results,
+               "references": list(anchors.values())}
     report.write_json(summary)
     report.write_csv(results)
     report.write_jsonl(samples)
-    report.plot(frontier_plot(results))
+    report.plot(frontier_plot(results, list(anchors.values())))
     summary["files"] = {k: str(v) for k, v in report.close().items()}
     return summary
+
+
+def _score(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, reference: torch.nn.Module | None,
+           prompts: list[str], scorer: Any, name: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sample ``model``, score the samples and estimate the KL to ``reference`` (0 when ``None``: the reference
+    itself); returns the summary and one row per sample."""
+    config = generation_config(args)
+    rendered = render_prompts(tokenizer, prompts, args.chat_template, args.system_prompt)
+    completions = generate(model, tokenizer, rendered, config, progress=not args.no_progress, desc=f"sampling {name}")
+    flat = [c for group in completions for c in group]
+    rewards = torch.tensor(scorer([c.text for c in flat]), dtype=torch.float64)
+    kl = (sequence_kl(model, reference, flat, args.batch_size, not args.no_progress) if reference is not None
+          else torch.zeros(len(flat)))  # fmt: skip
+    rows = [{"label": name, "prompt": prompts[i // config.num_samples], "completion": c.text,
+             "reward": float(rewards[i]), "kl": float(kl[i])} for i, c in enumerate(flat)]  # fmt: skip
+    return summarise(rewards, kl), rows
 
 
 def _reference_for(spec: str, reference: str | None) -> str:
     name = reference or reference_name(spec)
     if name is None:
-        raise ValueError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
+        raise ConfigError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
                          "(e.g. the SFT model the policy started from).")  # fmt: skip
     return name
 
@@ -119,9 +139,11 @@ def summarise(rewards: torch.Tensor, kl: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def frontier_plot(results: list[dict[str, Any]]) -> Plot:
-    """One point per policy: x = KL, y = expected reward, labelled with the policy name."""
-    series = Series("policies", [r["kl_mean"] for r in results], [r["reward_mean"] for r in results],
-                    point_labels=[r["label"] for r in results])  # fmt: skip
-    return Plot("Reward-KL frontier", "sequence KL(policy || reference), nats", "expected reward", [series],
+def frontier_plot(results: list[dict[str, Any]], references: list[dict[str, Any]] = ()) -> Plot:
+    """One point per policy: x = KL, y = expected reward, labelled with the policy name; each reference as its
+    KL = 0 anchor."""
+    series = [Series(label, [r["kl_mean"] for r in rows], [r["reward_mean"] for r in rows],
+                     point_labels=[r["label"] for r in rows])  # fmt: skip
+              for label, rows in (("reference (KL = 0)", references), ("policies", results)) if rows]
+    return Plot("Reward-KL frontier", "sequence KL(policy || reference), nats", "expected reward", series,
                 lines=False)  # fmt: skip

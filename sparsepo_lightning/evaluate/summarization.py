@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -105,7 +106,7 @@ def load_references(data: str, subset: str, split: str, limit: int | None) -> di
     for row in rows:
         pair = comparison_to_pair(row) if "summaries" in row else row
         if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("chosen"), str):
-            raise ValueError(f"{data}: a row has no string prompt/chosen (keys {sorted(pair)}); give TL;DR "
+            raise ConfigError(f"{data}: a row has no string prompt/chosen (keys {sorted(pair)}); give TL;DR "
                              "comparisons or plain-text pairs.")  # fmt: skip
         if pair["prompt"] not in references and limit is not None and len(references) >= limit:
             continue
@@ -113,7 +114,7 @@ def load_references(data: str, subset: str, split: str, limit: int | None) -> di
         if pair["chosen"] not in chosen:
             chosen.append(pair["chosen"])
     if not references:
-        raise ValueError(f"{data}: no rows found (subset {subset!r}, split {split!r}).")
+        raise ConfigError(f"{data}: no rows found (subset {subset!r}, split {split!r}).")
     return references
 
 

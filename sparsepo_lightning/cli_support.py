@@ -1,0 +1,259 @@
+"""What the ``sparsepo`` command adds to LightningCLI: one-paragraph parse errors (which file and line, "did you
+mean"), checks that run before any model loads (``--ckpt_path``, output folders), a progress bar that counts steps
+for step-bounded runs, and quieter Lightning console output."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser
+
+from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
+
+ARGV: list[str] = []
+"""The arguments being parsed (set by the CLI before parsing), to find the config files an error comes from."""
+START_DIR: list[str] = [os.getcwd()]
+"""The working directory the arguments are relative to (jsonargparse changes it while it reads a config file)."""
+
+OPTIMIZER_FIX = (
+    "the optimizer is set in one place, the model: --model.optimizer CLASS (e.g. --model.optimizer torch.optim.SGD) "
+    "with --model.lr, --model.mask_lr, --model.weight_decay, --model.warmup_ratio and --model.schedule. The module "
+    "builds the parameter groups (policy, no-decay, masks with their own learning rate) and the warm-up schedule "
+    "itself; a top-level --optimizer/--lr_scheduler would replace both."
+)
+
+
+class SparsePOArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose errors are one message with the place and the fix, not a usage dump.
+
+    ``JSONARGPARSE_DEBUG=1`` (set by ``--debug``) keeps jsonargparse's own behaviour: raise with the traceback.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active  # the switch jsonargparse itself reads
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {explain(message, parser, ARGV)}\n"
+                         f"All options: {prog} --help (--debug shows the traceback).\n")  # fmt: skip
+        sys.exit(2)
+
+
+def explain(message: str, parser: Any, argv: list[str]) -> str:
+    """jsonargparse's error ``message`` rewritten: the bad key, the file and line it is in, a "did you mean"."""
+    unknown = re.search(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        keys = [a[2:].split("=")[0] for a in unknown.group(1).split() if a.startswith("--")]
+        if any(k.split(".")[0] in ("optimizer", "lr_scheduler") for k in keys):
+            return f"unknown option --{keys[0]}: {OPTIMIZER_FIX}"
+        return "; ".join(_unknown_key(k, _option_names(parser), argv, "option --") for k in keys) or message
+    not_accepted = re.search(r"does not accept option '([^']+)'", message)
+    if not_accepted:
+        return _unknown_key(not_accepted.group(1), _option_names(parser), argv, "key ")
+    nested = re.search(r"Parser key \"([^\"]+)\".*?class_path '([^']+)':\s*Option '([^']+)' is not accepted",
+                       message, flags=re.S)  # fmt: skip
+    if nested:
+        group, class_path, key = nested.groups()
+        return _unknown_key(f"{group}.init_args.{key}", _init_parameters(class_path, f"{group}.init_args."), argv,
+                            "key ", f" (not a parameter of {class_path})")  # fmt: skip
+    if "Problems parsing config" in message and "<unicode string>" in message:
+        broken = next((f for f in config_files(argv) if not _parses(f)), None)
+        if broken is not None:
+            return message.replace('"<unicode string>"', broken) + f"\nFix: correct the YAML syntax of {broken}."
+    return message
+
+
+def _parses(file: str) -> bool:
+    import yaml
+
+    try:
+        yaml.safe_load(_path(file).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return True
+
+
+def _unknown_key(key: str, candidates: list[str], argv: list[str], kind: str, why: str = "") -> str:
+    where = _locate(key.split(".")[-1], argv)
+    text = f"unknown {kind}{key}{why}" + (f" in {where}" if where else " on the command line")
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if match:
+        leaf = match[0].split(".")[-1]
+        return text + f". Did you mean {match[0]!r}? Fix: rename it to {leaf!r}" + (f" in {where}." if where else ".")
+    return text + ". Fix: remove it, or see --help for the accepted options."
+
+
+def _option_names(parser: Any) -> list[str]:
+    names = {a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)}
+    return sorted(n for n in names if n not in ("help", "config"))
+
+
+def _init_parameters(class_path: str, prefix: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        return [prefix + p for c in cls.__mro__ if c is not object for p in inspect.signature(c.__init__).parameters
+                if p not in ("self", "args", "kwargs")]  # fmt: skip
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` / ``-c`` files in ``argv``, in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _path(file: str) -> Path:
+    return Path(START_DIR[0], file)
+
+
+def _locate(leaf: str, argv: list[str]) -> str | None:
+    """``file:line`` of the last config file in ``argv`` that has ``leaf:`` as a YAML key, if any."""
+    pattern = re.compile(rf"^\s*(-\s+)?{re.escape(leaf)}\s*:")
+    found = None
+    for file in config_files(argv):
+        try:
+            lines = _path(file).read_text().splitlines()
+        except OSError:
+            continue
+        for number, line in enumerate(lines, 1):
+            if pattern.match(line):
+                found = f"{file}:{number}"
+                break
+    return found
+
+
+def check_before_loading(config: Namespace, subcommand: str) -> None:
+    """Checks that need no model: ``--ckpt_path`` exists (or ``last`` resolves), the log folder is writable and a
+    checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
+    logger = config.get("trainer", {}).get("logger")
+    run_dir = None
+    if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        init = logger.get("init_args", {})
+        save_dir = Path(str(init.get("save_dir") or "runs"))
+        run_dir = save_dir / str(init.get("name") or "lightning_logs")
+        existing = next((p for p in (save_dir, *save_dir.parents) if p.exists()), None)
+        if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+            raise ConfigError(f"trainer.logger.init_args.save_dir={save_dir}: {existing} is not a writable folder. "
+                              "Fix: --trainer.logger.init_args.save_dir DIR with a folder you can write to.")
+    ckpt_path = config.get("ckpt_path")
+    callbacks = config.get("trainer", {}).get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if subcommand == "fit":
+        _check_checkpoint_dirs(callbacks, ckpt_path)
+    if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+        return
+    own_dirs = [Path(str(c.init_args.dirpath)) for c in callbacks if isinstance(c, Namespace)
+                and str(c.get("class_path")).endswith("Checkpoint") and (c.get("init_args") or {}).get("dirpath")]
+    if ckpt_path == "last":
+        if own_dirs:  # a checkpoint callback with its own folder resumes from there only
+            where = " or ".join(f"{d}/last*.ckpt" for d in own_dirs)
+            found = any(p.exists() for d in own_dirs for p in d.glob("last*.ckpt"))
+        else:
+            where = f"{run_dir}/version_*/checkpoints/last*.ckpt" if run_dir is not None else ""
+            found = run_dir is None or bool(_last_checkpoints(run_dir))
+        if not found:
+            links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
+                     else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
+            broken = sorted(str(p) for p in links if not p.exists())
+            raise MissingFileError(
+                f"--ckpt_path last: no last checkpoint at {where}"
+                + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
+                "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
+                "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
+            )
+        return
+    if not Path(ckpt_path).exists():
+        runs = _last_checkpoints(run_dir) if run_dir is not None else []
+        hint = f" The newest last checkpoint of this run is {runs[-1]} (--ckpt_path last)." if runs else ""
+        raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file or folder (working directory {os.getcwd()})."
+                               f"{hint} Fix: give an existing .ckpt file or checkpoint folder, or --ckpt_path last.")
+
+
+def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
+    """A ``RunCheckpoint`` with its own ``dirpath`` that already holds files fails now, not after the models load
+    (the same rule as ``RunCheckpoint.on_train_start``: resuming from inside the folder or ``overwrite`` is fine)."""
+    for callback in callbacks:
+        if not isinstance(callback, Namespace) or not str(callback.get("class_path")).endswith("RunCheckpoint"):
+            continue
+        init = callback.get("init_args") or Namespace()
+        dirpath = init.get("dirpath")
+        if not dirpath or init.get("overwrite") or not Path(dirpath).is_dir() or not any(Path(dirpath).iterdir()):
+            continue
+        resumed = ckpt_path == "last" or (ckpt_path and Path(ckpt_path).resolve().parent == Path(dirpath).resolve())
+        if not resumed:
+            shown = ", ".join(sorted(p.name for p in Path(dirpath).iterdir())[:3])
+            raise OutputExistsError(
+                f"checkpoint directory {dirpath} (RunCheckpoint dirpath) already holds files ({shown}) from another "
+                "run; this run would overwrite them. Fix: resume that run with --ckpt_path last, choose another "
+                "dirpath, or set RunCheckpoint overwrite: true to replace them."
+            )
+
+
+def _last_checkpoints(run_dir: Path) -> list[str]:
+    found = [p for p in run_dir.glob("*/checkpoints/last*.ckpt") if p.exists()]  # skips broken links
+    return [str(p) for p in sorted(found, key=os.path.getmtime)]
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar; when ``trainer.max_steps`` bounds the run it counts optimizer steps out of
+    the real total (``trainer.estimated_stepping_batches``) instead of showing ``Epoch 0/-2``."""
+
+    def _steps_total(self) -> int | None:
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return None
+        total = trainer.estimated_stepping_batches
+        return int(total) if total != float("inf") else None
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._steps_total() is None:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}, steps"
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        total = self._steps_total()
+        if total is not None and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.reset(self.train_progress_bar_id, total=total, completed=trainer.global_step,
+                                description=self._get_train_description(trainer.current_epoch))  # fmt: skip
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._steps_total() is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+        return None
+
+
+class _DropAdvertisement(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's "Tip: ... litlogger" advertisement (printed on every run)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdvertisement) for f in target.filters):
+            target.addFilter(_DropAdvertisement())

@@ -1,0 +1,212 @@
+"""`sparsepo` as a user meets it: run as a subprocess, judged by exit status and what it prints.
+
+Help that describes this tool; user errors as one message with the place and the fix (status 2, no traceback;
+``--debug`` shows it); checks that run before any model loads (the model named in these runs does not exist, so
+an error about anything else proves the model was never loaded); a misspelt key named with its file and a "did you
+mean"; one place for the optimizer; an accurate resume line; no Lightning advertisement; a step-counting progress
+bar; and evaluation plots labelled by run and step with the reference as the KL = 0 anchor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_MODEL = "/nonexistent/sparsepo-model-that-is-never-loaded"
+TINY = ["fit", "--config", "configs/debug/tiny.yaml"]
+
+
+def sparsepo(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("SPARSEPO_DEBUG", "JSONARGPARSE_DEBUG")}
+    environment.update(PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in done.stderr, (phrase, done.stderr[-3000:])
+    assert NO_MODEL not in done.stderr  # the model was never loaded
+
+
+def test_help_describes_this_tool():
+    done = sparsepo("--help")
+    assert done.returncode == 0, done.stderr
+    assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout
+    for command in ("fit", "validate", "test", "evaluate", "export"):
+        assert f"\n    {command} " in done.stdout, command
+    assert "predict" not in done.stdout and "Lightning Trainer command line tool" not in done.stdout
+    refused = sparsepo("predict")
+    assert refused.returncode == 2 and "invalid choice: 'predict'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_fit_help_lists_the_task_loaders_and_one_optimizer():
+    done = sparsepo("fit", "--help")
+    assert done.returncode == 0, done.stderr
+    for loader in ("HHDataModule", "IMDBDataModule", "TLDRDataModule", "CodeDataModule"):
+        assert loader in done.stdout, loader
+    assert "--model.optimizer" in done.stdout
+    assert "\n  --optimizer" not in done.stdout and "--lr_scheduler" not in done.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_rows(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "bad.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "same", "rejected": "same"}\nnot json\n')
+    return str(path)
+
+
+@pytest.mark.parametrize(("args", "phrases"), [
+    (["--data.train_file", "missing.jsonl"], ["data.train_file", "'missing.jsonl' does not exist", "Fix:"]),
+    (["--data.train_file", "BAD"], ["data.train_file: no valid preference pair", "bad.jsonl:2", "bad.jsonl:1",
+                                    "Fix:"]),
+    (["--model.objective", "sparsepo_lightning.objectives.DPO"],
+     ["masker=LearnedMasker has no effect with objective DPO", "Remove `masker`"]),
+    (["--ckpt_path", "missing.ckpt"], ["--ckpt_path missing.ckpt: no such file", "--ckpt_path last"]),
+    (["--ckpt_path", "last", "--trainer.logger.init_args.save_dir", "TMP"],
+     ["--ckpt_path last: no last checkpoint at", "Fix:"]),
+    (["--model.warmup_ratio", "1.5"], ["model.warmup_ratio=1.5: must be in [0, 1)"]),
+    (["--trainer.logger.init_args.save_dir", "FILE"], ["is not a writable folder", "Fix:"]),
+], ids=["missing-data", "only-bad-rows", "masker-objective", "missing-ckpt", "last-resolves-nothing", "option",
+        "log-folder"])
+def test_user_errors_are_one_message_before_any_model_loads(args, phrases, bad_rows, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    places = {"BAD": bad_rows, "TMP": str(tmp_path / "runs"), "FILE": str(tmp_path / "a-file" / "runs")}
+    args = [places.get(a, a) for a in args]
+    _user_error(sparsepo(*TINY, "--model.model", NO_MODEL, *args), *phrases)
+
+
+def test_an_occupied_checkpoint_folder_fails_before_any_model_loads(tmp_path):
+    occupied = tmp_path / "ckpts"
+    occupied.mkdir()
+    (occupied / "last.ckpt").write_text("another run's checkpoint")
+    config = tmp_path / "ckpt.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: sparsepo_lightning.checkpointing.RunCheckpoint\n"
+                      f"      init_args: {{dirpath: {json.dumps(str(occupied))}}}\n")
+    _user_error(sparsepo(*TINY, "--config", str(config), "--model.model", NO_MODEL),
+                f"checkpoint directory {occupied}", "last.ckpt", "Fix:")
+    assert (occupied / "last.ckpt").read_text() == "another run's checkpoint"
+
+
+def test_last_pointing_at_a_deleted_checkpoint_is_named(tmp_path):
+    checkpoints = tmp_path / "runs" / "debug" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").symlink_to("epoch=0-step=200.ckpt")  # its target is gone
+    _user_error(sparsepo(*TINY, "--model.model", NO_MODEL, "--ckpt_path", "last",
+                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")),
+                "--ckpt_path last: no last checkpoint at", f"broken links: {checkpoints / 'last.ckpt'}", "Fix:")
+
+
+def test_export_errors_are_one_message(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+    done = sparsepo("export", str(tmp_path / "any.ckpt"), str(occupied))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{occupied} already exists and is not an empty folder" in done.stderr and "Fix:" in done.stderr
+    done = sparsepo("export", str(tmp_path / "missing.ckpt"), str(tmp_path / "new"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "missing.ckpt' does not exist" in done.stderr
+
+
+def test_evaluate_option_errors_are_one_message(tmp_path):
+    done = sparsepo("evaluate", "sentiment", "--policies", "a-model", "another-model", "--labels", "one",
+                    "--prompts", str(ROOT / "data/samples/imdb/imdb-sft-test.jsonl"), "--out", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--labels: got 1 names for 2 --policies; give one each." in done.stderr
+
+
+@pytest.mark.parametrize("switch", ["flag", "env"])
+def test_debug_shows_the_traceback(switch):
+    args, env = (["--debug"], None) if switch == "flag" else ([], {"SPARSEPO_DEBUG": "1"})
+    done = sparsepo(*TINY, "--model.model", NO_MODEL, "--data.train_file", "missing.jsonl", *args, env=env)
+    assert done.returncode != 0 and "Traceback" in done.stderr and "MissingFileError" in done.stderr
+
+
+def test_internal_errors_keep_their_traceback(tiny_model_dir, tmp_path):
+    config = tmp_path / "boom.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: tests.crash_helpers.InternalError\n")
+    done = sparsepo(*TINY, "--config", str(config), "--model.model", tiny_model_dir,
+                    "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))
+    assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: an internal error" in done.stderr
+
+
+def test_misspelt_yaml_keys_name_the_file_line_and_the_likely_key(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  accelerator: cpu\n  max_stepz: 3\n")
+    _user_error(sparsepo(*TINY, "--config", str(typo), "--model.model", NO_MODEL),
+                f"unknown key trainer.max_stepz in {typo}:3", "Did you mean 'trainer.max_steps'?")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  objective:\n    init_args:\n      betta: 0.1\n")
+    _user_error(sparsepo(*TINY, "--config", str(nested), "--model.model", NO_MODEL),
+                f"in {nested}:4", "not a parameter of sparsepo_lightning.objectives.SparsePO",
+                "Did you mean 'model.objective.init_args.beta'?")
+    _user_error(sparsepo(*TINY, "--trainer.max_stepz", "3", "--model.model", NO_MODEL),
+                "unknown option --trainer.max_stepz on the command line", "Did you mean 'trainer.max_steps'?")
+    relative = os.path.relpath(typo, ROOT)  # jsonargparse reads a config file from inside its folder
+    _user_error(sparsepo(*TINY, "--config", relative, "--model.model", NO_MODEL), f"in {relative}:3")
+
+
+def test_broken_yaml_names_its_file_and_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1\n")
+    _user_error(sparsepo(*TINY, "--config", str(broken), "--model.model", NO_MODEL),
+                f"in {broken}, line 2", f"Fix: correct the YAML syntax of {broken}.")
+
+
+def test_top_level_optimizer_is_refused_with_the_fix():
+    _user_error(sparsepo(*TINY, "--optimizer", "SGD", "--optimizer.lr", "0.5", "--model.model", NO_MODEL),
+                "unknown option --optimizer", "--model.optimizer", "mask")
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, pairs_file, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """3 steps of the tiny config on 16 pairs (8 batches per epoch): bounded by max_steps, ends mid-epoch."""
+    runs = tmp_path_factory.mktemp("cli-runs")
+    done = sparsepo(*TINY, "--model.model", tiny_model_dir, "--data.train_file", pairs_file, "--data.val_file",
+                    pairs_file, "--trainer.max_steps", "3", "--trainer.logger.init_args.save_dir", str(runs))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return runs, done
+
+
+def test_console_shows_steps_of_the_real_total_and_no_advertisement(first_run):
+    _, done = first_run
+    output = done.stdout + done.stderr
+    assert "litlogger" not in output and "Tip:" not in output
+    assert "Epoch 0/-2" not in output and "Epoch 0, steps" in output and "3/3" in output
+
+
+def test_resume_says_what_resumes_exactly(first_run, tiny_model_dir, pairs_file):
+    runs, _ = first_run
+    done = sparsepo(*TINY, "--model.model", tiny_model_dir, "--data.train_file", pairs_file, "--data.val_file",
+                    pairs_file, "--trainer.max_steps", "5", "--trainer.logger.init_args.save_dir", str(runs),
+                    "--ckpt_path", "last", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    assert "not resumable" not in output
+    assert "Resuming at step 3: weights, masks, optimizer, learning-rate schedule and loop counters are restored; " \
+           "mid-epoch, after 3 batches of pass 1; the pass continues with the next batch" in output
+
+
+def test_sentiment_plot_labels_runs_by_step_and_anchors_the_reference(first_run, tiny_model_dir, tmp_path):
+    runs, _ = first_run
+    last = runs / "debug" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    done = sparsepo("evaluate", "sentiment", "--policies", str(last), "--prompts",
+                    str(ROOT / "data/samples/imdb/imdb-sft-test.jsonl"), "--num-prompts", "2", "--num-samples", "2",
+                    "--max-new-tokens", "4", "--out", str(out), "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "sentiment.json").read_text())
+    (policy,) = summary["results"]
+    assert policy["label"] == "debug/version_0 @ step 3"
+    (anchor,) = summary["references"]
+    assert anchor["policy"] == tiny_model_dir and anchor["kl_mean"] == 0.0 and anchor["num_samples"] == 4
+    assert (out / "sentiment.png").is_file()
