@@ -1,6 +1,6 @@
 """Per-token log-probabilities and full-vocabulary KL, in float32, over response positions only.
 
-Why this file exists (method.md §8.1, decision 5): the released code keeps four ``(B, T, V)`` log-softmaxes
+Why this file exists (docs/method.md §8.1): the released code keeps four ``(B, T, V)`` log-softmaxes
 plus a reference softmax alive at once. Here the models return only their final hidden states and the LM head
 is applied to the *response* positions only, ``chunk_size`` tokens at a time, so neither model's ``(N, V)``
 logits survive the forward pass. Two implementations:
@@ -61,7 +61,7 @@ def final_hidden_states(
 
     Returns:
         ``(last_hidden, layers)``: ``last_hidden`` is ``(N, T, d)`` (after the final norm); ``layers`` is the
-        tuple of the L block outputs (embedding output dropped, method.md §3.1) when ``all_layers``, else None.
+        tuple of the L block outputs (embedding output dropped, docs/method.md §3.1) when ``all_layers``, else None.
     """
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False
@@ -141,7 +141,7 @@ class FusedTokenStats(torch.autograd.Function):
             if with_kl:  # in place on the two (c, V) buffers: no third one
                 ref_logits.sub_(ref_lse[chunk, None])  # log q
                 logits.sub_(lse[chunk, None]).sub_(ref_logits)  # log p − log q
-                # KL = Σ_v q (log q − log p) ≥ 0 (method.md decision 2); log-softmax form avoids 0·(−inf).
+                # KL = Σ_v q (log q − log p) ≥ 0 (docs/method.md, Notation); log-softmax form avoids 0·(−inf).
                 kl[chunk] = -logits.mul_(ref_logits.exp_()).sum(-1)
         ctx.chunk_size, ctx.with_kl = chunk_size, with_kl and with_ref
         ctx.has_bias = bias is not None
@@ -200,7 +200,7 @@ def _chunk_stats(
         reference_label_lp = reference_lp.gather(-1, labels[:, None]).squeeze(-1)
     if not with_kl:
         return policy_label_lp, reference_label_lp, zeros
-    # KL(π_ref‖π_θ) = Σ_v p_ref (log p_ref − log p_θ) ≥ 0 (method.md decision 2); log_softmax avoids 0·(−inf).
+    # KL(π_ref‖π_θ) = Σ_v p_ref (log p_ref − log p_θ) ≥ 0 (docs/method.md, Notation); log_softmax avoids 0·(−inf).
     kl = (reference_lp.exp() * (reference_lp - policy_lp)).sum(-1)
     return policy_label_lp, reference_label_lp, kl
 

@@ -2,7 +2,7 @@
 
 Every function takes :class:`~sparsepo_lightning.types.TokenStats` in the 2B layout (chosen rows first, see
 ``types.py``), returns per-pair tensors of shape ``(B,)`` in a :class:`LossOutput`, and leaves the reduction
-to the caller. Sums over response tokens, never length means (method.md §1.2), except SimPO which is
+to the caller. Sums over response tokens, never length means (docs/method.md §1.2), except SimPO which is
 length-normalised by definition. Users can call these from their own loops::
 
     stats = TokenStats.cat(chosen=TokenStats(...), rejected=TokenStats(...))
@@ -89,7 +89,7 @@ def dpop_loss(stats: TokenStats, beta: float, lambda_: float) -> LossOutput:
 
 
 def tdpo_loss(stats: TokenStats, beta: float, alpha: float | None = None) -> LossOutput:
-    """TDPO (Zeng et al. 2024, method.md §1.1), KL stored positive.
+    """TDPO (Zeng et al. 2024, docs/method.md §1.1), KL stored positive.
 
     TDPO1 (``alpha=None``): ``logit = β(Σρ_w − Σρ_l + K_w − K_l)``.
     TDPO2: ``logit = β(Σρ_w − Σρ_l + α(sg(K_w) − K_l))``.
@@ -111,14 +111,14 @@ def sparsepo_loss(
     mask_on_reward: bool = True,
     mask_on_kl: bool = True,
 ) -> LossOutput:
-    """SparsePO (method.md §1.2), KL stored positive.
+    """SparsePO (docs/method.md §1.2), KL stored positive.
 
     ``U = Σ m_u,w ρ_w − Σ m_u,l ρ_l``; ``K_w = Σ m_d,w KL_w``; ``logit = β(U + K_w − K_l)``;
     ``loss = −log σ(logit) + λ_u'·(Σ|m_u,w| + Σ|m_u,l|) + λ_d'·(Σ|m_d,w| + Σ|m_d,l|)``.
     A switched-off mask is ≡ 1 and gets no L1 term. With common masks and both switches on, λ' = λ/2
     (the released code's halving: the same mask would otherwise be penalised twice).
     Rewards ``r = β(Σ m_u ρ + K)`` so that ``r_w − r_l == logit`` (the released code's rewards subtract K,
-    method.md §1.3; we fix the sign).
+    docs/method.md §1.3; we fix the sign).
 
     Args:
         stats: per-token statistics, 2B layout.

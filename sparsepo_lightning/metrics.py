@@ -1,4 +1,4 @@
-"""Training metrics (method.md §5) computed from the *same* tensors as the loss, with the §8.6 problems fixed.
+"""Training metrics (docs/method.md §5) computed from the *same* tensors as the loss, with the §8.6 problems fixed.
 
 Every value is a scalar tensor (mean over the B pairs of the batch); no ``.item()`` here. Names:
 
@@ -23,7 +23,7 @@ from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
 
 
 def response_sparsity(mask: Tensor, response_mask: Tensor) -> Tensor:
-    """% of exact zeros of ``mask`` among each row's response tokens (method.md §5), ``(2B,)`` float32.
+    """% of exact zeros of ``mask`` among each row's response tokens (docs/method.md §5), ``(2B,)`` float32.
 
     Computed in fp32: tiny fp16 mask values would underflow to 0 and count as sparse.
     """

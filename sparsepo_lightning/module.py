@@ -106,7 +106,7 @@ class PreferenceModule(LightningModule):
                 The learning rate and weight decays are set per group from the options below.
             lr: learning rate of the policy (and of the masks unless ``mask_lr`` is set).
             weight_decay: weight decay of policy weights (biases and norms never decay).
-            mask_weight_decay: weight decay of mask-network weights (method.md §1.4).
+            mask_weight_decay: weight decay of mask-network weights (docs/method.md §1.4).
             mask_lr: separate learning rate for mask parameters (a deviation from the released code, §8.10).
             warmup_ratio: fraction of optimizer steps of linear warm-up.
             schedule: learning-rate decay after warm-up.
@@ -118,7 +118,7 @@ class PreferenceModule(LightningModule):
             lora: train LoRA adapters (``peft.LoraConfig`` arguments, e.g. ``{r: 64, lora_alpha: 16,
                 lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}``) instead of all weights. The
                 reference is then the same model with its adapters disabled: no second copy in memory
-                (method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
+                (docs/method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
             max_consecutive_nonfinite: optimizer steps with a NaN/inf loss or gradient are skipped (weights and
                 optimizer state unchanged) and logged; this many in a row stop the run (``NonFiniteGuard``).
             mask_collapse_steps: warn when the reward mask is all zeros for this many training batches in a row.

@@ -116,7 +116,7 @@ class TDPO2(Objective):
 
 @dataclass
 class SparsePO(Objective):
-    """SparsePO (method.md §1.2): token masks weight the reward (ρ) and KL terms; L1 pushes them to sparsity."""
+    """SparsePO (docs/method.md §1.2): token masks weight the reward (ρ) and KL terms; L1 pushes them to sparsity."""
 
     beta: float = 0.8
     """Inverse temperature β, outside the bracket (masks act as per-token β)."""

@@ -1,4 +1,4 @@
-"""AdamW parameter groups (method.md §1.4) and the warm-up + decay learning-rate schedule."""
+"""AdamW parameter groups (docs/method.md §1.4) and the warm-up + decay learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def parameter_groups(policy: nn.Module, masker: nn.Module | None, lr: float, wei
 
     Args:
         mask_lr: learning rate of the mask parameters; None keeps the policy LR (parity with the released
-            code, method.md §8.10).
+            code, docs/method.md §8.10).
     """
     groups: dict[str, dict] = {
         "policy": {"params": [], "weight_decay": weight_decay, "lr": lr},

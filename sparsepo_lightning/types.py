@@ -1,6 +1,6 @@
 """Typed containers passed between stages: batch -> token statistics -> masks -> loss output.
 
-Layout convention used everywhere (method.md §9): a batch of B preference pairs is ONE tensor of 2B rows,
+Layout convention used everywhere (docs/method.md, Notation): a batch of B preference pairs is ONE tensor of 2B rows,
 chosen responses in rows ``0..B-1`` and the rejected response of the same pair in row ``B + i``. Per-token
 tensors are already *shifted*: column ``t`` holds the statistic of the label ``input_ids[:, t + 1]`` predicted
 from the prefix ending at position ``t`` (so they have ``T - 1`` columns). Values outside the response are 0.
@@ -55,7 +55,7 @@ class TokenStats:
     Attributes:
         policy_logps: ``log π_θ(y^t | x, y^<t)`` of the label token.
         reference_logps: ``log π_ref(y^t | x, y^<t)`` (no gradient).
-        kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (method.md decision 2).
+        kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (docs/method.md, Notation).
         response_mask: bool, True on response tokens (labels != -100 after the shift).
     """
 
@@ -94,7 +94,7 @@ class TokenMasks:
     Attributes:
         reward: ``m_u``, zero outside the response.
         kl: ``m_d``, zero outside the response.
-        common: True when ``kl`` is the very same mask as ``reward`` (one network, method.md §1.2); SparsePO
+        common: True when ``kl`` is the very same mask as ``reward`` (one network, docs/method.md §1.2); SparsePO
             then halves both L1 coefficients.
         learned: True when the masks carry gradient to trainable parameters (L1 penalties only matter then,
             but they are applied whenever their coefficient is non-zero).
@@ -120,7 +120,7 @@ class LossOutput:
         loss: per-pair loss including any penalty.
         logit: the argument of ``−log σ(·)`` (or of IPO's square), i.e. the implicit reward margin the loss acts on.
         chosen_reward: implicit reward of the chosen response, detached. For DPO, TDPO1 and SparsePO
-            ``chosen_reward − rejected_reward == logit`` (fixing the sign of method.md §1.3); each loss's
+            ``chosen_reward − rejected_reward == logit`` (fixing the sign of docs/method.md §1.3); each loss's
             docstring says how its rewards relate to its logit.
         rejected_reward: implicit reward of the rejected response, detached.
         penalty: the mask L1 part of ``loss`` (zeros for objectives without one).

@@ -628,7 +628,7 @@ def test_hub_dataset_may_be_a_local_folder_in_hub_layout(tiny_tokenizer, tmp_pat
 
 
 def test_builtin_zephyr_chat_template_for_tokenizers_without_one(gpt2_style_tokenizer, tmp_path):
-    """method.md §6.1: ``<|system|>\\n{content}<eos><|user|>\\n...<eos><|assistant|>\\n{response}<eos>``."""
+    """docs/method.md §6.1: ``<|system|>\\n{content}<eos><|user|>\\n...<eos><|assistant|>\\n{response}<eos>``."""
     path = tmp_path / "chat.jsonl"
     row = {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "hello"}],
            "chosen": [{"role": "assistant", "content": "hello there"}], "rejected": "hello world"}

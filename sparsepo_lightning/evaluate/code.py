@@ -1,4 +1,4 @@
-"""``sparsepo evaluate code``: pass@k on HumanEval and MBPP, tests run through the sandbox (method.md §6.5).
+"""``sparsepo evaluate code``: pass@k on HumanEval and MBPP, tests run through the sandbox (docs/method.md §6.5).
 
 For each problem ``n`` (``--num-samples``) solutions are sampled; ``c`` of them pass the tests. pass@k uses the
 unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on Code", Eq. 1)::

@@ -1,4 +1,4 @@
-"""``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (method.md §6.2).
+"""``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (docs/method.md §6.2).
 
 For each policy (model name/path or checkpoint), ``--num-samples`` continuations of each held-out prompt are
 sampled and scored by the same pluggable scorer as the IMDB pair builder (``vader`` or a classifier name, whose

@@ -1,6 +1,6 @@
 """``sparsepo evaluate summarization``: ROUGE against reference summaries and self-BLEU over a temperature sweep.
 
-Follows the TL;DR evaluation of the reference README (method.md §6.4): for each of ``--num-prompts`` posts,
+Follows the TL;DR evaluation of the reference README (docs/method.md §6.4): for each of ``--num-prompts`` posts,
 ``--num-samples`` summaries are sampled (nucleus ``--top-p 0.5``) at each temperature of ``--temperatures``
 (0 = greedy: one decode repeated, so its self-BLEU is 1). Metrics per temperature:
 

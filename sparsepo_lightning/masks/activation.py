@@ -1,6 +1,6 @@
-"""Activation-based masks from the frozen reference (MaPO, method.md §2), on any HF causal LM.
+"""Activation-based masks from the frozen reference (MaPO, docs/method.md §2), on any HF causal LM.
 
-Deliberate simplification of §2.1 (method.md decision 4): instead of patched model copies with ~10 hook
+Deliberate simplification of the released hook set (docs/method.md §2.1): instead of patched model copies with ~10 hook
 points per layer, forward hooks are found generically on each decoder block:
 
 - ``mlp``:   input of the MLP output projection (post-activation features), one entry per layer;
@@ -59,7 +59,7 @@ def _find_submodule(block: nn.Module, path: str | None, containers: Sequence[str
 
 
 def zn_rescale(values: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-row z-normalisation then min–max to [0, 1] over the masked positions (method.md §2.2).
+    """Per-row z-normalisation then min–max to [0, 1] over the masked positions (docs/method.md §2.2).
 
     Args:
         values: ``(N, T)`` float32 per-token values.
@@ -87,7 +87,7 @@ def zn_rescale(values: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
 class ActivationMasker(TokenMasker):
     """MaPO masks: the mean over hook groups of rescaled per-token reference activations, detached, in [0, 1].
 
-    ``m_u = m_d = m`` (always common, no parameters, method.md §2.3).
+    ``m_u = m_d = m`` (always common, no parameters, docs/method.md §2.3).
     """
 
     def __init__(self, groups: Sequence[Group] = ("mlp", "attn", "resid", "logits"), mapping: Mapping = "zn_rescale",
@@ -151,7 +151,7 @@ class ActivationMasker(TokenMasker):
             return mean if getattr(head, "bias", None) is None else mean + head.bias.float().mean()
         return torch.stack([self._reduce(head(row)) for row in reference.last_hidden])  # one row at a time
 
-    @torch.no_grad()  # MaPO masks are fully detached (method.md §2)
+    @torch.no_grad()  # MaPO masks are fully detached (docs/method.md §2)
     def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
         if self._records is None:
             raise RuntimeError("ActivationMasker: run the reference forward inside masker.recording().")

@@ -30,7 +30,7 @@ class TokenMasker(nn.Module):
 
     A masker is bound once to the reference model (``bind``) so it can size its parameters or register hooks.
     Masks for the label at column ``t`` (shifted layout, ``types.py``) may only use reference states at
-    positions ``≤ t``: the mask never sees the token it weights (method.md §3.1).
+    positions ``≤ t``: the mask never sees the token it weights (docs/method.md §3.1).
     """
 
     needs_layers: bool = False

@@ -1,4 +1,4 @@
-"""Learned token masks (method.md §3, the released ``SimpleMaskAllLayers``), common or independent."""
+"""Learned token masks (docs/method.md §3, the released ``SimpleMaskAllLayers``), common or independent."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _activation(name: Activation) -> nn.Module:
 class MaskNetwork(nn.Module):
     """All-layer mask head: shared LayerNorm → per-layer Linear(d→1)+act (+dropout) → bias-free mixer + act.
 
-    ``g_l = LN(h_l)``; ``z_l = drop(act(w_l·g_l + b_l))``; ``m = drop(act(Σ_l v_l z_l))`` (method.md §3.2).
+    ``g_l = LN(h_l)``; ``z_l = drop(act(w_l·g_l + b_l))``; ``m = drop(act(Σ_l v_l z_l))`` (docs/method.md §3.2).
     Output is ≥ 0 with ReLU and unbounded above (parity with the released code). Parameters:
     ``L·(d+1) + L + 2d``. LayerNorm starts at (1, 0); the rest by ``init``:
 
