@@ -67,9 +67,10 @@ def memory_table() -> str:
 def loading_table() -> str:
     """Every rank of every run of ``loading.json`` (``bench_loading.py``)."""
     data = _load("loading.json")
-    lines = [f"Source: `benchmarks/results/loading.json` ({data['model']}, {data['world_size']} ranks; peak anonymous "
-             "memory per rank).", "",
-             "| model dtype | rank | own shards MiB | `from_pretrained` peak MiB | `meta_init` peak MiB | meta / eager |",
+    lines = [f"Source: `benchmarks/results/loading.json` ({data['model']}, {data['world_size']} ranks; "
+             "peak anonymous memory per rank).", "",
+             "| model dtype | rank | own shards MiB | `from_pretrained` peak MiB | `meta_init` peak MiB "
+             "| meta / eager |",
              "|---|---|---|---|---|---|"]
     for dtype, run in data["runs"].items():
         eager, meta = run["rows"]["from_pretrained"], run["rows"]["meta_init"]

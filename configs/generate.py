@@ -89,9 +89,10 @@ TASKS = [
         data={"class_path": "sparsepo_lightning.data.code.CodeDataModule",
               "init_args": {"train_file": "data/code/train.jsonl", "val_file": "data/code/val.jsonl",
                             "max_length": 2048, "max_prompt_length": 1024}},
-        notes=("Data: pairs built with `python -m sparsepo_lightning.data.code` (sandboxed MBPP tests, Code-Optimise",
-               "pairing); raw text, no chat template, no BOS (docs/method.md §6.5). mapo beta 0.1: the released config default;",
-               "neither the paper nor the released scripts give a value for this task (docs/method.md §4.1)."),
+        notes=("Data: pairs built with `python -m sparsepo_lightning.data.code_builder` (sandboxed MBPP tests,",
+               "Code-Optimise pairing); raw text, no chat template, no BOS (docs/method.md §6.5). mapo beta 0.1: the",
+               "released config default; the paper and the released scripts give no value for this task",
+               "(docs/method.md §4.1)."),
     ),
 ]
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from transformers import PreTrainedModel
 
-from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.model_sources import load_causal_lm
 
 POLICY_PREFIX = "policy."
 MASKER_PREFIX = "masker."

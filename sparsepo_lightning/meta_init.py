@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from sparsepo_lightning.models import _DTYPE_KWARG, _as_dtype, resolve_model_path
+from sparsepo_lightning.model_sources import DTYPE_KWARG, as_dtype, resolve_model_path
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "base_layer.")
@@ -42,7 +42,7 @@ def empty_causal_lm(name: str, dtype: str | torch.dtype = "float32",
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 **{_DTYPE_KWARG: _as_dtype(dtype)})
+                                                 **{DTYPE_KWARG: as_dtype(dtype)})
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which unties a tied head
     model.name_or_path = path
     with contextlib.suppress(OSError):  # no generation_config.json: keep the one derived from the config

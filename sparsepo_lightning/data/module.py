@@ -41,7 +41,7 @@ from sparsepo_lightning.data.sources import (
     validate_rows,
 )
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
-from sparsepo_lightning.models import load_tokenizer
+from sparsepo_lightning.model_sources import load_tokenizer
 
 Features = dict[str, list[int]]
 

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparsepo_lightning.checkpoint_reading import build_policy, is_checkpoint, read_checkpoint, read_hparams
-from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
