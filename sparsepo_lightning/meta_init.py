@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -168,3 +169,10 @@ def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
         if isinstance(target, DTensor):  # slice locally (src_data_rank=None): no communication, every rank has it
             full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
         _local(target).copy_(full)
+
+
+def load_meta_weights(models: Iterable[nn.Module | None], device: torch.device | str) -> None:
+    """``load_weights`` for each model that still has parameters on the meta device (``meta_init``)."""
+    for model in models:
+        if model is not None and has_meta_parameters(model):
+            load_weights(model, device)

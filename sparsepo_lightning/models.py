@@ -78,3 +78,13 @@ def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def frozen_state_keys(policy: nn.Module, reference: nn.Module | None, lora: bool) -> set[str]:
+    """``PreferenceModule`` state-dict keys rebuilt from their source on load, hence never checkpointed: the
+    reference (``reference.*``) and, with LoRA, the policy's frozen base weights (``policy.*`` not trainable)."""
+    keys = {f"reference.{k}" for k in reference.state_dict()} if reference is not None else set()
+    if lora:
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        keys |= {f"policy.{k}" for k in policy.state_dict() if k not in trainable}
+    return keys

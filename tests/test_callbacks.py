@@ -189,7 +189,7 @@ def _record(tokenizer) -> StepRecord:
     _, resp = batch.shifted_labels()
     reward = torch.arange(resp.numel(), dtype=torch.float).reshape(resp.shape) % 3 * resp
     zeros = torch.zeros(resp.shape[0] // 2)
-    stats = TokenStats(torch.zeros(resp.shape), torch.zeros(resp.shape), torch.zeros(resp.shape), resp)
+    stats = TokenStats(torch.zeros(resp.shape), torch.zeros(resp.shape), torch.zeros(resp.shape), response_mask=resp)
     out = LossOutput(zeros, zeros, zeros, zeros, zeros)
     return StepRecord("val", batch, stats, TokenMasks(reward, reward.flip(-1) * resp, common=False), out, {})
 

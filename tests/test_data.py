@@ -171,7 +171,8 @@ def test_implicit_prompt_without_shared_prefix_is_a_missing_prompt():
             "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
         }
     ]
-    from sparsepo_lightning.data.sources import FieldNames, RawRow, validate_rows
+    from sparsepo_lightning.data.rows import FieldNames, RawRow
+    from sparsepo_lightning.data.validate import validate_rows
 
     pairs, report = validate_rows([RawRow("mem:1", r) for r in rows], FieldNames(), source="mem")
     assert pairs == [] and report.counts == {"missing_field": 1}
@@ -586,7 +587,7 @@ class _UpperCaseRows(PreferenceDataModule):
     are refused with a task-specific reason."""
 
     def convert_rows(self, rows, split):
-        from sparsepo_lightning.data.sources import RawRow, Rejection
+        from sparsepo_lightning.data.rows import RawRow, Rejection
 
         for row in rows:
             value = row.value

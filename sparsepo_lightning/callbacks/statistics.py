@@ -4,15 +4,14 @@ The module logs ``train/...`` metrics of the *last* micro-batch of each optimize
 behaviour). These callbacks instead accumulate every micro-batch in torchmetrics states (sums and counts with
 ``dist_reduce_fx="sum"``, maxima with ``"max"``) and compute, log and reset them once per logging window of
 optimizer steps, so a logged value equals the single-batch value on the concatenation of all micro-batches of
-all ranks. Names (docs/method.md §5, prefix ``train_step/`` for training, ``val_epoch/`` for a validation run):
+all ranks. The metrics themselves are defined once, in :mod:`sparsepo_lightning.metrics` (the module logs the same
+definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for a validation run:
 
-- ``MaskStatistics``: ``masks/sparsity_{reward,kl}_{chosen,rejected}`` (% of exact zeros among response tokens,
-  per response then averaged over responses), ``masks/l1_{reward,kl}_{chosen,rejected}`` (Σ|m| per response,
-  averaged), ``masks/max_{reward,kl}``, ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and
-  TensorBoard histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
-- ``RewardStatistics``: ``loss``, ``logit``, ``rewards/{chosen,rejected,margin,accuracy}``,
-  ``logps/{chosen,rejected}``, ``kl/token_{chosen,rejected}`` (mean KL per response token, token-weighted),
-  ``kl/seq_{chosen,rejected}`` (Σ KL per response, averaged) and ``kl/masked_{chosen,rejected}`` (Σ m_d·KL).
+- ``MaskStatistics``: ``metrics.mask_stats`` (``masks/sparsity_*``, ``masks/l1_*``, ``masks/max_*``,
+  ``masks/mean_*``), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
+  histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
+- ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
+  ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``).
 
 The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
 (``module.PROGRESS_BAR_METRICS``); these callbacks do not change it.
@@ -21,7 +20,6 @@ The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,30 +28,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from sparsepo_lightning.losses import split_pairs
 from sparsepo_lightning.masks.learned import MaskNetwork
-from sparsepo_lightning.metrics import response_sparsity
-from sparsepo_lightning.types import StepRecord, TokenMasks
+from sparsepo_lightning.metrics import Stats, loss_stats, mask_stats, token_metrics
+from sparsepo_lightning.types import StepRecord
 
 TRAIN_PREFIX = "train_step/"
 """Prefix of values aggregated over the optimizer steps of one logging window."""
 VAL_PREFIX = "val_epoch/"
 """Prefix of values aggregated over one whole validation run (all batches, all ranks)."""
-
-
-@dataclass
-class Stats:
-    """Per-batch contributions to a ``WeightedStats`` metric.
-
-    Attributes:
-        means: name -> ``(values, weights)`` of equal shape; the window value is ``Σ v·w / Σ w``.
-        maxima: name -> a tensor; the window value is the elementwise max over updates (and ranks).
-        values: name -> a 1-D tensor of samples, concatenated over the window (histograms).
-    """
-
-    means: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    maxima: dict[str, Tensor] = field(default_factory=dict)
-    values: dict[str, Tensor] = field(default_factory=dict)
 
 
 class WeightedStats(Metric):
@@ -117,62 +99,6 @@ class WeightedStats(Metric):
 
 
 # ---- what each callback extracts from one step ---------------------------------------------------------------
-def _per_response(stats: Stats, name: str, values: Tensor, sep: str = "_") -> None:
-    """Register a per-response value ``(2B,)`` as ``{name}_chosen`` and ``{name}_rejected`` means over responses."""
-    chosen, rejected = split_pairs(values)
-    stats.means[f"{name}{sep}chosen"] = (chosen, torch.ones_like(chosen))
-    stats.means[f"{name}{sep}rejected"] = (rejected, torch.ones_like(rejected))
-
-
-def mask_stats(masks: TokenMasks, response_mask: Tensor, histograms: bool = False) -> Stats:
-    """Sparsity, L1 mass and max of the reward and KL masks of one batch (docs/method.md §5), in float32.
-
-    Args:
-        masks: ``(2B, T-1)`` masks as the loss used them (chosen rows first).
-        response_mask: ``(2B, T-1)`` bool, True on response tokens.
-        histograms: also return the mask values over response tokens (``values``) for histograms; the KL
-            histograms are skipped when the KL mask is the reward mask (common masks).
-
-    Returns:
-        ``Stats`` whose means are per-response values with weight 1, so the window value is the average over all
-        responses of the window.
-    """
-    stats = Stats()
-    same = masks.kl.data_ptr() == masks.reward.data_ptr() and masks.kl.shape == masks.reward.shape
-    for name, mask in (("reward", masks.reward), ("kl", masks.kl)):
-        mask = mask.detach().float()  # fp32: tiny fp16 values would underflow to 0 and count as sparse
-        _per_response(stats, f"masks/sparsity_{name}", response_sparsity(mask, response_mask))
-        _per_response(stats, f"masks/l1_{name}", (mask.abs() * response_mask).sum(-1))
-        stats.maxima[f"masks/max_{name}"] = mask.masked_fill(~response_mask, -torch.inf).amax()
-        if histograms and not (name == "kl" and same):
-            chosen, rejected = split_pairs(mask)
-            chosen_resp, rejected_resp = split_pairs(response_mask)
-            stats.values[f"masks/{name}_chosen"] = chosen[chosen_resp]
-            stats.values[f"masks/{name}_rejected"] = rejected[rejected_resp]
-    return stats
-
-
-def reward_stats(record: StepRecord) -> Stats:
-    """Implicit rewards, logit, log-probs and KL of one batch; per-pair/per-response means and token-weighted KL."""
-    stats, out, tokens = Stats(), record.out, record.stats
-    ones = torch.ones_like(out.logit)
-    margin = out.chosen_reward - out.rejected_reward
-    for name, value in (("loss", out.loss), ("logit", out.logit), ("rewards/chosen", out.chosen_reward),
-                        ("rewards/rejected", out.rejected_reward), ("rewards/margin", margin),
-                        ("rewards/accuracy", (margin > 0).float())):
-        stats.means[name] = (value.detach().float(), ones)
-    resp = tokens.response_mask
-    _per_response(stats, "logps", (tokens.policy_logps.float() * resp).sum(-1), sep="/")
-    kl = tokens.kl.float() * resp  # (2B, T-1)
-    _per_response(stats, "kl/seq", kl.sum(-1))
-    for side, rows, counts in zip(("chosen", "rejected"), split_pairs(kl.sum(-1)), split_pairs(resp.sum(-1).float()),
-                                  strict=True):
-        stats.means[f"kl/token_{side}"] = (rows / counts.clamp(min=1), counts)  # = Σ KL / Σ tokens over the window
-    if record.masks is not None:
-        _per_response(stats, "kl/masked", (kl * record.masks.kl.float()).sum(-1))
-    return stats
-
-
 # ---- dead units of learned masks ----------------------------------------------------------------------------
 class UnitActivity:
     """Per-unit maximum pre-activation of the per-layer units of every ``MaskNetwork`` with ReLU units.
@@ -369,4 +295,4 @@ class RewardStatistics(_StepStatistics):
         super().__init__(log_every_n_steps, histogram_every_n_steps=0)
 
     def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
-        return reward_stats(record)
+        return loss_stats(record.out).merge(token_metrics(record.stats, record.masks))

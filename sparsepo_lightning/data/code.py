@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import RawRow, Rejection
+from sparsepo_lightning.data.rows import RawRow, Rejection
 
 HUMANEVAL_MIN_CHARS = 40
 """HumanEval snippets shorter than this (whitespace-normalised) are not used for decontamination."""

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import Messages, RawRow, Rejection
+from sparsepo_lightning.data.rows import Messages, RawRow, Rejection
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
 _ROLES = {"Human": "user", "Assistant": "assistant"}

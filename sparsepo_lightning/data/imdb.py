@@ -40,7 +40,7 @@ from typing import Any
 
 from sparsepo_lightning.data.module import PreferenceDataModule
 from sparsepo_lightning.data.pairing import PAIRINGS, SKIP_EMPTY, SKIP_IDENTICAL, SKIP_TIED, pair_samples
-from sparsepo_lightning.data.sources import FieldNames, RawRow, Rejection
+from sparsepo_lightning.data.rows import FieldNames, RawRow, Rejection
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from sparsepo_lightning.data.sources import RawRow, iter_hub
+from sparsepo_lightning.data.readers import iter_hub
+from sparsepo_lightning.data.rows import RawRow
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def imdb_prompts(
 
     Args:
         hub_dataset: hub id, or a local folder in the hub layout (``plain_text/train-00000-of-00001.parquet``
-            plus the dataset card's ``configs``), read with ``sources.iter_hub``.
+            plus the dataset card's ``configs``), read with ``readers.iter_hub``.
         split: ``train``, ``test`` or ``unsupervised``.
         num_prompts: how many distinct prompts to return, sampled with ``random.Random(seed)`` (in sampled
             order); ``None`` returns all of them in review order.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsepo_lightning.data.sources import iter_file, load_hub_split
+from sparsepo_lightning.data.readers import iter_file, load_hub_split
 
 MBPP_HUB_ID = "google-research-datasets/mbpp"
 PROMPT_TEMPLATE = '"""\n{text}\n{example}\n"""\n'

@@ -28,19 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
+from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow, RowIssue
 from sparsepo_lightning.data.sampler import PassShuffleSampler
-from sparsepo_lightning.data.sources import (
-    DataReport,
-    FieldNames,
-    PreferencePair,
-    RawRow,
-    RowIssue,
-    iter_file,
-    iter_hub,
-    load_hub_split,
-    validate_rows,
-)
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
+from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.model_sources import load_tokenizer
 
 Features = dict[str, list[int]]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import RawRow, Rejection
+from sparsepo_lightning.data.rows import RawRow, Rejection
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
 TLDR_PARQUET_REVISION = "refs/convert/parquet"

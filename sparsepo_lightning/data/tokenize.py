@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsepo_lightning.data.sources import Messages, PreferencePair, Text
+from sparsepo_lightning.data.rows import Messages, PreferencePair, Text
 from sparsepo_lightning.types import IGNORE_INDEX
 
 _SIDES = ("chosen", "rejected")

@@ -48,14 +48,13 @@ class TokenMasker(nn.Module):
         raise NotImplementedError
 
 
-def scatter_response(values: Tensor, response_mask: Tensor) -> Tensor:
-    """Place per-response-token values ``(n,)`` back into a zero ``(2B, T-1)`` float32 tensor (row-major order)."""
-    out = values.new_zeros(response_mask.shape, dtype=values.dtype)
-    return out.masked_scatter(response_mask, values)
-
-
 class UniformMasker(TokenMasker):
-    """``m_u = m_d = 1`` on every response token: SparsePO reduces exactly to TDPO1 (ablation / regression anchor)."""
+    """``m_u = m_d = 1`` on every response token: SparsePO reduces exactly to TDPO1 (ablation / regression anchor).
 
-    def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
+    Reads no reference: ``UniformMasker()(response_mask=mask)``.
+    """
+
+    def forward(self, reference: ReferenceOutputs | None = None, response_mask: Tensor | None = None) -> TokenMasks:
+        if response_mask is None:
+            raise ValueError("UniformMasker needs the response mask: UniformMasker()(response_mask=mask).")
         return TokenMasks.ones_like(response_mask)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker, scatter_response
-from sparsepo_lightning.types import TokenMasks
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.types import TokenMasks, scatter_response
 
 Activation = Literal["relu", "none"]
 Init = Literal["ones", "released"]
