@@ -272,9 +272,13 @@ def test_quickstart_with_analysis_preset_writes_heatmap_images(tmp_path, monkeyp
     """The issue's check on the real thing: the quickstart (SmolLM2, shipped pairs) + analysis.yaml, 2 steps."""
     pytest.importorskip("gguf")
     monkeypatch.chdir(ROOT)
+    # Smaller than the quickstart where it does not matter here: no sanity validation (the tiny-model test above
+    # runs one), 2 pairs per batch (the two heat-map pairs) and 48 tokens.
     cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", "callbacks/analysis.yaml",
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
-                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
+                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "2",
+                "--data.init_args.max_length", "48"])
     log_dir = Path(cli.trainer.logger.log_dir)
     tags = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0}).Reload().Tags()
     assert {"heatmaps/pair_0", "heatmaps/pair_1"} <= set(tags["images"])
