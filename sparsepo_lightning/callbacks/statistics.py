@@ -20,6 +20,7 @@ The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 import torch
@@ -38,6 +39,17 @@ VAL_PREFIX = "val_epoch/"
 """Prefix of values aggregated over one whole validation run (all batches, all ranks)."""
 
 
+class Kind(Enum):
+    """How a named statistic is aggregated over a window (and across ranks)."""
+
+    MEAN = "mean"
+    """``Σ v·w / Σ w``: states ``sum`` and ``weight``, summed across ranks."""
+    MAX = "max"
+    """Elementwise maximum: state ``max``, maximum across ranks."""
+    SAMPLES = "values"
+    """Concatenated samples (histograms): state ``values``, concatenated across ranks."""
+
+
 class WeightedStats(Metric):
     """Weighted means, maxima and concatenated samples of named statistics, reduced across ranks on ``compute``.
 
@@ -49,17 +61,17 @@ class WeightedStats(Metric):
 
     def __init__(self) -> None:
         super().__init__(sync_on_compute=True)
-        self._kinds: dict[str, str] = {}
+        self._kinds: dict[str, Kind] = {}
 
-    def _ensure(self, name: str, kind: str, like: Tensor) -> None:
+    def _ensure(self, name: str, kind: Kind, like: Tensor) -> None:
         if name in self._kinds:
             return
         self._kinds[name] = kind
         key = name.replace("/", "__")
-        if kind == "mean":
+        if kind is Kind.MEAN:
             self.add_state(f"{key}__sum", torch.zeros((), device=like.device), dist_reduce_fx="sum")
             self.add_state(f"{key}__weight", torch.zeros((), device=like.device), dist_reduce_fx="sum")
-        elif kind == "max":
+        elif kind is Kind.MAX:
             self.add_state(f"{key}__max", torch.full(like.shape, -torch.inf, device=like.device), dist_reduce_fx="max")
         else:
             self.add_state(f"{key}__values", [], dist_reduce_fx="cat")
@@ -67,30 +79,30 @@ class WeightedStats(Metric):
     def update(self, stats: Stats) -> None:
         """Add one micro-batch's contributions (no host sync)."""
         for name, (values, weights) in stats.means.items():
-            self._ensure(name, "mean", values)
+            self._ensure(name, Kind.MEAN, values)
             key = name.replace("/", "__")
             setattr(self, f"{key}__sum", getattr(self, f"{key}__sum") + (values.float() * weights).sum())
             setattr(self, f"{key}__weight", getattr(self, f"{key}__weight") + weights.float().sum())
         for name, value in stats.maxima.items():
-            self._ensure(name, "max", value)
+            self._ensure(name, Kind.MAX, value)
             key = f"{name.replace('/', '__')}__max"
             setattr(self, key, torch.maximum(getattr(self, key), value.float()))
         for name, values in stats.values.items():
-            self._ensure(name, "values", values)
+            self._ensure(name, Kind.SAMPLES, values)
             getattr(self, f"{name.replace('/', '__')}__values").append(values.detach().float().flatten())
 
     def sample_names(self) -> set[str]:
         """Names whose value is a concatenation of samples (histograms), not a scalar."""
-        return {name for name, kind in self._kinds.items() if kind == "values"}
+        return {name for name, kind in self._kinds.items() if kind is Kind.SAMPLES}
 
     def compute(self) -> dict[str, Tensor]:
         """name -> weighted mean, elementwise max, or the concatenated samples of the window."""
         out = {}
         for name, kind in self._kinds.items():
             key = name.replace("/", "__")
-            if kind == "mean":
+            if kind is Kind.MEAN:
                 out[name] = getattr(self, f"{key}__sum") / getattr(self, f"{key}__weight").clamp(min=1e-12)
-            elif kind == "max":
+            elif kind is Kind.MAX:
                 out[name] = getattr(self, f"{key}__max")
             else:
                 samples = getattr(self, f"{key}__values")
@@ -98,7 +110,6 @@ class WeightedStats(Metric):
         return out
 
 
-# ---- what each callback extracts from one step ---------------------------------------------------------------
 # ---- dead units of learned masks ----------------------------------------------------------------------------
 class UnitActivity:
     """Per-unit maximum pre-activation of the per-layer units of every ``MaskNetwork`` with ReLU units.

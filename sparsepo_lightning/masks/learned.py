@@ -17,8 +17,14 @@ Init = Literal["ones", "released"]
 released code's N(0, ``init_std``) weights, whose masks start near 0 and often dead; see ``MaskNetwork``)."""
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "none": nn.Identity}
+"""``layer_activation`` / ``mixer_activation`` name -> module class."""
+
+
 def _activation(name: Activation) -> nn.Module:
-    return nn.ReLU() if name == "relu" else nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"MaskNetwork: activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}.")
+    return ACTIVATIONS[name]()
 
 
 class MaskNetwork(nn.Module):
