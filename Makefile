@@ -32,3 +32,13 @@ clean-venv:
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_dpo.py
+
+.PHONY: study study-report
+# The controlled sentiment study (reports/sentiment/README.md): resumable, hours on a CPU; LIMIT=n runs per sitting.
+study: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,study]'
+	$(PY) -m sparsepo_lightning.study sentiment run $(if $(LIMIT),--limit $(LIMIT),)
+
+# Regenerate the study's report (tables, figures) from the committed per-run logs only.
+study-report: $(STAMP)
+	$(PY) -m sparsepo_lightning.study sentiment report

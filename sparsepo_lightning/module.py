@@ -52,7 +52,7 @@ class PreferenceModule(LightningModule):
         trust_remote_code: bool = False,
         lora: dict[str, Any] | None = None,
         max_consecutive_nonfinite: int = 10,
-        mask_collapse_steps: int = 100,
+        mask_collapse_steps: int = 3,
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
         meta_init: bool = False,
@@ -84,7 +84,8 @@ class PreferenceModule(LightningModule):
                 (docs/method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
             max_consecutive_nonfinite: optimizer steps with a NaN/inf loss or gradient are skipped (weights and
                 optimizer state unchanged) and logged; this many in a row stop the run (``NonFiniteGuard``).
-            mask_collapse_steps: warn when the reward mask is all zeros for this many training batches in a row.
+            mask_collapse_steps: warn when the learned reward mask is (almost) entirely 0 for this many training
+                batches in a row (``NonFiniteGuard``).
             activation_checkpointing: wrap each policy decoder block in an activation-checkpoint wrapper in
                 ``configure_model`` (before FSDP sharding; any strategy). Prefer it to ``gradient_checkpointing``
                 under ``ModelParallelStrategy``.
@@ -222,10 +223,13 @@ class PreferenceModule(LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_callbacks(self) -> list[Callback]:
-        """The non-finite guard is part of every run (it replaces a ``NonFiniteGuard`` in ``trainer.callbacks``)."""
+        """The non-finite guard and the run summary are part of every run (they replace their own type in
+        ``trainer.callbacks``)."""
         from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard
+        from sparsepo_lightning.callbacks.summary import RunSummary
 
-        return [NonFiniteGuard(self.hparams.max_consecutive_nonfinite, self.hparams.mask_collapse_steps)]
+        return [NonFiniteGuard(self.hparams.max_consecutive_nonfinite, self.hparams.mask_collapse_steps),
+                RunSummary()]
 
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""

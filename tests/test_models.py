@@ -156,3 +156,25 @@ def test_smollm2_conversion_matches_the_gguf_model():
         expected = reference(**inputs).logits
         actual = model(**inputs).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_converting_on_first_use_leaves_every_global_rng_untouched(fake_cache, monkeypatch):
+    """A seeded run draws the same numbers whether or not the model had to be converted first."""
+    import random
+
+    import numpy as np
+
+    def convert_drawing_random_numbers(gguf_path: Path, out_dir: Path) -> None:
+        torch.randn(100), np.random.rand(10), random.random()  # what building a model from its config does
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "convert_gguf_checkpoint", convert_drawing_random_numbers)
+    monkeypatch.setattr(models, "_gguf_path", lambda alias, source: Path("unused.gguf"))
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    resolve_model_path("smollm2-135m")  # converts
+    after_conversion = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    resolve_model_path("smollm2-135m")  # cached
+    cached = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(after_conversion[0], cached[0]) and (after_conversion[1] == cached[1]).all()
+    assert after_conversion[2] == cached[2]

@@ -8,8 +8,9 @@ from sparsepo_lightning.callbacks.generation import GenerationSamples
 from sparsepo_lightning.callbacks.heatmaps import TokenHeatmaps
 from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from sparsepo_lightning.callbacks.statistics import MaskStatistics, RewardStatistics, WeightedStats
+from sparsepo_lightning.callbacks.summary import RunSummary
 
 __all__ = [
     "GenerationSamples", "MaskStatistics", "NonFiniteGuard", "NonFiniteTrainingError", "RewardStatistics",
-    "TokenHeatmaps", "WeightedStats",
+    "RunSummary", "TokenHeatmaps", "WeightedStats",
 ]

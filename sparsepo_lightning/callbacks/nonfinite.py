@@ -49,11 +49,11 @@ class NonFiniteGuard(Callback):
 
     Args:
         max_consecutive: stop the run (``NonFiniteTrainingError``) after this many skipped steps in a row.
-        mask_collapse_steps: warn when the reward mask is all zeros on every response token (sparsity 100 %)
-            for this many consecutive training batches.
+        mask_collapse_steps: warn when the learned reward mask is (almost) entirely 0 (≥ 99 % exact zeros, or a
+            mean below 0.01) for this many consecutive training batches.
     """
 
-    def __init__(self, max_consecutive: int = 10, mask_collapse_steps: int = 100) -> None:
+    def __init__(self, max_consecutive: int = 10, mask_collapse_steps: int = 3) -> None:
         if max_consecutive < 1:
             raise ValueError(f"max_consecutive_nonfinite={max_consecutive}: must be >= 1 (steps in a row).")
         if mask_collapse_steps < 1:
@@ -124,17 +124,22 @@ class NonFiniteGuard(Callback):
         record = getattr(pl_module, "last_step", None)
         if record is None or record.masks is None or record.stage != "train":
             return
-        keys = ("masks/sparsity_reward_chosen", "masks/sparsity_reward_rejected")
-        values = [record.metrics[k] for k in keys if k in record.metrics]
-        collapsed = bool(values) and all(float(v) >= 100.0 for v in values)
+        collapsed = _reward_mask_collapsed(record.metrics)
         self.collapsed_batches = self.collapsed_batches + 1 if collapsed else 0
         if self.collapsed_batches == self.mask_collapse_steps:
+            metrics = record.metrics
+            sparsity = max(float(metrics["masks/sparsity_reward_chosen"]),
+                           float(metrics["masks/sparsity_reward_rejected"]))
             rank_zero_warn(
-                f"mask collapse: the reward mask has been 0 on every response token for {self.collapsed_batches} "
-                f"batches in a row (train/masks/sparsity_reward_* = 100 %, global step {trainer.global_step}). "
-                "The reward term is then 0 and the loss is stuck at log 2 = 0.693. Fix: lower "
-                "model.objective.init_args.l1_reward (and l1_kl), lower model.mask_lr, or use a common mask; "
-                "check train/masks/l1_reward_* in the logs."
+                f"mask collapse: the reward mask is (almost) entirely 0 for {self.collapsed_batches} "
+                f"training batches in a row (global step {trainer.global_step}: {sparsity:.1f} % of response tokens "
+                f"exactly 0, mean mask {float(metrics['masks/mean_reward']):.4f}, largest "
+                f"{float(metrics['masks/max_reward']):.4f}). The effective β is then ~0: the reward term and its "
+                "gradient vanish, the masks receive no signal except the L1 penalty and weight decay (which push "
+                "them further down), and the loss stays at log 2 = 0.693. Cause: a mask start near 0 (LearnedMasker "
+                "init: released, N(0, 0.02)), or an L1 penalty / mask learning rate too strong. Fix: "
+                "model.masker.init_args.init: ones (every mask starts at 1), lower "
+                "model.objective.init_args.l1_reward / l1_kl, or lower model.mask_lr."
             )
 
     # ---- checkpoint state --------------------------------------------------------------------------------
@@ -146,6 +151,22 @@ class NonFiniteGuard(Callback):
         self.skipped_total = int(state_dict.get("skipped_total", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
         self.collapsed_batches = int(state_dict.get("collapsed_batches", 0))
+
+
+COLLAPSE_SPARSITY = 99.0
+"""% of exact zeros among response tokens (chosen and rejected) from which a reward mask counts as collapsed."""
+COLLAPSE_MEAN = 0.01
+"""Mean reward-mask value below which it counts as collapsed: the effective β is under 1 % of the nominal one."""
+
+
+def _reward_mask_collapsed(metrics: dict[str, Tensor]) -> bool:
+    """Whether a batch's reward mask is (almost) entirely 0: ≥ 99 % exact zeros, or a mean value below 0.01."""
+    sparsity = [metrics[k] for k in ("masks/sparsity_reward_chosen", "masks/sparsity_reward_rejected") if k in metrics]
+    if not sparsity:
+        return False
+    all_zero = all(float(v) >= COLLAPSE_SPARSITY for v in sparsity)
+    mean = metrics.get("masks/mean_reward")
+    return all_zero or (mean is not None and float(mean) < COLLAPSE_MEAN)
 
 
 def _total_norm(grads: Sequence[Tensor]) -> Tensor:

@@ -35,9 +35,10 @@ class MaskNetwork(nn.Module):
     ``L·(d+1) + L + 2d``. LayerNorm starts at (1, 0); the rest by ``init``:
 
     - ``ones``: ``w_l = 0``, ``b_l = 1``, ``v_l = 1/L``, so ``z_l = 1`` and ``m = 1`` on every token whatever the
-      input: the objective starts exactly at its uniform-mask value (SparsePO = TDPO1) at the nominal β, every
-      ReLU is active, and the gradients ``∂m/∂w_l = v_l·g_l`` (token-dependent) and ``∂m/∂v_l = z_l`` let the
-      network learn which tokens to down-weight. A deviation from the released code (docs/method.md).
+      input (up to the float32 rounding of ``Σ_l 1/L``, below 1e-6): the objective starts at its uniform-mask
+      value (SparsePO = TDPO1) at the nominal β, every ReLU is active, and the gradients ``∂m/∂w_l = v_l·g_l``
+      (token-dependent) and ``∂m/∂v_l = z_l`` let the network learn which tokens to down-weight. A deviation from
+      the released code (docs/method.md).
     - ``released``: ``w_l, v_l ~ N(0, init_std)``, ``b_l = 0`` (the released code). The mixer output is then a
       sum of L small terms of either sign: on SmolLM2-135M the initial masks are 6–95 % exact zeros depending on
       the seed, with means of 0.0004–0.04 (an effective β 20–2000× below the nominal one). Where the mask is 0

