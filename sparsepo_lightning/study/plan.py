@@ -45,15 +45,15 @@ class StudySettings:
     min_words: int = 4
     max_words: int = 8
     samples_per_prompt: int = 6
-    max_new_tokens: int = 24
-    steps: int = 60
-    batch_size: int = 4
-    lr: float = 1e-5
+    max_new_tokens: int = 12
+    steps: int = 64
+    batch_size: int = 8
+    lr: float = 2e-5
     mask_lr: float = 1e-3
     betas: tuple[float, ...] = (0.1, 0.3, 0.8)
     seeds: tuple[int, ...] = (0, 1)
     eval_samples: int = 4
-    max_length: int = 64
+    max_length: int = 40
     max_prompt_length: int = 24
 
     def data_key(self) -> dict[str, Any]:

@@ -112,6 +112,8 @@ def _clipped_scores(scores, index: np.ndarray, kl_max: float) -> dict[str, float
 def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of bootstrap samples (NaNs ignored)."""
     tail = (1 - level) / 2 * 100
+    if np.isnan(samples).all():
+        return float("nan"), float("nan")
     low, high = np.nanpercentile(samples, [tail, 100 - tail])
     return float(low), float(high)
 

@@ -1,0 +1,61 @@
+"""The quickstart learns visibly, and the README quotes exactly the recorded run (benchmarks/results/quickstart.json,
+written by benchmarks/quickstart.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sparsepo_lightning.callbacks.summary import format_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "quickstart.json"
+
+
+def _recorded() -> dict:
+    return json.loads(RESULT.read_text())
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("quickstart_script", ROOT / "benchmarks" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_quotes_the_recorded_quickstart_summary():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```text\n(Run summary:.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1, "the README shows the quickstart's run summary once, in a ```text block"
+    assert blocks[0].strip() == format_summary(_recorded()).strip()
+
+
+def test_recorded_quickstart_shows_learning():
+    _check_learning(_recorded())
+
+
+def _check_learning(summary: dict) -> None:
+    first, last = summary["validations"][0], summary["validations"][-1]
+    start = summary["initial_masks"]
+    assert last["accuracy"] > first["accuracy"] and last["accuracy"] > 0.5, "validation accuracy did not rise"
+    assert last["margin"] > 0 and last["margin"] > 2 * max(first["margin"], 0.0), "the margin did not grow"
+    moved = abs(last["mask_mean"] - start["mask_mean"]) > 0.01 or last["mask_sparsity_chosen"] > 0
+    assert moved, "the masks did not move from their start"
+    assert start["mask_mean"] == pytest.approx(1.0, abs=1e-5) and start["mask_sparsity_chosen"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_real_quickstart_learns_in_the_recorded_direction(tmp_path):
+    """`make quickstart` itself (SmolLM2-135M, the shipped pairs, the shipped config), about 5 minutes."""
+    pytest.importorskip("gguf")
+    summary = _script().run_quickstart(tmp_path)
+    _check_learning(summary)
+    recorded, last = _recorded()["validations"][-1], summary["validations"][-1]
+    # Same code and data: the same numbers up to floating-point differences between CPUs.
+    assert last["accuracy"] == pytest.approx(recorded["accuracy"], abs=0.08)
+    assert last["margin"] == pytest.approx(recorded["margin"], rel=0.3)
+    assert [v["step"] for v in summary["validations"]] == [v["step"] for v in _recorded()["validations"]]
