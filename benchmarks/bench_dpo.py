@@ -61,7 +61,7 @@ def model_path(layers: int | None) -> str:
         return MODEL
     out = ROOT / "data/cache/bench" / f"{MODEL}-{layers}layers"
     if not (out / "config.json").exists():
-        from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+        from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(MODEL)
         model.model.layers = model.model.layers[:layers]
@@ -75,7 +75,7 @@ def model_path(layers: int | None) -> str:
 
 def token_pairs(length: int, num_pairs: int) -> list[tuple[list[int], list[int], list[int]]]:
     """``num_pairs`` (prompt, chosen, rejected) id lists of exact lengths ``T/4``, ``3T/4``, ``3T/4``."""
-    from sparsepo_lightning.models import load_tokenizer
+    from sparsepo_lightning.model_sources import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
     rows = [json.loads(line) for line in (ROOT / "data/quickstart/train.jsonl").read_text().splitlines() if line]
@@ -133,7 +133,7 @@ def _ours(name: str, device, model: str):
 def _floor(device, model: str):
     import torch
 
-    from sparsepo_lightning.models import load_causal_lm
+    from sparsepo_lightning.model_sources import load_causal_lm
 
     policy, reference = load_causal_lm(model).to(device).train(), load_causal_lm(model).to(device).eval()
     reference.requires_grad_(False)
@@ -156,7 +156,7 @@ def _trl(device, num_pairs: int, model: str):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+    from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     tokenizer = load_tokenizer(MODEL)

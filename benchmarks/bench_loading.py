@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loading.json"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from sparsepo_lightning.models import resolve_model_path
+    from sparsepo_lightning.model_sources import resolve_model_path
 
     model = resolve_model_path(args.model)  # convert an alias once, before the ranks start
     manager = mp.Manager()

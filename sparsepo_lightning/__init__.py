@@ -12,7 +12,8 @@ from sparsepo_lightning.losses import (
     simpo_loss,
     sparsepo_loss,
     split_pairs,
-    tdpo_loss,
+    tdpo1_loss,
+    tdpo2_loss,
 )
 from sparsepo_lightning.types import IGNORE_INDEX, LossOutput, PreferenceBatch, TokenMasks, TokenStats
 
@@ -29,5 +30,6 @@ __all__ = [
     "simpo_loss",
     "sparsepo_loss",
     "split_pairs",
-    "tdpo_loss",
+    "tdpo1_loss",
+    "tdpo2_loss",
 ]

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from transformers import PreTrainedModel
 
 from sparsepo_lightning.errors import ConfigError, MissingFileError
-from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.model_sources import load_causal_lm
 
 POLICY_PREFIX = "policy."
 MASKER_PREFIX = "masker."

@@ -38,7 +38,7 @@ from torch import nn
 from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 from sparsepo_lightning.masks.base import TokenMasker
-from sparsepo_lightning.models import load_tokenizer
+from sparsepo_lightning.model_sources import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Per-token log-probabilities and full-vocabulary KL, in float32, over response positions only.
 
-Why this file exists (method.md §8.1, decision 5): the released code keeps four ``(B, T, V)`` log-softmaxes
+Why this file exists (docs/method.md §8.1): the released code keeps four ``(B, T, V)`` log-softmaxes
 plus a reference softmax alive at once. Here the models return only their final hidden states and the LM head
 is applied to the *response* positions only, ``chunk_size`` tokens at a time, so neither model's ``(N, V)``
 logits survive the forward pass. Two implementations:
@@ -19,6 +19,7 @@ logits survive the forward pass. Two implementations:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsepo_lightning.types import TokenStats
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.types import TokenStats, scatter_response
 
 Head = Callable[[Tensor], Tensor]
 """Maps hidden states ``(n, d)`` to logits ``(n, V)`` (an ``nn.Linear`` LM head, possibly tied)."""
@@ -61,13 +63,34 @@ def final_hidden_states(
 
     Returns:
         ``(last_hidden, layers)``: ``last_hidden`` is ``(N, T, d)`` (after the final norm); ``layers`` is the
-        tuple of the L block outputs (embedding output dropped, method.md §3.1) when ``all_layers``, else None.
+        tuple of the L block outputs (embedding output dropped, docs/method.md §3.1) when ``all_layers``, else None.
     """
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False
     )
     layers = tuple(out.hidden_states[1:]) if all_layers else None
     return out.last_hidden_state, layers
+
+
+def reference_outputs(reference: nn.Module, input_ids: Tensor, attention_mask: Tensor, masker: TokenMasker | None,
+                      inference: bool, context: AbstractContextManager | None = None) -> ReferenceOutputs:
+    """The frozen reference's forward for one batch, as maskers receive it (no gradient).
+
+    Args:
+        reference: the reference causal LM (with LoRA: the policy, run inside ``context`` = adapters disabled).
+        masker: asks for all block outputs (``needs_layers``) or records activations (``recording``) on the way.
+        inference: ``torch.inference_mode`` (a separate frozen reference: no autograd bookkeeping at all; its
+            outputs are only read by ops that save nothing of them for backward) instead of ``no_grad``. Use
+            ``no_grad`` for the LoRA adapter-off reference (the policy itself, maybe gradient-checkpointed) and
+            under FSDP2 (parameters unsharded inside inference_mode would be inference tensors, and the head,
+            called again outside it for the statistics, could not refill them).
+    """
+    needs_layers = masker is not None and masker.needs_layers
+    recording = masker.recording() if masker is not None else nullcontext()
+    frozen = torch.inference_mode() if inference else torch.no_grad()
+    with frozen, context or nullcontext(), recording:
+        last, layers = final_hidden_states(reference, input_ids, attention_mask, needs_layers)
+    return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
 
 
 def linear_head_params(head: Head, hidden_size: int) -> tuple[Tensor, Tensor | None] | None:
@@ -141,7 +164,7 @@ class FusedTokenStats(torch.autograd.Function):
             if with_kl:  # in place on the two (c, V) buffers: no third one
                 ref_logits.sub_(ref_lse[chunk, None])  # log q
                 logits.sub_(lse[chunk, None]).sub_(ref_logits)  # log p − log q
-                # KL = Σ_v q (log q − log p) ≥ 0 (method.md decision 2); log-softmax form avoids 0·(−inf).
+                # KL = Σ_v q (log q − log p) ≥ 0 (docs/method.md, Notation); log-softmax form avoids 0·(−inf).
                 kl[chunk] = -logits.mul_(ref_logits.exp_()).sum(-1)
         ctx.chunk_size, ctx.with_kl = chunk_size, with_kl and with_ref
         ctx.has_bias = bias is not None
@@ -200,7 +223,7 @@ def _chunk_stats(
         reference_label_lp = reference_lp.gather(-1, labels[:, None]).squeeze(-1)
     if not with_kl:
         return policy_label_lp, reference_label_lp, zeros
-    # KL(π_ref‖π_θ) = Σ_v p_ref (log p_ref − log p_θ) ≥ 0 (method.md decision 2); log_softmax avoids 0·(−inf).
+    # KL(π_ref‖π_θ) = Σ_v p_ref (log p_ref − log p_θ) ≥ 0 (docs/method.md, Notation); log_softmax avoids 0·(−inf).
     kl = (reference_lp.exp() * (reference_lp - policy_lp)).sum(-1)
     return policy_label_lp, reference_label_lp, kl
 
@@ -281,9 +304,5 @@ def token_stats(
         flat = _checkpointed_stats(policy_sel, reference_sel, label_sel, policy_head, reference_head, with_kl,
                                    chunk_size)
 
-    def scatter(values: Tensor) -> Tensor:
-        out = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-        return out.masked_scatter(response_mask, values)
-
-    policy_lp, reference_lp, kl = (scatter(v) for v in flat)
+    policy_lp, reference_lp, kl = (scatter_response(v.float(), response_mask) for v in flat)
     return TokenStats(policy_logps=policy_lp, reference_logps=reference_lp.detach(), kl=kl, response_mask=response_mask)

@@ -2,7 +2,7 @@
 
 Every function takes :class:`~sparsepo_lightning.types.TokenStats` in the 2B layout (chosen rows first, see
 ``types.py``), returns per-pair tensors of shape ``(B,)`` in a :class:`LossOutput`, and leaves the reduction
-to the caller. Sums over response tokens, never length means (method.md §1.2), except SimPO which is
+to the caller. Sums over response tokens, never length means (docs/method.md §1.2), except SimPO which is
 length-normalised by definition. Users can call these from their own loops::
 
     stats = TokenStats.cat(chosen=TokenStats(...), rejected=TokenStats(...))
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
 
 
@@ -41,6 +42,24 @@ def pair_sums(values: Tensor, response_mask: Tensor, weights: Tensor | None = No
     return split_pairs((weighted * response_mask).sum(-1))
 
 
+def check_beta(beta: float, name: str) -> None:
+    """β must be positive (every objective and every pure loss checks it alike)."""
+    if not beta > 0:
+        raise ConfigError(f"{name}: beta must be > 0, got {beta}.")
+
+
+def check_sparsepo_options(l1_reward: float, l1_kl: float, mask_on_reward: bool, mask_on_kl: bool) -> None:
+    """Refuse negative L1 coefficients and an L1 coefficient on a switched-off mask (it would penalise a mask
+    the loss does not use). ``sparsepo_loss`` and the ``SparsePO`` objective both call this."""
+    for name, coeff, on, switch in (("l1_reward", l1_reward, mask_on_reward, "mask_on_reward"),
+                                    ("l1_kl", l1_kl, mask_on_kl, "mask_on_kl")):
+        if coeff < 0:
+            raise ConfigError(f"SparsePO: {name} must be >= 0, got {coeff}.")
+        if coeff and not on:
+            raise ConfigError(f"SparsePO: {name}={coeff} penalises a mask that is switched off ({switch}=false). "
+                             f"Set {name}: 0 or {switch}: true.")
+
+
 def _output(loss: Tensor, logit: Tensor, chosen: Tensor, rejected: Tensor, penalty: Tensor | None = None) -> LossOutput:
     return LossOutput(
         loss=loss,
@@ -52,7 +71,8 @@ def _output(loss: Tensor, logit: Tensor, chosen: Tensor, rejected: Tensor, penal
 
 
 def dpo_loss(stats: TokenStats, beta: float) -> LossOutput:
-    """DPO (Rafailov et al. 2023, Eq. 7): ``−log σ(β[Σρ_w − Σρ_l])``; rewards ``β Σρ``."""
+    """DPO (Rafailov et al. 2023, Eq. 7): ``−log σ(β[Σρ_w − Σρ_l])``; rewards ``β Σρ``. Uses no KL."""
+    check_beta(beta, "dpo_loss")
     chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
     logit = beta * (chosen - rejected)
     return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
@@ -61,8 +81,9 @@ def dpo_loss(stats: TokenStats, beta: float) -> LossOutput:
 def ipo_loss(stats: TokenStats, beta: float) -> LossOutput:
     """IPO (Azar et al. 2023, Eq. 17): ``(h − 1/(2β))²`` with ``h = Σρ_w − Σρ_l`` (sequence sums).
 
-    ``logit`` is ``h``; rewards are ``Σρ`` so that their difference is ``h``.
+    ``logit`` is ``h``; rewards are ``Σρ`` so that their difference is ``h``. Uses no KL.
     """
+    check_beta(beta, "ipo_loss")
     chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
     h = chosen - rejected
     return _output((h - 1.0 / (2.0 * beta)) ** 2, h, chosen, rejected)
@@ -71,8 +92,10 @@ def ipo_loss(stats: TokenStats, beta: float) -> LossOutput:
 def simpo_loss(stats: TokenStats, beta: float, gamma_beta_ratio: float) -> LossOutput:
     """SimPO (Meng et al. 2024, Eq. 6): ``−log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ)``, γ = β·ratio.
 
-    Reference-free; rewards are ``β/|y| · log π(y)`` (length-normalised), so ``logit = r_w − r_l − γ``.
+    Reference-free: reads only ``policy_logps`` and ``response_mask``. Rewards are ``β/|y| · log π(y)``
+    (length-normalised), so ``logit = r_w − r_l − γ``.
     """
+    check_beta(beta, "simpo_loss")
     chosen, rejected = pair_sums(stats.policy_logps, stats.response_mask)
     len_chosen, len_rejected = split_pairs(stats.response_mask.sum(-1).clamp(min=1).float())
     chosen_reward = beta * chosen / len_chosen
@@ -82,24 +105,38 @@ def simpo_loss(stats: TokenStats, beta: float, gamma_beta_ratio: float) -> LossO
 
 
 def dpop_loss(stats: TokenStats, beta: float, lambda_: float) -> LossOutput:
-    """DPOP / Smaug (Pal et al. 2024, Eq. 3): ``−log σ(β[Σρ_w − Σρ_l − λ·max(0, −Σρ_w)])``; rewards ``β Σρ``."""
+    """DPOP / Smaug (Pal et al. 2024, Eq. 3): ``−log σ(β[Σρ_w − Σρ_l − λ·max(0, −Σρ_w)])``; rewards ``β Σρ``.
+    Uses no KL."""
+    check_beta(beta, "dpop_loss")
     chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask)
     logit = beta * (chosen - rejected - lambda_ * torch.clamp(-chosen, min=0.0))
     return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
 
 
-def tdpo_loss(stats: TokenStats, beta: float, alpha: float | None = None) -> LossOutput:
-    """TDPO (Zeng et al. 2024, method.md §1.1), KL stored positive.
-
-    TDPO1 (``alpha=None``): ``logit = β(Σρ_w − Σρ_l + K_w − K_l)``.
-    TDPO2: ``logit = β(Σρ_w − Σρ_l + α(sg(K_w) − K_l))``.
-    Rewards ``r = β(Σρ + K)`` as in the TDPO code, so ``r_w − r_l`` is the TDPO1 logit.
-    """
+def _tdpo(stats: TokenStats, beta: float, alpha: float | None, name: str) -> LossOutput:
+    check_beta(beta, name)
+    stats.require("reference_logps", "kl", by=name)
     u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask)
     k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask)
     kl_term = k_chosen - k_rejected if alpha is None else alpha * (k_chosen.detach() - k_rejected)
     logit = beta * ((u_chosen - u_rejected) + kl_term)
     return _output(-F.logsigmoid(logit), logit, beta * (u_chosen + k_chosen), beta * (u_rejected + k_rejected))
+
+
+def tdpo1_loss(stats: TokenStats, beta: float) -> LossOutput:
+    """TDPO1 (Zeng et al. 2024, docs/method.md §1.1), KL stored positive: ``logit = β(Σρ_w − Σρ_l + K_w − K_l)``.
+
+    Rewards ``r = β(Σρ + K)`` as in the TDPO code, so ``r_w − r_l`` is the logit.
+    """
+    return _tdpo(stats, beta, None, "tdpo1_loss")
+
+
+def tdpo2_loss(stats: TokenStats, beta: float, alpha: float = 0.5) -> LossOutput:
+    """TDPO2 (docs/method.md §1.1): ``logit = β(Σρ_w − Σρ_l + α(sg(K_w) − K_l))``, sg = stop-gradient.
+
+    Rewards ``r = β(Σρ + K)`` as for TDPO1 (their difference is the TDPO1 logit, not this one).
+    """
+    return _tdpo(stats, beta, alpha, "tdpo2_loss")
 
 
 def sparsepo_loss(
@@ -111,14 +148,15 @@ def sparsepo_loss(
     mask_on_reward: bool = True,
     mask_on_kl: bool = True,
 ) -> LossOutput:
-    """SparsePO (method.md §1.2), KL stored positive.
+    """SparsePO (docs/method.md §1.2), KL stored positive.
 
     ``U = Σ m_u,w ρ_w − Σ m_u,l ρ_l``; ``K_w = Σ m_d,w KL_w``; ``logit = β(U + K_w − K_l)``;
     ``loss = −log σ(logit) + λ_u'·(Σ|m_u,w| + Σ|m_u,l|) + λ_d'·(Σ|m_d,w| + Σ|m_d,l|)``.
-    A switched-off mask is ≡ 1 and gets no L1 term. With common masks and both switches on, λ' = λ/2
-    (the released code's halving: the same mask would otherwise be penalised twice).
+    A switched-off mask is ≡ 1 and gets no L1 term (a non-zero λ on it raises, as ``SparsePO`` does). With a
+    common mask (``masks.common``: one tensor for both) and both switches on, λ' = λ/2 (the released code's
+    halving: the same mask would otherwise be penalised twice).
     Rewards ``r = β(Σ m_u ρ + K)`` so that ``r_w − r_l == logit`` (the released code's rewards subtract K,
-    method.md §1.3; we fix the sign).
+    docs/method.md §1.3; we fix the sign).
 
     Args:
         stats: per-token statistics, 2B layout.
@@ -127,11 +165,14 @@ def sparsepo_loss(
         l1_reward: λ_u. l1_kl: λ_d.
         mask_on_reward: weight ρ by ``m_u`` (else 1). mask_on_kl: weight KL by ``m_d`` (else 1).
     """
+    check_beta(beta, "sparsepo_loss")
+    check_sparsepo_options(l1_reward, l1_kl, mask_on_reward, mask_on_kl)
+    stats.require("reference_logps", "kl", by="sparsepo_loss")
     reward_mask = masks.reward if mask_on_reward else None
     kl_mask = masks.kl if mask_on_kl else None
     u_chosen, u_rejected = pair_sums(stats.log_ratio, stats.response_mask, reward_mask)
     k_chosen, k_rejected = pair_sums(stats.kl, stats.response_mask, kl_mask)
-    logit = beta * ((u_chosen - u_rejected) + (k_chosen - k_rejected))  # same order as tdpo_loss
+    logit = beta * ((u_chosen - u_rejected) + (k_chosen - k_rejected))  # same order as tdpo1_loss
     halve = 0.5 if (masks.common and mask_on_reward and mask_on_kl) else 1.0
     penalty = torch.zeros_like(logit)
     for on, coeff, mask in ((mask_on_reward, l1_reward, masks.reward), (mask_on_kl, l1_kl, masks.kl)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from sparsepo_lightning.models import _DTYPE_KWARG, _as_dtype, resolve_model_path
+from sparsepo_lightning.model_sources import DTYPE_KWARG, as_dtype, resolve_model_path
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "base_layer.")
@@ -42,7 +43,7 @@ def empty_causal_lm(name: str, dtype: str | torch.dtype = "float32",
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                 **{_DTYPE_KWARG: _as_dtype(dtype)})
+                                                 **{DTYPE_KWARG: as_dtype(dtype)})
     model.tie_weights()  # init_empty_weights re-creates each parameter it registers, which unties a tied head
     model.name_or_path = path
     with contextlib.suppress(OSError):  # no generation_config.json: keep the one derived from the config
@@ -168,3 +169,10 @@ def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
         if isinstance(target, DTensor):  # slice locally (src_data_rank=None): no communication, every rank has it
             full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
         _local(target).copy_(full)
+
+
+def load_meta_weights(models: Iterable[nn.Module | None], device: torch.device | str) -> None:
+    """``load_weights`` for each model that still has parameters on the meta device (``meta_init``)."""
+    for model in models:
+        if model is not None and has_meta_parameters(model):
+            load_weights(model, device)

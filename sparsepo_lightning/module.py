@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,53 +12,16 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning import sharding
-from sparsepo_lightning.errors import ConfigError
-from sparsepo_lightning.logprobs import final_hidden_states, output_head, token_stats
+from sparsepo_lightning.checks import check_masker_objective, check_masker_reference, check_options, check_precision
+from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import preference_metrics
-from sparsepo_lightning.models import load_policy_and_reference
+from sparsepo_lightning.models import frozen_state_keys, load_policy_and_reference
 from sparsepo_lightning.objectives import Objective, SparsePO
 from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
-from sparsepo_lightning.types import LossOutput, PreferenceBatch, StepRecord, TokenMasks, TokenStats
+from sparsepo_lightning.types import PreferenceBatch, StepRecord, detached
 
 PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
-
-
-def _detached(value: TokenStats | TokenMasks | LossOutput | None) -> Any:
-    """A copy of a tensor dataclass whose tensors are detached (bools and other fields kept)."""
-    if value is None:
-        return None
-    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
-    return type(value)(**fields)
-
-
-def _check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_size: int,
-                   max_consecutive_nonfinite: int, mask_collapse_steps: int) -> None:
-    """Reject contradictory or out-of-range numeric options at construction, naming the option and the fix."""
-    if lr <= 0:
-        raise ConfigError(f"model.lr={lr}: must be > 0.")
-    if mask_lr is not None and mask_lr <= 0:
-        raise ConfigError(f"model.mask_lr={mask_lr}: must be > 0. Fix: a positive value, or null to use model.lr. "
-                         "(To freeze the masks use a fixed masker such as UniformMasker.)")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ConfigError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1) (a fraction of the optimizer steps).")
-    if chunk_size < 1:
-        raise ConfigError(f"model.chunk_size={chunk_size}: must be >= 1 (response tokens per LM-head call).")
-    if max_consecutive_nonfinite < 1:
-        raise ConfigError(f"model.max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1.")
-    if mask_collapse_steps < 1:
-        raise ConfigError(f"model.mask_collapse_steps={mask_collapse_steps}: must be >= 1.")
-
-
-def _check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:
-    """A masker reading per-layer states needs a reference that exposes them (a decoder-only HF causal LM)."""
-    config = getattr(reference, "config", None)
-    if masker.needs_layers and not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
-        raise ConfigError(
-            f"model.masker={type(masker).__name__} reads the reference's per-layer hidden states, but the reference "
-            f"{type(reference).__name__} exposes none (its config has no num_hidden_layers/hidden_size). Fix: use a "
-            "Hugging Face decoder-only causal LM as model.reference, or an ActivationMasker/UniformMasker."
-        )
 
 
 class PreferenceModule(LightningModule):
@@ -107,7 +69,7 @@ class PreferenceModule(LightningModule):
                 The learning rate and weight decays are set per group from the options below.
             lr: learning rate of the policy (and of the masks unless ``mask_lr`` is set).
             weight_decay: weight decay of policy weights (biases and norms never decay).
-            mask_weight_decay: weight decay of mask-network weights (method.md §1.4).
+            mask_weight_decay: weight decay of mask-network weights (docs/method.md §1.4).
             mask_lr: separate learning rate for mask parameters (a deviation from the released code, §8.10).
             warmup_ratio: fraction of optimizer steps of linear warm-up.
             schedule: learning-rate decay after warm-up.
@@ -119,7 +81,7 @@ class PreferenceModule(LightningModule):
             lora: train LoRA adapters (``peft.LoraConfig`` arguments, e.g. ``{r: 64, lora_alpha: 16,
                 lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}``) instead of all weights. The
                 reference is then the same model with its adapters disabled: no second copy in memory
-                (method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
+                (docs/method.md §4.1). Mask networks stay fully trainable and are saved with the adapters.
             max_consecutive_nonfinite: optimizer steps with a NaN/inf loss or gradient are skipped (weights and
                 optimizer state unchanged) and logged; this many in a row stop the run (``NonFiniteGuard``).
             mask_collapse_steps: warn when the learned reward mask is (almost) entirely 0 for this many training
@@ -137,12 +99,10 @@ class PreferenceModule(LightningModule):
                 Without a trainer, call ``configure_model()`` before use.
         """
         super().__init__()
-        _check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
+        check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
-        if masker is not None and not self.objective.uses_masks:
-            raise ConfigError(f"masker={type(masker).__name__} has no effect with objective "
-                             f"{type(self.objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
+        check_masker_objective(masker, self.objective)
         self.optimizer_factory = optimizer
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -150,10 +110,12 @@ class PreferenceModule(LightningModule):
             gradient_checkpointing=gradient_checkpointing,
         )
         self.masker = masker
+        self._model_configured = False  # configure_model runs once
+        self._sharded = False  # set by configure_model under ModelParallelStrategy (FSDP2)
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
-            _check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
+            check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
             self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
 
     @property
@@ -176,11 +138,8 @@ class PreferenceModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights.
-
-        Except under ``FSDPStrategy`` (FSDP1): it loads a checkpoint into the wrapped model before any hook
-        runs, and its flat-parameter units (which hold frozen and trainable weights together) insist on every
-        key, so FSDP1 checkpoints keep the frozen weights (sharded like the rest: 1/N of the reference per rank).
-        """
+        Except under ``FSDPStrategy`` (FSDP1): its flat-parameter units (frozen and trainable weights together)
+        insist on every key when loading, so FSDP1 checkpoints keep the frozen weights (sharded, 1/N per rank)."""
         if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
             return
         state = checkpoint["state_dict"]
@@ -193,22 +152,14 @@ class PreferenceModule(LightningModule):
         checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys() if k in own})
 
     def _frozen_state_keys(self) -> set[str]:
-        keys = {f"reference.{k}" for k in self.reference.state_dict()} if self.reference is not None else set()
-        if self.hparams.lora is not None:
-            trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
-            keys |= {k for k in self.state_dict() if k.startswith("policy.") and k not in trainable}
-        return keys
+        return frozen_state_keys(self.policy, self.reference, lora=self.hparams.lora is not None)
 
     # ---- sharding ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Activation checkpointing (option), then FSDP2 sharding under ``ModelParallelStrategy`` (``sharding.py``).
-
-        Runs once, before ``configure_optimizers``, so the optimizer holds the sharded parameters. Policy and
-        reference are sharded per decoder block, head and body; the mask networks get one group of their own.
-        The frozen keys (reference, LoRA base) are hidden from the state dict, so distributed checkpoints omit
-        them on save and do not ask for them on load.
-        """
-        if getattr(self, "_model_configured", False):
+        """Activation checkpointing (option), then FSDP2 sharding under ``ModelParallelStrategy`` (``sharding.py``):
+        once, before ``configure_optimizers``. The frozen keys (reference, LoRA base) are hidden from the state
+        dict, so distributed checkpoints omit them on save and do not ask for them on load."""
+        if self._model_configured:
             return
         self._model_configured = True
         if self.hparams.get("activation_checkpointing"):
@@ -226,28 +177,17 @@ class PreferenceModule(LightningModule):
     def _load_meta_weights(self) -> None:
         """With ``meta_init``: allocate and load policy and reference weights (each rank its shard if sharded)."""
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        for lm in (self._causal_lm, self.reference):
-            if lm is not None and meta_init_lib.has_meta_parameters(lm):
-                meta_init_lib.load_weights(lm, device)
+        meta_init_lib.load_meta_weights((self._causal_lm, self.reference), device)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:
         if self.reference is None and not self.uses_adapter_reference:
             return None
-        reference = self.reference if self.reference is not None else self._causal_lm
-        adapters_off = self.policy.disable_adapter() if self.reference is None else nullcontext()
-        needs_layers = self.masker is not None and self.masker.needs_layers
-        recording = self.masker.recording() if self.masker is not None else nullcontext()
-        # A separate frozen reference runs under inference_mode (no autograd bookkeeping at all); its outputs are
-        # only read by ops that save nothing of them for backward (indexing, masks' stack, no-grad statistics).
-        # The LoRA adapter-off reference is the policy itself (gradient checkpointing may be on): plain no_grad.
-        # Under FSDP2 too: parameters unsharded inside inference_mode would be inference tensors, and the head,
-        # called again outside it for the statistics (tied with the embedding), could not refill them.
-        inference = self.reference is not None and not getattr(self, "_sharded", False)
-        frozen = torch.inference_mode() if inference else torch.no_grad()
-        with frozen, adapters_off, recording:
-            last, layers = final_hidden_states(reference, batch.input_ids, batch.attention_mask, needs_layers)
-        return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
+        if self.reference is None:  # LoRA: the policy with its adapters disabled
+            return reference_outputs(self._causal_lm, batch.input_ids, batch.attention_mask, self.masker,
+                                     inference=False, context=self.policy.disable_adapter())
+        return reference_outputs(self.reference, batch.input_ids, batch.attention_mask, self.masker,
+                                 inference=not self._sharded)
 
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
         labels, response_mask = batch.shifted_labels()
@@ -264,7 +204,7 @@ class PreferenceModule(LightningModule):
         effective = self.objective.effective_masks(masks, response_mask)
         metrics = preference_metrics(stats, effective, out)
         self._log_metrics(stage, metrics, batch.num_pairs)
-        self.last_step = StepRecord(stage, batch, _detached(stats), _detached(effective), _detached(out), metrics)
+        self.last_step = StepRecord(stage, batch, detached(stats), detached(effective), detached(out), metrics)
         return out.loss.mean()
 
     def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
@@ -293,15 +233,8 @@ class PreferenceModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""
-        precision = str(getattr(self.trainer, "precision", ""))
-        if stage == "fit" and precision.startswith("16") and precision != "16-true":
-            fp16 = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-            if fp16:
-                raise ConfigError(
-                    f"trainer.precision={precision} scales fp16 gradients with a GradScaler, which cannot unscale "
-                    f"float16 trainable weights (model.dtype={self.hparams.dtype}; e.g. {fp16[0]}). Fix: "
-                    "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."
-                )
+        if stage == "fit":
+            check_precision(str(getattr(self.trainer, "precision", "")), self.named_parameters(), self.hparams.dtype)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

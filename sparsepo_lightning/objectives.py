@@ -9,23 +9,29 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
 from sparsepo_lightning import losses
-from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
 
 
+@dataclass
 class Objective(ABC):
-    """Base of all objectives: ``objective(stats, masks) -> LossOutput`` with per-pair tensors."""
+    """Base of all objectives: ``objective(stats, masks) -> LossOutput`` with per-pair tensors.
+
+    Subclasses are dataclasses whose fields are the objective's options (what configs set); the capability flags
+    below are class variables, not options.
+    """
 
     beta: float
-    needs_reference: bool = True
+    """Inverse temperature β (> 0)."""
+    needs_reference: ClassVar[bool] = True
     """Whether the reference model must be run (False for reference-free objectives such as SimPO)."""
-    needs_kl: bool = False
+    needs_kl: ClassVar[bool] = False
     """Whether the full-vocabulary KL(π_ref‖π_θ) per token is used."""
-    uses_masks: bool = False
+    uses_masks: ClassVar[bool] = False
     """Whether token masks enter the loss (only SparsePO)."""
 
     @abstractmethod
@@ -36,8 +42,7 @@ class Objective(ABC):
         return masks if self.uses_masks else None
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"{type(self).__name__}: beta must be > 0, got {self.beta}.")
+        losses.check_beta(self.beta, type(self).__name__)
 
 
 @dataclass
@@ -70,7 +75,7 @@ class SimPO(Objective):
     """Reward scale β."""
     gamma_beta_ratio: float = 0.5
     """Target margin γ expressed as γ/β."""
-    needs_reference = False
+    needs_reference: ClassVar[bool] = False
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
         return losses.simpo_loss(stats, self.beta, self.gamma_beta_ratio)
@@ -95,10 +100,10 @@ class TDPO1(Objective):
 
     beta: float = 0.1
     """Inverse temperature β."""
-    needs_kl = True
+    needs_kl: ClassVar[bool] = True
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
-        return losses.tdpo_loss(stats, self.beta)
+        return losses.tdpo1_loss(stats, self.beta)
 
 
 @dataclass
@@ -109,15 +114,15 @@ class TDPO2(Objective):
     """Inverse temperature β."""
     alpha: float = 0.5
     """Weight α of the KL term."""
-    needs_kl = True
+    needs_kl: ClassVar[bool] = True
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
-        return losses.tdpo_loss(stats, self.beta, alpha=self.alpha)
+        return losses.tdpo2_loss(stats, self.beta, alpha=self.alpha)
 
 
 @dataclass
 class SparsePO(Objective):
-    """SparsePO (method.md §1.2): token masks weight the reward (ρ) and KL terms; L1 pushes them to sparsity."""
+    """SparsePO (docs/method.md §1.2): token masks weight the reward (ρ) and KL terms; L1 pushes them to sparsity."""
 
     beta: float = 0.8
     """Inverse temperature β, outside the bracket (masks act as per-token β)."""
@@ -129,27 +134,19 @@ class SparsePO(Objective):
     """Weight the per-token log-ratios by the reward mask (else mask ≡ 1, no λ_u term)."""
     mask_on_kl: bool = True
     """Weight the per-token KL by the KL mask (else mask ≡ 1, no λ_d term)."""
-    needs_kl = True
-    uses_masks = True
+    needs_kl: ClassVar[bool] = True
+    uses_masks: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        options = (("l1_reward", self.l1_reward, self.mask_on_reward), ("l1_kl", self.l1_kl, self.mask_on_kl))
-        for name, coeff, on in options:
-            if coeff < 0:
-                raise ConfigError(f"SparsePO: {name} must be >= 0, got {coeff}.")
-            if coeff and not on:
-                switch = "mask_on_reward" if name == "l1_reward" else "mask_on_kl"
-                raise ConfigError(f"SparsePO: {name}={coeff} penalises a mask that is switched off ({switch}=false). "
-                                 f"Set {name}: 0 or {switch}: true.")
+        losses.check_sparsepo_options(self.l1_reward, self.l1_kl, self.mask_on_reward, self.mask_on_kl)
 
     def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:
         ones = TokenMasks.ones_like(response_mask)
         if masks is None:
             return ones
         return TokenMasks(reward=masks.reward if self.mask_on_reward else ones.reward,
-                          kl=masks.kl if self.mask_on_kl else ones.kl,
-                          common=masks.common, learned=masks.learned)
+                          kl=masks.kl if self.mask_on_kl else ones.kl, learned=masks.learned)
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None) -> LossOutput:
         if masks is None:

@@ -1,8 +1,9 @@
-"""AdamW parameter groups (method.md §1.4) and the warm-up + decay learning-rate schedule."""
+"""AdamW parameter groups (docs/method.md §1.4) and the warm-up + decay learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
@@ -15,6 +16,13 @@ from transformers import (
 )
 
 Schedule = Literal["cosine", "linear", "constant"]
+
+SCHEDULES: dict[str, Callable[[Optimizer, int, int], LambdaLR]] = {
+    "cosine": get_cosine_schedule_with_warmup,
+    "linear": get_linear_schedule_with_warmup,
+    "constant": lambda optimizer, warmup, _total: get_constant_schedule_with_warmup(optimizer, warmup),
+}
+"""Schedule name -> ``(optimizer, warmup_steps, total_steps) -> LambdaLR`` (transformers' schedules)."""
 
 
 def _no_decay_names(module: nn.Module) -> set[str]:
@@ -36,7 +44,7 @@ def parameter_groups(policy: nn.Module, masker: nn.Module | None, lr: float, wei
 
     Args:
         mask_lr: learning rate of the mask parameters; None keeps the policy LR (parity with the released
-            code, method.md §8.10).
+            code, docs/method.md §8.10).
     """
     groups: dict[str, dict] = {
         "policy": {"params": [], "weight_decay": weight_decay, "lr": lr},
@@ -59,8 +67,6 @@ def parameter_groups(policy: nn.Module, masker: nn.Module | None, lr: float, wei
 def warmup_schedule(optimizer: Optimizer, total_steps: int, warmup_ratio: float, schedule: Schedule) -> LambdaLR:
     """Linear warm-up over ``ceil(warmup_ratio · total_steps)`` optimizer steps, then cosine / linear decay to 0
     or constant: transformers' schedules, as used by the released code (HF Trainer ``warmup_ratio``)."""
-    warmup = math.ceil(warmup_ratio * total_steps)
-    if schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    builder = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
-    return builder(optimizer, warmup, total_steps)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}.")
+    return SCHEDULES[schedule](optimizer, math.ceil(warmup_ratio * total_steps), total_steps)

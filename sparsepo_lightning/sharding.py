@@ -26,24 +26,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a HF causal LM, in order.
-
-    Found by the class names in ``model._no_split_modules`` (what HF itself uses for device maps), else as the
-    longest ``nn.ModuleList`` inside ``model.base_model`` (``layers`` in Llama/NeoX, ``h`` in GPT-2/GPT-J).
-
-    Raises:
-        ValueError: if neither finds a block.
-    """
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        lists = [m for m in model.base_model.modules() if isinstance(m, nn.ModuleList)]
-        blocks = list(max(lists, key=len)) if lists else []
-    if not blocks:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks found (no `_no_split_modules`, no ModuleList).")
-    return blocks
+from sparsepo_lightning.blocks import decoder_blocks
 
 
 def checkpoint_blocks(model: nn.Module) -> int:

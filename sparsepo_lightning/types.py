@@ -1,6 +1,6 @@
 """Typed containers passed between stages: batch -> token statistics -> masks -> loss output.
 
-Layout convention used everywhere (method.md §9): a batch of B preference pairs is ONE tensor of 2B rows,
+Layout convention used everywhere (docs/method.md, Notation): a batch of B preference pairs is ONE tensor of 2B rows,
 chosen responses in rows ``0..B-1`` and the rejected response of the same pair in row ``B + i``. Per-token
 tensors are already *shifted*: column ``t`` holds the statistic of the label ``input_ids[:, t + 1]`` predicted
 from the prefix ending at position ``t`` (so they have ``T - 1`` columns). Values outside the response are 0.
@@ -8,7 +8,8 @@ from the prefix ending at position ``t`` (so they have ``T - 1`` columns). Value
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -52,21 +53,33 @@ class PreferenceBatch:
 class TokenStats:
     """Per-token statistics of 2B responses, all ``(2B, T-1)``, float32, zero outside the response.
 
+    Only what an objective uses is needed: DPO, IPO and DPOP read ``policy_logps`` and ``reference_logps``;
+    SimPO reads ``policy_logps`` only (``TokenStats(policy_logps=p, response_mask=m)``); TDPO and SparsePO also
+    read ``kl``. An objective given statistics without a field it needs raises and names it.
+
     Attributes:
         policy_logps: ``log π_θ(y^t | x, y^<t)`` of the label token.
-        reference_logps: ``log π_ref(y^t | x, y^<t)`` (no gradient).
-        kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (method.md decision 2).
-        response_mask: bool, True on response tokens (labels != -100 after the shift).
+        reference_logps: ``log π_ref(y^t | x, y^<t)`` (no gradient), or None.
+        kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (docs/method.md,
+            Notation), or None.
+        response_mask: bool, True on response tokens (labels != -100 after the shift); keyword-only.
     """
 
     policy_logps: Tensor
-    reference_logps: Tensor
-    kl: Tensor
-    response_mask: Tensor
+    reference_logps: Tensor | None = None
+    kl: Tensor | None = None
+    response_mask: Tensor = field(kw_only=True)
+
+    def require(self, *names: str, by: str) -> None:
+        """Raise a ``ValueError`` naming the fields among ``names`` that are None (``by``: who needs them)."""
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{by} needs TokenStats.{' and TokenStats.'.join(missing)}; got None.")
 
     @property
     def log_ratio(self) -> Tensor:
         """``ρ^t = log π_θ − log π_ref`` per token, ``(2B, T-1)``, zero outside the response."""
+        self.require("reference_logps", by="the log-ratio ρ")
         return self.policy_logps - self.reference_logps
 
     @property
@@ -77,39 +90,58 @@ class TokenStats:
     def cat(chosen: TokenStats, rejected: TokenStats) -> TokenStats:
         """Stack separately computed chosen (B, T) and rejected (B, T) statistics into the 2B layout.
 
-        Both must have the same number of columns (pad with zeros / False beforehand).
+        Both must have the same number of columns (pad with zeros / False beforehand) and the same fields set.
         """
-        return TokenStats(
-            policy_logps=torch.cat([chosen.policy_logps, rejected.policy_logps]),
-            reference_logps=torch.cat([chosen.reference_logps, rejected.reference_logps]),
-            kl=torch.cat([chosen.kl, rejected.kl]),
-            response_mask=torch.cat([chosen.response_mask, rejected.response_mask]),
-        )
+        def both(name: str) -> Tensor | None:
+            first, second = getattr(chosen, name), getattr(rejected, name)
+            if (first is None) != (second is None):
+                raise ValueError(f"TokenStats.cat: {name} is set on one side only.")
+            return None if first is None else torch.cat([first, second])
+
+        return TokenStats(policy_logps=both("policy_logps"), reference_logps=both("reference_logps"),
+                          kl=both("kl"), response_mask=both("response_mask"))
 
 
 @dataclass
 class TokenMasks:
     """Per-token weights of the reward term (``m_u``) and of the KL term (``m_d``), ``(2B, T-1)`` float32.
 
+    Common or independent by construction: ``TokenMasks(reward=m, kl=m)`` (one tensor for both, one network,
+    docs/method.md §1.2) is a common mask, whose L1 coefficients SparsePO halves; two different tensors are
+    independent masks. ``common`` is read from the tensors when not given, and a ``common`` that contradicts
+    them raises.
+
     Attributes:
         reward: ``m_u``, zero outside the response.
         kl: ``m_d``, zero outside the response.
-        common: True when ``kl`` is the very same mask as ``reward`` (one network, method.md §1.2); SparsePO
-            then halves both L1 coefficients.
+        common: True when ``kl`` is the very same mask as ``reward`` (the same tensor or a view of the same
+            memory); None (default) reads it from the tensors.
         learned: True when the masks carry gradient to trainable parameters (L1 penalties only matter then,
             but they are applied whenever their coefficient is non-zero).
     """
 
     reward: Tensor
     kl: Tensor
-    common: bool = True
+    common: bool | None = None
     learned: bool = False
+
+    def __post_init__(self) -> None:
+        same = self.kl is self.reward or (
+            self.kl.data_ptr() == self.reward.data_ptr() and self.kl.shape == self.reward.shape
+            and self.kl.stride() == self.reward.stride())
+        if self.common is None:
+            self.common = same
+        elif self.common != same:
+            raise ValueError(
+                f"TokenMasks(common={self.common}) but reward and kl are {'one' if same else 'two different'} "
+                f"tensor{'' if same else 's'}. A common mask is one tensor passed as both reward and kl; leave "
+                "`common` unset to read it from the tensors.")
 
     @staticmethod
     def ones_like(response_mask: Tensor) -> TokenMasks:
-        """Mask ≡ 1 on the response (TDPO1 weighting)."""
+        """Mask ≡ 1 on the response (TDPO1 weighting), common."""
         ones = response_mask.float()
-        return TokenMasks(reward=ones, kl=ones, common=True, learned=False)
+        return TokenMasks(reward=ones, kl=ones, learned=False)
 
 
 @dataclass
@@ -120,7 +152,7 @@ class LossOutput:
         loss: per-pair loss including any penalty.
         logit: the argument of ``−log σ(·)`` (or of IPO's square), i.e. the implicit reward margin the loss acts on.
         chosen_reward: implicit reward of the chosen response, detached. For DPO, TDPO1 and SparsePO
-            ``chosen_reward − rejected_reward == logit`` (fixing the sign of method.md §1.3); each loss's
+            ``chosen_reward − rejected_reward == logit`` (fixing the sign of docs/method.md §1.3); each loss's
             docstring says how its rewards relate to its logit.
         rejected_reward: implicit reward of the rejected response, detached.
         penalty: the mask L1 part of ``loss`` (zeros for objectives without one).
@@ -155,3 +187,20 @@ class StepRecord:
     masks: TokenMasks | None
     out: LossOutput
     metrics: dict[str, Tensor]
+
+
+def scatter_response(values: Tensor, response_mask: Tensor) -> Tensor:
+    """Place per-response-token values ``(n,)`` (row-major order) back into a zero tensor shaped like
+    ``response_mask`` (``(2B, T-1)``), in the dtype of ``values``: the inverse of ``tensor[response_mask]``."""
+    return values.new_zeros(response_mask.shape).masked_scatter(response_mask, values)
+
+
+_Detachable = TypeVar("_Detachable", "TokenStats", "TokenMasks", "LossOutput")
+
+
+def detached(value: _Detachable | None) -> _Detachable | None:
+    """A copy of a tensor dataclass whose tensors are detached (bools and other fields kept)."""
+    if value is None:
+        return None
+    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
+    return type(value)(**fields)

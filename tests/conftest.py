@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 _CORPUS = [
@@ -60,6 +61,24 @@ def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+
+
+DATA_FIXTURES = Path(__file__).parent / "fixtures" / "data"
+"""Data files of the data-pipeline tests."""
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` without special tokens."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.fixture(scope="session")
+def no_eos_tokenizer():
+    """WordLevel tokenizer without EOS whose normalizer deletes U+200B, so '\u200b' tokenises to nothing."""
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Replace("\u200b", "")
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
 
 
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "was", "really", "not", "fine", "plot"]

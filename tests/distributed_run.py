@@ -29,11 +29,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from sparsepo_lightning.blocks import decoder_blocks
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
-from sparsepo_lightning.sharding import decoder_blocks
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 CLIP = 0.01

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch import seed_everything
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
@@ -189,7 +190,7 @@ def _record(tokenizer) -> StepRecord:
     _, resp = batch.shifted_labels()
     reward = torch.arange(resp.numel(), dtype=torch.float).reshape(resp.shape) % 3 * resp
     zeros = torch.zeros(resp.shape[0] // 2)
-    stats = TokenStats(torch.zeros(resp.shape), torch.zeros(resp.shape), torch.zeros(resp.shape), resp)
+    stats = TokenStats(torch.zeros(resp.shape), torch.zeros(resp.shape), torch.zeros(resp.shape), response_mask=resp)
     out = LossOutput(zeros, zeros, zeros, zeros, zeros)
     return StepRecord("val", batch, stats, TokenMasks(reward, reward.flip(-1) * resp, common=False), out, {})
 
@@ -272,12 +273,22 @@ def test_quickstart_with_analysis_preset_writes_heatmap_images(tmp_path, monkeyp
     """The issue's check on the real thing: the quickstart (SmolLM2, shipped pairs) + analysis.yaml, 2 steps."""
     pytest.importorskip("gguf")
     monkeypatch.chdir(ROOT)
-    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", "callbacks/analysis.yaml",
+    # Smaller than the quickstart where it does not matter here: no sanity validation (the tiny-model test above
+    # runs one), 2 pairs per batch (the two heat-map pairs), 48 tokens, and the preset's samples cut to 4 new
+    # tokens (greedy decoding of the 135M model is most of this test's time otherwise).
+    preset = yaml.safe_load((ROOT / "callbacks" / "analysis.yaml").read_text())
+    (samples,) = [c for c in preset["trainer"]["callbacks"] if c["class_path"].endswith("GenerationSamples")]
+    samples["init_args"]["max_new_tokens"] = 4
+    (tmp_path / "analysis.yaml").write_text(yaml.safe_dump(preset))
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "analysis.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
-                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"])
+                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "2",
+                "--data.init_args.max_length", "48"])
     log_dir = Path(cli.trainer.logger.log_dir)
     tags = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "images": 0, "histograms": 0}).Reload().Tags()
     assert {"heatmaps/pair_0", "heatmaps/pair_1"} <= set(tags["images"])
     assert {"train_step/masks/sparsity_reward_chosen", "val_epoch/rewards/accuracy"} <= set(tags["scalars"])
     assert "val_epoch/masks/reward_chosen" in tags["histograms"]  # common mask: one histogram per side
+    assert "samples/prompt_0/text_summary" in tags["tensors"]
     assert (log_dir / "heatmaps" / "step_2.html").is_file()

@@ -225,7 +225,7 @@ def test_cli_uses_atomic_io_and_run_checkpoint_by_default(tiny_model_dir, monkey
 def test_trust_remote_code_is_off_unless_set(monkeypatch):
     import transformers
 
-    from sparsepo_lightning import models
+    from sparsepo_lightning import model_sources as models
 
     seen = []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",

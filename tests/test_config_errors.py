@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
+from sparsepo_lightning.checks import check_masker_reference
 from sparsepo_lightning.cli import run as main
 from sparsepo_lightning.masks import ActivationMasker, LearnedMasker
-from sparsepo_lightning.module import PreferenceModule, _check_masker_reference
+from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import DPO, SparsePO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +47,11 @@ def test_lambda_on_a_switched_off_mask_is_an_error(kwargs, names):
 def test_learned_mask_with_a_reference_that_exposes_no_hidden_states():
     reference = nn.Linear(4, 4)  # no HF config: no per-layer hidden states to read
     with pytest.raises(ValueError, match=r"model.masker=LearnedMasker reads the reference's per-layer hidden states"):
-        _check_masker_reference(LearnedMasker(), reference)
+        check_masker_reference(LearnedMasker(), reference)
     reference.config = SimpleNamespace(num_hidden_layers=2)  # no hidden_size
     with pytest.raises(ValueError, match="model.reference"):
-        _check_masker_reference(LearnedMasker(), reference)
-    _check_masker_reference(ActivationMasker(), nn.Linear(4, 4))  # does not need per-layer states
+        check_masker_reference(LearnedMasker(), reference)
+    check_masker_reference(ActivationMasker(), nn.Linear(4, 4))  # does not need per-layer states
 
 
 def test_masker_with_an_objective_without_masks(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""LoRA policy whose reference is the same model with adapters disabled (method.md §4.1, TL;DR recipe)."""
+"""LoRA policy whose reference is the same model with adapters disabled (docs/method.md §4.1, TL;DR recipe)."""
 
 from __future__ import annotations
 

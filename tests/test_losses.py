@@ -35,7 +35,8 @@ def hand_stats(requires_grad: bool = False) -> TokenStats:
     policy = torch.tensor([[-1.0, -2.0, GARBAGE], [-1.0, 0, 0], [-2.0, -0.5, -1.0], [-1.0, 0, 0]])
     reference = torch.tensor([[-1.5, -1.8, -GARBAGE], [-0.8, 0, 0], [-1.6, -0.6, -0.7], [-1.1, 0, 0]])
     kl = torch.tensor([[0.1, 0.3, GARBAGE], [0.05, 0, 0], [0.2, 0.05, 0.25], [0.0, 0, 0]])
-    return TokenStats(policy.requires_grad_(requires_grad), reference, kl.requires_grad_(requires_grad), mask)
+    return TokenStats(policy.requires_grad_(requires_grad), reference, kl.requires_grad_(requires_grad),
+                      response_mask=mask)
 
 
 def hand_masks(independent: bool = False) -> TokenMasks:
@@ -149,7 +150,7 @@ def random_stats(n_pairs: int = 5, length: int = 7, seed: int = 0, requires_grad
     reference = -torch.rand(2 * n_pairs, length, generator=g) * 3
     kl = torch.rand(2 * n_pairs, length, generator=g)
     return TokenStats((policy * mask).requires_grad_(requires_grad), reference * mask,
-                      (kl * mask).requires_grad_(requires_grad), mask)
+                      (kl * mask).requires_grad_(requires_grad), response_mask=mask)
 
 
 def random_masks(stats: TokenStats, independent: bool, seed: int = 1) -> TokenMasks:
@@ -217,10 +218,11 @@ def test_sparsepo_matches_naive_per_row_loop(independent, switches):
 
 def test_tokenstats_cat_and_split_roundtrip():
     stats = random_stats(n_pairs=3)
-    chosen = TokenStats(*(t[:3] for t in (stats.policy_logps, stats.reference_logps, stats.kl, stats.response_mask)))
-    rejected = TokenStats(*(t[3:] for t in (stats.policy_logps, stats.reference_logps, stats.kl, stats.response_mask)))
+    tensors = (stats.policy_logps, stats.reference_logps, stats.kl)
+    chosen = TokenStats(*(t[:3] for t in tensors), response_mask=stats.response_mask[:3])
+    rejected = TokenStats(*(t[3:] for t in tensors), response_mask=stats.response_mask[3:])
     joined = TokenStats.cat(chosen, rejected)
-    assert_close(losses.tdpo_loss(joined, 0.1).loss, losses.tdpo_loss(stats, 0.1).loss)
+    assert_close(losses.tdpo1_loss(joined, 0.1).loss, losses.tdpo1_loss(stats, 0.1).loss)
 
 
 def test_sparsepo_rejects_penalty_on_disabled_mask():
@@ -228,3 +230,66 @@ def test_sparsepo_rejects_penalty_on_disabled_mask():
         SparsePO(l1_kl=0.1, mask_on_kl=False)
     with pytest.raises(ValueError, match="beta"):
         DPO(beta=0.0)
+
+
+def test_pure_sparsepo_loss_refuses_what_the_objective_refuses():
+    stats, masks = hand_stats(), hand_masks(independent=True)
+    with pytest.raises(ValueError, match="mask_on_kl"):
+        losses.sparsepo_loss(stats, masks, beta=0.5, l1_kl=0.1, mask_on_kl=False)
+    with pytest.raises(ValueError, match="l1_reward must be >= 0"):
+        losses.sparsepo_loss(stats, masks, beta=0.5, l1_reward=-0.1)
+    for loss in (losses.dpo_loss, losses.ipo_loss, losses.tdpo1_loss):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            loss(stats, 0.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        losses.sparsepo_loss(stats, masks, beta=-1.0)
+
+
+def test_common_is_read_from_the_tensors_and_a_contradiction_raises():
+    reward = torch.rand(4, 3)
+    assert TokenMasks(reward=reward, kl=reward).common
+    assert TokenMasks(reward=reward, kl=reward.detach()).common  # same memory
+    assert not TokenMasks(reward=reward, kl=reward.clone()).common
+    with pytest.raises(ValueError, match="two different tensors"):
+        TokenMasks(reward=reward, kl=reward.clone(), common=True)
+    with pytest.raises(ValueError, match="one tensor"):
+        TokenMasks(reward=reward, kl=reward, common=False)
+
+
+def test_independent_masks_with_equal_values_are_not_halved():
+    """Two separately built masks with equal values are independent: each λ applies in full (no halving)."""
+    stats, common = hand_stats(), hand_masks()
+    twins = TokenMasks(reward=common.reward, kl=common.reward.clone())
+    halved = losses.sparsepo_loss(stats, common, beta=0.5, l1_reward=0.1, l1_kl=0.3)
+    full = losses.sparsepo_loss(stats, twins, beta=0.5, l1_reward=0.1, l1_kl=0.3)
+    assert_close(full.penalty, 2 * halved.penalty)
+    assert_close(full.logit, halved.logit)
+
+
+def test_objectives_without_kl_or_reference_need_no_such_tensors():
+    full = hand_stats()
+    no_kl = TokenStats(full.policy_logps, full.reference_logps, response_mask=full.response_mask)
+    policy_only = TokenStats(policy_logps=full.policy_logps, response_mask=full.response_mask)
+    for loss in (losses.dpo_loss, losses.ipo_loss):
+        assert_close(loss(no_kl, 0.5).loss, loss(full, 0.5).loss)
+    assert_close(losses.dpop_loss(no_kl, 0.5, 50.0).loss, losses.dpop_loss(full, 0.5, 50.0).loss)
+    assert_close(losses.simpo_loss(policy_only, 2.0, 0.5).loss, losses.simpo_loss(full, 2.0, 0.5).loss)
+    with pytest.raises(ValueError, match="TokenStats.kl"):
+        losses.tdpo1_loss(no_kl, 0.5)
+    with pytest.raises(ValueError, match="TokenStats.reference_logps"):
+        losses.dpo_loss(policy_only, 0.5)
+
+
+def test_uniform_masker_needs_no_reference():
+    from sparsepo_lightning.masks import UniformMasker
+
+    mask = hand_stats().response_mask
+    masks = UniformMasker()(response_mask=mask)
+    assert masks.common and torch.equal(masks.reward, mask.float())
+
+
+def test_tdpo_variants_are_named():
+    stats = hand_stats()
+    assert_close(losses.tdpo1_loss(stats, 0.5).loss, TDPO1(beta=0.5)(stats, None).loss)
+    assert_close(losses.tdpo2_loss(stats, 0.5, alpha=0.5).loss, TDPO2(beta=0.5, alpha=0.5)(stats, None).loss)
+    assert not torch.allclose(losses.tdpo2_loss(stats, 0.5).loss, losses.tdpo1_loss(stats, 0.5).loss)

@@ -65,7 +65,7 @@ def test_unknown_init_names_the_option():
 @pytest.fixture(scope="module")
 def smollm2_states():
     """Reference states of SmolLM2-135M on the quickstart's validation texts (the real model, converted offline)."""
-    from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+    from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
     model = load_causal_lm("smollm2-135m").eval()
     tokenizer = load_tokenizer("smollm2-135m")

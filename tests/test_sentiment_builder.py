@@ -12,17 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sparsepo_lightning.data import sentiment
-from sparsepo_lightning.data.sentiment import (
-    PAIR_KEYS,
-    SKIP_EMPTY,
-    SKIP_IDENTICAL,
-    SKIP_TIED,
-    SamplingConfig,
-    build_pairs,
-    pair_samples,
-    skipped_path,
-    split_prompts,
-)
+from sparsepo_lightning.data.pairing import PAIR_KEYS, SKIP_EMPTY, SKIP_IDENTICAL, SKIP_TIED, pair_samples
+from sparsepo_lightning.data.sampling import SamplingConfig
+from sparsepo_lightning.data.sentiment import build_pairs, skipped_path, split_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

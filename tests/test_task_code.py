@@ -10,19 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sparsepo_lightning.data.code import (
-    CodeDataModule,
-    CodeProblem,
-    build_samples,
-    format_prompt,
-    humaneval_overlap,
-    load_mbpp,
-    main,
-    make_pairs,
-    read_jsonl,
-    truncate_completion,
-)
-from sparsepo_lightning.data.sentiment import SamplingConfig
+from sparsepo_lightning.data.code import CodeDataModule, humaneval_overlap
+from sparsepo_lightning.data.code_builder import build_samples, main, make_pairs
+from sparsepo_lightning.data.jsonl import read_jsonl
+from sparsepo_lightning.data.mbpp import CodeProblem, format_prompt, load_mbpp, truncate_completion
+from sparsepo_lightning.data.sampling import SamplingConfig
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

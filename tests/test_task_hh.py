@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sparsepo_lightning.data.hh import HHDataModule, TranscriptError, hh_row_to_pair, parse_hh_transcript
-from sparsepo_lightning.data.sources import Rejection, iter_file
+from sparsepo_lightning.data.readers import iter_file
+from sparsepo_lightning.data.rows import Rejection
 from sparsepo_lightning.types import IGNORE_INDEX
 
 HUB = Path(__file__).parent / "fixtures" / "hub" / "hh-rlhf"

@@ -13,17 +13,14 @@ import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
 from sparsepo_lightning.data import sentiment
-from sparsepo_lightning.data.imdb import (
-    IMDBDataModule,
-    clean_review,
-    imdb_prompts,
-    join_continuation,
-    prefixes,
-    review_prefix,
-)
+from sparsepo_lightning.data.imdb import IMDBDataModule, join_continuation
+from sparsepo_lightning.data.imdb_prompts import clean_review, imdb_prompts, prefixes, review_prefix
+from sparsepo_lightning.data.pairing import SKIP_EMPTY, SKIP_TIED, pair_samples
+from sparsepo_lightning.data.readers import iter_jsonl
+from sparsepo_lightning.data.rows import FieldNames
 from sparsepo_lightning.data.scorers import ClassifierScorer, VaderScorer, make_scorer, positive_index
-from sparsepo_lightning.data.sentiment import SKIP_EMPTY, SKIP_TIED, pair_samples, skipped_path
-from sparsepo_lightning.data.sources import FieldNames, iter_jsonl, validate_rows
+from sparsepo_lightning.data.sentiment import skipped_path
+from sparsepo_lightning.data.validate import validate_rows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

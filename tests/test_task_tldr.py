@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sparsepo_lightning.data.sources import RawRow
+from sparsepo_lightning.data.rows import RawRow
 from sparsepo_lightning.data.tldr import (
     TLDR_HUB_ID,
     BadRow,

@@ -7,7 +7,7 @@
 - one HTML page per validation run, ``<log_dir>/heatmaps/step_{global_step}.html`` (hover a token for its value).
 
 Colours: reward mask in red, KL mask in blue, intensity ``m / vmax`` (``vmax`` fixed or the pair's maximum);
-tokens whose mask is exactly 0 (the sparse ones, method.md §5) are grey. With common masks one row per response.
+tokens whose mask is exactly 0 (the sparse ones, docs/method.md §5) are grey. With common masks one row per response.
 Rendering uses Pillow only. With several ranks the pairs are rank 0's first validation pairs.
 """
 

@@ -4,15 +4,14 @@ The module logs ``train/...`` metrics of the *last* micro-batch of each optimize
 behaviour). These callbacks instead accumulate every micro-batch in torchmetrics states (sums and counts with
 ``dist_reduce_fx="sum"``, maxima with ``"max"``) and compute, log and reset them once per logging window of
 optimizer steps, so a logged value equals the single-batch value on the concatenation of all micro-batches of
-all ranks. Names (method.md §5, prefix ``train_step/`` for training, ``val_epoch/`` for a validation run):
+all ranks. The metrics themselves are defined once, in :mod:`sparsepo_lightning.metrics` (the module logs the same
+definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for a validation run:
 
-- ``MaskStatistics``: ``masks/sparsity_{reward,kl}_{chosen,rejected}`` (% of exact zeros among response tokens,
-  per response then averaged over responses), ``masks/l1_{reward,kl}_{chosen,rejected}`` (Σ|m| per response,
-  averaged), ``masks/max_{reward,kl}``, ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and
-  TensorBoard histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
-- ``RewardStatistics``: ``loss``, ``logit``, ``rewards/{chosen,rejected,margin,accuracy}``,
-  ``logps/{chosen,rejected}``, ``kl/token_{chosen,rejected}`` (mean KL per response token, token-weighted),
-  ``kl/seq_{chosen,rejected}`` (Σ KL per response, averaged) and ``kl/masked_{chosen,rejected}`` (Σ m_d·KL).
+- ``MaskStatistics``: ``metrics.mask_stats`` (``masks/sparsity_*``, ``masks/l1_*``, ``masks/max_*``,
+  ``masks/mean_*``), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
+  histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
+- ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
+  ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``).
 
 The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
 (``module.PROGRESS_BAR_METRICS``); these callbacks do not change it.
@@ -21,7 +20,7 @@ The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -30,10 +29,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from sparsepo_lightning.losses import split_pairs
 from sparsepo_lightning.masks.learned import MaskNetwork
-from sparsepo_lightning.metrics import response_sparsity
-from sparsepo_lightning.types import StepRecord, TokenMasks
+from sparsepo_lightning.metrics import Stats, loss_stats, mask_stats, token_metrics
+from sparsepo_lightning.types import StepRecord
 
 TRAIN_PREFIX = "train_step/"
 """Prefix of values aggregated over the optimizer steps of one logging window."""
@@ -41,19 +39,15 @@ VAL_PREFIX = "val_epoch/"
 """Prefix of values aggregated over one whole validation run (all batches, all ranks)."""
 
 
-@dataclass
-class Stats:
-    """Per-batch contributions to a ``WeightedStats`` metric.
+class Kind(Enum):
+    """How a named statistic is aggregated over a window (and across ranks)."""
 
-    Attributes:
-        means: name -> ``(values, weights)`` of equal shape; the window value is ``Σ v·w / Σ w``.
-        maxima: name -> a tensor; the window value is the elementwise max over updates (and ranks).
-        values: name -> a 1-D tensor of samples, concatenated over the window (histograms).
-    """
-
-    means: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    maxima: dict[str, Tensor] = field(default_factory=dict)
-    values: dict[str, Tensor] = field(default_factory=dict)
+    MEAN = "mean"
+    """``Σ v·w / Σ w``: states ``sum`` and ``weight``, summed across ranks."""
+    MAX = "max"
+    """Elementwise maximum: state ``max``, maximum across ranks."""
+    SAMPLES = "values"
+    """Concatenated samples (histograms): state ``values``, concatenated across ranks."""
 
 
 class WeightedStats(Metric):
@@ -67,17 +61,17 @@ class WeightedStats(Metric):
 
     def __init__(self) -> None:
         super().__init__(sync_on_compute=True)
-        self._kinds: dict[str, str] = {}
+        self._kinds: dict[str, Kind] = {}
 
-    def _ensure(self, name: str, kind: str, like: Tensor) -> None:
+    def _ensure(self, name: str, kind: Kind, like: Tensor) -> None:
         if name in self._kinds:
             return
         self._kinds[name] = kind
         key = name.replace("/", "__")
-        if kind == "mean":
+        if kind is Kind.MEAN:
             self.add_state(f"{key}__sum", torch.zeros((), device=like.device), dist_reduce_fx="sum")
             self.add_state(f"{key}__weight", torch.zeros((), device=like.device), dist_reduce_fx="sum")
-        elif kind == "max":
+        elif kind is Kind.MAX:
             self.add_state(f"{key}__max", torch.full(like.shape, -torch.inf, device=like.device), dist_reduce_fx="max")
         else:
             self.add_state(f"{key}__values", [], dist_reduce_fx="cat")
@@ -85,92 +79,35 @@ class WeightedStats(Metric):
     def update(self, stats: Stats) -> None:
         """Add one micro-batch's contributions (no host sync)."""
         for name, (values, weights) in stats.means.items():
-            self._ensure(name, "mean", values)
+            self._ensure(name, Kind.MEAN, values)
             key = name.replace("/", "__")
             setattr(self, f"{key}__sum", getattr(self, f"{key}__sum") + (values.float() * weights).sum())
             setattr(self, f"{key}__weight", getattr(self, f"{key}__weight") + weights.float().sum())
         for name, value in stats.maxima.items():
-            self._ensure(name, "max", value)
+            self._ensure(name, Kind.MAX, value)
             key = f"{name.replace('/', '__')}__max"
             setattr(self, key, torch.maximum(getattr(self, key), value.float()))
         for name, values in stats.values.items():
-            self._ensure(name, "values", values)
+            self._ensure(name, Kind.SAMPLES, values)
             getattr(self, f"{name.replace('/', '__')}__values").append(values.detach().float().flatten())
 
     def sample_names(self) -> set[str]:
         """Names whose value is a concatenation of samples (histograms), not a scalar."""
-        return {name for name, kind in self._kinds.items() if kind == "values"}
+        return {name for name, kind in self._kinds.items() if kind is Kind.SAMPLES}
 
     def compute(self) -> dict[str, Tensor]:
         """name -> weighted mean, elementwise max, or the concatenated samples of the window."""
         out = {}
         for name, kind in self._kinds.items():
             key = name.replace("/", "__")
-            if kind == "mean":
+            if kind is Kind.MEAN:
                 out[name] = getattr(self, f"{key}__sum") / getattr(self, f"{key}__weight").clamp(min=1e-12)
-            elif kind == "max":
+            elif kind is Kind.MAX:
                 out[name] = getattr(self, f"{key}__max")
             else:
                 samples = getattr(self, f"{key}__values")
                 out[name] = torch.cat(samples) if isinstance(samples, list) else samples  # a tensor after sync
         return out
-
-
-# ---- what each callback extracts from one step ---------------------------------------------------------------
-def _per_response(stats: Stats, name: str, values: Tensor, sep: str = "_") -> None:
-    """Register a per-response value ``(2B,)`` as ``{name}_chosen`` and ``{name}_rejected`` means over responses."""
-    chosen, rejected = split_pairs(values)
-    stats.means[f"{name}{sep}chosen"] = (chosen, torch.ones_like(chosen))
-    stats.means[f"{name}{sep}rejected"] = (rejected, torch.ones_like(rejected))
-
-
-def mask_stats(masks: TokenMasks, response_mask: Tensor, histograms: bool = False) -> Stats:
-    """Sparsity, L1 mass and max of the reward and KL masks of one batch (method.md §5), in float32.
-
-    Args:
-        masks: ``(2B, T-1)`` masks as the loss used them (chosen rows first).
-        response_mask: ``(2B, T-1)`` bool, True on response tokens.
-        histograms: also return the mask values over response tokens (``values``) for histograms; the KL
-            histograms are skipped when the KL mask is the reward mask (common masks).
-
-    Returns:
-        ``Stats`` whose means are per-response values with weight 1, so the window value is the average over all
-        responses of the window.
-    """
-    stats = Stats()
-    same = masks.kl.data_ptr() == masks.reward.data_ptr() and masks.kl.shape == masks.reward.shape
-    for name, mask in (("reward", masks.reward), ("kl", masks.kl)):
-        mask = mask.detach().float()  # fp32: tiny fp16 values would underflow to 0 and count as sparse
-        _per_response(stats, f"masks/sparsity_{name}", response_sparsity(mask, response_mask))
-        _per_response(stats, f"masks/l1_{name}", (mask.abs() * response_mask).sum(-1))
-        stats.maxima[f"masks/max_{name}"] = mask.masked_fill(~response_mask, -torch.inf).amax()
-        if histograms and not (name == "kl" and same):
-            chosen, rejected = split_pairs(mask)
-            chosen_resp, rejected_resp = split_pairs(response_mask)
-            stats.values[f"masks/{name}_chosen"] = chosen[chosen_resp]
-            stats.values[f"masks/{name}_rejected"] = rejected[rejected_resp]
-    return stats
-
-
-def reward_stats(record: StepRecord) -> Stats:
-    """Implicit rewards, logit, log-probs and KL of one batch; per-pair/per-response means and token-weighted KL."""
-    stats, out, tokens = Stats(), record.out, record.stats
-    ones = torch.ones_like(out.logit)
-    margin = out.chosen_reward - out.rejected_reward
-    for name, value in (("loss", out.loss), ("logit", out.logit), ("rewards/chosen", out.chosen_reward),
-                        ("rewards/rejected", out.rejected_reward), ("rewards/margin", margin),
-                        ("rewards/accuracy", (margin > 0).float())):
-        stats.means[name] = (value.detach().float(), ones)
-    resp = tokens.response_mask
-    _per_response(stats, "logps", (tokens.policy_logps.float() * resp).sum(-1), sep="/")
-    kl = tokens.kl.float() * resp  # (2B, T-1)
-    _per_response(stats, "kl/seq", kl.sum(-1))
-    for side, rows, counts in zip(("chosen", "rejected"), split_pairs(kl.sum(-1)), split_pairs(resp.sum(-1).float()),
-                                  strict=True):
-        stats.means[f"kl/token_{side}"] = (rows / counts.clamp(min=1), counts)  # = Σ KL / Σ tokens over the window
-    if record.masks is not None:
-        _per_response(stats, "kl/masked", (kl * record.masks.kl.float()).sum(-1))
-    return stats
 
 
 # ---- dead units of learned masks ----------------------------------------------------------------------------
@@ -369,4 +306,4 @@ class RewardStatistics(_StepStatistics):
         super().__init__(log_every_n_steps, histogram_every_n_steps=0)
 
     def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
-        return reward_stats(record)
+        return loss_stats(record.out).merge(token_metrics(record.stats, record.masks))

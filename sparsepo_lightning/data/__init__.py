@@ -2,8 +2,9 @@
 
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import DataReport, PreferencePair, RawRow, Rejection, load_pairs
+from sparsepo_lightning.data.rows import DataReport, PreferencePair, RawRow, Rejection
 from sparsepo_lightning.data.tokenize import tokenize_pair
+from sparsepo_lightning.data.validate import load_pairs
 
 __all__ = [
     "DataReport",

@@ -1,4 +1,4 @@
-"""Anthropic HH (``Anthropic/hh-rlhf``): dialogue transcripts -> chat-message preference pairs (method.md §6.3).
+"""Anthropic HH (``Anthropic/hh-rlhf``): dialogue transcripts -> chat-message preference pairs (docs/method.md §6.3).
 
 Each hub row is ``{"chosen": transcript, "rejected": transcript}``, a transcript being
 ``"\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant: ..."``. Both transcripts share the
@@ -8,7 +8,7 @@ dialogue and differ in the final assistant turn. The pair is::
     chosen   = [the last assistant turn of `chosen`]
     rejected = [the last assistant turn of `rejected`]
 
-The prompt is chat messages, so the tokenizer's chat template renders the whole conversation (method.md §6.1).
+The prompt is chat messages, so the tokenizer's chat template renders the whole conversation (docs/method.md §6.1).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import Messages, RawRow, Rejection
+from sparsepo_lightning.data.rows import Messages, RawRow, Rejection
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
 _ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -105,7 +105,7 @@ class HHDataModule(PreferenceDataModule):
     The hub repository ``Anthropic/hh-rlhf`` holds one folder per subset, each with ``train.jsonl.gz`` and
     ``test.jsonl.gz``: ``harmless-base``, ``helpful-base``, ``helpful-online``, ``helpful-rejection-sampled``.
     Loaded without ``data_dir`` (the default), ``datasets`` concatenates the four subsets per split (160,800
-    train / 8,552 test rows, the "all subsets" setup of method.md §6.3); ``red-team-attempts`` holds single
+    train / 8,552 test rows, the "all subsets" setup of docs/method.md §6.3); ``red-team-attempts`` holds single
     rated transcripts in another schema, and its ``red_team_attempts.jsonl.gz`` matches no split name, so it
     is not loaded. One subset::
 
@@ -127,7 +127,7 @@ class HHDataModule(PreferenceDataModule):
         train_split: hub split used for training.
         val_split: hub split used for validation (hh-rlhf has ``train`` and ``test``).
         system_prompt: put a system message with this content first in every prompt (``""`` reproduces the
-            empty system message of the reference code, method.md §6.1); ``None`` adds none.
+            empty system message of the reference code, docs/method.md §6.1); ``None`` adds none.
         **kwargs: every other :class:`PreferenceDataModule` option (``tokenizer``, ``hub_kwargs``,
             ``max_length``, ``batch_size``...).
     """

@@ -30,21 +30,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
+from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow, RowIssue
 from sparsepo_lightning.data.sampler import PassShuffleSampler
-from sparsepo_lightning.data.sources import (
-    DataReport,
-    FieldNames,
-    PreferencePair,
-    RawRow,
-    RowIssue,
-    iter_file,
-    iter_hub,
-    load_hub_split,
-    validate_rows,
-)
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
+from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
-from sparsepo_lightning.models import load_tokenizer
+from sparsepo_lightning.model_sources import load_tokenizer
 
 Features = dict[str, list[int]]
 
@@ -75,9 +67,9 @@ class PreferenceDataModule(LightningDataModule):
         use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
             always use it).
         chat_template: replaces the tokenizer's chat template: a built-in name (``zephyr``, the format of the
-            released code, method.md §6.1) or a Jinja template string. Needed for models that ship none.
+            released code, docs/method.md §6.1) or a Jinja template string. Needed for models that ship none.
         add_bos: start every row with the tokenizer's BOS token; ``None`` follows the tokenizer (BOS when it
-            adds one itself), ``False`` never adds one (raw-text code models, method.md §6.5).
+            adds one itself), ``False`` never adds one (raw-text code models, docs/method.md §6.5).
         max_length: maximum tokens of prompt + response per row.
         max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
         batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.

@@ -1,7 +1,7 @@
 """Scorers for sentiment pairs and evaluation: map texts to scores, higher = more preferred (more positive).
 
 ``make_scorer("vader")`` is the offline default (VADER lexicon); any other name or path is a sequence
-classifier scored as P(positive) (method.md §6.2).
+classifier scored as P(positive) (docs/method.md §6.2).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ClassifierScorer:
     """Probability of the positive class under a sequence classifier (``AutoModelForSequenceClassification``).
 
     E.g. ``lvwerra/distilbert-imdb`` (ODPO's scorer) or ``siebert/sentiment-roberta-large-english``
-    (method.md §6.2). Each text is scored alone (the continuation, not the prompt), truncated to
+    (docs/method.md §6.2). Each text is scored alone (the continuation, not the prompt), truncated to
     `max_length` tokens; softmax is taken in float32.
 
     Args:

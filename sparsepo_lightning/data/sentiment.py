@@ -23,7 +23,7 @@ Run (the quickstart data, see data/quickstart/README.md)::
     python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
         --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 48
 
-IMDB review prefixes as prompts (method.md §6.2; see `sparsepo_lightning.data.imdb.imdb_prompts`)::
+IMDB review prefixes as prompts (docs/method.md §6.2; see `sparsepo_lightning.data.imdb_prompts.imdb_prompts`)::
 
     python -m sparsepo_lightning.data.sentiment --model <imdb sft model> --imdb stanfordnlp/imdb \\
         --num-prompts 1000 --scorer lvwerra/distilbert-imdb --pairing first_two --out data/cache/imdb/train.jsonl
@@ -39,37 +39,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.data.imdb_prompts import imdb_prompts
+from sparsepo_lightning.data.jsonl import append_jsonl
+from sparsepo_lightning.data.pairing import PAIR_KEYS, PAIRINGS, pair_samples
+from sparsepo_lightning.data.sampling import SamplingConfig, sample_continuations
 from sparsepo_lightning.data.scorers import Scorer, VaderScorer, make_scorer
-from sparsepo_lightning.generation import SamplingOptions, decode_until_special, seeded_generate
+from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-PAIR_KEYS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
-SKIP_EMPTY = "empty"
-"""Skip reason: fewer than two non-empty continuations (``first_two``: one of the first two is empty)."""
-SKIP_TIED = "tied"
-"""Skip reason: the best and worst continuations have the same score."""
-SKIP_IDENTICAL = "identical"
-"""Skip reason: the best and worst continuations are the same text (possible with a non-deterministic scorer)."""
-PAIRINGS = ("best_worst", "first_two")
-"""How `pair_samples` picks chosen and rejected among the samples of one prompt."""
-
-
-@dataclass(frozen=True)
-class SamplingConfig(SamplingOptions):
-    """How the pair builders sample continuations: at least 2 per prompt (a pair needs two), temperature > 0."""
-
-    max_new_tokens: int = 24
-    batch_size: int = 32
-
-    min_samples: ClassVar[int] = 2
-    greedy_allowed: ClassVar[bool] = False
-
 
 @dataclass
 class BuildReport:
@@ -97,76 +78,6 @@ class BuildReport:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def pair_samples(
-    prompt: str, texts: Sequence[str], scores: Sequence[float], pairing: str = "best_worst"
-) -> tuple[dict | None, str | None]:
-    """Make one preference pair from the scored continuations of `prompt`.
-
-    Pairing rules:
-
-    - ``best_worst``: the highest-scored continuation is chosen, the lowest-scored one rejected. Empty
-      (whitespace-only) continuations are ignored; ties for best or worst go to the earliest sample.
-    - ``first_two``: ODPO's ``imdb_paired_responses`` rule: only the first two samples are used, the higher
-      scored one is chosen. Unlike ODPO (which then picks the second sample), a tie gives no pair.
-
-    Returns:
-        ``(row, None)`` with a row of `PAIR_KEYS`, or ``(None, reason)`` when the prompt gives no pair
-        (`SKIP_EMPTY`, `SKIP_TIED` or `SKIP_IDENTICAL`).
-
-    Raises:
-        ValueError: an unknown `pairing`.
-    """
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing={pairing!r} is unknown: use one of {', '.join(PAIRINGS)}.")
-    scored = list(zip(scores, texts, strict=True))
-    if pairing == "first_two":
-        scored = scored[:2]
-    kept = [(score, text) for score, text in scored if text.strip()]
-    if len(kept) < 2:
-        return None, SKIP_EMPTY
-    best = max(range(len(kept)), key=lambda i: kept[i][0])  # max/min return the first of equal keys
-    worst = min(range(len(kept)), key=lambda i: kept[i][0])
-    if kept[best][0] == kept[worst][0]:
-        return None, SKIP_TIED
-    if kept[best][1] == kept[worst][1]:
-        return None, SKIP_IDENTICAL
-    row = {"prompt": prompt, "chosen": kept[best][1], "rejected": kept[worst][1]}
-    row |= {"chosen_score": float(kept[best][0]), "rejected_score": float(kept[worst][0])}
-    return row, None
-
-
-def sample_continuations(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    config: SamplingConfig,
-    seed: int,
-    stop_strings: Sequence[str] = (),
-) -> list[list[str]]:
-    """Sample `config.num_samples` plain-text continuations for each prompt in one batched `generate` call.
-
-    Prompts are tokenized without a chat template (the tokenizer's own special tokens, e.g. BOS, are kept)
-    and left-padded. Each continuation is cut at its first special token and decoded without it.
-    Sampling runs under `torch.manual_seed(seed)` inside `torch.random.fork_rng`, so the caller's RNG state
-    is left untouched.
-
-    Args:
-        stop_strings: a sequence stops generating once its text contains one of these (e.g. ``"\nassert "``
-            for code); the stop string itself is kept in the returned text, callers cut it if they wish.
-
-    Returns:
-        One list of `num_samples` strings per prompt.
-    """
-    new_tokens = seeded_generate(
-        model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], seed, config.num_samples,
-        config.max_new_tokens, stop_strings, do_sample=True, temperature=config.temperature, top_k=config.top_k,
-        top_p=config.top_p,
-    )  # (len(prompts) * num_samples, <= max_new_tokens)
-    texts = [decode_until_special(tokenizer, ids) for ids in new_tokens]
-    n = config.num_samples
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def skipped_path(out: Path) -> Path:
@@ -263,16 +174,9 @@ def _score_and_write(
             rows.append(row)
             report.chosen_scores.append(row["chosen_score"])
             report.rejected_scores.append(row["rejected_score"])
-    _append_jsonl(out, rows)
-    _append_jsonl(skipped_path(out), skips)
+    append_jsonl(out, rows)
+    append_jsonl(skipped_path(out), skips)
     report.written += len(rows)
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append rows as JSON lines in a single write (one flush per batch)."""
-    if rows:
-        with path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _check_distinct(prompts: Sequence[str]) -> None:
@@ -353,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
         "--imdb",
         metavar="DATASET",
         help="Review prefixes as prompts, from this IMDB hub id or local folder in the hub layout "
-        "(e.g. stanfordnlp/imdb); see sparsepo_lightning.data.imdb.imdb_prompts.",
+        "(e.g. stanfordnlp/imdb); see sparsepo_lightning.data.imdb_prompts.imdb_prompts.",
     )
     p.add_argument("--out", required=True, type=Path, help="Output JSONL; resumed if it exists.")
     p.add_argument("--imdb-split", default="train", help="--imdb: dataset split (train, test or unsupervised).")
@@ -387,8 +291,6 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     """Command-line entry point; see the module docstring."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from sparsepo_lightning.models import load_causal_lm, load_tokenizer
-
     prompts = read_prompts(args.prompts) if args.prompts else _imdb_prompts(args)
     if args.split != "all":
         if args.val_size <= 0:
@@ -417,8 +319,6 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
 
 
 def _imdb_prompts(args: argparse.Namespace) -> list[str]:
-    from sparsepo_lightning.data.imdb import imdb_prompts
-
     return imdb_prompts(
         args.imdb, args.imdb_split, args.num_prompts, args.min_words, args.max_words, args.prompt_seed, args.imdb_config
     )

@@ -1,4 +1,4 @@
-"""TL;DR summarisation preferences (``openai/summarize_from_feedback``) -> plain-text pairs (method.md §6.4).
+"""TL;DR summarisation preferences (``openai/summarize_from_feedback``) -> plain-text pairs (docs/method.md §6.4).
 
 Prompt of a Reddit post / a CNN-DailyMail article (``info.post`` is null, ``info.article`` set)::
 
@@ -12,8 +12,8 @@ Two subsets:
 - ``comparisons`` (splits ``train``, ``validation``): one row per human comparison of two summaries,
   ``choice`` (0/1) naming the preferred one. One row -> one pair.
 - ``axis`` (splits ``validation``, ``test``): one row per summary rated on a 1-7 Likert scale
-  (``summary.axes.overall``, plus accuracy / coverage / coherence). Pairing rule (ours; the reference code's
-  rule is unconfirmed, method.md §6.4): group rows by post (``info.id``); a summary's score is the mean
+  (``summary.axes.overall``, plus accuracy / coverage / coherence). Pairing rule (ours; the released code does
+  not show one, docs/method.md §6.4): group rows by post (``info.id``); a summary's score is the mean
   ``overall`` over the workers who rated the same text (stripped); every two distinct summaries of a post
   with different scores make one pair, the higher-scored one chosen. Ties (``tied_rating``), posts with a
   single distinct summary (``single_summary``) and rows without an ``overall`` rating (``missing_rating``)
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.sources import RawRow, Rejection
+from sparsepo_lightning.data.rows import RawRow, Rejection
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
 TLDR_PARQUET_REVISION = "refs/convert/parquet"
@@ -182,7 +182,7 @@ class TLDRDataModule(PreferenceDataModule):
 
     The pairs are plain text (``prompt + " " + summary``), trained without a chat template by default; set
     ``use_chat_template: true`` (or ``system_prompt``) to wrap them in one as the reference code did
-    (method.md §6.1).
+    (docs/method.md §6.1).
 
     Args:
         subset: ``comparisons`` (one pair per human comparison) or ``axis`` (pairs from Likert ratings, see

@@ -1,17 +1,17 @@
-"""Turn one :class:`PreferencePair` into token ids and labels (TRL-style, method.md §6.1).
+"""Turn one :class:`PreferencePair` into token ids and labels (TRL-style, docs/method.md §6.1).
 
 Each conversation (prompt + response) is rendered once and tokenised as one string. The prompt/response
 boundary is the longest common prefix of the prompt's ids (tokenised alone) and the full ids, so a tokenizer
 that merges characters across the boundary cannot shift the labels: the merged token simply counts as
 response. BOS is added once (if the tokenizer normally adds one), EOS is appended to each response unless
-it already ends with it, then the "keep_end" truncation of method.md §6.1 is applied.
+it already ends with it, then the "keep_end" truncation of docs/method.md §6.1 is applied.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sparsepo_lightning.data.sources import Messages, PreferencePair, Text
+from sparsepo_lightning.data.rows import Messages, PreferencePair, Text
 from sparsepo_lightning.errors import DataError
 from sparsepo_lightning.types import IGNORE_INDEX
 
@@ -25,7 +25,7 @@ ZEPHYR_CHAT_TEMPLATE = (
     "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
     "{% endfor %}"
 )
-"""The Zephyr-style template the released code renders every non-code example with (method.md §6.1):
+"""The Zephyr-style template the released code renders every non-code example with (docs/method.md §6.1):
 ``<|system|>``, ``<|user|>``, ``<|assistant|>`` blocks, each content followed by the EOS token."""
 
 CHAT_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE}
@@ -171,7 +171,7 @@ def _truncate(
     """TRL "keep_end": cut prompts from the left, then responses to ``max_length - len(prompt)``.
 
     Both steps trigger on ``len(prompt) + longest response > max_length`` (longest over chosen/rejected),
-    as in method.md §6.1, so chosen and rejected keep the same prompt.
+    as in docs/method.md §6.1, so chosen and rejected keep the same prompt.
 
     Returns:
         ``(sides, prompt_truncated, response_truncated)``.

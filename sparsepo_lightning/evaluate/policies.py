@@ -23,7 +23,7 @@ from sparsepo_lightning.checkpoint_reading import (
     read_checkpoint,
     read_hparams,
 )
-from sparsepo_lightning.models import load_causal_lm, load_tokenizer
+from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 

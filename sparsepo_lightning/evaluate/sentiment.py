@@ -1,4 +1,5 @@
-"""``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (method.md §6.2).
+"""``sparsepo evaluate sentiment``: expected sentiment reward and sampled KL(π_θ‖π_ref) per policy (docs/method.md
+§6.2).
 
 For each policy (model name/path or checkpoint), ``--num-samples`` continuations of each held-out prompt are
 sampled and scored by the same pluggable scorer as the IMDB pair builder (``vader`` or a classifier name, whose
@@ -39,7 +40,7 @@ from sparsepo_lightning.evaluate.options import (
 from sparsepo_lightning.evaluate.policies import load_policy, reference_name
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
 from sparsepo_lightning.evaluate.sampling import Completion, generate, render_prompts, sequence_logprobs
-from sparsepo_lightning.models import load_causal_lm
+from sparsepo_lightning.model_sources import load_causal_lm
 
 log = logging.getLogger(__name__)
 HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoint; reward-KL frontier plot."

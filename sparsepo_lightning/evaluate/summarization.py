@@ -1,6 +1,6 @@
 """``sparsepo evaluate summarization``: ROUGE against reference summaries and self-BLEU over a temperature sweep.
 
-Follows the TL;DR evaluation of the reference README (method.md §6.4): for each of ``--num-prompts`` posts,
+Follows the TL;DR evaluation of the reference README (docs/method.md §6.4): for each of ``--num-prompts`` posts,
 ``--num-samples`` summaries are sampled (nucleus ``--top-p 0.5``) at each temperature of ``--temperatures``
 (0 = greedy: one decode repeated, so its self-BLEU is 1). Metrics per temperature:
 
@@ -94,7 +94,7 @@ def load_references(data: str, subset: str, split: str, limit: int | None) -> di
     Rows may be TL;DR ``comparisons`` rows (``info`` + ``summaries`` + ``choice``) or pairs with ``prompt`` and
     ``chosen``; a folder is read as a hub dataset (``subset``, ``split``), a file by its suffix.
     """
-    from sparsepo_lightning.data.sources import iter_file, load_hub_split
+    from sparsepo_lightning.data.readers import iter_file, load_hub_split
     from sparsepo_lightning.data.tldr import TLDR_HUB_ID, TLDR_PARQUET_REVISION, comparison_to_pair
 
     if Path(data).is_file():

@@ -1,6 +1,6 @@
-"""Activation-based masks from the frozen reference (MaPO, method.md §2), on any HF causal LM.
+"""Activation-based masks from the frozen reference (MaPO, docs/method.md §2), on any HF causal LM.
 
-Deliberate simplification of §2.1 (method.md decision 4): instead of patched model copies with ~10 hook
+Deliberate simplification of the released hook set (docs/method.md §2.1): instead of patched model copies with ~10 hook
 points per layer, forward hooks are found generically on each decoder block:
 
 - ``mlp``:   input of the MLP output projection (post-activation features), one entry per layer;
@@ -14,13 +14,15 @@ Each hook reduces its tensor to a per-token mean in float32 *inside the hook* (�
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from sparsepo_lightning.blocks import decoder_blocks
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.types import TokenMasks
 
@@ -31,15 +33,6 @@ _ATTN_CONTAINERS = ("self_attn", "attn", "attention", "self_attention")
 _ATTN_OUTPUTS = ("o_proj", "c_proj", "out_proj", "dense")
 _MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
 _MLP_OUTPUTS = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2")
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of the model's L decoder blocks (``config.num_hidden_layers`` entries)."""
-    num_layers = model.config.num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"Could not find the {num_layers} decoder blocks of {type(model).__name__}.")
 
 
 def _find_submodule(block: nn.Module, path: str | None, containers: Sequence[str], outputs: Sequence[str],
@@ -59,7 +52,7 @@ def _find_submodule(block: nn.Module, path: str | None, containers: Sequence[str
 
 
 def zn_rescale(values: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-row z-normalisation then min–max to [0, 1] over the masked positions (method.md §2.2).
+    """Per-row z-normalisation then min–max to [0, 1] over the masked positions (docs/method.md §2.2).
 
     Args:
         values: ``(N, T)`` float32 per-token values.
@@ -84,10 +77,43 @@ def zn_rescale(values: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
     return torch.where(mask, scaled, torch.zeros_like(scaled))
 
 
+def _feature_mean(tensor: Tensor) -> Tensor:
+    return tensor.mean(-1)
+
+
+def _sigmoid_feature_mean(tensor: Tensor) -> Tensor:
+    return torch.sigmoid(tensor).mean(-1)
+
+
+def _masked(values: Tensor, mask: Tensor) -> Tensor:
+    return values * mask
+
+
+@dataclass(frozen=True)
+class ActivationMapping:
+    """How one hooked activation becomes a per-token mask value (``ActivationMasker(mapping=...)``)."""
+
+    reduce: Callable[[Tensor], Tensor]
+    """``(N, T, F) → (N, T)`` per-token reduction over features, applied in float32 inside the hook."""
+    rescale: Callable[[Tensor, Tensor], Tensor]
+    """``(values (N, T), response_mask (N, T)) → mask values``, 0 off the response."""
+    linear_in_logits: bool
+    """Whether ``reduce`` of the logits is linear in them, so it can be computed as ``h · mean_v(W)`` without
+    building the ``(N, T, V)`` logits."""
+
+
+MAPPINGS: dict[str, ActivationMapping] = {
+    "zn_rescale": ActivationMapping(reduce=_feature_mean, rescale=zn_rescale, linear_in_logits=True),
+    "sigmoid": ActivationMapping(reduce=_sigmoid_feature_mean, rescale=_masked, linear_in_logits=False),
+}
+"""``zn_rescale``: feature mean, then per-response z-norm and min–max (docs/method.md §2.2); ``sigmoid``: feature
+mean of ``sigmoid(a)``, no rescaling."""
+
+
 class ActivationMasker(TokenMasker):
     """MaPO masks: the mean over hook groups of rescaled per-token reference activations, detached, in [0, 1].
 
-    ``m_u = m_d = m`` (always common, no parameters, method.md §2.3).
+    ``m_u = m_d = m`` (always common, no parameters, docs/method.md §2.3).
     """
 
     def __init__(self, groups: Sequence[Group] = ("mlp", "attn", "resid", "logits"), mapping: Mapping = "zn_rescale",
@@ -104,10 +130,12 @@ class ActivationMasker(TokenMasker):
         if not groups or unknown:
             raise ValueError(f"ActivationMasker: groups must be a non-empty subset of mlp, attn, resid, logits; "
                              f"got {list(groups)}.")
-        if mapping not in ("zn_rescale", "sigmoid"):
-            raise ValueError(f"ActivationMasker: mapping must be 'zn_rescale' or 'sigmoid', got {mapping!r}.")
+        if mapping not in MAPPINGS:
+            raise ValueError(f"ActivationMasker: mapping must be one of {', '.join(map(repr, MAPPINGS))}, "
+                             f"got {mapping!r}.")
         self.groups = tuple(dict.fromkeys(groups))
         self.mapping = mapping
+        self._mapping = MAPPINGS[mapping]
         self._paths = {"mlp": mlp_output_module, "attn": attn_output_module}
         self._records: dict[str, list[Tensor]] | None = None
         self._handles: list = []
@@ -115,7 +143,7 @@ class ActivationMasker(TokenMasker):
     def _reduce(self, tensor: Tensor) -> Tensor:
         """Per-token feature mean in float32: ``(N, T, F) → (N, T)``; the full tensor is not kept."""
         tensor = tensor.float()
-        return torch.sigmoid(tensor).mean(-1) if self.mapping == "sigmoid" else tensor.mean(-1)
+        return self._mapping.reduce(tensor.float())
 
     def _record(self, group: str, tensor: Tensor) -> None:
         if self._records is not None:
@@ -146,12 +174,12 @@ class ActivationMasker(TokenMasker):
         """Per-token mean over the vocabulary of the reference logits, ``(N, T)``, without building them."""
         head = reference.head
         hidden = reference.last_hidden.float()
-        if self.mapping == "zn_rescale":
+        if self._mapping.linear_in_logits:
             mean = hidden @ head.weight.float().mean(0)  # (N, T): mean_v(W h) = h·mean_v(W)
             return mean if getattr(head, "bias", None) is None else mean + head.bias.float().mean()
         return torch.stack([self._reduce(head(row)) for row in reference.last_hidden])  # one row at a time
 
-    @torch.no_grad()  # MaPO masks are fully detached (method.md §2)
+    @torch.no_grad()  # MaPO masks are fully detached (docs/method.md §2)
     def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
         if self._records is None:
             raise RuntimeError("ActivationMasker: run the reference forward inside masker.recording().")
@@ -168,4 +196,4 @@ class ActivationMasker(TokenMasker):
         return TokenMasks(reward=mask, kl=mask, common=True, learned=False)
 
     def _map(self, values: Tensor, response_mask: Tensor) -> Tensor:
-        return zn_rescale(values, response_mask) if self.mapping == "zn_rescale" else values * response_mask
+        return self._mapping.rescale(values, response_mask)

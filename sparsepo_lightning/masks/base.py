@@ -30,7 +30,7 @@ class TokenMasker(nn.Module):
 
     A masker is bound once to the reference model (``bind``) so it can size its parameters or register hooks.
     Masks for the label at column ``t`` (shifted layout, ``types.py``) may only use reference states at
-    positions ``≤ t``: the mask never sees the token it weights (method.md §3.1).
+    positions ``≤ t``: the mask never sees the token it weights (docs/method.md §3.1).
     """
 
     needs_layers: bool = False
@@ -48,14 +48,13 @@ class TokenMasker(nn.Module):
         raise NotImplementedError
 
 
-def scatter_response(values: Tensor, response_mask: Tensor) -> Tensor:
-    """Place per-response-token values ``(n,)`` back into a zero ``(2B, T-1)`` float32 tensor (row-major order)."""
-    out = values.new_zeros(response_mask.shape, dtype=values.dtype)
-    return out.masked_scatter(response_mask, values)
-
-
 class UniformMasker(TokenMasker):
-    """``m_u = m_d = 1`` on every response token: SparsePO reduces exactly to TDPO1 (ablation / regression anchor)."""
+    """``m_u = m_d = 1`` on every response token: SparsePO reduces exactly to TDPO1 (ablation / regression anchor).
 
-    def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
+    Reads no reference: ``UniformMasker()(response_mask=mask)``.
+    """
+
+    def forward(self, reference: ReferenceOutputs | None = None, response_mask: Tensor | None = None) -> TokenMasks:
+        if response_mask is None:
+            raise ValueError("UniformMasker needs the response mask: UniformMasker()(response_mask=mask).")
         return TokenMasks.ones_like(response_mask)

@@ -1,4 +1,4 @@
-"""Learned token masks (method.md §3, the released ``SimpleMaskAllLayers``), common or independent."""
+"""Learned token masks (docs/method.md §3, the released ``SimpleMaskAllLayers``), common or independent."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker, scatter_response
-from sparsepo_lightning.types import TokenMasks
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.types import TokenMasks, scatter_response
 
 Activation = Literal["relu", "none"]
 Init = Literal["ones", "released"]
@@ -17,14 +17,20 @@ Init = Literal["ones", "released"]
 released code's N(0, ``init_std``) weights, whose masks start near 0 and often dead; see ``MaskNetwork``)."""
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "none": nn.Identity}
+"""``layer_activation`` / ``mixer_activation`` name -> module class."""
+
+
 def _activation(name: Activation) -> nn.Module:
-    return nn.ReLU() if name == "relu" else nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"MaskNetwork: activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}.")
+    return ACTIVATIONS[name]()
 
 
 class MaskNetwork(nn.Module):
     """All-layer mask head: shared LayerNorm → per-layer Linear(d→1)+act (+dropout) → bias-free mixer + act.
 
-    ``g_l = LN(h_l)``; ``z_l = drop(act(w_l·g_l + b_l))``; ``m = drop(act(Σ_l v_l z_l))`` (method.md §3.2).
+    ``g_l = LN(h_l)``; ``z_l = drop(act(w_l·g_l + b_l))``; ``m = drop(act(Σ_l v_l z_l))`` (docs/method.md §3.2).
     Output is ≥ 0 with ReLU and unbounded above (parity with the released code). Parameters:
     ``L·(d+1) + L + 2d``. LayerNorm starts at (1, 0); the rest by ``init``:
 

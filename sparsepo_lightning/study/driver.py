@@ -87,7 +87,7 @@ def read_reviews_csv(path: Path, source: str = "imdb") -> list[str]:
 
 def write_prompts(settings: StudySettings, paths: Paths) -> tuple[Path, Path]:
     """Held-out and training review openings (disjoint reviews), one per line; returns (train, held-out) files."""
-    from sparsepo_lightning.data.imdb import prefixes
+    from sparsepo_lightning.data.imdb_prompts import prefixes
 
     prompts = prefixes(review_texts(), settings.min_words, settings.max_words, seed=0)
     total = settings.train_prompts + settings.heldout_prompts

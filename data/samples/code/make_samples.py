@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsepo_lightning.data.code import CodeProblem, make_pairs
+from sparsepo_lightning.data.code_builder import make_pairs
+from sparsepo_lightning.data.mbpp import CodeProblem
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
 
 HERE = Path(__file__).parent

@@ -1,0 +1,113 @@
+"""Render the README's measurement tables from ``benchmarks/results/*.json``.
+
+The README holds each table between ``<!-- table: <name> -->`` and ``<!-- end table -->``; this script rewrites
+those blocks from the result files (every row of each file), so the README never carries a number by hand.
+
+    python benchmarks/tables.py           # rewrite the tables in README.md
+    python benchmarks/tables.py --check   # exit 1 if README.md differs from what the results give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+CONFIG_NAMES = {"trl": "TRL DPOTrainer", "floor": "floor (no loss)", "dpo": "DPO", "tdpo1": "TDPO1", "mapo": "MaPO",
+                "sparsepo_common": "SparsePO (common)", "sparsepo_indep": "SparsePO (indep.)"}
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def step_table() -> str:
+    """One row per (length, config) of ``latest.json`` (``bench_dpo.py``), in the file's order within a length."""
+    data = _load("latest.json")
+    meta = data["meta"]
+    load = lambda values: f"{values[0]:.1f}"  # noqa: E731  (1-minute load average)
+    lines = [f"Source: `benchmarks/results/latest.json` ({meta['date'][:10]}, {meta['device']}, "
+             f"{meta['cpu_count']} cores, load {load(meta['load_avg_before'])} → {load(meta['load_avg_after'])}, "
+             f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
+             f"{meta['pairs']} pair, {meta['steps']} measured steps).", "",
+             "| T | config | CPU s | ×TRL time | ×floor time | step MiB | ×TRL step memory | peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = sorted(data["results"], key=lambda r: r["length"])  # stable: keeps the file's config order
+    for r in rows:
+        lines.append(f"| {r['length']} | {CONFIG_NAMES.get(r['config'], r['config'])} | {r['cpu_s']:.2f} | "
+                     f"{r['time_vs_trl']:.2f} | {r['time_vs_floor']:.2f} | {r['step_mem_mib']:.0f} | "
+                     f"{r['mem_vs_trl']:.2f} | {r['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def memory_table() -> str:
+    """Every (length, method) row of ``memory.json`` (``bench_memory.py``), one line per length."""
+    data = _load("memory.json")
+    methods = list(dict.fromkeys(r["method"] for r in data["results"]))
+    lengths = sorted({r["length"] for r in data["results"]})
+    value = {(r["length"], r["method"]): r["peak_extra_mib"] for r in data["results"]}
+    names = {"naive": "naive full log-softmax", "checkpoint": "checkpointed chunks", "fused": "fused chunks"}
+    lines = [f"Source: `benchmarks/results/memory.json` (V = {data['vocab']}, d = {data['hidden']}, "
+             f"chunk_size {data['chunk_size']}; extra peak memory of the statistics, `peak_extra_mib`).", "",
+             "| T | " + " | ".join(names.get(m, m) for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for length in lengths:
+        cells = [f"{value[(length, m)]:.0f} MiB" if (length, m) in value else "–" for m in methods]
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def loading_table() -> str:
+    """Every rank of every run of ``loading.json`` (``bench_loading.py``)."""
+    data = _load("loading.json")
+    lines = [f"Source: `benchmarks/results/loading.json` ({data['model']}, {data['world_size']} ranks; "
+             "peak anonymous memory per rank).", "",
+             "| model dtype | rank | own shards MiB | `from_pretrained` peak MiB | `meta_init` peak MiB "
+             "| meta / eager |",
+             "|---|---|---|---|---|---|"]
+    for dtype, run in data["runs"].items():
+        eager, meta = run["rows"]["from_pretrained"], run["rows"]["meta_init"]
+        for rank, (e, m, ratio) in enumerate(zip(eager, meta, run["peak_ratio"], strict=True)):
+            lines.append(f"| {dtype} | {rank} | {e['local_shards_mib']:.0f} | {e['peak_mib']:.0f} | "
+                         f"{m['peak_mib']:.0f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table}
+_BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
+
+
+def render(text: str) -> str:
+    """``text`` with every table block replaced by its freshly rendered table."""
+    def replace(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise KeyError(f"README names an unknown table {name!r}; known: {sorted(TABLES)}")
+        return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
+    return _BLOCK.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    fresh = render(text)
+    if args.check:
+        if fresh != text:
+            print("README.md tables differ from benchmarks/results/; run python benchmarks/tables.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

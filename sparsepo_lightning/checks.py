@@ -1,0 +1,60 @@
+"""Start-up checks of ``PreferenceModule`` options: each names the option and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sparsepo_lightning.errors import ConfigError
+from sparsepo_lightning.masks.base import TokenMasker
+from sparsepo_lightning.objectives import Objective
+
+
+def check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_size: int,
+                   max_consecutive_nonfinite: int, mask_collapse_steps: int) -> None:
+    """Reject contradictory or out-of-range numeric options at construction, naming the option and the fix."""
+    if lr <= 0:
+        raise ConfigError(f"model.lr={lr}: must be > 0.")
+    if mask_lr is not None and mask_lr <= 0:
+        raise ConfigError(f"model.mask_lr={mask_lr}: must be > 0. Fix: a positive value, or null to use model.lr. "
+                         "(To freeze the masks use a fixed masker such as UniformMasker.)")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ConfigError(f"model.warmup_ratio={warmup_ratio}: must be in [0, 1) (a fraction of the optimizer steps).")
+    if chunk_size < 1:
+        raise ConfigError(f"model.chunk_size={chunk_size}: must be >= 1 (response tokens per LM-head call).")
+    if max_consecutive_nonfinite < 1:
+        raise ConfigError(f"model.max_consecutive_nonfinite={max_consecutive_nonfinite}: must be >= 1.")
+    if mask_collapse_steps < 1:
+        raise ConfigError(f"model.mask_collapse_steps={mask_collapse_steps}: must be >= 1.")
+
+
+def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> None:
+    """A masker is only meaningful with an objective that uses token masks (SparsePO)."""
+    if masker is not None and not objective.uses_masks:
+        raise ConfigError(f"masker={type(masker).__name__} has no effect with objective "
+                         f"{type(objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
+
+
+def check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:
+    """A masker reading per-layer states needs a reference that exposes them (a decoder-only HF causal LM)."""
+    config = getattr(reference, "config", None)
+    if masker.needs_layers and not all(hasattr(config, k) for k in ("num_hidden_layers", "hidden_size")):
+        raise ConfigError(
+            f"model.masker={type(masker).__name__} reads the reference's per-layer hidden states, but the reference "
+            f"{type(reference).__name__} exposes none (its config has no num_hidden_layers/hidden_size). Fix: use a "
+            "Hugging Face decoder-only causal LM as model.reference, or an ActivationMasker/UniformMasker."
+        )
+
+
+def check_precision(precision: str, parameters: Iterable[tuple[str, nn.Parameter]], dtype: str) -> None:
+    """``16-mixed`` scales fp16 gradients with a GradScaler, which cannot unscale float16 trainable weights."""
+    if precision.startswith("16") and precision != "16-true":
+        fp16 = [n for n, p in parameters if p.requires_grad and p.dtype == torch.float16]
+        if fp16:
+            raise ConfigError(
+                f"trainer.precision={precision} scales fp16 gradients with a GradScaler, which cannot unscale "
+                f"float16 trainable weights (model.dtype={dtype}; e.g. {fp16[0]}). Fix: "
+                "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."
+            )

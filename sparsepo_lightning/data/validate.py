@@ -1,0 +1,192 @@
+"""Validate preference rows into pairs, the same way for every source.
+
+Every source is turned into a stream of :class:`~sparsepo_lightning.data.rows.RawRow` by
+:mod:`sparsepo_lightning.data.readers`; one validator (:func:`validate_rows`) then checks all sources alike.
+Bad rows are never dropped silently: they are counted per reason in a :class:`DataReport` (or raise in strict mode).
+
+Accepted row shapes (field names configurable):
+
+- ``{"prompt": str, "chosen": str, "rejected": str}``: plain text.
+- ``{"prompt": [messages], "chosen": [messages] | str, "rejected": ...}``: chat messages
+  ``{"role": ..., "content": ...}``; a plain string on either side is allowed.
+- ``{"chosen": [conversation], "rejected": [conversation]}`` without a prompt field ("implicit prompt"):
+  the prompt is the longest run of shared leading messages, the responses are what follows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sparsepo_lightning.data.readers import iter_file, iter_hub
+from sparsepo_lightning.data.rows import DataReport, FieldNames, Messages, PreferencePair, RawRow, RowIssue, Text
+from sparsepo_lightning.errors import DataError
+
+
+class _RowError(Exception):
+    """Internal: one row failed one check. The message reads ``<where> field '<field>': <problem>. Fix: <fix>``."""
+
+    def __init__(self, reason: str, where: str, field_name: str | None, problem: str, fix: str) -> None:
+        named = f" field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}{named}: {problem}. Fix: {fix}.")
+        self.reason = reason
+        self.field_name = field_name
+
+
+def load_pairs(
+    path: str | Path | None = None,
+    *,
+    hub_dataset: str | None = None,
+    hub_config: str | None = None,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    strict: bool = False,
+) -> tuple[list[PreferencePair], DataReport]:
+    """Read and validate preference pairs from one local file or one hub dataset split.
+
+    Args:
+        path: a ``.jsonl``, ``.json`` or ``.parquet`` file. Exactly one of ``path`` / ``hub_dataset``.
+        hub_dataset: a name for ``datasets.load_dataset`` (downloads unless cached).
+        hub_config: the dataset configuration name, if any.
+        split: the hub split to read (ignored for files).
+        prompt_field: column holding the prompt (may be absent for implicit-prompt conversations).
+        chosen_field: column holding the preferred response.
+        rejected_field: column holding the dispreferred response.
+        strict: raise on the first bad row instead of skipping and counting it.
+
+    Returns:
+        ``(pairs, report)``; the report counts every skipped row by reason.
+
+    Raises:
+        ValueError: in strict mode on the first bad row; always when no valid row remains.
+    """
+    if (path is None) == (hub_dataset is None):
+        raise ValueError("load_pairs: pass exactly one of `path` (a local file) or `hub_dataset` (a hub name).")
+    if path is not None:
+        rows, source = iter_file(path), str(path)
+    else:
+        rows, source = iter_hub(hub_dataset, hub_config, split), f"{hub_dataset}[{split}]"
+    fields = FieldNames(prompt_field, chosen_field, rejected_field)
+    pairs, report = validate_rows(rows, fields, source=source, strict=strict)
+    if not pairs:
+        raise DataError(f"no valid preference pair in {source}.\n{report.summary()}")
+    return pairs, report
+
+
+def validate_rows(
+    rows: Iterable[RawRow], fields: FieldNames, *, source: str, strict: bool = False
+) -> tuple[list[PreferencePair], DataReport]:
+    """Turn raw rows into pairs, counting (or, in strict mode, raising on) every bad row.
+
+    Returns:
+        ``(pairs, report)`` in input order; may be empty (the caller decides whether that is an error).
+    """
+    report = DataReport(source=source)
+    pairs = []
+    for row in rows:
+        report.rows_read += 1
+        try:
+            pairs.append(_row_to_pair(row, fields))
+        except _RowError as e:
+            if strict:
+                raise DataError(
+                    f"{e} (strict=True stops at the first bad row; strict=False counts and skips them)"
+                ) from None
+            report.reject(RowIssue(e.reason, row.location, e.field_name, str(e)))
+    return pairs, report
+
+
+def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
+    """Validate one row; raises ``_RowError`` naming the location, field, problem and fix."""
+    where, value = row.location, row.value
+    if row.decode_error is not None:
+        raise _RowError("bad_json", where, None, f"invalid JSON ({row.decode_error})", "make each row one JSON object")
+    if row.rejection is not None:
+        r = row.rejection
+        raise _RowError(r.reason, where, r.field, r.problem, r.fix)
+    if not isinstance(value, dict):
+        layout = f'{{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}'
+        problem = f"a row must be a JSON object, got {type(value).__name__}"
+        raise _RowError("wrong_type", where, None, problem, f"write each row as {layout}")
+    chosen = _response_field(value, fields.chosen, "chosen_field", where)
+    rejected = _response_field(value, fields.rejected, "rejected_field", where)
+    if value.get(fields.prompt) is None:
+        prompt, chosen, rejected = _split_implicit_prompt(value, chosen, rejected, fields, where)
+    else:
+        prompt = _text_field(value, fields.prompt, where)
+    for name, response in ((fields.chosen, chosen), (fields.rejected, rejected)):
+        if _is_empty(response):
+            problem = "the response is empty (or only whitespace)"
+            raise _RowError("empty_response", where, name, problem, "fill in the response or remove the row")
+    if _as_messages(chosen) == _as_messages(rejected):
+        problem = "chosen and rejected are identical, so the pair expresses no preference"
+        raise _RowError("identical_responses", where, f"{fields.chosen}/{fields.rejected}", problem, "remove the row")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+
+
+def _response_field(value: dict[str, Any], name: str, option: str, where: str) -> Text:
+    if value.get(name) is None:
+        fix = f"add '{name}' to every row, or set {option} to the column that holds this response"
+        raise _RowError("missing_field", where, name, f"missing (row has keys {sorted(value)})", fix)
+    return _text_field(value, name, where)
+
+
+def _text_field(value: dict[str, Any], name: str, where: str) -> Text:
+    """A field that must be a string or a list of ``{"role": str, "content": str}`` messages."""
+    text = value[name]
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list) and all(_is_message(m) for m in text):
+        return [{"role": m["role"], "content": m["content"]} for m in text]
+    problem = f"expected a string or a list of {{'role': str, 'content': str}} messages, got {_describe(text)}"
+    raise _RowError("wrong_type", where, name, problem, "convert the field to plain text or to chat messages")
+
+
+def _is_message(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("role"), str) and isinstance(item.get("content"), str)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        inner = next((v for v in value if not _is_message(v)), None)
+        return f"a list containing {type(inner).__name__} {str(inner)[:60]!r}"
+    return f"{type(value).__name__} {str(value)[:60]!r}"
+
+
+def _split_implicit_prompt(
+    value: dict[str, Any], chosen: Text, rejected: Text, fields: FieldNames, where: str
+) -> tuple[Messages, Messages, Messages]:
+    """Prompt = shared leading messages of two full conversations; responses = what follows.
+
+    The shared prefix stops one message before the end of either conversation, so two identical
+    conversations still yield (identical) responses and are reported as ``identical_responses``.
+    """
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        problem = f"missing (row has keys {sorted(value)}), and {fields.chosen}/{fields.rejected} are not conversations"
+        fix = f"add '{fields.prompt}' to every row, set prompt_field, or store both responses as conversations"
+        raise _RowError("missing_field", where, fields.prompt, problem, fix)
+    limit = min(len(chosen), len(rejected)) - 1
+    shared = 0
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        problem = f"missing, and the {fields.chosen}/{fields.rejected} conversations share no leading messages"
+        fix = f"add '{fields.prompt}' to every row, or start both conversations with the same prompt messages"
+        raise _RowError("missing_field", where, fields.prompt, problem, fix)
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _is_empty(response: Text) -> bool:
+    if isinstance(response, str):
+        return not response.strip()
+    return not response or all(not m["content"].strip() for m in response)
+
+
+def _as_messages(response: Text) -> list[tuple[str, str]]:
+    """Comparable form of a response: a plain string counts as one assistant message."""
+    if isinstance(response, str):
+        return [("assistant", response)]
+    return [(m["role"], m["content"]) for m in response]

@@ -1,0 +1,42 @@
+"""The README's measurement tables are generated from ``benchmarks/results/`` and show every row."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "tables.py")
+tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tables)
+
+
+def test_readme_tables_match_the_result_files():
+    text = (ROOT / "README.md").read_text()
+    assert tables.render(text) == text, "run: python benchmarks/tables.py"
+
+
+@pytest.mark.parametrize("name", sorted(tables.TABLES))
+def test_readme_holds_each_table(name):
+    assert f"<!-- table: {name} -->" in (ROOT / "README.md").read_text()
+
+
+def test_every_result_row_is_shown():
+    step = tables.step_table().splitlines()
+    results = json.loads((ROOT / "benchmarks/results/latest.json").read_text())["results"]
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in step) == len(results)
+    memory = json.loads((ROOT / "benchmarks/results/memory.json").read_text())["results"]
+    cells = sum(line.count(" MiB |") for line in tables.memory_table().splitlines() if line[2:3].isdigit())
+    assert cells == len(memory)
+    loading = json.loads((ROOT / "benchmarks/results/loading.json").read_text())["runs"]
+    rows = sum(line.startswith(("| float", "| bfloat")) for line in tables.loading_table().splitlines())
+    assert rows == sum(len(run["peak_ratio"]) for run in loading.values())
+
+
+def test_a_stale_table_is_detected():
+    text = (ROOT / "README.md").read_text()
+    stale = text.replace("| 128 | DPO |", "| 128 | DPO (edited) |", 1)
+    assert stale != text and tables.render(stale) != stale
