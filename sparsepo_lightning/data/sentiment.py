@@ -21,7 +21,7 @@ an uninterrupted one. An output that was not built from this prompt list is neve
 Run (the quickstart data, see data/quickstart/README.md)::
 
     python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
-        --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 48
+        --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 64
 
 IMDB review prefixes as prompts (docs/method.md §6.2; see `sparsepo_lightning.data.imdb_prompts.imdb_prompts`)::
 
