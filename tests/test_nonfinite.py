@@ -142,7 +142,7 @@ class ZeroMasker(TokenMasker):
 def test_mask_collapse_warns_after_m_batches(tiny_model_dir, pairs_file, tmp_path):
     seed_everything(0)
     module = PreferenceModule(tiny_model_dir, masker=ZeroMasker(), lr=1e-3, mask_collapse_steps=2)
-    with pytest.warns(UserWarning, match=r"mask collapse: .* for 2 batches in a row"):
+    with pytest.warns(UserWarning, match=r"mask collapse: .* for 2 training batches in a row"):
         trainer = _fit(module, make_data(tiny_model_dir, pairs_file), tmp_path, 3)
     assert _guard(trainer).collapsed_batches == 3
 

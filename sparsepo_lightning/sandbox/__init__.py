@@ -1,6 +1,6 @@
 """Run untrusted Python (a candidate solution plus its tests) in a contained subprocess.
 
-Used to label model-written code as passing or failing (text-to-code pairs, method.md §6.5). Each program runs
+Used to label model-written code as passing or failing (text-to-code pairs, docs/method.md §6.5). Each program runs
 as ``python -I -B -c <prelude>`` in a fresh temporary working directory that is deleted afterwards. The
 containment, from strongest to weakest:
 
