@@ -61,6 +61,7 @@ SUBCOMMAND_HELP = {
 OTHER_COMMANDS = {
     "evaluate": "Evaluate trained checkpoints: sentiment, summarization, code (pass@k), winrate.",
     "export": "Write a checkpoint's policy as a Hugging Face model folder, plus its masks.",
+    "study": "Controlled studies: `sparsepo study sentiment run|report|plan` (resumable).",
 }
 """Commands that ``main`` dispatches before LightningCLI (listed in ``sparsepo --help`` all the same)."""
 
@@ -204,6 +205,10 @@ def main() -> None:
             from sparsepo_lightning.export import main as export_main
 
             export_main(sys.argv[2:])
+        elif command == "study":
+            from sparsepo_lightning.study.__main__ import main as study_main
+
+            sys.exit(study_main(sys.argv[2:]))
         else:
             run()
     except Exception as e:

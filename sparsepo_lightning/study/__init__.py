@@ -1,5 +1,5 @@
 """Controlled studies: the same data, order, steps and initial policy for every method; only the objective and the
-token weighting change. ``python -m sparsepo_lightning.study sentiment run|report`` (also ``make study``).
+token weighting change. ``sparsepo study sentiment run|report`` (also ``make study``).
 
 - ``plan``: the study's settings, its methods and the resolved training config of every run (keyed by a hash);
 - ``driver``: builds the data, trains, evaluates and keeps the small per-run logs; resumable;

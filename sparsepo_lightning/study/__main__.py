@@ -1,9 +1,9 @@
-"""``python -m sparsepo_lightning.study sentiment {run,report,plan}``: the controlled sentiment study.
+"""``sparsepo study sentiment {run,report,plan}`` (also ``python -m sparsepo_lightning.study``): the sentiment study.
 
-    python -m sparsepo_lightning.study sentiment run              # build data, train + evaluate every run (resumable)
-    python -m sparsepo_lightning.study sentiment run --limit 5    # at most 5 runs in this sitting
-    python -m sparsepo_lightning.study sentiment report           # regenerate reports/sentiment/README.md + figures
-    python -m sparsepo_lightning.study sentiment plan             # list the runs and whether they are done
+    sparsepo study sentiment run              # build the data, train + evaluate every run (resumable)
+    sparsepo study sentiment run --limit 5    # at most 5 runs in this sitting
+    sparsepo study sentiment report           # regenerate reports/sentiment/README.md + figures from the logs
+    sparsepo study sentiment plan             # list the runs and whether they are done
 
 Settings (``--steps``, ``--betas``, ``--seeds``, ...) default to the CPU-sized study; the report is generated from
 the per-run logs under ``--out`` only.
@@ -23,7 +23,7 @@ from sparsepo_lightning.study.plan import StudySettings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sparsepo_lightning.study",
+    p = argparse.ArgumentParser(prog="sparsepo study",
                                 description="Controlled credit-granularity study on offline sentiment.")
     p.add_argument("study", choices=["sentiment"])
     p.add_argument("action", choices=["run", "report", "plan"])
