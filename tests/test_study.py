@@ -171,3 +171,17 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     for figure in ("frontier.png", "sparsity.png", "heatmap_0.png", "heatmap_2.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert report.write_report(tmp_path).read_text() == text
+
+
+def test_sparsepo_study_plan_lists_every_run(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "study", "sentiment", "plan", "--out",
+                           str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--betas", "0.5", "--seeds", "3"],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(METHODS)
+    assert any(line.startswith("dpo_b0.5_s3 ") and line.endswith("to do") for line in lines)
+    assert any(line.startswith("random_b0.5_s3 ") and "waits for its matched run" in line for line in lines)
