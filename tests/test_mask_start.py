@@ -189,6 +189,23 @@ def test_run_summary_and_mask_dump_record_a_real_fit(tiny_model_dir, pairs_file,
     assert len(pair.chosen.tokens) == len(pair.chosen.reward) > 0
 
 
+def test_run_summary_records_a_whole_sanity_validation_as_step_zero(tiny_model_dir, pairs_file, tmp_path):
+    seed_everything(0)
+    module = PreferenceModule(tiny_model_dir, masker=LearnedMasker(init="ones"), lr=1e-3)
+    data = PreferenceDataModule(tokenizer=tiny_model_dir, train_file=pairs_file, val_file=pairs_file, batch_size=4,
+                                max_length=32, max_prompt_length=16)
+    trainer = Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, num_sanity_val_steps=-1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    summary = next(c for c in trainer.callbacks if isinstance(c, RunSummary))  # the module adds it to every run
+    before = summary.validations[0]
+    assert [v["step"] for v in summary.validations] == [0, 2]
+    # the policy is the reference: every reward is 0, the loss log 2, and the start-at-1 masks are exactly 1
+    assert before["loss"] == pytest.approx(0.6931472, abs=1e-6) and before["margin"] == 0.0
+    assert before["accuracy"] == 0.0 and before["mask_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert "step 0 is before training" in format_summary(summary.summary(trainer))
+
+
 def test_run_summary_is_part_of_every_run(tiny_model_dir):
     callbacks = PreferenceModule(tiny_model_dir).configure_callbacks()
     assert any(isinstance(c, RunSummary) for c in callbacks)

@@ -39,13 +39,16 @@ def test_recorded_quickstart_shows_learning():
 
 
 def _check_learning(summary: dict) -> None:
-    first, last = summary["validations"][0], summary["validations"][-1]
-    start = summary["initial_masks"]
-    assert last["accuracy"] > first["accuracy"] and last["accuracy"] > 0.5, "validation accuracy did not rise"
-    assert last["margin"] > 0 and last["margin"] > 2 * max(first["margin"], 0.0), "the margin did not grow"
-    moved = abs(last["mask_mean"] - start["mask_mean"]) > 0.01 or last["mask_sparsity_chosen"] > 0
-    assert moved, "the masks did not move from their start"
+    rows, start = summary["validations"], summary["initial_masks"]
+    before, trained = rows[0], [row for row in rows if row["step"] > 0]
+    assert before["step"] == 0 and before["loss"] == pytest.approx(0.693147, abs=1e-5) and before["margin"] == 0.0
+    first, last = trained[0], trained[-1]
+    assert last["accuracy"] >= 0.65, "validation accuracy is not clearly above chance"
+    assert last["accuracy"] >= first["accuracy"] and last["margin"] > first["margin"] > 0, "no further learning"
+    assert last["loss"] < first["loss"] < before["loss"]
     assert start["mask_mean"] == pytest.approx(1.0, abs=1e-5) and start["mask_sparsity_chosen"] == 0.0
+    assert abs(last["mask_mean"] - start["mask_mean"]) > 0.01 or last["mask_sparsity_chosen"] > 0, \
+        "the masks did not move from their start"
 
 
 @pytest.mark.slow

@@ -3,9 +3,12 @@
 Part of every run (``PreferenceModule.configure_callbacks``). It records, without any extra computation:
 
 - the masks' initial state: the mask metrics of the first training batch (``masks/mean_reward``, sparsity, max);
-- every validation run (sanity checks excluded): global step, ``val/loss``, ``val/rewards/accuracy``,
-  ``val/rewards/margin``, ``val/kl/seq_chosen`` and, with masks, ``val/masks/mean_reward`` and the reward-mask
-  sparsity; these are the epoch values that the module logs (the same numbers TensorBoard shows);
+- every validation run: global step, ``val/loss``, ``val/rewards/accuracy``, ``val/rewards/margin``,
+  ``val/kl/seq_chosen`` and, with masks, ``val/masks/mean_reward`` and the reward-mask sparsity; these are the
+  epoch values that the module logs (the same numbers TensorBoard shows);
+- a sanity check that covers the whole validation set (``trainer.num_sanity_val_steps: -1``) as the row of step
+  0, before training: the same metrics averaged over the pairs of its batches (``masks/mean_reward`` is averaged
+  per batch, weighted by pairs, instead of per token);
 - the final training step and the wall time of ``fit``.
 
 The printed table reads top to bottom as training goes; a newcomer sees at once whether the validation accuracy
@@ -51,6 +54,7 @@ class RunSummary(Callback):
         self.validations: list[dict[str, float]] = []
         self.initial_masks: dict[str, float] | None = None
         self._start = 0.0
+        self._sanity: dict[str, Any] = {}
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start = time.perf_counter()
@@ -63,6 +67,29 @@ class RunSummary(Callback):
         if record is not None and record.masks is not None and record.stage == "train":
             self.initial_masks = {k: float(record.metrics[m]) for k, m in INITIAL_MASK_KEYS.items()
                                   if m in record.metrics}
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sanity = {"pairs": 0, "sums": {}}
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        record = getattr(pl_module, "last_step", None)
+        if not trainer.sanity_checking or record is None or not self._sanity:
+            return
+        pairs = record.batch.num_pairs
+        self._sanity["pairs"] += pairs
+        for key, metric in VALIDATION_KEYS.items():
+            name = metric.removeprefix("val/")
+            if name in record.metrics:
+                self._sanity["sums"][key] = self._sanity["sums"].get(key, 0.0) + record.metrics[name].detach() * pairs
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        sanity, self._sanity = self._sanity, {}
+        whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
+        if trainer.global_step == 0 and whole and sanity.get("pairs") and not self.validations:
+            entry = {"step": 0}
+            entry.update({k: float(v) / sanity["pairs"] for k, v in sanity["sums"].items()})
+            self.validations.append(entry)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -116,8 +143,12 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
         zeros = (start["mask_sparsity_chosen"] + start["mask_sparsity_rejected"]) / 2
         lines.append(f"  masks at the start (first training batch): mean {start['mask_mean']:.4f}, "
                      f"{zeros:.1f}% zeros, max {start['mask_max']:.4f}")
-    if len(rows) >= 2:
-        first, last = rows[0], rows[-1]
+    if rows and rows[0]["step"] == 0:
+        lines.append("  (step 0 is before training: the policy is the reference, so every implicit reward is 0 and "
+                     "accuracy, which counts strict wins, is 0)")
+    trained = [row for row in rows if row["step"] > 0]
+    if len(trained) >= 2:
+        first, last = trained[0], trained[-1]
         lines.append(f"  from step {first['step']} to {last['step']}: accuracy {first['accuracy']:.3f} -> "
                      f"{last['accuracy']:.3f}, margin {first['margin']:.4f} -> {last['margin']:.4f}")
     lines.append(f"  {summary['global_step']} optimizer steps in {summary['fit_seconds']:.0f} s")
