@@ -32,3 +32,27 @@ def test_bring_your_own_data_example_runs(tiny_tokenizer, tmp_path):
     assert f"{path}:2 field 'answers'" in report.summary()
     batch = next(iter(dm.train_dataloader()))
     assert batch.input_ids.shape[0] == 4  # 2 pairs -> 2B rows
+
+
+def test_functional_api_example_runs_and_matches_a_hand_sum():
+    """The functional-API block with B = 2 pairs of T = 3 tokens; independent masks of ones and zero λ give TDPO1."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    tensors = {name: torch.randn(2, 3, generator=g) * mask for name in ("pc", "rc", "pr", "rr")}
+    tensors |= {"kc": torch.rand(2, 3, generator=g) * mask, "kr": torch.rand(2, 3, generator=g) * mask}
+    tensors["pc"].requires_grad_(True)
+    namespace: dict = {**tensors, "mask_c": mask, "mask_r": mask,
+                       "m_u": torch.ones(4, 3), "m_d": torch.ones(4, 3)}
+    exec(compile(_python_block("sparsepo_loss(stats, masks"), "README.md", "exec"), namespace)  # noqa: S102
+    out, stats = namespace["out"], namespace["stats"]
+    assert not namespace["masks"].common and out.loss.shape == (2,)
+    assert tensors["pc"].grad is not None
+    tdpo = namespace["tdpo1_loss"](stats, beta=0.8)
+    u = ((tensors["pc"] - tensors["rc"]) - (tensors["pr"] - tensors["rr"])).sum(-1)
+    k = (tensors["kc"] - tensors["kr"]).sum(-1)
+    torch.testing.assert_close(out.logit, 0.8 * (u + k).detach())
+    torch.testing.assert_close(out.logit, tdpo.logit.detach())
+    mass = 2 * mask.sum(-1).float()  # Σ m over chosen and rejected, each mask
+    torch.testing.assert_close(out.penalty, 1e-3 * mass + 1e-3 * mass)
