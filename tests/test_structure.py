@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparsepo_lightning"
 MAX_LINES = 400
 MAX_LINES_LIGHTNING_MODULE = 250
-PENDING = {"sparsepo_lightning/sandbox.py"}
+PENDING: set[str] = set()
 """Modules being split and re-documented by their own change (over the size limit, one old pointer): their
 checks are strict expected failures, so the exemption fails loudly, and must go, once the change lands."""
 
