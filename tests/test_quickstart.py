@@ -62,3 +62,8 @@ def test_the_real_quickstart_learns_in_the_recorded_direction(tmp_path):
     assert last["accuracy"] == pytest.approx(recorded["accuracy"], abs=0.08)
     assert last["margin"] == pytest.approx(recorded["margin"], rel=0.3)
     assert [v["step"] for v in summary["validations"]] == [v["step"] for v in _recorded()["validations"]]
+
+
+def test_readme_quotes_the_recorded_quickstart_time():
+    readme = (ROOT / "README.md").read_text()
+    assert f"on 2 CPU cores in {round(_recorded()['wall_seconds'])} s" in readme

@@ -144,8 +144,8 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
         lines.append(f"  masks at the start (first training batch): mean {start['mask_mean']:.4f}, "
                      f"{zeros:.1f}% zeros, max {start['mask_max']:.4f}")
     if rows and rows[0]["step"] == 0:
-        lines.append("  (step 0 is before training: the policy is the reference, so every implicit reward is 0 and "
-                     "accuracy, which counts strict wins, is 0)")
+        lines.append("  (step 0 is before training: the policy is the reference, every implicit reward is 0,")
+        lines.append("   and accuracy counts strict wins)")
     trained = [row for row in rows if row["step"] > 0]
     if len(trained) >= 2:
         first, last = trained[0], trained[-1]
