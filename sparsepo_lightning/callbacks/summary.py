@@ -8,7 +8,7 @@ Part of every run (``PreferenceModule.configure_callbacks``). It records, withou
   epoch values that the module logs (the same numbers TensorBoard shows);
 - a sanity check that covers the whole validation set (``trainer.num_sanity_val_steps: -1``) as the row of step
   0, before training: the same metrics averaged over the pairs of its batches (``masks/mean_reward`` is averaged
-  per batch, weighted by pairs, instead of per token);
+  per batch, weighted by pairs, instead of per token; under DDP the batches of the rank that prints);
 - the final training step and the wall time of ``fit``.
 
 The printed table reads top to bottom as training goes; a newcomer sees at once whether the validation accuracy
