@@ -41,7 +41,7 @@ def test_help_describes_this_tool():
     done = sparsepo("--help")
     assert done.returncode == 0, done.stderr
     assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout
-    for command in ("fit", "validate", "test", "evaluate", "export"):
+    for command in ("fit", "validate", "test", "evaluate", "export", "study"):
         assert f"\n    {command} " in done.stdout, command
     assert "predict" not in done.stdout and "Lightning Trainer command line tool" not in done.stdout
     refused = sparsepo("predict")
