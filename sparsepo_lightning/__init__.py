@@ -8,12 +8,14 @@ from sparsepo_lightning.losses import (
     dpo_loss,
     dpop_loss,
     ipo_loss,
+    masked_simpo_loss,
     pair_sums,
     simpo_loss,
     sparsepo_loss,
     split_pairs,
     tdpo1_loss,
     tdpo2_loss,
+    weighted_dpo_loss,
 )
 from sparsepo_lightning.types import IGNORE_INDEX, LossOutput, PreferenceBatch, TokenMasks, TokenStats
 
@@ -26,10 +28,12 @@ __all__ = [
     "dpo_loss",
     "dpop_loss",
     "ipo_loss",
+    "masked_simpo_loss",
     "pair_sums",
     "simpo_loss",
     "sparsepo_loss",
     "split_pairs",
     "tdpo1_loss",
     "tdpo2_loss",
+    "weighted_dpo_loss",
 ]

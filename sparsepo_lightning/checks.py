@@ -31,10 +31,33 @@ def check_options(lr: float, mask_lr: float | None, warmup_ratio: float, chunk_s
 
 
 def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> None:
-    """A masker is only meaningful with an objective that uses token masks (SparsePO)."""
+    """A masker is only meaningful with an objective that uses token masks, and needs the reference it reads."""
     if masker is not None and not objective.uses_masks:
         raise ConfigError(f"masker={type(masker).__name__} has no effect with objective "
-                         f"{type(objective).__name__}: only SparsePO uses token masks. Remove `masker`.")
+                         f"{type(objective).__name__}, which uses no token masks (SparsePO and WeightedDPO do). "
+                         "Remove `masker` or choose an objective that uses it.")
+    if masker is not None and masker.needs_reference and not objective.needs_reference:
+        raise ConfigError(f"masker={type(masker).__name__} reads the reference model, which the reference-free "
+                         f"objective {type(objective).__name__} does not load. Fix: a masker that needs no reference, "
+                         "or an objective with a reference.")
+
+
+def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str] | None) -> None:
+    """Every extra frozen model the masker reads is configured, and every configured one is read."""
+    wanted = set(masker.frozen_model_names()) if masker is not None else set()
+    given = set(frozen_models or {})
+    if wanted - given:
+        missing = sorted(wanted - given)
+        raise ConfigError(
+            f"model.masker={type(masker).__name__} reads the frozen model(s) {', '.join(missing)}, which "
+            f"model.frozen_models does not define (it has: {', '.join(sorted(given)) or 'none'}). Fix: "
+            f"model.frozen_models: {{{', '.join(f'{n}: <path or alias>' for n in missing)}}}.")
+    if given - wanted:
+        unused = sorted(given - wanted)
+        raise ConfigError(
+            f"model.frozen_models defines {', '.join(unused)}, which no part of the run reads "
+            f"(masker: {type(masker).__name__ if masker is not None else 'none'}). Fix: remove them, or use a masker "
+            "that reads them.")
 
 
 def check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:

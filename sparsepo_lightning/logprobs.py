@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
-from sparsepo_lightning.types import TokenStats, scatter_response
+from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
+from sparsepo_lightning.types import PreferenceBatch, TokenMasks, TokenStats, detached, scatter_response
 
 Head = Callable[[Tensor], Tensor]
 """Maps hidden states ``(n, d)`` to logits ``(n, V)`` (an ``nn.Linear`` LM head, possibly tied)."""
@@ -91,6 +91,40 @@ def reference_outputs(reference: nn.Module, input_ids: Tensor, attention_mask: T
     with frozen, context or nullcontext(), recording:
         last, layers = final_hidden_states(reference, input_ids, attention_mask, needs_layers)
     return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
+
+
+def frozen_outputs(models: dict[str, nn.Module], input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                   response_mask: Tensor, chunk_size: int, inference: bool) -> dict[str, FrozenModelOutputs]:
+    """Label log-probs and final hidden states of extra frozen models (``PreferenceModule(frozen_models=...)``),
+    no gradient, LM head on response positions only (chunked, as ``token_stats``).
+
+    Args:
+        models: the frozen causal LMs by name (those the masker asked for).
+        labels: ``(N, T-1)`` shifted labels; response_mask: ``(N, T-1)`` bool.
+        inference: ``torch.inference_mode`` (unsharded models) instead of ``no_grad`` (FSDP2-sharded models).
+    """
+    outputs = {}
+    with torch.inference_mode() if inference else torch.no_grad():
+        for name, model in models.items():
+            last, _ = final_hidden_states(model, input_ids, attention_mask)
+            head = output_head(model)
+            stats = token_stats(last, labels, response_mask, head, with_kl=False, chunk_size=chunk_size,
+                                implementation="checkpoint")
+            outputs[name] = FrozenModelOutputs(logps=stats.policy_logps, last_hidden=last, head=head)
+    return outputs
+
+
+def step_masks(masker: TokenMasker, frozen_models: nn.ModuleDict | None, batch: PreferenceBatch, stats: TokenStats,
+               reference: ReferenceOutputs | None, chunk_size: int, inference: bool) -> TokenMasks:
+    """The masker's masks for one step. A masker taking a ``context`` gets a ``TokenContext``: the batch, the
+    detached statistics and the outputs of the extra frozen models it names (``masker.frozen_model_names()``)."""
+    labels, response_mask = batch.shifted_labels()
+    if not masker.takes_context:
+        return masker(reference, response_mask)
+    names = masker.frozen_model_names()
+    frozen = {} if not names else frozen_outputs({name: frozen_models[name] for name in names}, batch.input_ids,
+                                                 batch.attention_mask, labels, response_mask, chunk_size, inference)
+    return masker(reference, response_mask, TokenContext(response_mask, batch, detached(stats), reference, frozen))
 
 
 def linear_head_params(head: Head, hidden_size: int) -> tuple[Tensor, Tensor | None] | None:

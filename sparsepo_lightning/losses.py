@@ -113,6 +113,39 @@ def dpop_loss(stats: TokenStats, beta: float, lambda_: float) -> LossOutput:
     return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
 
 
+def weighted_dpo_loss(stats: TokenStats, masks: TokenMasks | None, beta: float) -> LossOutput:
+    """Token-weighted DPO: ``−log σ(β[Σ_t m_w^t ρ_w^t − Σ_t m_l^t ρ_l^t])`` with ``m = masks.reward`` (ones when
+    ``masks`` is None, which is DPO exactly); rewards ``β Σ m ρ``. The weights act as a per-token β
+    (``β_t = β·m^t``): the form shared by TIS-DPO (Liu et al. 2024, arXiv 2410.04350), selection methods that keep a
+    subset of tokens (0/1 weights) and per-token β methods such as TGDPO. Uses no KL; the weights get no L1 term."""
+    check_beta(beta, "weighted_dpo_loss")
+    weights = None if masks is None else masks.reward
+    chosen, rejected = pair_sums(stats.log_ratio, stats.response_mask, weights)
+    logit = beta * (chosen - rejected)
+    return _output(-F.logsigmoid(logit), logit, beta * chosen, beta * rejected)
+
+
+def masked_simpo_loss(stats: TokenStats, masks: TokenMasks | None, beta: float, margin: float) -> LossOutput:
+    """Reference-free loss on the mean policy log-prob of the selected tokens: ``−log σ(β(ℓ̄_w − ℓ̄_l) − margin)`` with
+    ``ℓ̄ = Σ_t m^t log π_θ(y^t) / Σ_t m^t`` (``m = masks.reward``, ones when None: SimPO with ``γ = margin``).
+
+    The loss of ConfPO (Yoon et al. 2025, arXiv 2506.08712: ``β = 1.5``, ``margin = 1.6``) and SePO (Yang et al. 2024,
+    arXiv 2408.13518: ``β = γ_SePO``, ``margin = λ``), whose maskers select the tokens. A pair in which either
+    response has no selected token (Σm = 0) has no defined mean: its loss and logit are 0 (ConfPO's released code
+    multiplies such a pair's loss by 0). Rewards are ``β ℓ̄``, so ``r_w − r_l − margin == logit``. Uses no reference.
+    """
+    check_beta(beta, "masked_simpo_loss")
+    weights = stats.response_mask.float() if masks is None else masks.reward
+    chosen, rejected = pair_sums(stats.policy_logps, stats.response_mask, weights)
+    count_chosen, count_rejected = split_pairs((weights * stats.response_mask).sum(-1))
+    valid = (count_chosen > 0) & (count_rejected > 0)
+    chosen_reward = beta * chosen / count_chosen.clamp(min=1e-12)
+    rejected_reward = beta * rejected / count_rejected.clamp(min=1e-12)
+    logit = torch.where(valid, chosen_reward - rejected_reward - margin, torch.zeros_like(chosen_reward))
+    loss = torch.where(valid, -F.logsigmoid(logit), torch.zeros_like(logit))
+    return _output(loss, logit, chosen_reward * valid, rejected_reward * valid)
+
+
 def _tdpo(stats: TokenStats, beta: float, alpha: float | None, name: str) -> LossOutput:
     check_beta(beta, name)
     stats.require("reference_logps", "kl", by=name)

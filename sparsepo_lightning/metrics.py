@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from sparsepo_lightning.losses import split_pairs
@@ -131,3 +132,15 @@ def preference_metrics(stats: TokenStats, masks: TokenMasks | None, out: LossOut
     if masks is not None:
         batch = batch.merge(mask_stats(masks, stats.response_mask))
     return batch.reduce()
+
+
+PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
+"""Metrics shown in the progress bar (all are logged)."""
+
+
+def log_metrics(module: LightningModule, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+    """Log ``stage/name`` for every metric: per step in training, epoch means (synchronised) in validation/test."""
+    train = stage == "train"
+    for name, value in metrics.items():
+        module.log(f"{stage}/{name}", value, prog_bar=name in PROGRESS_BAR_METRICS, on_step=train,
+                   on_epoch=not train, sync_dist=not train, batch_size=batch_size)

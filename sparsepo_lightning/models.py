@@ -62,6 +62,24 @@ def load_policy_and_reference(
     return policy, frozen
 
 
+def load_frozen_models(paths: dict[str, str] | None, dtype: str = "float32", trust_remote_code: bool = False,
+                       meta_init: bool = False, disable_dropout: bool = True) -> nn.ModuleDict | None:
+    """Extra frozen models by name (``PreferenceModule(frozen_models=...)``), loaded like the reference: eval mode,
+    no gradients, never checkpointed, sharded like the reference under FSDP2."""
+    if not paths:
+        return None
+    load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
+    models = nn.ModuleDict()
+    for name, path in paths.items():
+        if not name.isidentifier():
+            raise ConfigError(f"model.frozen_models: the name {name!r} must be a Python identifier (e.g. positive).")
+        model = load(path, dtype=dtype, trust_remote_code=trust_remote_code).requires_grad_(False).eval()
+        if disable_dropout:
+            _disable_dropout(model)
+        models[name] = model
+    return models
+
+
 def with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     """``peft.get_peft_model`` with a causal-LM ``LoraConfig`` built from ``options`` (errors name the option)."""
     try:
@@ -81,10 +99,14 @@ def _disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def frozen_state_keys(policy: nn.Module, reference: nn.Module | None, lora: bool) -> set[str]:
+def frozen_state_keys(policy: nn.Module, reference: nn.Module | None, lora: bool,
+                      frozen_models: nn.Module | None = None) -> set[str]:
     """``PreferenceModule`` state-dict keys rebuilt from their source on load, hence never checkpointed: the
-    reference (``reference.*``) and, with LoRA, the policy's frozen base weights (``policy.*`` not trainable)."""
+    reference (``reference.*``), the extra frozen models (``frozen_models.*``) and, with LoRA, the policy's frozen
+    base weights (``policy.*`` not trainable)."""
     keys = {f"reference.{k}" for k in reference.state_dict()} if reference is not None else set()
+    if frozen_models is not None:
+        keys |= {f"frozen_models.{k}" for k in frozen_models.state_dict()}
     if lora:
         trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
         keys |= {f"policy.{k}" for k in policy.state_dict() if k not in trainable}

@@ -12,17 +12,14 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning import sharding
-from sparsepo_lightning.checks import check_masker_objective, check_masker_reference, check_options, check_precision
-from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, token_stats
+from sparsepo_lightning import checks
+from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
-from sparsepo_lightning.metrics import preference_metrics
-from sparsepo_lightning.models import frozen_state_keys, load_policy_and_reference
+from sparsepo_lightning.metrics import log_metrics, preference_metrics
+from sparsepo_lightning.models import frozen_state_keys, load_frozen_models, load_policy_and_reference
 from sparsepo_lightning.objectives import Objective, SparsePO
 from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
 from sparsepo_lightning.types import PreferenceBatch, StepRecord, detached
-
-PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen")
-
 
 class PreferenceModule(LightningModule):
     """Preference optimisation of a causal LM against a frozen reference copy.
@@ -37,6 +34,7 @@ class PreferenceModule(LightningModule):
         objective: Objective | None = None,
         masker: TokenMasker | None = None,
         reference: str | None = None,
+        frozen_models: dict[str, str] | None = None,
         tokenizer_name: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr: float = 1e-6,
@@ -63,6 +61,9 @@ class PreferenceModule(LightningModule):
             objective: the preference objective; default ``SparsePO()`` (β = 0.8).
             masker: token masker for SparsePO (uniform, activation, learned); default uniform (= TDPO1).
             reference: frozen reference checkpoint; default the same as ``model``.
+            frozen_models: extra frozen models by name (``{positive: path, negative: path}``) for maskers that
+                read them (``TokenMasker.frozen_model_names``, e.g. TIS-DPO's contrastive models): loaded like the
+                reference (same ``dtype``, eval mode, sharded under FSDP2, never checkpointed).
             tokenizer_name: tokenizer name or path when ``model`` ships none (the CLI passes it to the data module);
                 default the model's own.
             optimizer: optimizer class/callable taking parameter groups; default ``torch.optim.AdamW``.
@@ -99,10 +100,10 @@ class PreferenceModule(LightningModule):
                 Without a trainer, call ``configure_model()`` before use.
         """
         super().__init__()
-        check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
+        checks.check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
-        check_masker_objective(masker, self.objective)
+        checks.check_masker_objective(masker, self.objective)
         self.optimizer_factory = optimizer
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -110,12 +111,15 @@ class PreferenceModule(LightningModule):
             gradient_checkpointing=gradient_checkpointing,
         )
         self.masker = masker
+        self.frozen_models = load_frozen_models(frozen_models, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                meta_init=meta_init, disable_dropout=disable_dropout)
+        checks.check_frozen_models(masker, frozen_models)
         self._model_configured = False  # configure_model runs once
         self._sharded = False  # set by configure_model under ModelParallelStrategy (FSDP2)
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
-            check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
+            checks.check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
             self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
 
     @property
@@ -132,8 +136,9 @@ class PreferenceModule(LightningModule):
     def train(self, mode: bool = True) -> PreferenceModule:
         """Keep the frozen reference in eval mode whatever Lightning asks of the rest."""
         super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
+        for frozen in (self.reference, self.frozen_models):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -152,7 +157,7 @@ class PreferenceModule(LightningModule):
         checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys() if k in own})
 
     def _frozen_state_keys(self) -> set[str]:
-        return frozen_state_keys(self.policy, self.reference, lora=self.hparams.lora is not None)
+        return frozen_state_keys(self.policy, self.reference, self.hparams.lora is not None, self.frozen_models)
 
     # ---- sharding ----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -169,15 +174,18 @@ class PreferenceModule(LightningModule):
             return
         self._sharded = True
         sharding.drop_frozen_keys_from_state_dict(self, self._frozen_state_keys())
+        frozen = dict(self.frozen_models.items()) if self.frozen_models is not None else {}
         sharding.shard_preference_models(self._causal_lm, self.reference, self.masker, self.device_mesh,
-                                         self.hparams.get("fsdp_param_dtype"))
-        sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker)])
+                                         self.hparams.get("fsdp_param_dtype"), frozen=list(frozen.values()))
+        sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker),
+                                    *((f"frozen_models.{name}", model) for name, model in frozen.items())])
         self._load_meta_weights()
 
     def _load_meta_weights(self) -> None:
         """With ``meta_init``: allocate and load policy and reference weights (each rank its shard if sharded)."""
         device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        meta_init_lib.load_meta_weights((self._causal_lm, self.reference), device)
+        frozen = tuple(self.frozen_models.values()) if self.frozen_models is not None else ()
+        meta_init_lib.load_meta_weights((self._causal_lm, self.reference, *frozen), device)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _reference_outputs(self, batch: PreferenceBatch) -> ReferenceOutputs | None:
@@ -199,19 +207,14 @@ class PreferenceModule(LightningModule):
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
         )
-        masks = self.masker(reference, response_mask) if self.masker is not None else None
+        masks = None if self.masker is None else step_masks(
+            self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded)
         out = self.objective(stats, masks)
         effective = self.objective.effective_masks(masks, response_mask)
         metrics = preference_metrics(stats, effective, out)
-        self._log_metrics(stage, metrics, batch.num_pairs)
+        log_metrics(self, stage, metrics, batch.num_pairs)
         self.last_step = StepRecord(stage, batch, detached(stats), detached(effective), detached(out), metrics)
         return out.loss.mean()
-
-    def _log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        train = stage == "train"
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in PROGRESS_BAR_METRICS, on_step=train,
-                     on_epoch=not train, sync_dist=not train, batch_size=batch_size)
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -234,7 +237,7 @@ class PreferenceModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""
         if stage == "fit":
-            check_precision(str(getattr(self.trainer, "precision", "")), self.named_parameters(), self.hparams.dtype)
+            checks.check_precision(str(getattr(self.trainer, "precision", "")), self.named_parameters(), self.hparams.dtype)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -95,6 +95,42 @@ class DPOP(Objective):
 
 
 @dataclass
+class WeightedDPO(Objective):
+    """DPO with per-token weights from a masker (``losses.weighted_dpo_loss``): ``m_u`` scales each token's log-ratio,
+    i.e. a per-token β. The objective of the token-weighting plug-ins (``sparsepo_lightning.methods``); with
+    ``UniformMasker`` (or no masker) it is DPO exactly."""
+
+    beta: float = 0.1
+    """Inverse temperature β (per token: β·m_u)."""
+    uses_masks: ClassVar[bool] = True
+
+    def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:
+        return TokenMasks.ones_like(response_mask) if masks is None else masks
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.weighted_dpo_loss(stats, masks, self.beta)
+
+
+@dataclass
+class MaskedSimPO(Objective):
+    """Reference-free loss on the mean policy log-prob of the tokens a masker selects
+    (``losses.masked_simpo_loss``): ConfPO's and SePO's objective; with no masker, SimPO with ``γ = margin``."""
+
+    beta: float = 2.0
+    """Scale β of the mean log-probs (ConfPO 1.5, SePO's γ 2.1)."""
+    margin: float = 1.0
+    """Target margin subtracted from the scaled difference (ConfPO's γ 1.6, SePO's λ 0.5)."""
+    needs_reference: ClassVar[bool] = False
+    uses_masks: ClassVar[bool] = True
+
+    def effective_masks(self, masks: TokenMasks | None, response_mask: Tensor) -> TokenMasks | None:
+        return TokenMasks.ones_like(response_mask) if masks is None else masks
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
+        return losses.masked_simpo_loss(stats, masks, self.beta, self.margin)
+
+
+@dataclass
 class TDPO1(Objective):
     """Token-level DPO with the sequential KL difference (TDPO1)."""
 

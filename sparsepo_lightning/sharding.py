@@ -18,7 +18,7 @@ ranks would drift apart silently). ``check_all_sharded`` enforces this.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -79,7 +79,7 @@ def shard_causal_lm(model: nn.Module, mesh: DeviceMesh, mp_policy: Any = None,
 
 
 def shard_preference_models(policy: nn.Module, reference: nn.Module | None, masker: nn.Module | None,
-                            mesh: DeviceMesh, param_dtype: str | None) -> None:
+                            mesh: DeviceMesh, param_dtype: str | None, frozen: Sequence[nn.Module] = ()) -> None:
     """The layout of the module docstring: policy and reference per block, head and body, the masker as one group.
 
     Args:
@@ -88,6 +88,7 @@ def shard_preference_models(policy: nn.Module, reference: nn.Module | None, mask
         masker: the token masker; sharded when it has parameters (learned masks).
         mesh: Lightning's device mesh; its ``data_parallel`` dimension is used.
         param_dtype: compute dtype (``"bfloat16"``) with float32 gradient reduction, or None.
+        frozen: extra frozen models (``PreferenceModule(frozen_models=...)``), sharded like the reference.
 
     Raises:
         ValueError: a tensor-parallel dimension larger than 1 (not supported), with the fix.
@@ -100,8 +101,9 @@ def shard_preference_models(policy: nn.Module, reference: nn.Module | None, mask
         mesh = mesh["data_parallel"]
     mp_policy = mixed_precision(param_dtype)
     shard_causal_lm(policy, mesh, mp_policy)
-    if reference is not None:
-        shard_causal_lm(reference, mesh, mp_policy, reshard_root_after_forward=True)
+    for model in (reference, *frozen):
+        if model is not None:
+            shard_causal_lm(model, mesh, mp_policy, reshard_root_after_forward=True)
     if masker is not None and any(True for _ in masker.parameters()):
         shard_module(masker, mesh)
 

@@ -27,11 +27,19 @@ class PreferenceBatch:
         attention_mask: ``(2B, T)`` 1 on real tokens, 0 on padding.
         labels: ``(2B, T)`` equal to ``input_ids`` on response tokens and ``IGNORE_INDEX`` on prompt and
             padding positions. Not shifted.
+        token_weights: ``(2B, T)`` float32 per-token weights from the optional ``chosen_spans`` /
+            ``rejected_spans`` data columns, aligned with ``input_ids`` (not shifted): the largest weight of the
+            spans a token intersects, 0 elsewhere (prompt, padding, rows without spans). ``None`` when no pair of
+            the batch has spans; keyword-only.
+        token_weighted: ``(2B, T)`` bool, True on the tokens some span covers (not shifted), or ``None`` like
+            ``token_weights``; keyword-only.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    token_weights: Tensor | None = field(default=None, kw_only=True)
+    token_weighted: Tensor | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:
@@ -47,6 +55,17 @@ class PreferenceBatch:
         labels = self.labels[:, 1:]
         response_mask = labels != IGNORE_INDEX
         return labels.masked_fill(~response_mask, 0), response_mask
+
+    def shifted_token_weights(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """Span weights aligned with :meth:`shifted_labels`: column ``t`` is the weight of label ``t + 1``.
+
+        Returns:
+            ``(token_weights[:, 1:], token_weighted[:, 1:])``, both ``(2B, T-1)``, or ``(None, None)`` when the
+            batch carries no span weights.
+        """
+        if self.token_weights is None or self.token_weighted is None:
+            return None, None
+        return self.token_weights[:, 1:], self.token_weighted[:, 1:]
 
 
 @dataclass

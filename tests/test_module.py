@@ -84,7 +84,7 @@ def test_other_objectives_fit(objective, tiny_model_dir, pairs_file, tmp_path):
 
 
 def test_masker_with_maskless_objective_is_rejected(tiny_model_dir):
-    with pytest.raises(ValueError, match="only SparsePO uses token masks"):
+    with pytest.raises(ValueError, match="uses no token masks"):
         PreferenceModule(model=tiny_model_dir, objective=DPO(), masker=LearnedMasker())
 
 

@@ -132,11 +132,11 @@ def test_too_many_consecutive_nonfinite_steps_stop_the_run_with_causes(tiny_mode
 
 
 class ZeroMasker(TokenMasker):
-    """Collapsed masks: 0 on every token."""
+    """A collapsed learned mask: 0 on every token (written with the two-argument ``forward`` of user maskers)."""
 
     def forward(self, reference, response_mask) -> TokenMasks:
         zeros = torch.zeros(response_mask.shape)
-        return TokenMasks(reward=zeros, kl=zeros, common=True, learned=False)
+        return TokenMasks(reward=zeros, kl=zeros, common=True, learned=True)
 
 
 def test_mask_collapse_warns_after_m_batches(tiny_model_dir, pairs_file, tmp_path):

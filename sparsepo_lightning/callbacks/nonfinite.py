@@ -122,8 +122,8 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         record = getattr(pl_module, "last_step", None)
-        if record is None or record.masks is None or record.stage != "train":
-            return
+        if record is None or record.masks is None or not record.masks.learned or record.stage != "train":
+            return  # only learned masks can collapse (fixed and selection masks are zero by design)
         collapsed = _reward_mask_collapsed(record.metrics)
         self.collapsed_batches = self.collapsed_batches + 1 if collapsed else 0
         if self.collapsed_batches == self.mask_collapse_steps:

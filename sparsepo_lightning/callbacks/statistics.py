@@ -14,7 +14,7 @@ definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for 
   ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``).
 
 The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
-(``module.PROGRESS_BAR_METRICS``); these callbacks do not change it.
+(``metrics.PROGRESS_BAR_METRICS``); these callbacks do not change it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from sparsepo_lightning.types import IGNORE_INDEX, PreferenceBatch
 
+_SIDES = ("chosen", "rejected")
+
 
 def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> PreferenceBatch:
     """Right-pad B tokenised pairs to the longest of their 2B rows.
@@ -24,28 +26,58 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
 
     Args:
         features: B dicts with ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
-            ``rejected_labels`` (as made by ``tokenize_pair``); other keys are ignored.
+            ``rejected_labels`` (as made by ``tokenize_pair``), and for sides with character spans
+            ``{side}_span_weights`` / ``{side}_span_covered``; other keys are ignored.
         pad_token_id: id written into padding positions of ``input_ids`` (masked out by the attention mask).
 
     Returns:
         ``PreferenceBatch`` with ``(2B, T)`` int64 ``input_ids``, ``attention_mask`` and ``labels``, where
         ``T`` is the longest row; row ``i`` is the chosen and row ``B + i`` the rejected response of pair ``i``.
+        When any feature has span keys, also ``token_weights`` (float32) and ``token_weighted`` (bool), both
+        ``(2B, T)``, not shifted: the span weight / coverage of each token, 0 / False on padding and on rows
+        without spans. Otherwise both are ``None``.
 
     Raises:
-        ValueError: empty ``features``, or ids and labels of different lengths.
+        ValueError: empty ``features``, or ids and labels (or span weights) of different lengths.
     """
     if not features:
         raise ValueError("collate_pairs: got an empty list of features; a batch needs at least one pair.")
-    ids = [_row(f, f"{side}_input_ids") for side in ("chosen", "rejected") for f in features]
-    labels = [_row(f, f"{side}_labels") for side in ("chosen", "rejected") for f in features]
+    ids = [_row(f, f"{side}_input_ids") for side in _SIDES for f in features]
+    labels = [_row(f, f"{side}_labels") for side in _SIDES for f in features]
     lengths = torch.tensor([len(row) for row in ids])  # (2B,)
     if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
         raise ValueError("collate_pairs: input_ids and labels of a row differ in length; use tokenize_pair's output.")
     input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)  # (2B, T)
     label_ids = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)  # (2B, T)
     attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()  # (2B, T)
-    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+    token_weights = token_weighted = None
+    if any(f"{side}_span_weights" in f for side in _SIDES for f in features):
+        weights, covered = _span_rows(features, [len(row) for row in ids])
+        token_weights = pad_sequence(weights, batch_first=True, padding_value=0.0)  # (2B, T) float32
+        token_weighted = pad_sequence(covered, batch_first=True, padding_value=False)  # (2B, T) bool
+    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
+                           token_weights=token_weights, token_weighted=token_weighted)
 
 
 def _row(feature: Mapping[str, Sequence[int]], key: str) -> torch.Tensor:
     return torch.as_tensor(feature[key], dtype=torch.long)
+
+
+def _span_rows(
+    features: Sequence[Mapping[str, Sequence[int]]], lengths: list[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Span weights (float32) and coverage (bool) of the 2B rows in batch order; zeros for sides without spans."""
+    weights, covered = [], []
+    for row, (side, feature) in enumerate((side, f) for side in _SIDES for f in features):
+        if f"{side}_span_weights" not in feature:
+            weights.append(torch.zeros(lengths[row], dtype=torch.float32))
+            covered.append(torch.zeros(lengths[row], dtype=torch.bool))
+            continue
+        weights.append(torch.as_tensor(feature[f"{side}_span_weights"], dtype=torch.float32))
+        covered.append(torch.as_tensor(feature[f"{side}_span_covered"], dtype=torch.bool))
+        if not len(weights[-1]) == len(covered[-1]) == lengths[row]:
+            raise ValueError(
+                f"collate_pairs: {side}_span_weights/{side}_span_covered of a row differ in length from its "
+                "input_ids; use tokenize_pair's output."
+            )
+    return weights, covered

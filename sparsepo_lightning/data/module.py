@@ -33,7 +33,7 @@ from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow, RowIssue
 from sparsepo_lightning.data.sampler import PassShuffleSampler
-from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, tokenize_pair
+from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, SpanError, tokenize_pair
 from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
 from sparsepo_lightning.model_sources import load_tokenizer
@@ -64,6 +64,9 @@ class PreferenceDataModule(LightningDataModule):
         prompt_field: row field holding the prompt (may be absent in implicit-prompt conversations).
         chosen_field: row field holding the preferred response.
         rejected_field: row field holding the dispreferred response.
+        chosen_spans_field: optional row field of per-token weights of the chosen response as character spans
+            ``[[start, end, weight], ...]`` (see ``load_pairs``); batches then carry ``token_weights``.
+        rejected_spans_field: the same for the rejected response.
         use_chat_template: render plain-text pairs with the tokenizer's chat template (chat-message rows
             always use it).
         chat_template: replaces the tokenizer's chat template: a built-in name (``zephyr``, the format of the
@@ -95,6 +98,8 @@ class PreferenceDataModule(LightningDataModule):
         prompt_field: str = "prompt",
         chosen_field: str = "chosen",
         rejected_field: str = "rejected",
+        chosen_spans_field: str = "chosen_spans",
+        rejected_spans_field: str = "rejected_spans",
         use_chat_template: bool = False,
         chat_template: str | None = None,
         add_bos: bool | None = None,
@@ -112,7 +117,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.hub_dataset, self.hub_config, self.hub_kwargs = hub_dataset, hub_config, dict(hub_kwargs or {})
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
-        self.fields = FieldNames(prompt_field, chosen_field, rejected_field)
+        self.fields = FieldNames(prompt_field, chosen_field, rejected_field, chosen_spans_field, rejected_spans_field)
         self.use_chat_template, self.add_bos = use_chat_template, add_bos
         self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -315,7 +320,7 @@ class PreferenceDataModule(LightningDataModule):
         return rows
 
     def _add_split(self, split: str, pairs: list[PreferencePair]) -> None:
-        """Tokenise pairs into features, count truncations / empty responses, log the report once."""
+        """Tokenise pairs into features, count truncations / empty responses / unplaceable spans, log the report."""
         report = self.report[split]
         features, sources = [], []
         for pair in pairs:
@@ -324,10 +329,10 @@ class PreferenceDataModule(LightningDataModule):
                     pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template,
                     add_bos=self.add_bos,
                 )
-            except EmptyResponseError as e:
+            except (EmptyResponseError, SpanError) as e:
                 if self.strict:
                     raise
-                report.reject(RowIssue("empty_response", pair.source, None, str(e)))
+                report.reject(RowIssue(e.reason, pair.source, None, str(e)))
                 continue
             report.prompts_truncated += feature.pop("prompt_truncated")
             report.responses_truncated += feature.pop("response_truncated")

@@ -8,8 +8,11 @@ from typing import Any
 
 Messages = list[dict[str, str]]
 Text = str | Messages
+Span = tuple[int, int, float]
+"""``(start, end, weight)``: characters ``start:end`` of a response's text (end exclusive) carry ``weight``."""
+Spans = tuple[Span, ...]
 
-REASONS = ("bad_json", "missing_field", "wrong_type", "empty_response", "identical_responses")
+REASONS = ("bad_json", "missing_field", "wrong_type", "empty_response", "identical_responses", "bad_spans")
 """Why a row can be rejected, in the order they are reported. Task converters (``RawRow.rejection``) may
 add their own reasons (e.g. ``prompt_mismatch``); those are reported after these, in order of appearance."""
 
@@ -23,12 +26,17 @@ class PreferencePair:
         chosen: the preferred response as text, or its chat messages (usually one assistant message).
         rejected: the dispreferred response, same convention as ``chosen``.
         source: where the row came from, e.g. ``data/x.jsonl:12`` or ``org/name[train]#41``.
+        chosen_spans: optional per-token weights of ``chosen`` as character spans, sorted and non-overlapping,
+            offsets into the response text (or into the content of its single chat message); ``None``: none.
+        rejected_spans: the same for ``rejected``.
     """
 
     prompt: Text
     chosen: Text
     rejected: Text
     source: str = ""
+    chosen_spans: Spans | None = None
+    rejected_spans: Spans | None = None
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,10 @@ class RawRow:
 
 @dataclass(frozen=True)
 class FieldNames:
-    """Names of the prompt / chosen / rejected columns."""
+    """Names of the prompt / chosen / rejected columns and of the optional span columns of each response."""
 
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    chosen_spans: str = "chosen_spans"
+    rejected_spans: str = "rejected_spans"

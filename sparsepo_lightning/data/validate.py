@@ -11,16 +11,29 @@ Accepted row shapes (field names configurable):
   ``{"role": ..., "content": ...}``; a plain string on either side is allowed.
 - ``{"chosen": [conversation], "rejected": [conversation]}`` without a prompt field ("implicit prompt"):
   the prompt is the longest run of shared leading messages, the responses are what follows it.
+
+Any row may also carry ``chosen_spans`` / ``rejected_spans``: per-token weights of that response as character
+spans ``[[start, end, weight], ...]`` (see :func:`load_pairs`); a bad span list rejects the row as ``bad_spans``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sparsepo_lightning.data.readers import iter_file, iter_hub
-from sparsepo_lightning.data.rows import DataReport, FieldNames, Messages, PreferencePair, RawRow, RowIssue, Text
+from sparsepo_lightning.data.rows import (
+    DataReport,
+    FieldNames,
+    Messages,
+    PreferencePair,
+    RawRow,
+    RowIssue,
+    Spans,
+    Text,
+)
 from sparsepo_lightning.errors import DataError
 
 
@@ -43,6 +56,8 @@ def load_pairs(
     prompt_field: str = "prompt",
     chosen_field: str = "chosen",
     rejected_field: str = "rejected",
+    chosen_spans_field: str = "chosen_spans",
+    rejected_spans_field: str = "rejected_spans",
     strict: bool = False,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Read and validate preference pairs from one local file or one hub dataset split.
@@ -55,6 +70,12 @@ def load_pairs(
         prompt_field: column holding the prompt (may be absent for implicit-prompt conversations).
         chosen_field: column holding the preferred response.
         rejected_field: column holding the dispreferred response.
+        chosen_spans_field: optional column of per-token weights of the chosen response as character spans
+            ``[[start, end, weight], ...]``: whole-number offsets into the response text (``0 <= start < end <=
+            len(text)``, end exclusive, Python string indices), a finite weight, sorted and non-overlapping. Only
+            for a plain-text response or one of exactly one chat message (offsets into its content). The column
+            may be absent, or null, in any row.
+        rejected_spans_field: the same for the rejected response.
         strict: raise on the first bad row instead of skipping and counting it.
 
     Returns:
@@ -69,7 +90,7 @@ def load_pairs(
         rows, source = iter_file(path), str(path)
     else:
         rows, source = iter_hub(hub_dataset, hub_config, split), f"{hub_dataset}[{split}]"
-    fields = FieldNames(prompt_field, chosen_field, rejected_field)
+    fields = FieldNames(prompt_field, chosen_field, rejected_field, chosen_spans_field, rejected_spans_field)
     pairs, report = validate_rows(rows, fields, source=source, strict=strict)
     if not pairs:
         raise DataError(f"no valid preference pair in {source}.\n{report.summary()}")
@@ -124,7 +145,10 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
     if _as_messages(chosen) == _as_messages(rejected):
         problem = "chosen and rejected are identical, so the pair expresses no preference"
         raise _RowError("identical_responses", where, f"{fields.chosen}/{fields.rejected}", problem, "remove the row")
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+    chosen_spans = _spans_field(value, fields.chosen_spans, fields.chosen, chosen, where)
+    rejected_spans = _spans_field(value, fields.rejected_spans, fields.rejected, rejected, where)
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where,
+                          chosen_spans=chosen_spans, rejected_spans=rejected_spans)
 
 
 def _response_field(value: dict[str, Any], name: str, option: str, where: str) -> Text:
@@ -190,3 +214,67 @@ def _as_messages(response: Text) -> list[tuple[str, str]]:
     if isinstance(response, str):
         return [("assistant", response)]
     return [(m["role"], m["content"]) for m in response]
+
+
+_SPAN_FIX = "write [[start, end, weight], ...] with whole-number character offsets into the response (end exclusive)"
+
+
+def _spans_field(value: dict[str, Any], name: str, response_name: str, response: Text, where: str) -> Spans | None:
+    """The optional span column ``name`` of one response, checked against its text; ``None`` when absent.
+
+    Raises ``_RowError("bad_spans", ...)`` for anything but sorted, non-overlapping ``[start, end, weight]``
+    lists with ``0 <= start < end <= len(text)`` and a finite weight, and for spans on a response of several
+    chat messages (whose offsets would be ambiguous).
+    """
+    raw = value.get(name)
+    if raw is None:
+        return None
+    if isinstance(response, list) and len(response) != 1:
+        problem = (f"spans need a plain-text response or exactly one chat message, but '{response_name}' has "
+                   f"{len(response)} messages")
+        fix = f"store '{response_name}' as one string or one message, or drop '{name}' from this row"
+        raise _RowError("bad_spans", where, name, problem, fix)
+    text = response if isinstance(response, str) else response[0]["content"]
+    if not isinstance(raw, list):
+        raise _RowError("bad_spans", where, name, f"expected a list of spans, got {_describe(raw)}", _SPAN_FIX)
+    spans: list[tuple[int, int, float]] = []
+    for i, item in enumerate(raw):
+        if not (isinstance(item, list | tuple) and len(item) == 3):
+            problem = f"span {i} is {str(item)[:60]!r}, not a [start, end, weight] list"
+            raise _RowError("bad_spans", where, name, problem, _SPAN_FIX)
+        start, end, weight = item
+        if not (_is_whole(start) and _is_whole(end)):
+            problem = f"span {i} {item!r}: start and end must be whole numbers (character offsets)"
+            raise _RowError("bad_spans", where, name, problem, _SPAN_FIX)
+        start, end = int(start), int(end)
+        if not 0 <= start < end <= len(text):
+            problem = (f"span {i} {item!r} is out of range: the '{response_name}' text has {len(text)} characters "
+                       "and a span needs 0 <= start < end <= that length")
+            fix = "count offsets in characters of this response's own text (not of prompt + response), end exclusive"
+            raise _RowError("bad_spans", where, name, problem, fix)
+        if not _is_finite(weight):
+            problem = f"span {i} {item!r}: the weight must be a finite number, got {weight!r}"
+            raise _RowError("bad_spans", where, name, problem, "give every span a finite numeric weight")
+        if spans and start < spans[-1][1]:
+            problem = (f"span {i} {item!r} starts at {start}, before span {i - 1} ends at {spans[-1][1]}; spans "
+                       "must be sorted by start and must not overlap")
+            raise _RowError("bad_spans", where, name, problem, "sort the spans and merge or split overlapping ones")
+        spans.append((start, end, float(weight)))
+    return tuple(spans)
+
+
+def _is_whole(number: Any) -> bool:
+    """An int, or a float without fractional part (Parquet stores mixed ``[start, end, weight]`` as floats)."""
+    if isinstance(number, bool):
+        return False
+    return isinstance(number, int) or (isinstance(number, float) and number.is_integer())
+
+
+def _is_finite(number: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite, also as a float."""
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        return False
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False

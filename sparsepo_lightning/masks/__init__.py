@@ -2,11 +2,11 @@
 (the credit-granularity control)."""
 
 from sparsepo_lightning.masks.activation import ActivationMasker
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker, UniformMasker
+from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker, UniformMasker
 from sparsepo_lightning.masks.learned import LearnedMasker, MaskNetwork
 from sparsepo_lightning.masks.random import RandomMasker
 
 __all__ = [
-    "ActivationMasker", "LearnedMasker", "MaskNetwork", "RandomMasker", "ReferenceOutputs", "TokenMasker",
-    "UniformMasker",
+    "ActivationMasker", "FrozenModelOutputs", "LearnedMasker", "MaskNetwork", "RandomMasker", "ReferenceOutputs",
+    "TokenContext", "TokenMasker", "UniformMasker",
 ]

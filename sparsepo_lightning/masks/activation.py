@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsepo_lightning.blocks import decoder_blocks
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.types import TokenMasks
 
 Group = Literal["mlp", "attn", "resid", "logits"]
@@ -180,7 +180,8 @@ class ActivationMasker(TokenMasker):
         return torch.stack([self._reduce(head(row)) for row in reference.last_hidden])  # one row at a time
 
     @torch.no_grad()  # MaPO masks are fully detached (docs/method.md §2)
-    def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
+    def forward(self, reference: ReferenceOutputs, response_mask: Tensor,
+                context: TokenContext | None = None) -> TokenMasks:
         if self._records is None:
             raise RuntimeError("ActivationMasker: run the reference forward inside masker.recording().")
         records, self._records = self._records, None

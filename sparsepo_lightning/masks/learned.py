@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.types import TokenMasks, scatter_response
 
 Activation = Literal["relu", "none"]
@@ -128,7 +128,8 @@ class LearnedMasker(TokenMasker):
         self.reward_net = MaskNetwork(**sizes, **self._network_args)
         self.kl_net = MaskNetwork(**sizes, **self._network_args) if self.independent else None
 
-    def forward(self, reference: ReferenceOutputs, response_mask: Tensor) -> TokenMasks:
+    def forward(self, reference: ReferenceOutputs, response_mask: Tensor,
+                context: TokenContext | None = None) -> TokenMasks:
         if self.reward_net is None or reference.layers is None:
             raise RuntimeError("LearnedMasker needs bind(reference) and the reference's per-layer hidden states.")
         # Column t of the shifted layout predicts token t+1 from the state at position t: slice [:, :-1].

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
+from sparsepo_lightning.masks.base import ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.types import TokenMasks
 
 _STREAM_STRIDE = 1_000_003
@@ -34,6 +34,8 @@ class RandomMasker(TokenMasker):
         independent: draw the KL mask separately from the reward mask (same rate and value); default one
             common mask, ``m_d = m_u``.
     """
+
+    needs_reference = False
 
     def __init__(self, keep_rate: float, value: float = 1.0, seed: int = 0, independent: bool = False) -> None:
         super().__init__()
@@ -59,7 +61,8 @@ class RandomMasker(TokenMasker):
         uniform = torch.rand(response_mask.shape, generator=generator).to(response_mask.device)
         return ((uniform < self.keep_rate) & response_mask).float() * self.value
 
-    def forward(self, reference: ReferenceOutputs | None, response_mask: Tensor) -> TokenMasks:
+    def forward(self, reference: ReferenceOutputs | None, response_mask: Tensor,
+                context: TokenContext | None = None) -> TokenMasks:
         call = self.calls  # a host-side counter: no device synchronisation
         self.calls += 1
         reward = self._draw(response_mask, 2 * call)

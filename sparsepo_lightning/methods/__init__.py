@@ -1,0 +1,31 @@
+"""Token-level preference methods as plug-ins: each is one file with a masker (and a config under
+``configs/methods/``) on the extension point of ``masks.base`` (``TokenMasker`` + ``TokenContext``) and the generic
+objectives ``WeightedDPO`` / ``MaskedSimPO``. See docs/token-weighting.md to write your own.
+
+==================  ===============================  ==================  =============================
+method              masker                           objective           extra frozen models
+==================  ===============================  ==================  =============================
+Rho-1-style         ``rho1.ExcessLossSelection``     ``WeightedDPO``     none (scores −ρ)
+TIS-DPO             ``tisdpo.ContrastiveImportance`` ``WeightedDPO``     positive, negative
+cDPO                ``cdpo.CriticalTokenWeights``    ``WeightedDPO``     positive, negative
+ConfPO              ``confpo.LowConfidenceSelection`` ``MaskedSimPO``    none (reference-free)
+SePO                ``sepo.OracleSelection``         ``MaskedSimPO``     oracle, oracle_reference
+TGDPO               ``tgdpo.TokenRewardBeta``        ``WeightedDPO``     reward
+span weights        ``spans.SpanWeights``            ``WeightedDPO``     none (data columns)
+SamPO               ``sampo.DownSampledTokens``      ``WeightedDPO``     none
+==================  ===============================  ==================  =============================
+"""
+
+from sparsepo_lightning.methods.cdpo import CriticalTokenWeights
+from sparsepo_lightning.methods.confpo import LowConfidenceSelection
+from sparsepo_lightning.methods.rho1 import ExcessLossSelection
+from sparsepo_lightning.methods.sampo import DownSampledTokens
+from sparsepo_lightning.methods.sepo import OracleSelection
+from sparsepo_lightning.methods.spans import SpanWeights
+from sparsepo_lightning.methods.tgdpo import TokenRewardBeta
+from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
+
+__all__ = [
+    "ContrastiveImportance", "CriticalTokenWeights", "DownSampledTokens", "ExcessLossSelection",
+    "LowConfidenceSelection", "OracleSelection", "SpanWeights", "TokenRewardBeta",
+]

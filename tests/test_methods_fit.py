@@ -1,0 +1,101 @@
+"""Every method config composes with a recipe as a second --config and trains through `sparsepo fit`; its masks
+show up in the mask statistics and the heat-maps; extra frozen models stay frozen and out of checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsepo_lightning.cli import run as main
+from sparsepo_lightning.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
+FROZEN = {"tisdpo": ("positive", "negative"), "cdpo": ("positive", "negative"),
+          "sepo": ("oracle", "oracle_reference"), "tgdpo": ("reward",)}
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A second tiny Llama (other weights, same tokenizer): the extra frozen models must differ from the policy."""
+    from tests.tiny_models import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama-other")
+    model = tiny_llama(seed=7, vocab=len(tiny_tokenizer))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _fit(method: str, model_dir: str, other_dir: str, pairs: str, tmp_path: Path, *extra: str):
+    frozen = FROZEN.get(method, ())
+    models = ["--model.frozen_models", "{" + ", ".join(f"{n}: {other_dir if i == 0 else model_dir}"
+                                                       for i, n in enumerate(frozen)) + "}"] if frozen else []
+    return main(["fit", "--config", "configs/debug/tiny.yaml", "--config", f"configs/methods/{method}.yaml",
+                 "--model.model", model_dir, *models, "--data.train_file", pairs, "--data.val_file", pairs,
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false", *extra])
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("spans", "dpo")])
+def test_method_config_trains_the_tiny_recipe(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path,
+                                              monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = _fit(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path)
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert {"train/masks/mean_reward", "train/masks/sparsity_reward_chosen", "val/masks/mean_reward"} <= set(metrics)
+    if method in FROZEN:
+        assert sorted(module.frozen_models) == sorted(FROZEN[method])
+        for model in module.frozen_models.values():
+            assert not model.training and not any(p.requires_grad for p in model.parameters())
+        ckpt = next((Path(cli.trainer.logger.log_dir) / "checkpoints").glob("*.ckpt"))
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert not any(k.startswith("frozen_models.") for k in saved), "frozen models must not be checkpointed"
+        assert any(k.startswith("policy.") for k in saved)
+
+
+def test_frozen_models_reload_from_their_source_on_resume(tiny_model_dir, other_model_dir, pairs_file, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = _fit("tisdpo", tiny_model_dir, other_model_dir, pairs_file, tmp_path)
+    ckpt = next((Path(cli.trainer.logger.log_dir) / "checkpoints").glob("*.ckpt"))
+    again = _fit("tisdpo", tiny_model_dir, other_model_dir, pairs_file, tmp_path / "resumed",
+                 "--trainer.max_steps", "3", "--ckpt_path", str(ckpt))
+    assert again.trainer.global_step == 3
+    first = dict(cli.model.frozen_models["positive"].named_parameters())
+    for name, value in again.model.frozen_models["positive"].named_parameters():
+        assert torch.equal(value, first[name])
+
+
+def test_plugin_masks_reach_the_heatmaps(tiny_model_dir, other_model_dir, pairs_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = _fit("rho1", tiny_model_dir, other_model_dir, pairs_file, tmp_path, "--trainer.callbacks+=sparsepo_lightning"
+               ".callbacks.TokenHeatmaps", "--trainer.callbacks.num_pairs", "2")
+    pages = list((Path(cli.trainer.logger.log_dir) / "heatmaps").glob("step_*.html"))
+    assert pages and "Token masks at step" in pages[0].read_text()
+
+
+def test_a_missing_or_unused_frozen_model_is_a_config_error(tiny_model_dir, other_model_dir, tmp_path):
+    from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
+    from sparsepo_lightning.module import PreferenceModule
+    from sparsepo_lightning.objectives import DPO, WeightedDPO
+
+    with pytest.raises(ConfigError, match=r"negative.*Fix: model.frozen_models"):
+        PreferenceModule(tiny_model_dir, WeightedDPO(), ContrastiveImportance(), frozen_models={"positive": tiny_model_dir})
+    with pytest.raises(ConfigError, match="no part of the run reads"):
+        PreferenceModule(tiny_model_dir, DPO(), frozen_models={"extra": other_model_dir})
+
+
+def test_a_masker_reading_the_reference_refuses_a_reference_free_objective(tiny_model_dir):
+    from sparsepo_lightning.methods.rho1 import ExcessLossSelection
+    from sparsepo_lightning.module import PreferenceModule
+    from sparsepo_lightning.objectives import MaskedSimPO
+
+    with pytest.raises(ConfigError, match="reference-free"):
+        PreferenceModule(tiny_model_dir, MaskedSimPO(), ExcessLossSelection())
