@@ -5,6 +5,7 @@ Public API: the pure losses (``sparsepo_lightning.losses``), the per-token stati
 """
 
 from sparsepo_lightning.losses import (
+    bco_loss,
     dpo_loss,
     dpop_loss,
     ipo_loss,
@@ -25,6 +26,7 @@ __all__ = [
     "PreferenceBatch",
     "TokenMasks",
     "TokenStats",
+    "bco_loss",
     "dpo_loss",
     "dpop_loss",
     "ipo_loss",

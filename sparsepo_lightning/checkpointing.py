@@ -21,13 +21,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning.errors import OutputExistsError
@@ -205,3 +206,38 @@ class RunCheckpoint(ModelCheckpoint):
             newest = max(previous, key=os.path.getmtime)
             rank_zero_info(f"--ckpt_path last: resuming from {newest} (the newest last checkpoint under {runs}).")
         return previous
+
+
+OBJECTIVE_STATE = "objective_state"
+"""Checkpoint key of the objective's state (``Objective.state_dict``; BCO's reward shift), beside ``state_dict``."""
+
+
+class _StatefulObjective(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None: ...
+
+
+def save_module_state(checkpoint: dict[str, Any], objective: _StatefulObjective, frozen_keys: set[str],
+                      strategy: Strategy | None) -> None:
+    """``PreferenceModule.on_save_checkpoint``: add the objective's state (if any) under :data:`OBJECTIVE_STATE`,
+    and drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights
+    (``frozen_keys``). Except under ``FSDPStrategy`` (FSDP1): its flat-parameter units (frozen and trainable weights
+    together) insist on every key when loading, so FSDP1 checkpoints keep the frozen weights (sharded, 1/N per rank)."""
+    if state := objective.state_dict():
+        checkpoint[OBJECTIVE_STATE] = state
+    if isinstance(strategy, FSDPStrategy):
+        return
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen_keys}
+
+
+def load_module_state(checkpoint: dict[str, Any], objective: _StatefulObjective, frozen_keys: set[str],
+                      own_state: Any) -> None:
+    """``PreferenceModule.on_load_checkpoint``: restore the objective's state, and put the module's own frozen
+    weights (``own_state()``: its ``state_dict``) back under ``frozen_keys`` so loading stays strict for everything
+    that was saved. A distributed checkpoint has no ``state_dict`` here: the strategy has loaded the weights already."""
+    objective.load_state_dict(checkpoint.get(OBJECTIVE_STATE))
+    if "state_dict" not in checkpoint:
+        return
+    own = own_state()
+    checkpoint["state_dict"].update({k: own[k] for k in frozen_keys if k in own})

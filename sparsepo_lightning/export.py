@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
@@ -139,8 +139,10 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _write_masks(trained: TrainedCheckpoint, out: Path) -> bool:
-    """``masks.safetensors`` + ``masks.json`` when the checkpoint has ``masker.*`` tensors; returns whether it had."""
-    state = {k: v.detach().contiguous() for k, v in trained.tensors(MASKER_PREFIX).items()}
+    """``masks.safetensors`` + ``masks.json`` when the checkpoint has ``masker.*`` tensors; returns whether it had.
+    A masker's extra state (``_extra_state``, e.g. the draw counter of random maskers) is training progress, not
+    weights: it is not exported."""
+    state = {k: v.detach().contiguous() for k, v in trained.tensors(MASKER_PREFIX).items() if isinstance(v, Tensor)}
     if not state:
         return False
     save_file(state, str(out / MASKS_FILE), metadata={"format": "pt"})

@@ -146,6 +146,46 @@ def masked_simpo_loss(stats: TokenStats, masks: TokenMasks | None, beta: float, 
     return _output(loss, logit, chosen_reward * valid, rejected_reward * valid)
 
 
+def bco_rewards(stats: TokenStats, beta: float) -> Tensor:
+    """BCO's implicit reward of every row, ``r = β Σ_t ρ^t`` over response tokens, ``(rows,)`` float32 (the rows of
+    pairs or of unpaired examples alike). Uses no KL."""
+    check_beta(beta, "bco_rewards")
+    return beta * (stats.log_ratio.float() * stats.response_mask).sum(-1)
+
+
+def bco_loss(stats: TokenStats, beta: float, delta: Tensor | float, desirable: Tensor | None = None) -> LossOutput:
+    """BCO (Jung et al. 2025, arXiv 2404.04656, Eq. 8): a binary classifier whose logit is the reward ``r = β Σρ``
+    shifted by ``δ``: ``−log σ(r − δ)`` for a desirable response, ``−log σ(−(r − δ))`` for an undesirable one.
+
+    ``δ`` (the reward shift, Eq. 7) is an input here, no gradient flows through it; the ``BCO`` objective keeps it as
+    the running mean of all training rewards (``objectives.BCO``). Two layouts:
+
+    - pairs (``desirable`` None, 2B rows): the chosen response is the desirable one and the rejected the undesirable
+      one (TRL's ``bco_pair``); per pair ``loss = −log σ(r_w − δ) − log σ(−(r_l − δ))``, so the mean over pairs is
+      Eq. 8 with the two expectations over the batch. ``logit = r_w − r_l`` (DPO's margin with the same β), rewards
+      ``r_w``, ``r_l``.
+    - unpaired examples (``desirable``: ``(N,)`` bool, N rows): per example ``loss = −log σ(s(r − δ))``, ``s = +1``
+      for desirable and ``−1`` for undesirable rows; the mean over examples is TRL's ``BCOTrainer`` loss (on a
+      batch with as many desirable as undesirable examples, half of Eq. 8). ``logit = s(r − δ)``, the classifier's
+      margin (> 0: classified correctly); ``chosen_reward`` is ``r`` on desirable rows and 0 elsewhere,
+      ``rejected_reward`` is ``r`` on undesirable rows and 0 elsewhere (their sum is ``r``).
+    """
+    check_beta(beta, "bco_loss")
+    rewards = bco_rewards(stats, beta)
+    delta = torch.as_tensor(delta, dtype=rewards.dtype, device=rewards.device).detach()
+    if desirable is None:
+        chosen, rejected = split_pairs(rewards)
+        loss = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+        return _output(loss, chosen - rejected, chosen, rejected)
+    if desirable.shape != rewards.shape or desirable.dtype != torch.bool:
+        raise ValueError(f"bco_loss: desirable must be a bool tensor of shape {tuple(rewards.shape)} (one label per "
+                         f"row), got {desirable.dtype} {tuple(desirable.shape)}.")
+    logit = torch.where(desirable, rewards - delta, delta - rewards)
+    zero = torch.zeros_like(rewards)
+    return _output(-F.logsigmoid(logit), logit, torch.where(desirable, rewards, zero),
+                   torch.where(desirable, zero, rewards))
+
+
 def _tdpo(stats: TokenStats, beta: float, alpha: float | None, name: str) -> LossOutput:
     check_beta(beta, name)
     stats.require("reference_logps", "kl", by=name)

@@ -17,6 +17,11 @@ value of a batch or of a logging window is ``Σ v·w / Σ w``) and maxima. Names
   ``masks/l1_{reward,kl}_{chosen,rejected}``: Σ|m| per response; ``masks/max_{reward,kl}``: max over response
   tokens; ``masks/mean_{reward,kl}``: mean mask value over all response tokens (the factor by which the masks
   scale β on an average token: 1 for uniform masks).
+
+Unpaired examples (BCO, ``PreferenceBatch.desirable`` set) have no pairs, hence no chosen/rejected halves:
+:func:`unpaired_stats` gives ``loss``, ``logit`` and ``rewards/margin`` (both the classifier margin ``s(r − δ)``),
+``rewards/accuracy`` (margin > 0), ``rewards/{desirable,undesirable}`` and ``logps/{desirable,undesirable}`` (means
+over the examples of each label), per example.
 """
 
 from __future__ import annotations
@@ -82,6 +87,20 @@ def loss_stats(out: LossOutput) -> Stats:
               "rewards/accuracy": (margin > 0).float()}
     ones = torch.ones_like(out.logit, dtype=torch.float32)
     return Stats(means={name: (value.detach().float(), ones) for name, value in values.items()})
+
+
+def unpaired_stats(stats: TokenStats, out: LossOutput, desirable: Tensor) -> Stats:
+    """The metrics of one batch of unpaired examples (``losses.bco_loss`` with ``desirable``), one value per example;
+    a label with no example in the batch weighs 0 (its mean reads 0 for that batch alone)."""
+    ones, good = torch.ones_like(out.logit, dtype=torch.float32), desirable.float()
+    logit = out.logit.detach().float()
+    logps = (stats.policy_logps.detach().float() * stats.response_mask).sum(-1)
+    rewards = (out.chosen_reward + out.rejected_reward).detach().float()
+    means = {"loss": (out.loss.detach().float(), ones), "logit": (logit, ones), "penalty": (out.penalty.float(), ones),
+             "rewards/margin": (logit, ones), "rewards/accuracy": ((logit > 0).float(), ones),
+             "rewards/desirable": (rewards, good), "rewards/undesirable": (rewards, 1 - good),
+             "logps/desirable": (logps, good), "logps/undesirable": (logps, 1 - good)}
+    return Stats(means=means)
 
 
 def token_metrics(stats: TokenStats, masks: TokenMasks | None) -> Stats:

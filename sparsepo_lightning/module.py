@@ -7,19 +7,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
+from sparsepo_lightning import checkpointing, checks, sharding
 from sparsepo_lightning import meta_init as meta_init_lib
-from sparsepo_lightning import sharding
-from sparsepo_lightning import checks
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
-from sparsepo_lightning.metrics import log_metrics, preference_metrics
+from sparsepo_lightning.metrics import log_metrics
 from sparsepo_lightning.models import frozen_state_keys, load_frozen_models, load_policy_and_reference
 from sparsepo_lightning.objectives import Objective, SparsePO
 from sparsepo_lightning.optim import Schedule, parameter_groups, warmup_schedule
 from sparsepo_lightning.types import PreferenceBatch, StepRecord, detached
+
 
 class PreferenceModule(LightningModule):
     """Preference optimisation of a causal LM against a frozen reference copy.
@@ -61,9 +60,8 @@ class PreferenceModule(LightningModule):
             objective: the preference objective; default ``SparsePO()`` (β = 0.8).
             masker: token masker for SparsePO (uniform, activation, learned); default uniform (= TDPO1).
             reference: frozen reference checkpoint; default the same as ``model``.
-            frozen_models: extra frozen models by name (``{positive: path, negative: path}``) for maskers that
-                read them (``TokenMasker.frozen_model_names``, e.g. TIS-DPO's contrastive models): loaded like the
-                reference (same ``dtype``, eval mode, sharded under FSDP2, never checkpointed).
+            frozen_models: extra frozen models by name (``{positive: path}``) for maskers that read them
+                (``TokenMasker.frozen_model_names``): loaded, sharded and never checkpointed, like the reference.
             tokenizer_name: tokenizer name or path when ``model`` ships none (the CLI passes it to the data module);
                 default the model's own.
             optimizer: optimizer class/callable taking parameter groups; default ``torch.optim.AdamW``.
@@ -119,8 +117,9 @@ class PreferenceModule(LightningModule):
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
-            checks.check_masker_reference(self.masker, self.reference if self.reference is not None else self._causal_lm)
-            self.masker.bind(self.reference if self.reference is not None else self._causal_lm)
+            bound = self.reference if self.reference is not None else self._causal_lm
+            checks.check_masker_reference(self.masker, bound)
+            self.masker.bind(bound)
 
     @property
     def _causal_lm(self) -> nn.Module:
@@ -142,19 +141,12 @@ class PreferenceModule(LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop what is rebuilt from its source on load: the reference, and with LoRA the frozen base weights.
-        Except under ``FSDPStrategy`` (FSDP1): its flat-parameter units (frozen and trainable weights together)
-        insist on every key when loading, so FSDP1 checkpoints keep the frozen weights (sharded, 1/N per rank)."""
-        if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
-            return
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_state_keys()}
+        """Add the objective's state; drop the reference and LoRA base weights, rebuilt on load (not under FSDP1)."""
+        checkpointing.save_module_state(checkpoint, self.objective, self._frozen_state_keys(),
+                                        getattr(self._trainer, "strategy", None))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" not in checkpoint:  # distributed checkpoint: the strategy has loaded the weights already
-            return
-        own = self.state_dict()  # keep strict loading for everything that was saved
-        checkpoint["state_dict"].update({k: own[k] for k in self._frozen_state_keys() if k in own})
+        checkpointing.load_module_state(checkpoint, self.objective, self._frozen_state_keys(), self.state_dict)
 
     def _frozen_state_keys(self) -> set[str]:
         return frozen_state_keys(self.policy, self.reference, self.hparams.lora is not None, self.frozen_models)
@@ -174,7 +166,7 @@ class PreferenceModule(LightningModule):
             return
         self._sharded = True
         sharding.drop_frozen_keys_from_state_dict(self, self._frozen_state_keys())
-        frozen = dict(self.frozen_models.items()) if self.frozen_models is not None else {}
+        frozen = dict(self.frozen_models or {})
         sharding.shard_preference_models(self._causal_lm, self.reference, self.masker, self.device_mesh,
                                          self.hparams.get("fsdp_param_dtype"), frozen=list(frozen.values()))
         sharding.check_all_sharded([("policy", self.policy), ("reference", self.reference), ("masker", self.masker),
@@ -209,10 +201,10 @@ class PreferenceModule(LightningModule):
         )
         masks = None if self.masker is None else step_masks(
             self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded)
-        out = self.objective(stats, masks)
+        out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
         effective = self.objective.effective_masks(masks, response_mask)
-        metrics = preference_metrics(stats, effective, out)
-        log_metrics(self, stage, metrics, batch.num_pairs)
+        metrics = self.objective.metrics(stats, effective, out, batch)
+        log_metrics(self, stage, metrics, out.loss.shape[0])  # batch size: pairs (or unpaired examples)
         self.last_step = StepRecord(stage, batch, detached(stats), detached(effective), detached(out), metrics)
         return out.loss.mean()
 
@@ -237,7 +229,8 @@ class PreferenceModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""
         if stage == "fit":
-            checks.check_precision(str(getattr(self.trainer, "precision", "")), self.named_parameters(), self.hparams.dtype)
+            precision = str(getattr(self.trainer, "precision", ""))
+            checks.check_precision(precision, self.named_parameters(), self.hparams.dtype)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

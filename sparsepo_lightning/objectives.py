@@ -3,18 +3,26 @@
 They are what configs select by ``class_path`` (``sparsepo_lightning.objectives.SparsePO``), and they
 tell the module what each objective needs (the reference model, the full-vocabulary KL, token masks), so
 the module never dispatches on names. Adding an objective = one pure function + one class + one test.
+
+The module's step calls :meth:`Objective.step` and :meth:`Objective.metrics` (a pair objective keeps their defaults:
+``objective(stats, masks)`` and ``metrics.preference_metrics``), and saves :meth:`Objective.state_dict` in checkpoints:
+hooks for objectives with state (BCO's reward shift) or that train on unpaired examples (BCO again).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from sparsepo_lightning import losses
-from sparsepo_lightning.types import LossOutput, TokenMasks, TokenStats
+from sparsepo_lightning.errors import ConfigError
+from sparsepo_lightning.metrics import preference_metrics, unpaired_stats
+from sparsepo_lightning.running_mean import RunningMean
+from sparsepo_lightning.types import LossOutput, PreferenceBatch, TokenMasks, TokenStats
 
 
 @dataclass
@@ -43,6 +51,32 @@ class Objective(ABC):
 
     def __post_init__(self) -> None:
         losses.check_beta(self.beta, type(self).__name__)
+
+    def step(self, stats: TokenStats, masks: TokenMasks | None, batch: PreferenceBatch, training: bool) -> LossOutput:
+        """The loss of one batch, as the module's step computes it (``training``: a training step, the only one
+        in which an objective may update its state). Default: ``self(stats, masks)``, on pairs only."""
+        if batch.desirable is not None:
+            raise ConfigError(
+                f"model.objective={type(self).__name__} learns from preference pairs, but the data module gives "
+                "unpaired examples (prompt, completion, label). Fix: model.objective: "
+                "sparsepo_lightning.objectives.BCO, or paired data (data.class_path: "
+                "sparsepo_lightning.data.PreferenceDataModule).")
+        return self(stats, masks)
+
+    def metrics(self, stats: TokenStats, masks: TokenMasks | None, out: LossOutput,
+                batch: PreferenceBatch) -> dict[str, Tensor]:
+        """The scalar metrics the module logs for one batch (``masks`` as ``effective_masks`` returns them)."""
+        return preference_metrics(stats, masks, out)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that checkpoints carry (none for a stateless objective); ``load_state_dict`` restores it."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` (``state`` is None when the checkpoint holds no objective state)."""
+        if state:
+            rank_zero_warn(f"The checkpoint holds objective state ({', '.join(state)}) that "
+                           f"{type(self).__name__} does not use; it is ignored.")
 
 
 @dataclass
@@ -189,3 +223,55 @@ class SparsePO(Objective):
             masks = TokenMasks.ones_like(stats.response_mask)
         return losses.sparsepo_loss(stats, masks, self.beta, self.l1_reward, self.l1_kl,
                                     self.mask_on_reward, self.mask_on_kl)
+
+
+@dataclass
+class BCO(Objective):
+    """Binary Classifier Optimization (Jung et al. 2025, arXiv 2404.04656): each response is classified desirable or
+    undesirable by its reward ``r = β Σρ`` shifted by ``δ``, the running mean of all training rewards
+    (``losses.bco_loss``). Trains on pairs (chosen = desirable, rejected = undesirable) and on unpaired examples.
+
+    ``δ`` is state, not an option: the count-weighted mean of every per-example reward of the training steps so far
+    (as TRL's ``BCOTrainer``: all ranks' rewards, updated with the current batch before its loss; validation and
+    test steps read it without updating it), 0 before the first training step. It is saved in checkpoints
+    (``state_dict``) and restored on resume. Unlike TRL's ``bco_pair`` (DPO trainer), which adds one batch mean per
+    step, every reward counts once, paired or not. TRL's optional prompt-distribution matching (UDM) is not
+    implemented.
+    """
+
+    beta: float = 0.1
+    """Reward scale β (the paper's and TRL's default 0.1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.reward_shift = RunningMean()
+        """δ: the running mean of the training rewards (not a dataclass field, so not a config option)."""
+
+    def __call__(self, stats: TokenStats, masks: TokenMasks | None = None,
+                 desirable: Tensor | None = None) -> LossOutput:
+        """The loss at the current δ, which it does not update (``step`` does, in training)."""
+        return losses.bco_loss(stats, self.beta, self.reward_shift.value(stats.policy_logps), desirable)
+
+    def step(self, stats: TokenStats, masks: TokenMasks | None, batch: PreferenceBatch, training: bool) -> LossOutput:
+        if training:
+            self.reward_shift.update(losses.bco_rewards(stats, self.beta))
+        return self(stats, masks, batch.desirable)
+
+    def metrics(self, stats: TokenStats, masks: TokenMasks | None, out: LossOutput,
+                batch: PreferenceBatch) -> dict[str, Tensor]:
+        """The pair metrics (``rewards/*`` of chosen and rejected), or for unpaired examples
+        ``metrics.unpaired_stats``; both with ``rewards/delta``, the shift δ the loss used."""
+        values = (preference_metrics(stats, masks, out) if batch.desirable is None
+                  else unpaired_stats(stats, out, batch.desirable).reduce())
+        return {**values, "rewards/delta": self.reward_shift.value(out.loss).detach().clone()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reward_shift": self.reward_shift.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None or "reward_shift" not in state:
+            rank_zero_warn("BCO: the checkpoint holds no reward shift δ (it was not written by a BCO run); δ starts "
+                           "again from 0, as at the start of training.")
+            self.reward_shift = RunningMean()
+            return
+        self.reward_shift.load_state_dict(state["reward_shift"])

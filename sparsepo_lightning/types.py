@@ -1,7 +1,9 @@
 """Typed containers passed between stages: batch -> token statistics -> masks -> loss output.
 
 Layout convention used everywhere (docs/method.md, Notation): a batch of B preference pairs is ONE tensor of 2B rows,
-chosen responses in rows ``0..B-1`` and the rejected response of the same pair in row ``B + i``. Per-token
+chosen responses in rows ``0..B-1`` and the rejected response of the same pair in row ``B + i``. The one exception is a
+batch of N *unpaired* examples (``PreferenceBatch.desirable`` set; only BCO trains on them): N rows, one per example,
+labelled desirable or undesirable, in any order. Per-token
 tensors are already *shifted*: column ``t`` holds the statistic of the label ``input_ids[:, t + 1]`` predicted
 from the prefix ending at position ``t`` (so they have ``T - 1`` columns). Values outside the response are 0.
 """
@@ -33,6 +35,9 @@ class PreferenceBatch:
             the batch has spans; keyword-only.
         token_weighted: ``(2B, T)`` bool, True on the tokens some span covers (not shifted), or ``None`` like
             ``token_weights``; keyword-only.
+        desirable: ``None`` for pairs (the 2B layout). For unpaired examples (``data.UnpairedDataModule``): an
+            ``(N,)`` bool tensor, True where row ``i`` is a desirable example and False where it is an undesirable
+            one; the rows are then N single examples, not pairs, and ``num_pairs`` raises. Keyword-only.
     """
 
     input_ids: Tensor
@@ -40,9 +45,13 @@ class PreferenceBatch:
     labels: Tensor
     token_weights: Tensor | None = field(default=None, kw_only=True)
     token_weighted: Tensor | None = field(default=None, kw_only=True)
+    desirable: Tensor | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:
+        if self.desirable is not None:
+            raise ValueError("PreferenceBatch.num_pairs: this batch holds unpaired examples (desirable is set), not "
+                             "pairs; it has input_ids.shape[0] examples.")
         return self.input_ids.shape[0] // 2
 
     def shifted_labels(self) -> tuple[Tensor, Tensor]:
@@ -165,7 +174,8 @@ class TokenMasks:
 
 @dataclass
 class LossOutput:
-    """What every objective returns: per-pair tensors of shape ``(B,)``; the caller reduces.
+    """What every objective returns: per-pair tensors of shape ``(B,)``; the caller reduces. (BCO on a batch of N
+    unpaired examples returns per-example tensors ``(N,)`` instead; ``losses.bco_loss`` says what they hold.)
 
     Attributes:
         loss: per-pair loss including any penalty.
@@ -193,10 +203,11 @@ class StepRecord:
 
     Attributes:
         stage: ``train``, ``val`` or ``test``.
-        batch: the input batch (``(2B, T)``, chosen rows first).
+        batch: the input batch (``(2B, T)``, chosen rows first; ``(N, T)`` when ``batch.desirable`` is set: unpaired
+            examples, which pair-shaped statistics must skip).
         stats: per-token statistics ``(2B, T-1)`` (labels shifted: position t scores token t+1).
         masks: the masks the loss used (ones where a mask is switched off); ``None`` for objectives without masks.
-        out: the objective's per-pair outputs ``(B,)``.
+        out: the objective's per-pair outputs ``(B,)`` (per example, ``(N,)``, for unpaired examples).
         metrics: the scalar metrics logged for this batch.
     """
 

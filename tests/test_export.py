@@ -219,3 +219,18 @@ def test_cli_help_and_export_in_bfloat16(cli_fit, monkeypatch, capsys, tmp_path)
     for name, value in module.policy.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value.to(torch.bfloat16)), name
     assert load_file(tmp_path / "bf16" / "masks.safetensors")["reward_net.layer_weight"].dtype == torch.float32
+
+
+def test_export_of_a_plugin_run_with_extra_state_writes_the_policy(tiny_model_dir, pairs_file, tmp_path):
+    """A token-weighting plug-in whose only masker state is a draw counter (SamPO): the policy exports, and the
+    counter (training progress, not weights) is not written as mask weights."""
+    fitted = cli.run(["fit", "--config", str(REPO / "configs/debug/tiny.yaml"), "--config",
+                      str(REPO / "configs/methods/sampo.yaml"), "--model.model", tiny_model_dir,
+                      "--data.train_file", pairs_file, "--data.val_file", pairs_file,
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
+                      "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+    checkpoint = Path(fitted.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["state_dict"]["masker._extra_state"]["calls"] >= 2
+    out = export_checkpoint(checkpoint, tmp_path / "export")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(out)), _logits(fitted.model.policy))
+    assert not (out / "masks.safetensors").exists()

@@ -13,6 +13,7 @@ from sparsepo_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
+MASKLESS = ("bco", "dpo")  # objectives without token masks (tests/test_bco_fit.py trains bco.yaml)
 FROZEN = {"tisdpo": ("positive", "negative"), "cdpo": ("positive", "negative"),
           "sepo": ("oracle", "oracle_reference"), "tgdpo": ("reward",)}
 
@@ -40,7 +41,7 @@ def _fit(method: str, model_dir: str, other_dir: str, pairs: str, tmp_path: Path
                  "--trainer.enable_progress_bar", "false", *extra])
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("spans", "dpo")])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("spans", *MASKLESS)])
 def test_method_config_trains_the_tiny_recipe(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path,
                                               monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -87,7 +88,8 @@ def test_a_missing_or_unused_frozen_model_is_a_config_error(tiny_model_dir, othe
     from sparsepo_lightning.objectives import DPO, WeightedDPO
 
     with pytest.raises(ConfigError, match=r"negative.*Fix: model.frozen_models"):
-        PreferenceModule(tiny_model_dir, WeightedDPO(), ContrastiveImportance(), frozen_models={"positive": tiny_model_dir})
+        PreferenceModule(tiny_model_dir, WeightedDPO(), ContrastiveImportance(),
+                         frozen_models={"positive": tiny_model_dir})
     with pytest.raises(ConfigError, match="no part of the run reads"):
         PreferenceModule(tiny_model_dir, DPO(), frozen_models={"extra": other_model_dir})
 
@@ -99,3 +101,67 @@ def test_a_masker_reading_the_reference_refuses_a_reference_free_objective(tiny_
 
     with pytest.raises(ConfigError, match="reference-free"):
         PreferenceModule(tiny_model_dir, MaskedSimPO(), ExcessLossSelection())
+
+
+SPANS = ROOT / "data" / "samples" / "spans"
+
+
+def test_span_weights_from_the_shipped_span_data_train_and_match_the_columns(tmp_path, monkeypatch):
+    """configs/methods/spans.yaml on the shipped span sample (SmolLM2 tokenizer, tiny random Llama): the token
+    weights the loss uses are the spans' weights on covered tokens and 0 elsewhere."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(ROOT)
+    cli = main(["fit", "--config", "configs/debug/tiny.yaml", "--config", "configs/methods/spans.yaml",
+                "--data.train_file", str(SPANS / "train.jsonl"), "--data.val_file", str(SPANS / "val.jsonl"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",
+                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2
+    record = cli.model.last_step
+    weights, covered = record.batch.shifted_token_weights()
+    assert weights is not None and covered.any()
+    expected = torch.where(covered, weights, torch.zeros_like(weights)) * record.stats.response_mask
+    assert torch.equal(record.masks.reward, expected)
+    assert 0 < float(cli.trainer.callback_metrics["train/masks/mean_reward"]) < 1
+
+
+def test_span_weights_without_span_columns_is_a_clear_error(tiny_model_dir, other_model_dir, pairs_file, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="chosen_spans/rejected_spans"):
+        _fit("spans", tiny_model_dir, other_model_dir, pairs_file, tmp_path)
+
+
+def test_the_span_sample_is_what_its_script_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_spans", SPANS / "make_spans.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import json
+
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    for line in (SPANS / "val.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert row["chosen_spans"] == module.spans(row["chosen"], lexicon)
+        assert row["rejected_spans"] == module.spans(row["rejected"], lexicon)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MASKLESS])
+def test_method_config_composes_with_the_sentiment_quickstart_on_smollm2(method, tmp_path, monkeypatch):
+    """Each method file on top of the small sentiment recipe (SmolLM2-135M policy and reference), one optimizer
+    step; the extra frozen models are the tiny random Llama with the same tokenizer (to keep the test short)."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(ROOT)
+    data = ["--data.train_file", str(SPANS / "train.jsonl"), "--data.val_file", str(SPANS / "val.jsonl")]
+    frozen = ["--model.frozen_models", "{" + ", ".join(f"{n}: tiny-random-llama" for n in FROZEN[method]) + "}"]
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", f"configs/methods/{method}.yaml",
+                *(data if method == "spans" else []), *(frozen if method in FROZEN else []),
+                "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert "train/masks/mean_reward" in cli.trainer.callback_metrics

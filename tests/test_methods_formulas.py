@@ -55,8 +55,8 @@ def test_tisdpo_paper_weights_and_loss_by_hand():
     assert masks.reward[1, 3] == 0
     stats = TokenStats(policy_logps=rho, reference_logps=torch.zeros_like(rho), response_mask=mask)
     out = weighted_dpo_loss(stats, masks, beta=0.1)
-    u = 0.1 * (sum(w * r for w, r in zip(expected_w, [0.2, -0.1, 0.4, 0.0]))
-               - sum(w * r for w, r in zip(expected_l, [-0.3, 0.1, -0.5])))
+    u = 0.1 * (sum(w * r for w, r in zip(expected_w, [0.2, -0.1, 0.4, 0.0], strict=True))
+               - sum(w * r for w, r in zip(expected_l, [-0.3, 0.1, -0.5], strict=True)))
     assert u == pytest.approx(0.3320, abs=1e-4)
     assert out.loss.item() == pytest.approx(0.5408, abs=1e-4)
 
@@ -145,7 +145,8 @@ def test_sepo_selection_and_loss_by_hand():
     chosen_s = [0.8, -0.2, 0.5, 0.1, -0.9, 0.3, 0.0, -0.4, 0.6, 0.2]
     rejected_s = [0.1, -0.7, 0.3, -0.2, 0.0, -0.5, 0.4, 0.2, 0.1, -0.1]
     score, mask = _pair(chosen_s, rejected_s)
-    context = TokenContext(mask, frozen={"oracle": _frozen(score), "oracle_reference": _frozen(torch.zeros_like(score))})
+    frozen = {"oracle": _frozen(score), "oracle_reference": _frozen(torch.zeros_like(score))}
+    context = TokenContext(mask, frozen=frozen)
     masks = OracleSelection(keep_ratio=0.3)(None, mask, context)
     assert masks.reward[0].nonzero().flatten().tolist() == [0, 2, 8]  # top 3 of the chosen
     assert masks.reward[1].nonzero().flatten().tolist() == [1, 3, 5]  # bottom 3 of the rejected
@@ -185,7 +186,8 @@ def test_tgdpo_per_token_beta_by_hand():
     assert_close(0.1 * masks.reward[0], torch.tensor(beta_w))
     assert_close(0.1 * masks.reward[1, :3], torch.tensor(beta_l))
     out = WeightedDPO(beta=0.1)(stats, masks)
-    arg = sum(b * r for b, r in zip(beta_w, [0.2, -0.1, 0.4, 0.0])) - sum(b * r for b, r in zip(beta_l, [-0.3, 0.1, -0.5]))
+    arg = (sum(b * r for b, r in zip(beta_w, [0.2, -0.1, 0.4, 0.0], strict=True))
+           - sum(b * r for b, r in zip(beta_l, [-0.3, 0.1, -0.5], strict=True)))
     assert arg == pytest.approx(0.12095, abs=1e-5)
     assert out.loss.item() == pytest.approx(0.6345, abs=1e-4)
 

@@ -11,7 +11,8 @@ definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for 
   ``masks/mean_*``), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
   histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
 - ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
-  ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``).
+  ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``); for unpaired examples (BCO)
+  ``metrics.unpaired_stats`` instead.
 
 The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
 (``metrics.PROGRESS_BAR_METRICS``); these callbacks do not change it.
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from sparsepo_lightning.masks.learned import MaskNetwork
-from sparsepo_lightning.metrics import Stats, loss_stats, mask_stats, token_metrics
+from sparsepo_lightning.metrics import Stats, loss_stats, mask_stats, token_metrics, unpaired_stats
 from sparsepo_lightning.types import StepRecord
 
 TRAIN_PREFIX = "train_step/"
@@ -306,4 +307,6 @@ class RewardStatistics(_StepStatistics):
         super().__init__(log_every_n_steps, histogram_every_n_steps=0)
 
     def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
+        if record.batch.desirable is not None:  # BCO on unpaired examples: no chosen/rejected halves
+            return unpaired_stats(record.stats, record.out, record.batch.desirable)
         return loss_stats(record.out).merge(token_metrics(record.stats, record.masks))

@@ -76,7 +76,7 @@ class RunSummary(Callback):
         record = getattr(pl_module, "last_step", None)
         if not trainer.sanity_checking or record is None or not self._sanity:
             return
-        pairs = record.batch.num_pairs
+        pairs = record.out.loss.shape[0]  # pairs (or unpaired examples) the batch's metrics average over
         self._sanity["pairs"] += pairs
         for key, metric in VALIDATION_KEYS.items():
             name = metric.removeprefix("val/")

@@ -1,10 +1,12 @@
-"""Preference data: read + validate rows, tokenise pairs, pad them into (2B, T) batches."""
+"""Preference data: read + validate rows, tokenise pairs, pad them into (2B, T) batches (or unpaired examples into
+(N, T) batches with labels, for BCO)."""
 
-from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.collate import collate_examples, collate_pairs
 from sparsepo_lightning.data.module import PreferenceDataModule
-from sparsepo_lightning.data.rows import DataReport, PreferencePair, RawRow, Rejection
-from sparsepo_lightning.data.tokenize import tokenize_pair
-from sparsepo_lightning.data.validate import load_pairs
+from sparsepo_lightning.data.rows import DataReport, PreferencePair, RawRow, Rejection, UnpairedExample
+from sparsepo_lightning.data.tokenize import tokenize_example, tokenize_pair
+from sparsepo_lightning.data.unpaired import UnpairedDataModule
+from sparsepo_lightning.data.validate import load_examples, load_pairs
 
 __all__ = [
     "DataReport",
@@ -12,7 +14,12 @@ __all__ = [
     "PreferencePair",
     "RawRow",
     "Rejection",
+    "UnpairedDataModule",
+    "UnpairedExample",
+    "collate_examples",
     "collate_pairs",
+    "load_examples",
     "load_pairs",
+    "tokenize_example",
     "tokenize_pair",
 ]

@@ -1,4 +1,5 @@
-"""Pad tokenised pairs into one :class:`PreferenceBatch` of 2B rows (chosen rows first, then rejected)."""
+"""Pad tokenised pairs into one :class:`PreferenceBatch` of 2B rows (chosen rows first, then rejected), or N tokenised
+unpaired examples into one of N rows with their labels (``collate_examples``)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,7 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         raise ValueError("collate_pairs: got an empty list of features; a batch needs at least one pair.")
     ids = [_row(f, f"{side}_input_ids") for side in _SIDES for f in features]
     labels = [_row(f, f"{side}_labels") for side in _SIDES for f in features]
-    lengths = torch.tensor([len(row) for row in ids])  # (2B,)
-    if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
-        raise ValueError("collate_pairs: input_ids and labels of a row differ in length; use tokenize_pair's output.")
-    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)  # (2B, T)
-    label_ids = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)  # (2B, T)
-    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()  # (2B, T)
+    input_ids, attention_mask, label_ids = _pad(ids, labels, pad_token_id, "collate_pairs")  # (2B, T) each
     token_weights = token_weighted = None
     if any(f"{side}_span_weights" in f for side in _SIDES for f in features):
         weights, covered = _span_rows(features, [len(row) for row in ids])
@@ -57,6 +53,38 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         token_weighted = pad_sequence(covered, batch_first=True, padding_value=False)  # (2B, T) bool
     return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
                            token_weights=token_weights, token_weighted=token_weighted)
+
+
+def collate_examples(features: Sequence[Mapping[str, Sequence[int] | bool]], pad_token_id: int) -> PreferenceBatch:
+    """Right-pad N tokenised unpaired examples (``tokenize_example``'s output) into N rows, in their order.
+
+    Returns:
+        ``PreferenceBatch`` with ``(N, T)`` ``input_ids``, ``attention_mask`` and ``labels`` (as ``collate_pairs``)
+        and ``desirable``, an ``(N,)`` bool tensor of the examples' labels.
+
+    Raises:
+        ValueError: empty ``features``, or ids and labels of different lengths.
+    """
+    if not features:
+        raise ValueError("collate_examples: got an empty list of features; a batch needs at least one example.")
+    ids = [_row(f, "input_ids") for f in features]
+    labels = [_row(f, "labels") for f in features]
+    input_ids, attention_mask, label_ids = _pad(ids, labels, pad_token_id, "collate_examples")
+    desirable = torch.tensor([bool(f["desirable"]) for f in features], dtype=torch.bool)
+    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids, desirable=desirable)
+
+
+def _pad(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int,
+         caller: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)``, each ``(rows, T)`` int64, right-padded to the longest row."""
+    if any(len(a) != len(b) for a, b in zip(ids, labels, strict=True)):
+        raise ValueError(f"{caller}: input_ids and labels of a row differ in length; use the tokenizer functions' "
+                         "output (tokenize_pair, tokenize_example).")
+    lengths = torch.tensor([len(row) for row in ids])
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_token_id)
+    label_ids = pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    return input_ids, attention_mask, label_ids
 
 
 def _row(feature: Mapping[str, Sequence[int]], key: str) -> torch.Tensor:

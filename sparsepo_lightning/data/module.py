@@ -24,15 +24,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow, RowIssue
 from sparsepo_lightning.data.sampler import PassShuffleSampler
+from sparsepo_lightning.data.splits import hold_out, log_report, tokenizer_pad_id
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, SpanError, tokenize_pair
 from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
@@ -82,6 +81,16 @@ class PreferenceDataModule(LightningDataModule):
         strict: raise on the first bad row instead of skipping and counting it.
         max_train_samples: keep only the first N training pairs (after validation and hold-out).
     """
+
+    validate_fn = staticmethod(validate_rows)
+    """How rows become items: ``(rows, self.fields, *, source, strict) -> (items, report)``. With ``tokenize_fn``
+    and ``collate_fn``, what a subclass for another kind of row replaces (``data.UnpairedDataModule``)."""
+    tokenize_fn = staticmethod(tokenize_pair)
+    """``(item, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos=...) -> features``."""
+    collate_fn = staticmethod(collate_pairs)
+    """``(features, pad_token_id) -> PreferenceBatch``."""
+    item_name = "preference pair"
+    """What one valid row is, in error messages."""
 
     def __init__(
         self,
@@ -174,7 +183,7 @@ class PreferenceDataModule(LightningDataModule):
                 raise MissingFileError(f"{option}: data file {str(path)!r} does not exist (working directory "
                                        f"{os.getcwd()}). Fix: correct {option} in the config or pass --{option}.")
             if not (pairs := self._read(path, None, split)):
-                raise DataError(f"{option}: no valid preference pair in {path}.\n{self.report[split].summary()}\n"
+                raise DataError(f"{option}: no valid {self.item_name} in {path}.\n{self.report[split].summary()}\n"
                                 "Fix: repair the rows listed above, or point the option at another file.")
             self._checked[(split, str(path))] = pairs
 
@@ -258,7 +267,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.chat_template is not None:
             self.tokenizer.chat_template = self.chat_template
         if self.pad_token_id is None:
-            self.pad_token_id = _pad_token_id(self.tokenizer)
+            self.pad_token_id = tokenizer_pad_id(self.tokenizer)
 
     def _setup_train_val(self, stage: str | None) -> None:
         has_train = bool(self.train_file or self.hub_dataset)
@@ -283,7 +292,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.hub_dataset and self.val_split:
             return train, self._read(None, self.val_split, "val")
         if self.val_fraction > 0 and train is not None:
-            train, val = _hold_out(train, self.val_fraction, self.seed)
+            train, val = hold_out(train, self.val_fraction, self.seed)
             source = f"{self.report['train'].source} (val_fraction={self.val_fraction} hold-out)"
             self.report["val"] = DataReport(source=source, rows_read=len(val))
             return train, val
@@ -301,7 +310,7 @@ class PreferenceDataModule(LightningDataModule):
         else:
             raise ConfigError(f"data: no source for the {split} split. Set {split}_file or hub_dataset.")
         rows = self.convert_rows(rows, split)
-        pairs, self.report[split] = validate_rows(rows, self.fields, source=name, strict=self.strict)
+        pairs, self.report[split] = self.validate_fn(rows, self.fields, source=name, strict=self.strict)
         return pairs
 
     def convert_rows(self, rows: Iterable[RawRow], split: str) -> Iterable[RawRow]:
@@ -325,7 +334,7 @@ class PreferenceDataModule(LightningDataModule):
         features, sources = [], []
         for pair in pairs:
             try:
-                feature = tokenize_pair(
+                feature = self.tokenize_fn(
                     pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template,
                     add_bos=self.add_bos,
                 )
@@ -339,10 +348,10 @@ class PreferenceDataModule(LightningDataModule):
             features.append(feature)
             sources.append(pair.source)
         if not features:
-            raise DataError(f"data: no valid preference pair left for the {split} split.\n{report.summary()}")
+            raise DataError(f"data: no valid {self.item_name} left for the {split} split.\n{report.summary()}")
         self.datasets[split] = features
         self.sources[split] = sources
-        _log_report(split, report)
+        log_report(split, report)
 
     def _split(self, split: str) -> list[Features]:
         if split not in self.datasets:
@@ -355,40 +364,7 @@ class PreferenceDataModule(LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=functools.partial(collate_pairs, pad_token_id=self.pad_token_id),
+            collate_fn=functools.partial(self.collate_fn, pad_token_id=self.pad_token_id),
             persistent_workers=self.num_workers > 0,
         )
 
-
-def _pad_token_id(tokenizer: Any) -> int:
-    """The pad id, falling back to EOS (with one warning) like TRL."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has neither a pad nor an eos token. Fix: set tokenizer.pad_token.")
-    rank_zero_warn("The tokenizer has no pad token; padding with the EOS id (masked out by attention_mask).")
-    return tokenizer.eos_token_id
-
-
-def _hold_out(
-    pairs: list[PreferencePair], fraction: float, seed: int
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Seeded split into ``(train, val)`` with ``max(1, round(fraction * n))`` validation pairs."""
-    n_val = max(1, round(fraction * len(pairs)))
-    if n_val >= len(pairs):
-        raise ConfigError(
-            f"data.val_fraction={fraction} leaves no training pair out of {len(pairs)}. Fix: lower val_fraction "
-            "or provide val_file."
-        )
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx = set(order[:n_val])
-    train = [p for i, p in enumerate(pairs) if i not in val_idx]
-    val = [p for i, p in enumerate(pairs) if i in val_idx]
-    return train, val
-
-
-def _log_report(split: str, report: DataReport) -> None:
-    if report.rows_rejected:
-        rank_zero_warn(f"data ({split}): skipped {report.rows_rejected} bad rows.\n{report.summary()}")
-    else:
-        rank_zero_info(f"data ({split}): {report.summary()}")

@@ -39,6 +39,23 @@ class PreferencePair:
     rejected_spans: Spans | None = None
 
 
+@dataclass
+class UnpairedExample:
+    """One validated unpaired example (TRL's unpaired preference format; BCO trains on them).
+
+    Attributes:
+        prompt: the prompt as text or chat messages (may be empty), as in :class:`PreferencePair`.
+        completion: the response as text or chat messages.
+        desirable: the row's ``label``: True for a desirable (good) completion, False for an undesirable one.
+        source: where the row came from, e.g. ``data/x.jsonl:12``.
+    """
+
+    prompt: Text
+    completion: Text
+    desirable: bool
+    source: str = ""
+
+
 @dataclass(frozen=True)
 class RowIssue:
     """First example of one rejection reason.
@@ -67,6 +84,7 @@ class DataReport:
         first: the first rejected row of each reason.
         prompts_truncated: kept pairs whose prompt was cut from the left (tokenisation step).
         responses_truncated: kept pairs whose response(s) were cut at ``max_length``.
+        items: what a kept row is, in the summary: ``pairs``, or ``examples`` for unpaired rows.
     """
 
     source: str
@@ -75,6 +93,7 @@ class DataReport:
     first: dict[str, RowIssue] = field(default_factory=dict)
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    items: str = "pairs"
 
     @property
     def rows_rejected(self) -> int:
@@ -99,7 +118,7 @@ class DataReport:
         if self.prompts_truncated or self.responses_truncated:
             lines.append(
                 f"  truncated (kept): {self.prompts_truncated} prompts from the left, "
-                f"{self.responses_truncated} pairs with responses cut at max_length"
+                f"{self.responses_truncated} {self.items} with responses cut at max_length"
             )
         return "\n".join(lines)
 
@@ -144,3 +163,12 @@ class FieldNames:
     rejected: str = "rejected"
     chosen_spans: str = "chosen_spans"
     rejected_spans: str = "rejected_spans"
+
+
+@dataclass(frozen=True)
+class UnpairedFieldNames:
+    """Names of the prompt / completion / label columns of unpaired rows."""
+
+    prompt: str = "prompt"
+    completion: str = "completion"
+    label: str = "label"

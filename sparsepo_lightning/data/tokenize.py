@@ -17,7 +17,7 @@ import os
 from bisect import bisect_left, bisect_right
 from typing import Any
 
-from sparsepo_lightning.data.rows import Messages, PreferencePair, Spans, Text
+from sparsepo_lightning.data.rows import Messages, PreferencePair, Spans, Text, UnpairedExample
 from sparsepo_lightning.errors import ConfigError, DataError
 from sparsepo_lightning.types import IGNORE_INDEX
 
@@ -86,29 +86,71 @@ def tokenize_pair(
         EmptyResponseError: a response would have no labelled token.
         SpanError: spans that cannot be placed on the rendered text (or were not validated, see ``load_pairs``).
     """
+    return _tokenize(pair, _SIDES, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos)
+
+
+def tokenize_example(
+    example: UnpairedExample,
+    tokenizer: Any,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    use_chat_template: bool = False,
+    add_bos: bool | None = None,
+) -> dict[str, list[int] | int | bool]:
+    """Token ids and labels of one unpaired example (prompt + completion), tokenised exactly as one response of
+    :func:`tokenize_pair` (same rendering, BOS/EOS and boundary rules); the "keep_end" truncation looks at this
+    completion alone. Arguments as for ``tokenize_pair``.
+
+    Returns:
+        ``input_ids``, ``labels`` (``IGNORE_INDEX`` on prompt tokens), ``desirable`` (the example's label) and the
+        counters ``prompt_truncated`` and ``response_truncated`` (0 or 1).
+
+    Raises:
+        EmptyResponseError: the completion would have no labelled token.
+    """
+    pair = PreferencePair(example.prompt, example.completion, example.completion, source=example.source)
+    try:
+        features = _tokenize(pair, ("chosen",), tokenizer, max_length, max_prompt_length, use_chat_template, add_bos)
+    except EmptyResponseError as e:  # the example's completion is tokenised as the "chosen" side of a pair
+        raise EmptyResponseError(str(e).replace("the chosen response", "the completion", 1)) from None
+    return {"input_ids": features["chosen_input_ids"], "labels": features["chosen_labels"],
+            "desirable": example.desirable, "prompt_truncated": features["prompt_truncated"],
+            "response_truncated": features["response_truncated"]}
+
+
+def _tokenize(
+    pair: PreferencePair,
+    sides: tuple[str, ...],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+    use_chat_template: bool,
+    add_bos: bool | None,
+) -> dict[str, list[int] | list[float] | int]:
+    """``tokenize_pair`` for the responses ``sides`` of ``pair`` (``("chosen",)``: one unpaired example)."""
     _check_lengths(max_length, max_prompt_length)
     prompt_text, full_texts = _render(pair, tokenizer, use_chat_template)
     bos_to_add = _bos_to_add(tokenizer, add_bos)
     prompt_ids = _encode(tokenizer, prompt_text, bos_to_add)
     spans = _full_text_spans(pair, prompt_text, full_texts, _is_chat(pair, use_chat_template))
-    sides, weights = {}, {}
-    for side in _SIDES:
+    tokens, weights = {}, {}
+    for side in sides:
         if side in spans:
             full_ids, offsets = _encode_with_offsets(tokenizer, full_texts[side], bos_to_add, pair.source)
         else:
             full_ids = _encode(tokenizer, full_texts[side], bos_to_add)
         boundary = _common_prefix_length(prompt_ids, full_ids)
         response = _with_eos(full_ids[boundary:], tokenizer.eos_token_id)
-        sides[side] = (full_ids[:boundary], response)
+        tokens[side] = (full_ids[:boundary], response)
         if side in spans:  # aligned with the response; an appended EOS gets 0, 0
             values, covered = _token_weights(offsets[boundary:], spans[side])
             extra = len(response) - len(values)
             weights[side] = (values + [0.0] * extra, covered + [0] * extra)
-    sides, prompt_cut, response_cut = _truncate(
-        sides, max_length, max_prompt_length, None if add_bos is False else tokenizer.bos_token_id
+    tokens, prompt_cut, response_cut = _truncate(
+        tokens, max_length, max_prompt_length, None if add_bos is False else tokenizer.bos_token_id
     )
     features: dict[str, list[int] | list[float] | int] = {}
-    for side, (prompt, response) in sides.items():
+    for side, (prompt, response) in tokens.items():
         if not response:
             raise EmptyResponseError(
                 f"{pair.source}: the {side} response has no token to train on (it tokenised to nothing and the "

@@ -14,14 +14,17 @@ Accepted row shapes (field names configurable):
 
 Any row may also carry ``chosen_spans`` / ``rejected_spans``: per-token weights of that response as character
 spans ``[[start, end, weight], ...]`` (see :func:`load_pairs`); a bad span list rejects the row as ``bad_spans``.
+
+Unpaired rows (TRL's unpaired preference format, for BCO) are validated by :func:`validate_examples` with the same
+reasons and messages: ``{"prompt": str | [messages], "completion": str | [messages], "label": true | false}``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sparsepo_lightning.data.readers import iter_file, iter_hub
 from sparsepo_lightning.data.rows import (
@@ -33,8 +36,12 @@ from sparsepo_lightning.data.rows import (
     RowIssue,
     Spans,
     Text,
+    UnpairedExample,
+    UnpairedFieldNames,
 )
 from sparsepo_lightning.errors import DataError
+
+_Item = TypeVar("_Item", PreferencePair, UnpairedExample)
 
 
 class _RowError(Exception):
@@ -105,23 +112,60 @@ def validate_rows(
     Returns:
         ``(pairs, report)`` in input order; may be empty (the caller decides whether that is an error).
     """
-    report = DataReport(source=source)
-    pairs = []
+    return _validate(rows, lambda row: _row_to_pair(row, fields), DataReport(source=source), strict)
+
+
+def validate_examples(
+    rows: Iterable[RawRow], fields: UnpairedFieldNames, *, source: str, strict: bool = False
+) -> tuple[list[UnpairedExample], DataReport]:
+    """Turn raw unpaired rows into examples, counting (or, in strict mode, raising on) every bad row.
+
+    A row needs a prompt (text or chat messages, may be empty), a non-empty completion (text or messages) and a
+    label that is a JSON boolean: ``true`` (desirable) or ``false`` (undesirable); ``1``/``0`` or ``"true"`` are
+    ``wrong_type``, so a column of scores or strings cannot pass as labels.
+
+    Returns:
+        ``(examples, report)`` in input order; may be empty (the caller decides whether that is an error).
+    """
+    return _validate(rows, lambda row: _row_to_example(row, fields), DataReport(source, items="examples"), strict)
+
+
+def load_examples(
+    path: str | Path,
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    label_field: str = "label",
+    strict: bool = False,
+) -> tuple[list[UnpairedExample], DataReport]:
+    """Read and validate unpaired examples from one ``.jsonl``, ``.json`` or ``.parquet`` file, like
+    :func:`load_pairs` (``validate_examples`` says what a valid row is). Raises ``DataError`` when none is valid."""
+    fields = UnpairedFieldNames(prompt_field, completion_field, label_field)
+    examples, report = validate_examples(iter_file(path), fields, source=str(path), strict=strict)
+    if not examples:
+        raise DataError(f"no valid unpaired example in {path}.\n{report.summary()}")
+    return examples, report
+
+
+def _validate(
+    rows: Iterable[RawRow], convert: Callable[[RawRow], _Item], report: DataReport, strict: bool
+) -> tuple[list[_Item], DataReport]:
+    items = []
     for row in rows:
         report.rows_read += 1
         try:
-            pairs.append(_row_to_pair(row, fields))
+            items.append(convert(row))
         except _RowError as e:
             if strict:
                 raise DataError(
                     f"{e} (strict=True stops at the first bad row; strict=False counts and skips them)"
                 ) from None
             report.reject(RowIssue(e.reason, row.location, e.field_name, str(e)))
-    return pairs, report
+    return items, report
 
 
-def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
-    """Validate one row; raises ``_RowError`` naming the location, field, problem and fix."""
+def _row_object(row: RawRow, layout: str) -> dict[str, Any]:
+    """The row's JSON object; raises ``_RowError`` for unreadable, refused or non-object rows."""
     where, value = row.location, row.value
     if row.decode_error is not None:
         raise _RowError("bad_json", where, None, f"invalid JSON ({row.decode_error})", "make each row one JSON object")
@@ -129,9 +173,38 @@ def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
         r = row.rejection
         raise _RowError(r.reason, where, r.field, r.problem, r.fix)
     if not isinstance(value, dict):
-        layout = f'{{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}'
         problem = f"a row must be a JSON object, got {type(value).__name__}"
         raise _RowError("wrong_type", where, None, problem, f"write each row as {layout}")
+    return value
+
+
+def _row_to_example(row: RawRow, fields: UnpairedFieldNames) -> UnpairedExample:
+    """Validate one unpaired row; raises ``_RowError`` naming the location, field, problem and fix."""
+    where = row.location
+    value = _row_object(row, f'{{"{fields.prompt}": ..., "{fields.completion}": ..., "{fields.label}": true|false}}')
+    completion = _response_field(value, fields.completion, "completion_field", where)
+    if value.get(fields.prompt) is None:
+        fix = f"add '{fields.prompt}' to every row (\"\" for none), or set prompt_field to the column of the prompt"
+        raise _RowError("missing_field", where, fields.prompt, f"missing (row has keys {sorted(value)})", fix)
+    prompt = _text_field(value, fields.prompt, where)
+    if fields.label not in value or value[fields.label] is None:
+        fix = f"add '{fields.label}': true (desirable) or false (undesirable), or set label_field to that column"
+        raise _RowError("missing_field", where, fields.label, f"missing (row has keys {sorted(value)})", fix)
+    label = value[fields.label]
+    if not isinstance(label, bool):
+        problem = f"expected a boolean (true: desirable, false: undesirable), got {_describe(label)}"
+        fix = "write the label as JSON true or false (numbers and strings are refused, not guessed)"
+        raise _RowError("wrong_type", where, fields.label, problem, fix)
+    if _is_empty(completion):
+        problem = "the response is empty (or only whitespace)"
+        raise _RowError("empty_response", where, fields.completion, problem, "fill in the response or remove the row")
+    return UnpairedExample(prompt=prompt, completion=completion, desirable=label, source=where)
+
+
+def _row_to_pair(row: RawRow, fields: FieldNames) -> PreferencePair:
+    """Validate one row; raises ``_RowError`` naming the location, field, problem and fix."""
+    where = row.location
+    value = _row_object(row, f'{{"{fields.prompt}": ..., "{fields.chosen}": ..., "{fields.rejected}": ...}}')
     chosen = _response_field(value, fields.chosen, "chosen_field", where)
     rejected = _response_field(value, fields.rejected, "rejected_field", where)
     if value.get(fields.prompt) is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.methods.topk import rejected_rows
 from sparsepo_lightning.types import TokenMasks, scatter_response
@@ -39,7 +40,7 @@ class CriticalTokenWeights(TokenMasker):
                  only_rejected: bool = True, chunk_size: int = 1024) -> None:
         super().__init__()
         if beta_ce < 0:
-            raise ValueError(f"CriticalTokenWeights: beta_ce must be >= 0, got {beta_ce}.")
+            raise ConfigError(f"CriticalTokenWeights: beta_ce must be >= 0, got {beta_ce}.")
         self.positive, self.negative = positive, negative
         self.beta_ce, self.only_rejected, self.chunk_size = beta_ce, only_rejected, chunk_size
 
@@ -69,7 +70,8 @@ def contrastive_probability(positive: FrozenModelOutputs, negative: FrozenModelO
     with torch.no_grad():
         for start in range(0, label_sel.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            z = (1 + beta_ce) * positive.head(hidden_p[chunk]).float() - beta_ce * negative.head(hidden_n[chunk]).float()
+            z_p, z_n = positive.head(hidden_p[chunk]).float(), negative.head(hidden_n[chunk]).float()
+            z = (1 + beta_ce) * z_p - beta_ce * z_n
             parts.append(torch.log_softmax(z, -1).gather(-1, label_sel[chunk, None]).squeeze(-1).exp())
     values = torch.cat(parts) if parts else hidden_p.new_zeros(0, dtype=torch.float32)
     return scatter_response(values, response_mask)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.types import TokenMasks
 
@@ -33,7 +34,7 @@ class SpanWeights(TokenMasker):
     def __init__(self, default: float = 0.0, missing: str = "error") -> None:
         super().__init__()
         if missing not in ("error", "default"):
-            raise ValueError(f"SpanWeights: missing must be 'error' or 'default', got {missing!r}.")
+            raise ConfigError(f"SpanWeights: missing must be 'error' or 'default', got {missing!r}.")
         self.default = float(default)
         self.missing = missing
 
@@ -43,11 +44,11 @@ class SpanWeights(TokenMasker):
             context.batch.shifted_token_weights()
         if weights is None:
             if self.missing == "error":
-                raise ValueError(
+                raise ConfigError(
                     "SpanWeights: this batch has no span weights: the data rows carry no chosen_spans/rejected_spans "
                     "column. Fix: add the columns to the data (README, data section), or set "
                     "model.masker.init_args.missing: default.")
-            return TokenMasks.ones_like(response_mask) if self.default == 1.0 else _constant(response_mask, self.default)
+            return _constant(response_mask, self.default)
         values = torch.where(covered, weights.float(), torch.full_like(weights, self.default, dtype=torch.float32))
         masked = values * response_mask
         return TokenMasks(reward=masked, kl=masked)

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.methods.topk import rank_within, rejected_rows
 from sparsepo_lightning.types import TokenMasks
@@ -45,9 +46,9 @@ class ContrastiveImportance(TokenMasker):
                  scale: float = 1.0) -> None:
         super().__init__()
         if weights not in ("paper", "rank"):
-            raise ValueError(f"ContrastiveImportance: weights must be 'paper' or 'rank', got {weights!r}.")
+            raise ConfigError(f"ContrastiveImportance: weights must be 'paper' or 'rank', got {weights!r}.")
         if not low < high:
-            raise ValueError(f"ContrastiveImportance: need low < high, got low={low}, high={high}.")
+            raise ConfigError(f"ContrastiveImportance: need low < high, got low={low}, high={high}.")
         self.positive, self.negative, self.weights = positive, negative, weights
         self.low, self.high, self.scale = low, high, scale
 

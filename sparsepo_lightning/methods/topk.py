@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
+
 Scope = Literal["batch", "response"]
 """Where the top fraction is taken: over all response tokens of the batch (Rho-1's token selection) or within each
 response separately."""
@@ -15,7 +17,7 @@ response separately."""
 def check_fraction(fraction: float, name: str, owner: str) -> None:
     """A kept fraction must lie in (0, 1]."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{owner}: {name} must be in (0, 1], got {fraction}. Fix: e.g. {name}: 0.6 keeps 60 % of "
+        raise ConfigError(f"{owner}: {name} must be in (0, 1], got {fraction}. Fix: e.g. {name}: 0.6 keeps 60 % of "
                          "the response tokens.")
 
 
