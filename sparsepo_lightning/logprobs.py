@@ -262,10 +262,34 @@ def _chunk_stats(
     return policy_label_lp, reference_label_lp, kl
 
 
+def chunk_starts(num_tokens: int, chunk_size: int, head: Head) -> range:
+    """Start offsets of the LM-head chunks of one step. With an FSDP2-sharded head every head call is a collective,
+    so all ranks must make the same number of calls: the count is the largest over the ranks (one small
+    all-reduce), and a rank with fewer tokens calls the head on empty chunks (``tensor[start:end]`` past the end)."""
+    count = -(-num_tokens // chunk_size)
+    if _is_sharded(head) and torch.distributed.is_initialized():
+        most = torch.tensor([count], device=_device_of(head))
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        count = int(most)  # a host sync, only under sharding (the boolean response selection has synced already)
+    return range(0, max(count, 1) * chunk_size, chunk_size)
+
+
+def _is_sharded(head: Head) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule)
+
+
+def _device_of(head: Head) -> torch.device:
+    weight = getattr(head, "weight", None)
+    device = getattr(weight, "device", torch.device("cpu"))
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _checkpointed_stats(policy_sel: Tensor, reference_sel: Tensor | None, label_sel: Tensor, policy_head: Head,
                         reference_head: Head | None, with_kl: bool, chunk_size: int) -> list[Tensor]:
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    for start in range(0, label_sel.shape[0], chunk_size):
+    for start in chunk_starts(label_sel.shape[0], chunk_size, policy_head):
         chunk = slice(start, start + chunk_size)
         ref_chunk = None if reference_sel is None else reference_sel[chunk]
         args = (policy_sel[chunk], ref_chunk, label_sel[chunk], policy_head, reference_head, with_kl)

@@ -9,6 +9,10 @@ Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` wit
   ``gradient_clip_val`` / with ``meta_init`` (weights loaded shard by shard after sharding) / with both;
 - ``fsdp2_resume`` / ``fsdp1_resume``: an uninterrupted 8-step AdamW run, then a 4-step run that saves a
   sharded checkpoint and a run resumed from it for the last 4 steps; writes the losses of the three runs per rank;
+- ``fsdp2_chunks``: FSDP2 with ``chunk_size=2``, so the ranks (different response lengths) call the sharded LM
+  head a different number of times per step;
+- ``fsdp2_frozen`` / ``single_frozen``: a token-weighting plug-in with two extra frozen models (TIS-DPO weights,
+  ``WeightedDPO``) under FSDP2 on 2 ranks / in one process; also records whether the frozen models are sharded;
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
   CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
   only; torch runs it on CPU with gloo when the device is given).
@@ -96,8 +100,19 @@ class StopAfterFirstEpoch(Callback):
 
 def make_module(model_dir: str, optimizer: Any = torch.optim.SGD, lr: float = 0.1, **options: Any) -> PreferenceModule:
     seed_everything(0)  # same mask-network init on every rank and in the single-process baseline
-    return PreferenceModule(model=model_dir, objective=SparsePO(l1_reward=0.01, l1_kl=0.01), masker=LearnedMasker(),
-                            optimizer=optimizer, lr=lr, warmup_ratio=0.0, schedule="constant", **options)
+    objective, masker = options.pop("objective", None), options.pop("masker", None)
+    return PreferenceModule(model=model_dir, objective=objective or SparsePO(l1_reward=0.01, l1_kl=0.01),
+                            masker=masker or LearnedMasker(), optimizer=optimizer, lr=lr, warmup_ratio=0.0,
+                            schedule="constant", **options)
+
+
+def frozen_options(model_dir: str) -> dict[str, Any]:
+    """TIS-DPO weights from two extra frozen models (both the tiny model here: what matters is the plumbing)."""
+    from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
+    from sparsepo_lightning.objectives import WeightedDPO
+
+    return {"objective": WeightedDPO(beta=0.5), "masker": ContrastiveImportance(),
+            "frozen_models": {"positive": model_dir, "negative": model_dir}}
 
 
 def make_data(model_dir: str, pairs: str, batch_size: int) -> InOrderData:
@@ -169,7 +184,10 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
     trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before],
                            gradient_clip_val=gradient_clip_val)
     trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices))
+    frozen = module.frozen_models
+    sharded = None if frozen is None else all(isinstance(p, DTensor) for p in frozen.parameters())
     return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
+            "frozen_sharded": sharded,
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank,
             "reference_training": module.reference.training if module.reference is not None else False}
@@ -208,6 +226,10 @@ def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
         result = one_step("fsdp2", 2, model_dir, pairs, out, lora=LORA)
     elif mode == "fsdp2_lora_meta":
         result = one_step("fsdp2", 2, model_dir, pairs, out, lora=LORA, meta_init=True)
+    elif mode == "fsdp2_chunks":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, chunk_size=2)
+    elif mode == "fsdp2_frozen":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, **frozen_options(model_dir))
     elif mode == "fsdp2_clip":
         result = one_step("fsdp2", 2, model_dir, pairs, out, gradient_clip_val=CLIP)
     else:

@@ -86,6 +86,29 @@ def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_fil
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp2_ranks_with_different_numbers_of_head_chunks(single, tiny_model_dir, pairs_file, tmp_path):
+    """``chunk_size=2``: the two ranks' batches have different response lengths, so they apply the sharded LM
+    head (an FSDP2 unit: every call is a collective) a different number of times; the step must neither hang nor
+    differ from the single-process run (chunking does not change the numbers)."""
+    ranks = launch("fsdp2_chunks", tmp_path, tiny_model_dir, pairs_file, timeout=180)
+    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp2_plugin_with_extra_frozen_models(tiny_model_dir, pairs_file, tmp_path):
+    """A token-weighting plug-in reading two extra frozen models (TIS-DPO) under FSDP2: the frozen models are
+    sharded like the reference, stay frozen, and the step equals the single-process run."""
+    from tests.distributed_run import frozen_options
+
+    baseline = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / "single", **frozen_options(tiny_model_dir))
+    ranks = launch("fsdp2_frozen", tmp_path / "fsdp2", tiny_model_dir, pairs_file)
+    assert all(r["frozen_sharded"] for r in ranks) and baseline["frozen_sharded"] is False
+    loss = sum(r["loss"][0] for r in ranks) / len(ranks)
+    assert loss == pytest.approx(baseline["loss"][0], rel=1e-5)
+    for r in ranks:
+        for name, value in r["after"]["policy"].items():
+            torch.testing.assert_close(value, baseline["after"]["policy"][name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_meta"])
 def test_fsdp2_tied_embeddings_match_single_process(mode, tiny_tokenizer, pairs_file, tmp_path):
     """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process;

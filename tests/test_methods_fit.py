@@ -157,7 +157,7 @@ def test_method_config_composes_with_the_sentiment_quickstart_on_smollm2(method,
     pytest.importorskip("gguf")
     monkeypatch.chdir(ROOT)
     data = ["--data.train_file", str(SPANS / "train.jsonl"), "--data.val_file", str(SPANS / "val.jsonl")]
-    frozen = ["--model.frozen_models", "{" + ", ".join(f"{n}: tiny-random-llama" for n in FROZEN[method]) + "}"]
+    frozen = ["--model.frozen_models", "{" + ", ".join(f"{n}: tiny-random-llama" for n in FROZEN.get(method, ())) + "}"]
     cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", f"configs/methods/{method}.yaml",
                 *(data if method == "spans" else []), *(frozen if method in FROZEN else []),
                 "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",

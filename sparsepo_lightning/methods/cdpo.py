@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sparsepo_lightning.errors import ConfigError
+from sparsepo_lightning.logprobs import chunk_starts
 from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.methods.topk import rejected_rows
 from sparsepo_lightning.types import TokenMasks, scatter_response
@@ -68,10 +69,10 @@ def contrastive_probability(positive: FrozenModelOutputs, negative: FrozenModelO
     label_sel = labels[response_mask]
     parts = []
     with torch.no_grad():
-        for start in range(0, label_sel.shape[0], chunk_size):
+        for start in chunk_starts(label_sel.shape[0], chunk_size, positive.head):  # equal counts under FSDP2
             chunk = slice(start, start + chunk_size)
             z_p, z_n = positive.head(hidden_p[chunk]).float(), negative.head(hidden_n[chunk]).float()
             z = (1 + beta_ce) * z_p - beta_ce * z_n
             parts.append(torch.log_softmax(z, -1).gather(-1, label_sel[chunk, None]).squeeze(-1).exp())
-    values = torch.cat(parts) if parts else hidden_p.new_zeros(0, dtype=torch.float32)
+    values = torch.cat(parts)
     return scatter_response(values, response_mask)
