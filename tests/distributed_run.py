@@ -1,6 +1,6 @@
 """Two-process CPU (gloo) training runs for ``tests/test_distributed.py``: Lightning re-launches this file per rank.
 
-Usage: ``python tests/distributed_run.py MODE OUT_DIR MODEL_DIR PAIRS_FILE`` with MODE one of
+Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` with MODES a comma-separated list of
 
 - ``ddp`` / ``fsdp2`` / ``fsdp2_bf16_ac``: one SGD step on 2 pairs per rank; every rank writes
   ``OUT_DIR/rank{r}.pt`` with its loss and the full (gathered) weights of policy, reference and masks
@@ -213,8 +213,16 @@ def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> d
     return runs
 
 
-def main(mode: str, out_dir: str, model_dir: str, pairs: str) -> None:
-    out = Path(out_dir)
+def main(modes: str, out_dir: str, model_dir: str, pairs: str) -> None:
+    """Run each of the comma-separated ``modes`` in turn in this pair of processes (one launch, one process-group
+    set-up for all of them); each writes ``OUT_DIR/MODE/rank{r}.pt``."""
+    for mode in modes.split(","):
+        out = Path(out_dir) / mode
+        out.mkdir(parents=True, exist_ok=True)
+        run_mode(mode, out, model_dir, pairs)
+
+
+def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
     if mode in ("fsdp2_resume", "fsdp1_resume"):
         result = resume(model_dir, pairs, out, strategy=mode.split("_")[0])
     elif mode == "fsdp2_bf16_ac":

@@ -59,19 +59,6 @@ def test_fit_from_cli_links_tokenizer_and_writes_tensorboard(tiny_model_dir, pai
     assert list((log_dir / "checkpoints").glob("*.ckpt")), "no checkpoint written"
 
 
-def test_quickstart_config_trains_real_smollm2_for_two_steps(tmp_path, monkeypatch):
-    """The README's quickstart, shortened: real SmolLM2-135M (offline), shipped pairs, TensorBoard logs."""
-    pytest.importorskip("gguf")
-    monkeypatch.chdir(ROOT)
-    cli = main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "2",
-                "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
-    assert cli.model.policy.config.num_hidden_layers == 30 and cli.model.policy.config.vocab_size == 49152
-    tags = set(EventAccumulator(cli.trainer.logger.log_dir).Reload().Tags()["scalars"])
-    assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen"} <= tags
-    assert cli.datamodule.report["train"].rows_kept >= 250
-
-
 def test_debug_config_runs_as_shipped(tmp_path, monkeypatch):
     """configs/debug/tiny.yaml unchanged (tiny-random-llama alias with the SmolLM2 tokenizer, shipped pairs)."""
     pytest.importorskip("gguf")

@@ -41,13 +41,29 @@ def rank_env() -> dict[str, str]:
     return env
 
 
+def launch_many(modes: list[str], out: Path, model_dir: str, pairs: str, timeout: int = 400) -> dict[str, list[dict]]:
+    """Run ``distributed_run.py`` on 2 ranks for several modes in one launch (one process start and process-group
+    set-up for all); returns what each rank saved per mode, in rank order."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(modes), str(out), model_dir, pairs], cwd=REPO,
+                          env=rank_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{modes} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in modes}
+
+
 def launch(mode: str, out: Path, model_dir: str, pairs: str, timeout: int = 240) -> list[dict]:
     """Run ``distributed_run.py MODE`` on 2 ranks and return what each rank saved, in rank order."""
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out), model_dir, pairs], cwd=REPO, env=rank_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return launch_many([mode], out, model_dir, pairs, timeout)[mode]
+
+
+ONE_STEP_MODES = ["ddp", "fsdp2", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip", "fsdp2_chunks",
+                  "fsdp2_frozen", "fsdp2_bf16_ac"]
+"""The one-step 2-rank runs on the tiny model, made in one launch by the ``ranks`` fixture."""
+
+
+@pytest.fixture(scope="module")
+def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory) -> dict[str, list[dict]]:
+    return launch_many(ONE_STEP_MODES, tmp_path_factory.mktemp("ranks"), tiny_model_dir, pairs_file)
 
 
 @pytest.fixture(scope="module")
@@ -76,31 +92,30 @@ def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float,
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", "fsdp2_meta"])
-def test_one_step_matches_single_process(mode, single, tiny_model_dir, pairs_file, tmp_path):
+def test_one_step_matches_single_process(mode, single, ranks_by_mode, tiny_model_dir, pairs_file, tmp_path):
     """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen.
 
     ``fsdp1`` is Lightning's ``FSDPStrategy`` with the recipe's per-block auto-wrap and activation checkpointing,
     run on CPU (``tests.distributed_run.CPUFSDPStrategy``); ``fsdp2_meta`` builds both models on the meta device
     and loads each rank's shards after sharding (``meta_init``), against a baseline loaded by ``from_pretrained``."""
-    ranks = launch(mode, tmp_path, tiny_model_dir, pairs_file)
+    ranks = ranks_by_mode[mode] if mode in ranks_by_mode else launch(mode, tmp_path, tiny_model_dir, pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp2_ranks_with_different_numbers_of_head_chunks(single, tiny_model_dir, pairs_file, tmp_path):
+def test_fsdp2_ranks_with_different_numbers_of_head_chunks(single, ranks_by_mode):
     """``chunk_size=2``: the two ranks' batches have different response lengths, so they apply the sharded LM
     head (an FSDP2 unit: every call is a collective) a different number of times; the step must neither hang nor
     differ from the single-process run (chunking does not change the numbers)."""
-    ranks = launch("fsdp2_chunks", tmp_path, tiny_model_dir, pairs_file, timeout=180)
-    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+    _assert_same_step(ranks_by_mode["fsdp2_chunks"], single, rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp2_plugin_with_extra_frozen_models(tiny_model_dir, pairs_file, tmp_path):
+def test_fsdp2_plugin_with_extra_frozen_models(ranks_by_mode, tiny_model_dir, pairs_file, tmp_path):
     """A token-weighting plug-in reading two extra frozen models (TIS-DPO) under FSDP2: the frozen models are
     sharded like the reference, stay frozen, and the step equals the single-process run."""
     from tests.distributed_run import frozen_options
 
     baseline = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / "single", **frozen_options(tiny_model_dir))
-    ranks = launch("fsdp2_frozen", tmp_path / "fsdp2", tiny_model_dir, pairs_file)
+    ranks = ranks_by_mode["fsdp2_frozen"]
     assert all(r["frozen_sharded"] for r in ranks) and baseline["frozen_sharded"] is False
     loss = sum(r["loss"][0] for r in ranks) / len(ranks)
     assert loss == pytest.approx(baseline["loss"][0], rel=1e-5)
@@ -109,8 +124,7 @@ def test_fsdp2_plugin_with_extra_frozen_models(tiny_model_dir, pairs_file, tmp_p
             torch.testing.assert_close(value, baseline["after"]["policy"][name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2_meta"])
-def test_fsdp2_tied_embeddings_match_single_process(mode, tiny_tokenizer, pairs_file, tmp_path):
+def test_fsdp2_tied_embeddings_match_single_process(tiny_tokenizer, pairs_file, tmp_path):
     """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process;
     with ``meta_init`` the tie survives the meta-device build and the shard-wise load."""
     from tests.tiny_models import tiny_llama
@@ -122,12 +136,13 @@ def test_fsdp2_tied_embeddings_match_single_process(mode, tiny_tokenizer, pairs_
     tiny_tokenizer.save_pretrained(model_dir)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     single = one_step("auto", 1, str(model_dir), pairs_file, tmp_path / "single")
-    ranks = launch(mode, tmp_path / mode, str(model_dir), pairs_file)
-    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+    for ranks in launch_many(["fsdp2", "fsdp2_meta"], tmp_path / "ranks", str(model_dir), pairs_file).values():
+        _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)  # fsdp2, then fsdp2_meta
 
 
 @pytest.mark.parametrize("mode", ["fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip"])
-def test_fsdp2_lora_and_gradient_clipping_match_single_process(mode, tiny_model_dir, pairs_file, tmp_path):
+def test_fsdp2_lora_and_gradient_clipping_match_single_process(mode, ranks_by_mode, tiny_model_dir, pairs_file,
+                                                              tmp_path):
     """LoRA (reference = adapters off, no second model) and global-norm clipping under FSDP2 equal 1 process;
     LoRA with ``meta_init`` (adapters initialised at once, base weights loaded per shard) against the same in
     one process (the adapters' random init is drawn in another order than without ``meta_init``)."""
@@ -135,7 +150,7 @@ def test_fsdp2_lora_and_gradient_clipping_match_single_process(mode, tiny_model_
     if mode == "fsdp2_lora_meta":
         options["meta_init"] = True
     single = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / "single", **options)
-    ranks = launch(mode, tmp_path / mode, tiny_model_dir, pairs_file)
+    ranks = ranks_by_mode[mode]
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6, min_move=5e-6)  # LoRA meta: max move ~1e-5
     if mode == "fsdp2_clip":  # clipping was active: the SGD step is -lr * (clipped gradient + wd * p), lr 0.1, where
         # only the mask weights decay (model.mask_weight_decay 0.01); without the decay term, the step's norm is
@@ -152,9 +167,9 @@ def test_fsdp2_lora_and_gradient_clipping_match_single_process(mode, tiny_model_
         assert changed and all("lora_" in k for k in changed), sorted(changed)
 
 
-def test_fsdp2_bf16_compute_and_activation_checkpointing(single, tiny_model_dir, pairs_file, tmp_path):
+def test_fsdp2_bf16_compute_and_activation_checkpointing(single, ranks_by_mode):
     """bf16 compute with fp32 reductions + per-block activation checkpointing: close to the fp32 step."""
-    ranks = launch("fsdp2_bf16_ac", tmp_path, tiny_model_dir, pairs_file)
+    ranks = ranks_by_mode["fsdp2_bf16_ac"]
     assert ranks[0]["checkpointed_blocks"] == 2 and set(ranks[0]["block_dtypes"]) == {torch.bfloat16}
     assert single["checkpointed_blocks"] == 0 and set(single["block_dtypes"]) == {torch.float32}
     loss = sum(r["loss"][0] for r in ranks) / 2

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparsepo_lightning.callbacks.summary import format_summary
 
@@ -68,6 +69,9 @@ def test_the_real_quickstart_reproduces_the_recorded_first_quarter(tmp_path):
         assert got["margin"] == pytest.approx(want["margin"], rel=0.1, abs=1e-6)
         assert got["loss"] == pytest.approx(want["loss"], rel=0.05)
         assert got["mask_mean"] == pytest.approx(want["mask_mean"], rel=0.05)
+    log_dir = next(tmp_path.glob("quickstart/version_*"))  # TensorBoard logs of the real model's run
+    tags = set(EventAccumulator(str(log_dir)).Reload().Tags()["scalars"])
+    assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen", "val/masks/mean_reward"} <= tags
     first = summary["validations"][1]
     assert first["accuracy"] >= 0.65 and first["margin"] > 0.5 and first["loss"] < 0.6931 - 0.1
     assert abs(first["mask_mean"] - 1.0) > 0.01, "the masks did not move from their start"
