@@ -44,13 +44,23 @@ def _fit(method: str, model_dir: str, other_dir: str, pairs: str, tmp_path: Path
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in ("spans", *MASKLESS)])
 def test_method_config_trains_the_tiny_recipe(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path,
                                               monkeypatch):
+    """Trains 2 steps; its masks reach the mask statistics and the heat-maps; `sparsepo evaluate`'s loader rebuilds
+    the trained policy from its checkpoint (frozen models or not)."""
+    from sparsepo_lightning.evaluate.policies import load_policy
+
     monkeypatch.chdir(ROOT)
-    cli = _fit(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path)
+    cli = _fit(method, tiny_model_dir, other_model_dir, pairs_file, tmp_path,
+               "--trainer.callbacks+=sparsepo_lightning.callbacks.TokenHeatmaps", "--trainer.callbacks.num_pairs", "1")
     module = cli.model
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
     assert {"train/masks/mean_reward", "train/masks/sparsity_reward_chosen", "val/masks/mean_reward"} <= set(metrics)
+    log_dir = Path(cli.trainer.logger.log_dir)
+    assert "Token masks at step" in next((log_dir / "heatmaps").glob("step_*.html")).read_text()
+    loaded = load_policy(str(next((log_dir / "checkpoints").glob("*.ckpt"))))
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
     if method in FROZEN:
         assert sorted(module.frozen_models) == sorted(FROZEN[method])
         for model in module.frozen_models.values():
