@@ -95,9 +95,9 @@ def test_driver_runs_trains_evaluates_resumes_and_reports(tiny_model_dir, tmp_pa
                              samples_per_prompt=3, max_new_tokens=6, steps=2, batch_size=2, betas=(0.5,),
                              seeds=(0,), eval_samples=2, max_length=32, max_prompt_length=16)
     paths = Paths(tmp_path / "out", tmp_path / "work")
-    only = ["dpo", "sparsepo_common", "random"]
+    only = ["sparsepo_common", "random"]  # a masked run and its matched control (DPO runs the same driver path)
     done = driver.run_study(settings, paths, only=only)
-    assert done == ["dpo_b0.5_s0", "sparsepo_common_b0.5_s0", "random_b0.5_s0"]
+    assert done == ["sparsepo_common_b0.5_s0", "random_b0.5_s0"]
     for run_dir in (paths.out / "runs").glob("*_s0-*"):
         assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval.json"}
         assert not (paths.work / "checkpoints" / run_dir.name.rsplit("-", 1)[1]).exists()  # deleted after eval
@@ -110,7 +110,7 @@ def test_driver_runs_trains_evaluates_resumes_and_reports(tiny_model_dir, tmp_pa
     assert driver.run_study(settings, paths, only=only) == []  # a second sitting finds everything done
     readme = report.write_report(paths.out)
     text = readme.read_text()
-    assert "Partial study: 3 of" in text and "| DPO | 0.5 | 0 | 2 |" in text
+    assert "Partial study: 2 of" in text and "| SparsePO common (start 1) | 0.5 | 0 | 2 |" in text
     assert (paths.out / "frontier.png").is_file() and (paths.out / "sparsity.png").is_file()
     report.write_report(paths.out)
     assert readme.read_text() == text  # regenerated identically from the logs
