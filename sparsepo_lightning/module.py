@@ -58,7 +58,8 @@ class PreferenceModule(LightningModule):
         Args:
             model: policy to train: an alias (``smollm2-135m``), a local path or a hub name.
             objective: the preference objective; default ``SparsePO()`` (β = 0.8).
-            masker: token masker for SparsePO (uniform, activation, learned); default uniform (= TDPO1).
+            masker: token masker for objectives that use masks (uniform, activation, learned, the plug-ins of
+                ``sparsepo_lightning.methods``); default uniform (SparsePO = TDPO1).
             reference: frozen reference checkpoint; default the same as ``model``.
             frozen_models: extra frozen models by name (``{positive: path}``) for maskers that read them
                 (``TokenMasker.frozen_model_names``): loaded, sharded and never checkpointed, like the reference.

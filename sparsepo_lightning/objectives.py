@@ -40,7 +40,7 @@ class Objective(ABC):
     needs_kl: ClassVar[bool] = False
     """Whether the full-vocabulary KL(π_ref‖π_θ) per token is used."""
     uses_masks: ClassVar[bool] = False
-    """Whether token masks enter the loss (only SparsePO)."""
+    """Whether token masks enter the loss (SparsePO, WeightedDPO, MaskedSimPO)."""
 
     @abstractmethod
     def __call__(self, stats: TokenStats, masks: TokenMasks | None) -> LossOutput: ...
