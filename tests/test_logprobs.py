@@ -198,3 +198,16 @@ def test_fused_rejects_wrapped_head_and_auto_falls_back():
     auto = token_stats(hidden, labels, mask, head)
     want = F.log_softmax(head(hidden[:, :-1]).float(), -1).gather(-1, labels[..., None]).squeeze(-1) * mask
     assert_close(auto.policy_logps, want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_starts_cover_every_token_once_and_call_the_head_at_least_once():
+    """Without sharding: ceil(n / chunk_size) chunks (at least one, possibly empty, so that FSDP2 ranks with no
+    response token still join the head's collective); slices past the end are empty."""
+    from sparsepo_lightning.logprobs import chunk_starts
+
+    head = torch.nn.Linear(4, 7)
+    for n, size in ((0, 3), (1, 3), (3, 3), (4, 3), (10, 4)):
+        starts = list(chunk_starts(n, size, head))
+        assert len(starts) == max(1, -(-n // size))
+        covered = [i for s in starts for i in range(n)[s:s + size]]
+        assert covered == list(range(n))
