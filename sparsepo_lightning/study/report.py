@@ -18,6 +18,11 @@ import numpy as np
 from sparsepo_lightning.study import stats
 from sparsepo_lightning.study.plan import METHODS
 
+TIMES_NOTE = ("`train s` and `eval s` are wall-clock seconds as measured, including any time a run waited for the "
+              "CPU: runs made while other jobs shared the machine (or while the study was paused and resumed) show "
+              "longer times, so they compare the runs' cost only between runs made on a quiet machine.")
+
+
 PAPER_SCALE = """```bash
 # the paper's IMDB setting (GPT-2-large SFT policy, ODPO's pairs, beta 0.8, 3 epochs; 4 GPUs), one recipe per method:
 for m in dpo tdpo1 tdpo2 mapo sparsepo_common sparsepo_indep; do
@@ -316,6 +321,7 @@ def write_report(out: Path) -> Path:
         heatmaps = heatmap_figures(main, out)
         lines += [f"Held-out pairs of `{main.name}` (red: reward mask; grey: exactly 0):", ""]
         lines += [f"![{p.stem}]({p.name})" for p in heatmaps] + [""]
-    lines += ["## All runs", "", *runs_table(runs), "", "## The same study at the paper's scale", "", PAPER_SCALE, ""]
+    lines += ["## All runs", "", *runs_table(runs), "", TIMES_NOTE, "", "## The same study at the paper's scale", "",
+              PAPER_SCALE, ""]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
