@@ -118,12 +118,13 @@ def step_masks(masker: TokenMasker, frozen_models: nn.ModuleDict | None, batch: 
                reference: ReferenceOutputs | None, chunk_size: int, inference: bool) -> TokenMasks:
     """The masker's masks for one step. A masker taking a ``context`` gets a ``TokenContext``: the batch, the
     detached statistics and the outputs of the extra frozen models it names (``masker.frozen_model_names()``)."""
-    labels, response_mask = batch.shifted_labels()
+    response_mask = stats.response_mask  # the step's own, not shifted again here
     if not masker.takes_context:
         return masker(reference, response_mask)
     names = masker.frozen_model_names()
     frozen = {} if not names else frozen_outputs({name: frozen_models[name] for name in names}, batch.input_ids,
-                                                 batch.attention_mask, labels, response_mask, chunk_size, inference)
+                                                 batch.attention_mask, batch.shifted_labels()[0], response_mask,
+                                                 chunk_size, inference)
     return masker(reference, response_mask, TokenContext(response_mask, batch, detached(stats), reference, frozen))
 
 
