@@ -81,3 +81,46 @@ def check_precision(precision: str, parameters: Iterable[tuple[str, nn.Parameter
                 f"float16 trainable weights (model.dtype={dtype}; e.g. {fp16[0]}). Fix: "
                 "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."
             )
+
+
+def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: nn.ModuleDict | None) -> bool:
+    """Before the first packed batch (``data.layout: packed``): each model's attention takes the 4D block mask and
+    it honours position ids. One tiny pair runs through each model in both layouts; hidden states that differ
+    beyond rounding mean the model ignores the mask or the positions (e.g. custom remote code). Every rank runs it
+    (under FSDP2 each forward is a collective).
+
+    Returns:
+        True (all models passed).
+
+    Raises:
+        ConfigError: the model's attention implementation cannot take the mask, or its outputs differ; the message
+            names the model and the fix (``data.layout: padded``).
+    """
+    from sparsepo_lightning.data.packing import collate_packed
+    from sparsepo_lightning.logprobs import final_hidden_states
+    from sparsepo_lightning.packing import check_attention
+
+    pair = {"chosen_input_ids": [1, 2, 3, 4, 5], "rejected_input_ids": [1, 2, 3, 6]}
+    pair.update(chosen_labels=[-100, -100, -100, 4, 5], rejected_labels=[-100, -100, -100, 6])
+    models = {"policy": policy, "reference": reference, **{f"frozen_models.{k}": m for k, m in (frozen or {}).items()}}
+    for name, model in ((name, model) for name, model in models.items() if model is not None):
+        try:
+            check_attention(model.config._attn_implementation, name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        batch = collate_packed([pair], pad_token_id=0)
+        device = model.get_input_embeddings().weight.device
+        ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+        packed = batch.packed.to(device)
+        with torch.no_grad():
+            padded_hidden, _ = final_hidden_states(model, ids, attention)
+            packed_hidden, _ = final_hidden_states(model, ids, attention, packed=packed)
+        scale = padded_hidden.float().abs().amax().clamp(min=1.0)
+        tolerance = 1e-3 if padded_hidden.dtype == torch.float32 else 5e-2
+        error = ((padded_hidden - packed_hidden).float() * attention[..., None]).abs().amax() / scale
+        if not error <= tolerance:
+            raise ConfigError(
+                f"data.layout=packed: {name} ({type(model).__name__}) gives different hidden states on the packed "
+                f"layout (relative error {float(error):.2g}): its attention ignores the 4D block mask or its "
+                "position ids. Fix: data.layout: padded for this model.")
+    return True

@@ -18,6 +18,7 @@ logits survive the forward pass. Two implementations:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
+from sparsepo_lightning.packing import PackedRows
 from sparsepo_lightning.types import PreferenceBatch, TokenMasks, TokenStats, detached, scatter_response
 
 Head = Callable[[Tensor], Tensor]
@@ -57,23 +59,37 @@ def output_head(model: nn.Module) -> Head:
 
 
 def final_hidden_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, all_layers: bool = False
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, all_layers: bool = False,
+    packed: PackedRows | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Run the decoder body of a HF causal LM without its LM head.
+
+    Args:
+        input_ids, attention_mask: ``(N, T)`` padded-layout rows.
+        packed: the batch's packed layout (``packing.PackedRows``): the model runs on its rows instead, with its
+            4D block mask and position ids, and the outputs are gathered back into the ``(N, T)`` layout.
 
     Returns:
         ``(last_hidden, layers)``: ``last_hidden`` is ``(N, T, d)`` (after the final norm); ``layers`` is the
         tuple of the L block outputs (embedding output dropped, docs/method.md §3.1) when ``all_layers``, else None.
     """
+    if packed is None:
+        out = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False
+        )
+        layers = tuple(out.hidden_states[1:]) if all_layers else None
+        return out.last_hidden_state, layers
     out = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False
+        input_ids=packed.input_ids, attention_mask=packed.attention_mask(model.config._attn_implementation),
+        position_ids=packed.position_ids, output_hidden_states=all_layers, use_cache=False,
     )
-    layers = tuple(out.hidden_states[1:]) if all_layers else None
-    return out.last_hidden_state, layers
+    layers = tuple(packed.unpack(h, attention_mask) for h in out.hidden_states[1:]) if all_layers else None
+    return packed.unpack(out.last_hidden_state, attention_mask), layers
 
 
 def reference_outputs(reference: nn.Module, input_ids: Tensor, attention_mask: Tensor, masker: TokenMasker | None,
-                      inference: bool, context: AbstractContextManager | None = None) -> ReferenceOutputs:
+                      inference: bool, context: AbstractContextManager | None = None,
+                      packed: PackedRows | None = None) -> ReferenceOutputs:
     """The frozen reference's forward for one batch, as maskers receive it (no gradient).
 
     Args:
@@ -84,17 +100,21 @@ def reference_outputs(reference: nn.Module, input_ids: Tensor, attention_mask: T
             ``no_grad`` for the LoRA adapter-off reference (the policy itself, maybe gradient-checkpointed) and
             under FSDP2 (parameters unsharded inside inference_mode would be inference tensors, and the head,
             called again outside it for the statistics, could not refill them).
+        packed: run on the batch's packed layout (``final_hidden_states``); maskers get ``ReferenceOutputs.unpack``
+            to bring what their hooks recorded back into the padded layout.
     """
     needs_layers = masker is not None and masker.needs_layers
     recording = masker.recording() if masker is not None else nullcontext()
     frozen = torch.inference_mode() if inference else torch.no_grad()
     with frozen, context or nullcontext(), recording:
-        last, layers = final_hidden_states(reference, input_ids, attention_mask, needs_layers)
-    return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference))
+        last, layers = final_hidden_states(reference, input_ids, attention_mask, needs_layers, packed)
+    unpack = None if packed is None else functools.partial(packed.unpack, attention_mask=attention_mask)
+    return ReferenceOutputs(last_hidden=last, layers=layers, head=output_head(reference), unpack=unpack)
 
 
 def frozen_outputs(models: dict[str, nn.Module], input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                   response_mask: Tensor, chunk_size: int, inference: bool) -> dict[str, FrozenModelOutputs]:
+                   response_mask: Tensor, chunk_size: int, inference: bool,
+                   packed: PackedRows | None = None) -> dict[str, FrozenModelOutputs]:
     """Label log-probs and final hidden states of extra frozen models (``PreferenceModule(frozen_models=...)``),
     no gradient, LM head on response positions only (chunked, as ``token_stats``).
 
@@ -102,11 +122,12 @@ def frozen_outputs(models: dict[str, nn.Module], input_ids: Tensor, attention_ma
         models: the frozen causal LMs by name (those the masker asked for).
         labels: ``(N, T-1)`` shifted labels; response_mask: ``(N, T-1)`` bool.
         inference: ``torch.inference_mode`` (unsharded models) instead of ``no_grad`` (FSDP2-sharded models).
+        packed: run on the batch's packed layout (``final_hidden_states``).
     """
     outputs = {}
     with torch.inference_mode() if inference else torch.no_grad():
         for name, model in models.items():
-            last, _ = final_hidden_states(model, input_ids, attention_mask)
+            last, _ = final_hidden_states(model, input_ids, attention_mask, packed=packed)
             head = output_head(model)
             stats = token_stats(last, labels, response_mask, head, with_kl=False, chunk_size=chunk_size,
                                 implementation="checkpoint")
@@ -124,7 +145,7 @@ def step_masks(masker: TokenMasker, frozen_models: nn.ModuleDict | None, batch: 
     names = masker.frozen_model_names()
     frozen = {} if not names else frozen_outputs({name: frozen_models[name] for name in names}, batch.input_ids,
                                                  batch.attention_mask, batch.shifted_labels()[0], response_mask,
-                                                 chunk_size, inference)
+                                                 chunk_size, inference, batch.packed)
     return masker(reference, response_mask, TokenContext(response_mask, batch, detached(stats), reference, frozen))
 
 

@@ -115,6 +115,7 @@ class PreferenceModule(LightningModule):
         checks.check_frozen_models(masker, frozen_models)
         self._model_configured = False  # configure_model runs once
         self._sharded = False  # set by configure_model under ModelParallelStrategy (FSDP2)
+        self._packed_checked = False  # models checked on the packed layout (checks.check_packed_layout)
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
         if self.objective.uses_masks and self.masker is not None:
@@ -186,13 +187,16 @@ class PreferenceModule(LightningModule):
             return None
         if self.reference is None:  # LoRA: the policy with its adapters disabled
             return reference_outputs(self._causal_lm, batch.input_ids, batch.attention_mask, self.masker,
-                                     inference=False, context=self.policy.disable_adapter())
+                                     inference=False, context=self.policy.disable_adapter(), packed=batch.packed)
         return reference_outputs(self.reference, batch.input_ids, batch.attention_mask, self.masker,
-                                 inference=not self._sharded)
+                                 inference=not self._sharded, packed=batch.packed)
 
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+        if batch.packed is not None and not self._packed_checked:
+            self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference, self.frozen_models)
         labels, response_mask = batch.shifted_labels()
-        policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask)
+        policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask,
+                                               packed=batch.packed)
         reference = self._reference_outputs(batch)
         stats = token_stats(
             policy_hidden, labels, response_mask, output_head(self._causal_lm),

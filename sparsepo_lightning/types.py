@@ -16,6 +16,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.packing import PackedRows
+
 IGNORE_INDEX = -100
 """Label value of prompt and padding positions (PyTorch's cross-entropy convention)."""
 
@@ -38,6 +40,9 @@ class PreferenceBatch:
         desirable: ``None`` for pairs (the 2B layout). For unpaired examples (``data.UnpairedDataModule``): an
             ``(N,)`` bool tensor, True where row ``i`` is a desirable example and False where it is an undesirable
             one; the rows are then N single examples, not pairs, and ``num_pairs`` raises. Keyword-only.
+        packed: the packed layout the models run on (``data.layout: packed``, ``packing.PackedRows``), or None
+            (the models run on ``input_ids``). The tensors above stay in the padded layout either way: everything
+            after the models' forward reads them. Keyword-only.
     """
 
     input_ids: Tensor
@@ -46,6 +51,7 @@ class PreferenceBatch:
     token_weights: Tensor | None = field(default=None, kw_only=True)
     token_weighted: Tensor | None = field(default=None, kw_only=True)
     desirable: Tensor | None = field(default=None, kw_only=True)
+    packed: PackedRows | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:

@@ -115,9 +115,9 @@ def frozen_options(model_dir: str) -> dict[str, Any]:
             "frozen_models": {"positive": model_dir, "negative": model_dir}}
 
 
-def make_data(model_dir: str, pairs: str, batch_size: int) -> InOrderData:
+def make_data(model_dir: str, pairs: str, batch_size: int, layout: str = "padded") -> InOrderData:
     return InOrderData(tokenizer=model_dir, train_file=pairs, val_file=pairs, batch_size=batch_size, max_length=32,
-                       max_prompt_length=16)
+                       max_prompt_length=16, layout=layout)
 
 
 def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callbacks: list[Callback],
@@ -179,11 +179,12 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path,
              gradient_clip_val: float | None = None, **options: Any) -> dict[str, Any]:
     """One optimizer step (SGD: the update is ``-lr * gradient``) on 4 pairs in all; returns loss and weights."""
+    layout = options.pop("layout", "padded")
     module = make_module(model_dir, **options)
     recorder, before = LossRecorder(), Snapshot()
     trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before],
                            gradient_clip_val=gradient_clip_val)
-    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices))
+    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices, layout=layout))
     frozen = module.frozen_models
     sharded = None if frozen is None else all(isinstance(p, DTensor) for p in frozen.parameters())
     return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
@@ -238,6 +239,8 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = one_step("fsdp2", 2, model_dir, pairs, out, chunk_size=2)
     elif mode == "fsdp2_frozen":
         result = one_step("fsdp2", 2, model_dir, pairs, out, **frozen_options(model_dir))
+    elif mode.endswith("_packed"):  # data.layout: packed (tests/test_packing.py for one process)
+        result = one_step(mode.removesuffix("_packed"), 2, model_dir, pairs, out, layout="packed")
     elif mode == "fsdp2_clip":
         result = one_step("fsdp2", 2, model_dir, pairs, out, gradient_clip_val=CLIP)
     else:

@@ -57,7 +57,7 @@ def launch(mode: str, out: Path, model_dir: str, pairs: str, timeout: int = 240)
 
 
 ONE_STEP_MODES = ["ddp", "fsdp2", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip", "fsdp2_chunks",
-                  "fsdp2_frozen", "fsdp2_bf16_ac"]
+                  "fsdp2_frozen", "fsdp2_bf16_ac", "ddp_packed", "fsdp2_packed"]
 """The one-step 2-rank runs on the tiny model, made in one launch by the ``ranks`` fixture."""
 
 
@@ -91,13 +91,14 @@ def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float,
         assert moved > min_move, f"{part} did not move"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", "fsdp2_meta"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp1", "fsdp2_meta", "ddp_packed", "fsdp2_packed"])
 def test_one_step_matches_single_process(mode, single, ranks_by_mode, tiny_model_dir, pairs_file, tmp_path):
     """Loss and SGD-updated weights of policy and mask network equal the 1-process run; reference frozen.
 
     ``fsdp1`` is Lightning's ``FSDPStrategy`` with the recipe's per-block auto-wrap and activation checkpointing,
     run on CPU (``tests.distributed_run.CPUFSDPStrategy``); ``fsdp2_meta`` builds both models on the meta device
-    and loads each rank's shards after sharding (``meta_init``), against a baseline loaded by ``from_pretrained``."""
+    and loads each rank's shards after sharding (``meta_init``), against a baseline loaded by ``from_pretrained``;
+    ``*_packed`` run on the packed layout (``data.layout: packed``) against the padded 1-process baseline."""
     ranks = ranks_by_mode[mode] if mode in ranks_by_mode else launch(mode, tmp_path, tiny_model_dir, pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 

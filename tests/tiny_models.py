@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 97
 
@@ -22,6 +22,15 @@ def tiny_gpt2(seed: int = 0, vocab: int = VOCAB) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_neox(seed: int = 0, vocab: int = VOCAB) -> GPTNeoXForCausalLM:
+    """GPT-NeoX with partial rotary embeddings (a quarter of each head's dimensions rotate)."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=128,
+                           hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+    return GPTNeoXForCausalLM(config).eval()
 
 
 def random_rows(n_rows: int = 4, length: int = 12, vocab: int = VOCAB, seed: int = 0):

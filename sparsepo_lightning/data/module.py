@@ -14,11 +14,14 @@ Typical YAML (``data:`` section of a LightningCLI config)::
 ``tokenizer`` is a model name or path (the CLI links it from the model). To use an already built tokenizer
 (tests, notebooks), assign it before ``setup``: ``dm.tokenizer = my_tokenizer``; ``setup`` only loads one
 when ``dm.tokenizer`` is still ``None``.
+
+The tokenised splits are cached (``cache_tokenised``, ``token_cache.py``): ``prepare_data`` (rank 0) builds them
+once, ``setup`` on every rank reads them; a later start with the same data, options, tokenizer and code reads them
+back in about a second.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,12 +30,21 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
+from sparsepo_lightning.data.batching import (
+    BatchOrderSampler,
+    Layout,
+    budget_loader_parts,
+    layout_collate,
+)
 from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.options import check_options
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
-from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow, RowIssue
+from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow
 from sparsepo_lightning.data.sampler import PassShuffleSampler
 from sparsepo_lightning.data.splits import hold_out, log_report, tokenizer_pad_id
-from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, EmptyResponseError, SpanError, tokenize_pair
+from sparsepo_lightning.data.token_cache import cached_setup, checked_before, remember_checked
+from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, tokenize_pair
+from sparsepo_lightning.data.tokenize_map import tokenize_items
 from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
 from sparsepo_lightning.model_sources import load_tokenizer
@@ -75,11 +87,22 @@ class PreferenceDataModule(LightningDataModule):
         max_length: maximum tokens of prompt + response per row.
         max_prompt_length: prompt length kept (from the left) when a row would exceed ``max_length``.
         batch_size: preference pairs per batch *per device*; a batch holds ``2 * batch_size`` rows.
+        layout: ``padded`` (each pair as two rows padded to the batch's longest) or ``packed`` (each pair as one
+            segment ``[prompt | chosen | rejected]`` with a block mask: the prompt runs once and rows carry no
+            padding; exact, see ``sparsepo_lightning/packing.py`` and docs/packing.md).
+        pack_length: with ``packed``: most tokens per packed row (pairs placed first-fit); None puts all pairs of a
+            micro-batch in one row.
+        max_tokens: micro-batches by token budget instead of ``batch_size``: pairs are grouped (once, seeded) so
+            that the positions the models run on stay within ``max_tokens`` in the chosen layout (``batching.py``).
         num_workers: DataLoader worker processes.
         seed: seeds the ``val_fraction`` hold-out and the train shuffle (pass k over the data is shuffled with
             ``seed + k``; the pass count is saved in checkpoints, so resuming replays the same order).
         strict: raise on the first bad row instead of skipping and counting it.
         max_train_samples: keep only the first N training pairs (after validation and hold-out).
+        num_proc: worker processes that tokenise (``datasets.Dataset.map``); ``None`` tokenises in this process.
+        cache_tokenised: keep the tokenised splits with their data reports as Arrow files under
+            ``<cache dir>/tokenised/<key>/`` (``token_cache.py``: the key covers the data, the options but the
+            batching ones, the tokenizer and the code), so the next start reads them instead of tokenising again.
     """
 
     validate_fn = staticmethod(validate_rows)
@@ -115,10 +138,15 @@ class PreferenceDataModule(LightningDataModule):
         max_length: int = 512,
         max_prompt_length: int = 256,
         batch_size: int = 4,
+        layout: Layout = "padded",
+        pack_length: int | None = None,
+        max_tokens: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
         strict: bool = False,
         max_train_samples: int | None = None,
+        num_proc: int | None = None,
+        cache_tokenised: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -131,8 +159,10 @@ class PreferenceDataModule(LightningDataModule):
         self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.layout, self.pack_length, self.max_tokens = layout, pack_length, max_tokens
         self.strict, self.max_train_samples = strict, max_train_samples
-        self._check_options()
+        self.num_proc, self.cache_tokenised = num_proc, cache_tokenised
+        check_options(self)
         self.tokenizer: Any = None
         """The tokenizer object; loaded from ``tokenizer`` in ``setup`` unless assigned beforehand."""
         self.pad_token_id: int | None = None
@@ -142,39 +172,14 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets: dict[str, list[Features]] = {}
         self._train_passes = 0
         self._train_skip = 0
-        self._train_sampler: PassShuffleSampler | None = None
+        self._train_sampler: PassShuffleSampler | BatchOrderSampler | None = None
         self.sources: dict[str, list[str]] = {}
         """Per split, the row location (``file:line``) of each kept pair, parallel to ``datasets[split]``."""
 
-    def _check_options(self) -> None:
-        if self.train_file and self.hub_dataset:
-            raise ConfigError("data: set either train_file or hub_dataset, not both.")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction}: must be in [0, 1).")
-        if self.val_fraction > 0 and (self.val_file or (self.hub_dataset and self.val_split)):
-            raise ConfigError(
-                f"data.val_fraction={self.val_fraction} holds out part of train, but a validation source is also "
-                "set (val_file, or hub_dataset with val_split). Fix: set val_fraction: 0, or remove val_file / "
-                "set val_split: null."
-            )
-        if not 1 <= self.max_prompt_length < self.max_length:
-            raise ConfigError(
-                f"data.max_prompt_length={self.max_prompt_length}, data.max_length={self.max_length}: need "
-                "1 <= max_prompt_length < max_length so every response keeps at least one token."
-            )
-        if self.chat_template is not None and "{" not in self.chat_template:
-            raise ConfigError(
-                f"data.chat_template={self.chat_template!r} is neither a built-in name ({', '.join(CHAT_TEMPLATES)}) "
-                "nor a Jinja template. Fix: use one of the names or paste the template string."
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size={self.batch_size}: must be >= 1 (pairs per device).")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"data.max_train_samples={self.max_train_samples}: must be >= 1 or null.")
-
     def check_sources(self, stage: str) -> None:
         """Before any model loads: each local file ``stage`` reads exists (else ``MissingFileError``) and holds a
-        valid pair (else ``DataError``), both naming the option. The pairs are kept for :meth:`setup`."""
+        valid pair (else ``DataError``), both naming the option. The pairs are kept for :meth:`setup`. A file that
+        passed before (same bytes, options and code: ``token_cache.checked_before``) is not read again."""
         for split in {"fit": ("train", "val"), "validate": ("val", "train"), "test": ("test",)}.get(stage, ()):
             path, option = getattr(self, f"{split}_file", None), f"data.{split}_file"
             if path is None or (split == "train" and stage == "validate" and not self.val_fraction > 0):
@@ -182,36 +187,43 @@ class PreferenceDataModule(LightningDataModule):
             if not Path(path).is_file():
                 raise MissingFileError(f"{option}: data file {str(path)!r} does not exist (working directory "
                                        f"{os.getcwd()}). Fix: correct {option} in the config or pass --{option}.")
+            if checked_before(self, split, path):
+                continue
             if not (pairs := self._read(path, None, split)):
                 raise DataError(f"{option}: no valid {self.item_name} in {path}.\n{self.report[split].summary()}\n"
                                 "Fix: repair the rows listed above, or point the option at another file.")
             self._checked[(split, str(path))] = pairs
+            remember_checked(self, split, path)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Download hub splits once (rank 0) so that ``setup`` on every rank reads the local cache."""
-        if self.hub_dataset is None:
-            return
-        for split in filter(None, (self.train_split, self.val_split)):
+        """Once (rank 0), before ``setup`` on every rank: download hub splits; under a trainer with ``cache_tokenised``,
+        also tokenise the splits the trainer's stage needs into the cache that ``setup`` on every rank reads."""
+        for split in filter(None, (self.train_split, self.val_split) if self.hub_dataset else ()):
             load_hub_split(self.hub_dataset, self.hub_config, split, **self.hub_kwargs)
+        if self.cache_tokenised and self.trainer is not None:
+            self.setup(self.trainer.state.fn.value)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``)."""
+        """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``), or read them
+        from the tokenised cache."""
         self._ensure_tokenizer()
         needs_train = stage in ("fit", None) and "train" not in self.datasets
         needs_val = stage in ("fit", "validate", None) and "val" not in self.datasets
         if needs_train or needs_val:
             self._setup_train_val(stage)
         if stage in ("test", None) and self.test_file and "test" not in self.datasets:
-            self._add_split("test", self._read(self.test_file, None, "test"))
+            cached_setup(self, ("test",), lambda: self._add_split("test", self._read(self.test_file, None, "test")))
         if stage == "test" and "test" not in self.datasets:
             raise ConfigError("data: testing needs data.test_file.")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k``."""
+        if self.max_tokens is not None:
+            return self._budget_loader("train", shuffle=True)
         self._train_sampler = PassShuffleSampler(self._split("train"), self.seed, passes=self._train_passes,
-                                                 skip=self._train_skip)
+                                                 skip=self._train_skip * self.batch_size)
         self._train_skip = 0
         return self._loader("train", sampler=self._train_sampler)
 
@@ -233,7 +245,7 @@ class PreferenceDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, int | bool]) -> None:
         passes = int(state_dict.get("train_passes", 0))
         if passes > 0 and not state_dict.get("train_pass_complete", True):  # resume inside pass `passes - 1`
-            self._train_passes, self._train_skip = passes - 1, int(state_dict["train_batches_done"]) * self.batch_size
+            self._train_passes, self._train_skip = passes - 1, int(state_dict["train_batches_done"])
         else:
             self._train_passes, self._train_skip = passes, 0
 
@@ -243,7 +255,10 @@ class PreferenceDataModule(LightningDataModule):
         sampler = self._train_sampler
         if sampler is None or not sampler.order or (self.trainer is not None and self.trainer.world_size > 1):
             return None
-        indices = sampler.order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size]
+        if isinstance(sampler, BatchOrderSampler):
+            indices = sampler.dataset.batches[sampler.order[batch_idx]] if batch_idx < len(sampler.order) else []
+        else:
+            indices = sampler.order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size]
         sources = self.sources.get("train", [])
         return [sources[i] for i in indices if i < len(sources)] or None
 
@@ -274,6 +289,9 @@ class PreferenceDataModule(LightningDataModule):
         if stage == "fit" and not has_train:
             raise ConfigError("data: fitting needs data.train_file or data.hub_dataset.")
         read_train = has_train and (stage != "validate" or self.val_fraction > 0)
+        cached_setup(self, ("train", "val") if read_train else ("val",), lambda: self._build_train_val(read_train))
+
+    def _build_train_val(self, read_train: bool) -> None:
         train = self._read(self.train_file, self.train_split, "train") if read_train else None
         train, val = self._validation_pairs(train)
         if train is not None:
@@ -329,24 +347,10 @@ class PreferenceDataModule(LightningDataModule):
         return rows
 
     def _add_split(self, split: str, pairs: list[PreferencePair]) -> None:
-        """Tokenise pairs into features, count truncations / empty responses / unplaceable spans, log the report."""
+        """Tokenise pairs into features (in ``num_proc`` processes), count truncations / empty responses /
+        unplaceable spans, log the report."""
         report = self.report[split]
-        features, sources = [], []
-        for pair in pairs:
-            try:
-                feature = self.tokenize_fn(
-                    pair, self.tokenizer, self.max_length, self.max_prompt_length, self.use_chat_template,
-                    add_bos=self.add_bos,
-                )
-            except (EmptyResponseError, SpanError) as e:
-                if self.strict:
-                    raise
-                report.reject(RowIssue(e.reason, pair.source, None, str(e)))
-                continue
-            report.prompts_truncated += feature.pop("prompt_truncated")
-            report.responses_truncated += feature.pop("response_truncated")
-            features.append(feature)
-            sources.append(pair.source)
+        features, sources = tokenize_items(self, pairs, report)
         if not features:
             raise DataError(f"data: no valid {self.item_name} left for the {split} split.\n{report.summary()}")
         self.datasets[split] = features
@@ -359,12 +363,21 @@ class PreferenceDataModule(LightningDataModule):
         return self.datasets[split]
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
-            self._split(split),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=functools.partial(self.collate_fn, pad_token_id=self.pad_token_id),
-            persistent_workers=self.num_workers > 0,
-        )
+        if self.max_tokens is not None and split != "train":
+            return self._budget_loader(split, shuffle=False)
+        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
+        return DataLoader(self._split(split), batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def _budget_loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Micro-batches by token budget (``batching.py``), their order per pass and rank by ``BatchOrderSampler``."""
+        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
+        batches = budget_loader_parts(self._split(split), self.max_tokens, self.layout, self.pack_length, collate,
+                                      self.seed if shuffle else None)
+        sampler = BatchOrderSampler(batches, self.seed, shuffle, *((self._train_passes, self._train_skip) if shuffle
+                                                                    else (0, 0)))
+        if shuffle:
+            self._train_sampler, self._train_skip = sampler, 0
+        return DataLoader(batches, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from typing import Any
 
 from sparsepo_lightning.data.rows import Messages, PreferencePair, Spans, Text, UnpairedExample
@@ -139,7 +140,7 @@ def _tokenize(
             full_ids, offsets = _encode_with_offsets(tokenizer, full_texts[side], bos_to_add, pair.source)
         else:
             full_ids = _encode(tokenizer, full_texts[side], bos_to_add)
-        boundary = _common_prefix_length(prompt_ids, full_ids)
+        boundary = common_prefix_length(prompt_ids, full_ids)
         response = _with_eos(full_ids[boundary:], tokenizer.eos_token_id)
         tokens[side] = (full_ids[:boundary], response)
         if side in spans:  # aligned with the response; an appended EOS gets 0, 0
@@ -311,7 +312,8 @@ def _token_weights(offsets: list[tuple[int, int]], spans: Spans) -> tuple[list[f
     return values, covered
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id rows."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

@@ -185,6 +185,8 @@ class ActivationMasker(TokenMasker):
         if self._records is None:
             raise RuntimeError("ActivationMasker: run the reference forward inside masker.recording().")
         records, self._records = self._records, None
+        if reference.unpack is not None:  # hooks saw the packed rows (data.layout: packed)
+            records = {group: [reference.unpack(values) for values in hooked] for group, hooked in records.items()}
         if "logits" in self.groups:
             records["logits"] = [self._logit_means(reference)]
         group_means = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -19,11 +20,16 @@ class ReferenceOutputs:
         last_hidden: ``(2B, T, d)`` final hidden states (after the final norm).
         layers: the L block outputs ``(2B, T, d)`` each, when the masker asked for them, else None.
         head: the reference LM head (maps ``(n, d)`` to ``(n, V)`` logits).
+        unpack: when the reference ran on the packed layout (``data.layout: packed``): maps a per-position tensor
+            of the packed rows ``(R, L, ...)`` (what a forward hook sees) to the padded layout ``(2B, T, ...)``
+            (``packing.PackedRows.unpack``); None when it ran on the padded rows. ``last_hidden`` and ``layers``
+            are already in the padded layout.
     """
 
     last_hidden: Tensor
     layers: tuple[Tensor, ...] | None
     head: nn.Module
+    unpack: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass

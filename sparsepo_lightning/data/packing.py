@@ -1,0 +1,105 @@
+"""Collate tokenised pairs into the packed layout (``data.layout: packed``, ``sparsepo_lightning/packing.py``), and
+the token cost of a batch in either layout (for ``data.max_tokens`` batching)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.tokenize import common_prefix_length
+from sparsepo_lightning.packing import CHOSEN, REJECTED, SHARED, PackedRows
+from sparsepo_lightning.types import PreferenceBatch
+
+
+def segment_length(feature: Mapping[str, Sequence[int]]) -> int:
+    """Tokens of one pair in the packed layout: ``len(chosen) + len(rejected) − shared prefix``."""
+    chosen, rejected = feature["chosen_input_ids"], feature["rejected_input_ids"]
+    return len(chosen) + len(rejected) - common_prefix_length(chosen, rejected)
+
+
+def padded_cost(features: Sequence[Mapping[str, Sequence[int]]]) -> int:
+    """Positions a batch costs in the padded layout: ``2B ×`` its longest row."""
+    longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
+    return 2 * len(features) * longest
+
+
+def packed_cost(features: Sequence[Mapping[str, Sequence[int]]], pack_length: int | None = None) -> int:
+    """Positions a batch costs in the packed layout (``R × L``, padding between rows included)."""
+    rows = _pack_rows([segment_length(f) for f in features], pack_length)
+    return len(rows) * max(sum(lengths for _, lengths in row) for row in rows)
+
+
+def collate_packed(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int,
+                   pack_length: int | None = None) -> PreferenceBatch:
+    """``collate_pairs``'s padded batch plus its packed layout (``batch.packed``), which the models run on.
+
+    Example (B=1, prompt ``5 6``, chosen ``7 8``, rejected ``9``)::
+
+        padded input_ids = [[5, 6, 7, 8], [5, 6, 9, 0]]
+        packed input_ids = [[5, 6, 7, 8, 9]]       position_ids = [[0, 1, 2, 3, 2]]
+        branch           = [[0, 0, 1, 1, 2]]       index        = [[0, 1, 2, 3], [0, 1, 4, 0]]
+
+    Args:
+        features: B tokenised pairs (``tokenize_pair``'s output).
+        pad_token_id: id of padding positions in both layouts.
+        pack_length: most tokens per packed row; pairs are placed first-fit in batch order (a pair longer than
+            ``pack_length`` gets a row of its own). None puts all pairs of the batch in one row: no padding at all.
+
+    Returns:
+        The padded ``PreferenceBatch`` of ``collate_pairs`` with ``packed`` set.
+    """
+    batch = collate_pairs(features, pad_token_id)
+    num_pairs, width = len(features), batch.input_ids.shape[1]
+    segments = []  # per pair: (ids, positions, branch, chosen flat offsets, rejected flat offsets) within the segment
+    for feature in features:
+        chosen, rejected = list(feature["chosen_input_ids"]), list(feature["rejected_input_ids"])
+        shared = common_prefix_length(chosen, rejected)
+        tail = len(rejected) - shared
+        ids = chosen + rejected[shared:]
+        positions = list(range(len(chosen))) + list(range(shared, len(rejected)))
+        branch = [SHARED] * shared + [CHOSEN] * (len(chosen) - shared) + [REJECTED] * tail
+        rejected_at = list(range(shared)) + list(range(len(chosen), len(chosen) + tail))
+        segments.append((ids, positions, branch, list(range(len(chosen))), rejected_at))
+    rows = _pack_rows([len(s[0]) for s in segments], pack_length)
+    length = max(sum(n for _, n in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    segment_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    branch_ids = torch.full((len(rows), length), SHARED, dtype=torch.long)
+    index = torch.zeros((2 * num_pairs, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for pair, n in row:
+            ids, positions, branch, chosen_at, rejected_at = segments[pair]
+            cols = slice(start, start + n)
+            input_ids[r, cols] = torch.tensor(ids)
+            position_ids[r, cols] = torch.tensor(positions)
+            segment_ids[r, cols] = pair
+            branch_ids[r, cols] = torch.tensor(branch)
+            base = r * length + start
+            index[pair, : len(chosen_at)] = base + torch.tensor(chosen_at)
+            index[num_pairs + pair, : len(rejected_at)] = base + torch.tensor(rejected_at)
+            start += n
+    batch.packed = PackedRows(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
+                              branch=branch_ids, index=index)
+    return batch
+
+
+def _pack_rows(lengths: Sequence[int], pack_length: int | None) -> list[list[tuple[int, int]]]:
+    """Rows of ``(pair, length)``: all in one row (``pack_length`` None), else first-fit in order."""
+    if pack_length is None:
+        return [list(enumerate(lengths))]
+    rows: list[list[tuple[int, int]]] = []
+    used: list[int] = []
+    for pair, n in enumerate(lengths):
+        for r, total in enumerate(used):
+            if total + n <= pack_length:
+                rows[r].append((pair, n))
+                used[r] += n
+                break
+        else:
+            rows.append([(pair, n)])
+            used.append(n)
+    return rows
