@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,27 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+_TOKENISED_CACHE = pytest.StashKey[str]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs ``-n auto``) the workers share the cores: each gets its share of torch
-    threads instead of all of them (tests that start their own processes set their own thread counts)."""
+    threads instead of all of them (tests that start their own processes set their own thread counts).
+
+    Tokenised data caches (``data.cache_tokenised``, on by default) go to a temporary folder of this process, removed
+    at the end, never to the checkout's ``data/cache`` (processes that tests start inherit the variable)."""
+    from sparsepo_lightning.data.token_cache import CACHE_ENV_VAR
+
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+    config.stash[_TOKENISED_CACHE] = os.environ[CACHE_ENV_VAR] = tempfile.mkdtemp(prefix="sparsepo-tokenised-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if folder := config.stash.get(_TOKENISED_CACHE, None):
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 _CORPUS = [
     "hello world",
