@@ -23,7 +23,7 @@ back in about a second.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,8 @@ class PreferenceDataModule(LightningDataModule):
         self.report: dict[str, DataReport] = {}
         self._checked: dict[tuple[str, str], list[PreferencePair]] = {}
         """Per split (``train``/``val``/``test``): rows read, rejected per reason, truncated."""
-        self.datasets: dict[str, list[Features]] = {}
+        self.datasets: dict[str, Sequence[Features]] = {}
+        """Per split, the tokenised features: a list, or a ``CachedFeatures`` (the same dicts, memory-mapped)."""
         self._train_passes = 0
         self._train_skip = 0
         self._train_sampler: PassShuffleSampler | BatchOrderSampler | None = None
