@@ -16,8 +16,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import normalizers
+from torch.utils.data import DataLoader
 
-from sparsepo_lightning.data import PreferenceDataModule, UnpairedDataModule, token_cache, tokenize_pair
+from sparsepo_lightning.data import (
+    PreferenceDataModule,
+    UnpairedDataModule,
+    collate_pairs,
+    token_cache,
+    tokenize_pair,
+)
 from sparsepo_lightning.data.arrow_features import CachedFeatures
 from sparsepo_lightning.data.token_cache import CACHE_ENV_VAR, cache_key, cache_root
 from sparsepo_lightning.data.tokenize import EmptyResponseError
@@ -236,6 +243,10 @@ def test_cached_features_behave_like_the_list_they_replace(tiny_tokenizer, pairs
     assert pickle.loads(pickle.dumps(features)) == rows
     ints = rows[0]["chosen_input_ids"]
     assert features[0]["chosen_input_ids"] == ints and all(type(i) is int for i in features[0]["chosen_input_ids"])
+    collate = functools.partial(collate_pairs, pad_token_id=tiny_tokenizer.pad_token_id)
+    in_worker = DataLoader(features, batch_size=5, num_workers=1, collate_fn=collate)  # rows read in a worker process
+    for a, b in zip(in_worker, DataLoader(rows, batch_size=5, collate_fn=collate), strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
 
 
 def test_num_proc_workers_give_the_same_features_report_and_strict_error(no_eos_tokenizer, tmp_path):
@@ -312,6 +323,17 @@ def test_a_damaged_cache_is_built_again_and_replaced(tiny_tokenizer, pairs_file,
         third = _dm(tiny_tokenizer, train_file=pairs_file)
         third.setup("fit")
     assert _state(third) == _state(first) and list(cache.iterdir()) == [folder]
+
+
+def test_a_module_whose_code_has_no_source_is_not_cached(tiny_tokenizer, pairs_file, tmp_path):
+    namespace = {"PreferenceDataModule": PreferenceDataModule}
+    exec("class Made(PreferenceDataModule):\n    def convert_rows(self, rows, split):\n        return rows\n",
+         namespace)  # as the README example is run: no file, no source
+    dm = _dm(tiny_tokenizer, namespace["Made"], train_file=pairs_file)
+    assert cache_key(dm, ("train", "val")) is None
+    dm.check_sources("fit")
+    _setup(dm)
+    assert len(dm.datasets["train"]) == 16 and not (tmp_path / "cache").exists()
 
 
 def test_cache_root_is_under_cache_dir_unless_the_variable_names_one(tmp_path, monkeypatch):

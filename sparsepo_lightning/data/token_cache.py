@@ -87,7 +87,12 @@ def cached_setup(dm: Any, splits: tuple[str, ...], build: Callable[[], None]) ->
     if not dm.cache_tokenised:
         build()
         return
-    key, parts = cache_key(dm, splits)
+    if (keyed := cache_key(dm, splits)) is None:
+        rank_zero_info(f"data: not caching the tokenised splits: the code of {type(dm).__qualname__} or of its hooks "
+                       "has no source to version the cache by.")
+        build()
+        return
+    key, parts = keyed
     folder = cache_root() / key
     meta = _read_meta(folder)
     if meta is not None:
@@ -112,8 +117,11 @@ def cached_setup(dm: Any, splits: tuple[str, ...], build: Callable[[], None]) ->
     rank_zero_info(f"data: cached the tokenised {' and '.join(splits)} split(s) in {folder}")
 
 
-def cache_key(dm: Any, splits: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """``(folder name, what went into it)`` for ``splits`` of ``dm``: ``<Class>-<splits>-<sha256 prefix>``."""
+def cache_key(dm: Any, splits: tuple[str, ...]) -> tuple[str, dict[str, Any]] | None:
+    """``(folder name, what went into it)`` for ``splits`` of ``dm``: ``<Class>-<splits>-<sha256 prefix>``; ``None``
+    when the module's code cannot be versioned (:func:`code_version`)."""
+    if (code := code_version(dm)) is None:
+        return None
     parts = {
         "format": FORMAT,
         "splits": list(splits),
@@ -121,7 +129,7 @@ def cache_key(dm: Any, splits: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
         "options": _options(dm),
         "sources": [_source_fingerprint(dm, split) for split in splits],
         "tokenizer": tokenizer_fingerprint(dm.tokenizer),
-        "code": code_version(dm),
+        "code": code,
     }
     digest = hashlib.sha256(_json(parts).encode()).hexdigest()
     return f"{type(dm).__name__}-{'+'.join(splits)}-{digest[:24]}", parts
@@ -129,14 +137,15 @@ def cache_key(dm: Any, splits: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
 
 def checked_before(dm: Any, split: str, path: str) -> bool:
     """True when ``check_sources`` found a valid row in this very file (same bytes) with the same options and code."""
-    return bool(dm.cache_tokenised) and _checked_marker(dm, split, path).is_file()
+    return bool(dm.cache_tokenised) and (marker := _checked_marker(dm, split, path)) is not None and marker.is_file()
 
 
 def remember_checked(dm: Any, split: str, path: str) -> None:
     """Record that ``path`` passed ``check_sources`` (best effort: an unwritable folder only costs a re-check)."""
     if not dm.cache_tokenised:
         return
-    marker = _checked_marker(dm, split, path)
+    if (marker := _checked_marker(dm, split, path)) is None:
+        return
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
@@ -172,21 +181,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def code_version(dm: Any) -> str:
+def code_version(dm: Any) -> str | None:
     """SHA-256 of the code that makes features: ``sparsepo_lightning/data/*.py`` but the modules that only batch, the
-    files defining ``dm``'s classes and its ``validate_fn``/``tokenize_fn``/``convert_rows`` hooks, and the versions
-    of ``transformers``, ``tokenizers`` and ``datasets``."""
-    files = {p for p in _DATA_DIR.glob("*.py") if p.name not in _BATCHING_MODULES}
-    for cls in type(dm).__mro__:
-        if cls is LightningDataModule:
-            break
-        files.add(Path(inspect.getfile(cls)).resolve())
-    for hook in (dm.validate_fn, dm.tokenize_fn, dm.convert_rows):
-        with contextlib.suppress(TypeError, OSError):  # a builtin or callable object: its name is in the options
-            files.add(Path(inspect.getfile(inspect.unwrap(getattr(hook, "__func__", hook)))).resolve())
-    sources = sorted({(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in files if f.is_file()})
+    files (or, without a file, the source) defining ``dm``'s classes and its ``validate_fn``/``tokenize_fn``/
+    ``convert_rows`` hooks, and the versions of ``transformers``, ``tokenizers`` and ``datasets``. ``None`` when some
+    of that code has no source to hash (e.g. a class made by ``exec``): such a module is not cached."""
+    sources = {(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in _DATA_DIR.glob("*.py")
+               if f.name not in _BATCHING_MODULES}
+    classes = type(dm).__mro__[: type(dm).__mro__.index(LightningDataModule)]
+    for code in (*classes, dm.validate_fn, dm.tokenize_fn, dm.convert_rows):
+        if (identity := _source_identity(code)) is None:
+            return None
+        sources.add(identity)
     versions = [importlib.metadata.version(name) for name in ("transformers", "tokenizers", "datasets")]
-    return hashlib.sha256(_json([versions, sources]).encode()).hexdigest()
+    return hashlib.sha256(_json([versions, sorted(sources)]).encode()).hexdigest()
+
+
+def _source_identity(code: Any) -> tuple[str, str] | None:
+    """``(file name, SHA-256 of the file)`` of a class or function, else the SHA-256 of its source (a notebook
+    cell), else, for a class, of its functions' sources; ``None`` when there is none."""
+    code = inspect.unwrap(getattr(code, "__func__", code))
+    with contextlib.suppress(TypeError, OSError):
+        if (path := Path(inspect.getfile(code))).is_file():
+            return path.name, hashlib.sha256(path.read_bytes()).hexdigest()
+    with contextlib.suppress(TypeError, OSError):
+        return "source", hashlib.sha256(inspect.getsource(code).encode()).hexdigest()
+    if inspect.isclass(code):
+        functions = [_source_identity(v) for v in vars(code).values() if inspect.isfunction(getattr(v, "__func__", v))]
+        if all(functions):
+            return "class", hashlib.sha256(_json(sorted(functions)).encode()).hexdigest()
+    return None
 
 
 def _options(dm: Any) -> dict[str, Any]:
@@ -231,9 +255,11 @@ def _file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
 
 
-def _checked_marker(dm: Any, split: str, path: str) -> Path:
+def _checked_marker(dm: Any, split: str, path: str) -> Path | None:
+    if (code := code_version(dm)) is None:
+        return None
     parts = {"format": FORMAT, "split": split, "module": _qualified(type(dm)), "options": _options(dm),
-             "file": _file_fingerprint(path), "code": code_version(dm)}
+             "file": _file_fingerprint(path), "code": code}
     return cache_root() / "checked" / hashlib.sha256(_json(parts).encode()).hexdigest()
 
 
