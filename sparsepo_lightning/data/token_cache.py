@@ -13,7 +13,9 @@ SHA-256 over everything that shapes the features (:func:`cache_key`):
 - the tokenizer: class, ``name_or_path``, the SHA-256 of its serialisation (``backend_tokenizer.to_str()``), chat
   template and special token ids;
 - the code: the source of ``sparsepo_lightning/data/*.py`` (but the modules that only batch) and of the files
-  defining the module's classes and hooks, and the versions of ``transformers``, ``tokenizers`` and ``datasets``.
+  defining the module's classes and hooks (their source where there is no file, e.g. a notebook cell; a module
+  whose code has neither, e.g. made by ``exec``, is not cached), and the versions of ``transformers``,
+  ``tokenizers`` and ``datasets``.
 
 A folder holds the splits one ``setup`` builds together (``train`` and ``val``, or ``val``, or ``test``): per split
 ``<split>.arrow`` (the features ``tokenize_fn`` returned minus the truncation counters, and a ``__source__`` column of
