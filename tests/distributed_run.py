@@ -131,7 +131,7 @@ def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callba
     return Trainer(accelerator="cpu", devices=devices, strategy=strategy_obj, max_steps=max_steps,
                    limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, callbacks=callbacks,
-                   use_distributed_sampler=False, **trainer_options)
+                   **{"use_distributed_sampler": False, **trainer_options})
 
 
 def full_state(module: torch.nn.Module | None) -> dict[str, torch.Tensor]:
@@ -214,6 +214,19 @@ def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> d
     return runs
 
 
+def budget_run(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
+    """3 steps of token-budget micro-batches on the packed layout under DDP, with Lightning's distributed-sampler
+    injection on (its default): the micro-batch sampler must be kept and deal different micro-batches to the ranks."""
+    recorder = LossRecorder()
+    data = PreferenceDataModule(tokenizer=model_dir, train_file=pairs, max_length=32, max_prompt_length=16,
+                                layout="packed", max_tokens=128)
+    trainer = make_trainer("ddp", 2, root, 3, [recorder], use_distributed_sampler=True)
+    trainer.fit(make_module(model_dir), datamodule=data)
+    sampler = trainer.train_dataloader.sampler
+    return {"rows": recorder.rows, "loss": recorder.losses, "rank": trainer.global_rank,
+            "sampler": type(sampler).__name__, "order": list(sampler.order)}
+
+
 def main(modes: str, out_dir: str, model_dir: str, pairs: str) -> None:
     """Run each of the comma-separated ``modes`` in turn in this pair of processes (one launch, one process-group
     set-up for all of them); each writes ``OUT_DIR/MODE/rank{r}.pt``."""
@@ -239,6 +252,8 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = one_step("fsdp2", 2, model_dir, pairs, out, chunk_size=2)
     elif mode == "fsdp2_frozen":
         result = one_step("fsdp2", 2, model_dir, pairs, out, **frozen_options(model_dir))
+    elif mode == "ddp_budget":
+        result = budget_run(model_dir, pairs, out)
     elif mode.endswith("_packed"):  # data.layout: packed (tests/test_packing.py for one process)
         result = one_step(mode.removesuffix("_packed"), 2, model_dir, pairs, out, layout="packed")
     elif mode == "fsdp2_clip":

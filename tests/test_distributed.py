@@ -57,7 +57,7 @@ def launch(mode: str, out: Path, model_dir: str, pairs: str, timeout: int = 240)
 
 
 ONE_STEP_MODES = ["ddp", "fsdp2", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip", "fsdp2_chunks",
-                  "fsdp2_frozen", "fsdp2_bf16_ac", "ddp_packed", "fsdp2_packed"]
+                  "fsdp2_frozen", "fsdp2_bf16_ac", "ddp_packed", "fsdp2_packed", "ddp_budget"]
 """The one-step 2-rank runs on the tiny model, made in one launch by the ``ranks`` fixture."""
 
 
@@ -101,6 +101,16 @@ def test_one_step_matches_single_process(mode, single, ranks_by_mode, tiny_model
     ``*_packed`` run on the packed layout (``data.layout: packed``) against the padded 1-process baseline."""
     ranks = ranks_by_mode[mode] if mode in ranks_by_mode else launch(mode, tmp_path, tiny_model_dir, pairs_file)
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
+
+
+def test_ddp_token_budget_micro_batches_are_dealt_to_ranks(ranks_by_mode):
+    """``data.max_tokens`` under DDP with Lightning's sampler injection on: the module's ``BatchOrderSampler`` is
+    kept, both ranks run the 3 steps, and they see different micro-batches (rank r takes every 2nd from r)."""
+    ranks = ranks_by_mode["ddp_budget"]
+    assert [r["sampler"] for r in ranks] == ["BatchOrderSampler"] * 2
+    assert [len(r["loss"]) for r in ranks] == [3, 3]
+    assert set(ranks[0]["order"]).isdisjoint(ranks[1]["order"][:len(ranks[0]["order"]) - 1])
+    assert not torch.equal(ranks[0]["rows"][0], ranks[1]["rows"][0])
 
 
 def test_fsdp2_ranks_with_different_numbers_of_head_chunks(single, ranks_by_mode):

@@ -6,6 +6,7 @@ DDP and FSDP2 on 2 processes: ``tests/test_distributed.py`` (``*_packed`` modes)
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -206,3 +207,79 @@ def test_layout_options_are_checked(tiny_model_dir):
         PreferenceDataModule(tokenizer=tiny_model_dir, train_file="x.jsonl", pack_length=16)
     with pytest.raises(ConfigError, match="data.layout='stacked'"):
         PreferenceDataModule(tokenizer=tiny_model_dir, train_file="x.jsonl", layout="stacked")
+
+
+# ---- token-budget micro-batches (data.max_tokens) -------------------------------------------------------------
+def _lengths_pairs(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        p, c, r = (int(x) for x in torch.randint(1, 12, (3,), generator=g))
+        pairs.append(_pair(list(range(3, 3 + p)), [50] * c, [60] * r))
+    return pairs
+
+
+@pytest.mark.parametrize(("layout", "pack_length"), [("padded", None), ("packed", None), ("packed", 24)])
+def test_budget_batches_stay_within_budget_and_are_maximal(layout, pack_length):
+    from sparsepo_lightning.data.batching import budget_batches, seeded_order
+
+    pairs, budget = _lengths_pairs(), 128
+    cost = padded_cost if layout == "padded" else functools.partial(packed_cost, pack_length=pack_length)
+    order = seeded_order(len(pairs), 3)
+    batches = budget_batches(pairs, budget, layout, pack_length, order)
+    assert [i for b in batches for i in b] == order  # every pair once, in the seeded order
+    for b, following in zip(batches, [*batches[1:], None], strict=True):
+        assert cost([pairs[i] for i in b]) <= budget
+        if following is not None:  # greedy: the next pair would not have fitted
+            assert cost([pairs[i] for i in [*b, following[0]]]) > budget
+    assert len(batches) < len(pairs) / 2  # several pairs per micro-batch
+
+
+def test_batch_order_sampler_reshuffles_per_pass_deals_ranks_and_skips():
+    from sparsepo_lightning.data.batching import BatchList, BatchOrderSampler
+
+    batches = BatchList([], [[i] for i in range(5)], collate=list)
+    sampler = BatchOrderSampler(batches, seed=7, shuffle=True)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    assert list(BatchOrderSampler(batches, seed=7, shuffle=True, passes=1)) == second  # pass k: seed + k
+    assert list(BatchOrderSampler(batches, seed=7, shuffle=True, passes=1, skip=2)) == second[2:]
+    assert len(BatchOrderSampler(batches, seed=7, shuffle=True, passes=1, skip=2)) == 5
+    ranks = []
+    for rank in range(2):
+        sampler = BatchOrderSampler(batches, seed=7, shuffle=False)
+        sampler.num_replicas, sampler.rank = 2, rank
+        ranks.append(list(sampler))
+    assert ranks == [[0, 2, 4], [1, 3, 0]]  # padded to 6 by repeating the first, as DistributedSampler does
+    assert len(sampler) == 3
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_data_module_token_budget_batches_and_exact_resume(layout, tiny_tokenizer, pairs_file):
+    def module():
+        dm = PreferenceDataModule(tokenizer="unused", train_file=pairs_file, val_file=pairs_file, max_length=32,
+                                  max_prompt_length=16, layout=layout, max_tokens=96)
+        dm.tokenizer = tiny_tokenizer
+        dm.setup("fit")
+        return dm
+
+    dm = module()
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    sources = [dm.train_batch_sources(i) for i in range(len(batches))]
+    assert sum(len(s) for s in sources) == 16 and len(batches) == len(loader)
+    for batch, rows in zip(batches, sources, strict=True):
+        assert batch.input_ids.shape[0] == 2 * len(rows)
+        used = batch.packed.num_tokens if layout == "packed" else batch.input_ids.numel()
+        assert used <= 96
+        assert (batch.packed is not None) == (layout == "packed")
+    second_pass = list(loader)  # the loader's second pass: order randperm(seed + 1)
+    # resume inside the second pass after 2 micro-batches: the rest of that pass, in the same order
+    resumed = module()
+    resumed.load_state_dict({"train_passes": 2, "train_batches_done": 2, "train_pass_complete": False})
+    rest = list(resumed.train_dataloader())
+    assert len(rest) == len(second_pass) - 2
+    for a, b in zip(rest, second_pass[2:], strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+    val = list(dm.val_dataloader())
+    assert sum(b.input_ids.shape[0] for b in val) == 32  # every validation pair once, in file order
