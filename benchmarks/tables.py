@@ -80,7 +80,37 @@ def loading_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table}
+LAYOUT_NAMES = {"trl": "TRL DPOTrainer", "padded": "padded", "packed": "packed (one row)",
+                "packed_rows": "packed (rows ≤ pack_length)"}
+
+
+def packing_table(data: dict | None = None) -> str:
+    """Every (mix, config) row of ``packing.json`` (``bench_packing.py``), ratios to the padded layout."""
+    data = data or _load("packing.json")
+    meta = data["meta"]
+    mixes = "; ".join(f"{name}: prompt median {m['prompt_median']:g} (p90 {m['prompt_p90']}), response median "
+                      f"{m['response_median']:g} (p90 {m['response_p90']}) tokens" for name, m in meta["mixes"].items())
+    lines = [f"Source: `benchmarks/results/packing.json` ({meta['date'][:10]}, {meta['device']}, "
+             f"{meta['cpu_count']} cores, load {meta['load_avg_before'][0]:.1f} → {meta['load_avg_after'][0]:.1f}, "
+             f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
+             f"DPO β 0.1, {meta['pairs_per_batch']} pairs per micro-batch, median of {meta['measured_batches']} "
+             f"micro-batches; pack_length {meta['pack_length']}). Mixes: {mixes}.", "",
+             "| mix | layout | positions / pair | × padded | CPU s / step | × padded | step MiB | × padded |",
+             "|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in data["results"]:
+        name = LAYOUT_NAMES.get(r["config"], r["config"])
+        if "error" in r:
+            lines.append(f"| {r['mix']} | {name} | error: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['mix']} | {name} | {r['positions_per_pair']:.0f} | {r.get('positions_vs_padded', nan):.2f} "
+                     f"| {r['cpu_s']:.2f} | {r.get('time_vs_padded', nan):.2f} | {r['step_mem_mib']:.0f} "
+                     f"| {r.get('mem_vs_padded', nan):.2f} |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
+                                        "packing": packing_table}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

@@ -49,6 +49,11 @@ class Task:
 ZEPHYR = {"use_chat_template": True, "chat_template": "zephyr"}
 """The released code renders every non-code example with a Zephyr-style template (docs/method.md §6.1)."""
 
+PACKED_NOTE = ("data.layout packed: each prompt once per model, no padding, exact (docs/packing.md); "
+               "padded needs no 4D-mask attention.")
+"""Why the long-prompt recipes (HH, TL;DR) pack their pairs (README, Performance: packed vs padded)."""
+
+
 TASKS = [
     Task(
         name="imdb", title="IMDB sentiment control", model="insub/gpt2-large-imdb-fine-tuned", tokenizer="gpt2-large",
@@ -67,21 +72,24 @@ TASKS = [
         beta=0.1, lr=5e-7, lr_by_variant={"mapo": 1e-6}, epochs=3, devices=4, batch_size=2, accumulate=16,
         l1_common=0.001,
         data={"class_path": "sparsepo_lightning.data.hh.HHDataModule",
-              "init_args": {**ZEPHYR, "system_prompt": "", "max_length": 2048, "max_prompt_length": 1024}},
+              "init_args": {**ZEPHYR, "system_prompt": "", "max_length": 2048, "max_prompt_length": 1024,
+                            "layout": "packed"}},
         notes=("Policy/reference: the paper first fine-tunes Pythia-1.4B on HH chosen dialogues (SFT, lr 1e-5,",
-               "1 epoch); point model.model at that SFT checkpoint. Effective batch 128 (README); exps.sh used 64."),
+               "1 epoch); point model.model at that SFT checkpoint. Effective batch 128 (README); exps.sh used 64.",
+               PACKED_NOTE),
     ),
     Task(
         name="tldr", title="TL;DR summarisation", model="CarperAI/openai_summarize_tldr_sft",
         tokenizer="EleutherAI/gpt-j-6b", beta=0.8, lr=1e-4, epochs=1, devices=4, batch_size=1, accumulate=64,
         data={"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
               "init_args": {"subset": "comparisons", **ZEPHYR, "system_prompt": "", "max_length": 2048,
-                            "max_prompt_length": 1024}},
+                            "max_prompt_length": 1024, "layout": "packed"}},
         lora={"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]},
         dtype="float16",
         notes=("LoRA as released (r 64, alpha 16, dropout 0.1; GPT-J only has the q/k/v names of the target list),",
                "frozen weights in fp16 (adapters and masks stay fp32);",
-               "the reference is the policy with adapters disabled, the masks train fully (docs/method.md §3.2)."),
+               "the reference is the policy with adapters disabled, the masks train fully (docs/method.md §3.2).",
+               PACKED_NOTE),
     ),
     Task(
         name="code", title="Text-to-code (MBPP)", model="bigcode/starcoderbase-1b", tokenizer=None,
@@ -144,10 +152,11 @@ SMALL_DATA = {
                            "val_file": "data/samples/imdb/imdb-sft-test.jsonl", "max_length": 64,
                            "max_prompt_length": 24}},
     "hh": {"class_path": "sparsepo_lightning.data.hh.HHDataModule",
-           "init_args": {"hub_dataset": "data/samples/hh", "max_length": 256, "max_prompt_length": 192}},
+           "init_args": {"hub_dataset": "data/samples/hh", "max_length": 256, "max_prompt_length": 192,
+                         "layout": "packed"}},
     "tldr": {"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
              "init_args": {"subset": "comparisons", "hub_dataset": "data/samples/tldr", "max_length": 256,
-                           "max_prompt_length": 192}},
+                           "max_prompt_length": 192, "layout": "packed"}},
     "code": {"class_path": "sparsepo_lightning.data.code.CodeDataModule",
              "init_args": {"train_file": "data/samples/code/train.jsonl", "val_file": "data/samples/code/val.jsonl",
                            "max_length": 256, "max_prompt_length": 160}},

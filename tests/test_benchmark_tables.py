@@ -34,6 +34,9 @@ def test_every_result_row_is_shown():
     loading = json.loads((ROOT / "benchmarks/results/loading.json").read_text())["runs"]
     rows = sum(line.startswith(("| float", "| bfloat")) for line in tables.loading_table().splitlines())
     assert rows == sum(len(run["peak_ratio"]) for run in loading.values())
+    packing = json.loads((ROOT / "benchmarks/results/packing.json").read_text())["results"]
+    rows = sum(line.startswith(("| hh |", "| imdb |")) for line in tables.packing_table().splitlines())
+    assert rows == len(packing)
 
 
 def test_a_stale_table_is_detected():
