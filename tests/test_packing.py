@@ -283,3 +283,22 @@ def test_data_module_token_budget_batches_and_exact_resume(layout, tiny_tokenize
         assert torch.equal(a.input_ids, b.input_ids)
     val = list(dm.val_dataloader())
     assert sum(b.input_ids.shape[0] for b in val) == 32  # every validation pair once, in file order
+
+
+@pytest.mark.parametrize("task", ["hh", "tldr"])
+def test_long_prompt_recipes_train_packed_through_the_cli(task, tmp_path, monkeypatch):
+    """The HH and TL;DR recipes set ``data.layout: packed``; their small variants train that way end to end (here on
+    the tiny random Llama with the SmolLM2 tokenizer, 2 steps) with the mask heat-maps and statistics callbacks."""
+    from pathlib import Path
+
+    from sparsepo_lightning.cli import run
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cli = run(["fit", "--config", f"configs/{task}/sparsepo_small.yaml", "--model.model", "tiny-random-llama",
+               "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.datamodule.layout == "packed"
+    assert cli.model.last_step.batch.packed is not None and cli.model._packed_checked
+    assert cli.trainer.global_step == 2
