@@ -22,6 +22,7 @@ def load_policy_and_reference(
     meta_init: bool = False,
     disable_dropout: bool = True,
     gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """The policy to train (in train mode) and its frozen reference (eval mode, no gradients), as
     ``PreferenceModule`` options describe them.
@@ -34,6 +35,7 @@ def load_policy_and_reference(
             adapters disabled (no separate reference is returned).
         meta_init: parameters on the meta device (``meta_init.py``), weights loaded later by ``load_weights``.
         disable_dropout: set every dropout of both models to 0 (before LoRA, whose dropout is its own option).
+        attn_implementation: attention implementation of both models (``set_attention``); None keeps transformers'.
 
     Returns:
         ``(policy, reference)``; the policy is a ``peft.PeftModel`` with ``lora``; ``reference`` is None
@@ -48,6 +50,7 @@ def load_policy_and_reference(
     if needs_reference and lora is None:
         frozen = load(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
         frozen.requires_grad_(False).eval()
+    set_attention(attn_implementation, policy, frozen)
     if disable_dropout:
         for lm in (policy, frozen):
             if lm is not None:
@@ -63,7 +66,8 @@ def load_policy_and_reference(
 
 
 def load_frozen_models(paths: dict[str, str] | None, dtype: str = "float32", trust_remote_code: bool = False,
-                       meta_init: bool = False, disable_dropout: bool = True) -> nn.ModuleDict | None:
+                       meta_init: bool = False, disable_dropout: bool = True,
+                       attn_implementation: str | None = None) -> nn.ModuleDict | None:
     """Extra frozen models by name (``PreferenceModule(frozen_models=...)``), loaded like the reference: eval mode,
     no gradients, never checkpointed, sharded like the reference under FSDP2."""
     if not paths:
@@ -74,10 +78,30 @@ def load_frozen_models(paths: dict[str, str] | None, dtype: str = "float32", tru
         if not name.isidentifier():
             raise ConfigError(f"model.frozen_models: the name {name!r} must be a Python identifier (e.g. positive).")
         model = load(path, dtype=dtype, trust_remote_code=trust_remote_code).requires_grad_(False).eval()
+        set_attention(attn_implementation, model)
         if disable_dropout:
             _disable_dropout(model)
         models[name] = model
     return models
+
+
+def set_attention(implementation: str | None, *models: nn.Module | None) -> None:
+    """Switch each model's attention to ``implementation`` (``sdpa``, ``eager``, ``flex_attention``,
+    ``flash_attention_2``...) through transformers' ``set_attn_implementation``; None leaves them as loaded.
+
+    Raises:
+        ConfigError: transformers refuses the implementation for a model (not installed, not supported).
+    """
+    if implementation is None:
+        return
+    for model in models:
+        if model is None:
+            continue
+        try:
+            model.set_attn_implementation(implementation)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"model.attn_implementation={implementation!r}: {type(model).__name__} cannot use it "
+                              f"({e}). Fix: sdpa or eager, or install what the message asks for.") from None
 
 
 def with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:

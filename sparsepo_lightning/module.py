@@ -53,6 +53,7 @@ class PreferenceModule(LightningModule):
         activation_checkpointing: bool = False,
         fsdp_param_dtype: str | None = None,
         meta_init: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         """
         Args:
@@ -97,6 +98,8 @@ class PreferenceModule(LightningModule):
                 files, so no rank holds two full models in CPU memory (``meta_init.py``). Needs safetensors
                 checkpoints. With ``lora`` the adapters are initialised at once, the base weights loaded later.
                 Without a trainer, call ``configure_model()`` before use.
+            attn_implementation: of all models (``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``...);
+                None: transformers' choice. ``data.layout: packed`` takes sdpa, eager and flex_attention.
         """
         super().__init__()
         checks.check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
@@ -107,11 +110,11 @@ class PreferenceModule(LightningModule):
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
             lora=lora, meta_init=meta_init, disable_dropout=disable_dropout,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
         self.masker = masker
         self.frozen_models = load_frozen_models(frozen_models, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                meta_init=meta_init, disable_dropout=disable_dropout)
+                                                meta_init=meta_init, disable_dropout=disable_dropout,
+                                                attn_implementation=attn_implementation)
         checks.check_frozen_models(masker, frozen_models)
         self._model_configured = False  # configure_model runs once
         self._sharded = False  # set by configure_model under ModelParallelStrategy (FSDP2)

@@ -17,13 +17,15 @@ gathers its outputs back into the ``(2B, T, ...)`` padded layout, so statistics,
 callbacks are unchanged (the batch keeps its padded ``input_ids``/``labels``/``attention_mask`` as index tensors).
 
 Attention: a 4D mask ``(R, 1, L, L)`` (transformers uses a 4D mask as given): boolean for ``sdpa``, additive float
-for ``eager``. Variable-length flash attention cannot express one sequence attending to a prefix but not to its
-sibling, so ``flash_attention_*`` implementations are refused at start (``check_attention``).
+for ``eager``, a FlexAttention ``BlockMask`` for ``flex_attention`` (whose kernel skips fully masked blocks).
+Variable-length flash attention cannot express one sequence attending to a prefix but not to its sibling, so
+``flash_attention_*`` implementations are refused at start (``check_attention``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,7 +33,7 @@ from torch import Tensor
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 """``PackedRows.branch`` values: the shared prefix, the chosen tail, the rejected tail."""
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 """Attention implementations that take the packed layout's 4D mask."""
 
 
@@ -69,9 +71,12 @@ class PackedRows:
 
         Args:
             implementation: the model's ``config._attn_implementation``; ``eager`` gets an additive float32 mask
-                (0 / the most negative float32), anything else a boolean one (True = attend).
+                (0 / the most negative float32), ``flex_attention`` a ``BlockMask`` of the same rule (its kernel
+                skips the blocks the rule masks out), anything else a boolean tensor (True = attend).
         """
         seg, branch = self.segment_ids, self.branch
+        if implementation == "flex_attention":
+            return self._block_mask()
         length = seg.shape[1]
         positions = torch.arange(length, device=seg.device)
         causal = positions[None, :] <= positions[:, None]  # (L, L): key ≤ query
@@ -83,6 +88,19 @@ class PackedRows:
         if implementation == "eager":
             return torch.zeros(allowed.shape, device=seg.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
         return allowed
+
+    def _block_mask(self) -> Any:
+        """The same rule as a FlexAttention ``BlockMask`` (``R`` rows, all heads)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        seg, branch = self.segment_ids, self.branch
+
+        def rule(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+            sibling = (branch[b, q] == REJECTED) & (branch[b, k] == CHOSEN)
+            return ((seg[b, q] == seg[b, k]) & (k <= q) & ~sibling & (seg[b, q] >= 0)) | (q == k)
+
+        length = seg.shape[1]
+        return create_block_mask(rule, B=seg.shape[0], H=None, Q_LEN=length, KV_LEN=length, device=seg.device)
 
     def unpack(self, packed: Tensor, attention_mask: Tensor) -> Tensor:
         """Gather a per-position tensor of the packed rows into the padded layout.
@@ -107,5 +125,5 @@ def check_attention(implementation: str | None, model_name: str) -> None:
         raise ValueError(
             f"data.layout=packed needs an attention implementation that takes a 4D block mask "
             f"({' or '.join(ATTENTION_IMPLEMENTATIONS)}); {model_name} uses {implementation!r}. Fix: "
-            "data.layout: padded, or load the model with attn_implementation sdpa."
+            "model.attn_implementation: sdpa (or flex_attention), or data.layout: padded."
         )

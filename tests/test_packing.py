@@ -302,3 +302,33 @@ def test_long_prompt_recipes_train_packed_through_the_cli(task, tmp_path, monkey
     assert cli.datamodule.layout == "packed"
     assert cli.model.last_step.batch.packed is not None and cli.model._packed_checked
     assert cli.trainer.global_step == 2
+
+
+def test_flex_attention_block_mask_equals_padded(tiny_tokenizer, pairs_file):
+    """``flex_attention`` gets the same rule as a ``BlockMask`` (its kernel skips masked blocks); CPU compiles it."""
+    features = _features(tiny_tokenizer, pairs_file, n=3)
+    batch = collate_packed(features, tiny_tokenizer.pad_token_id)
+    model = tiny_llama(vocab=len(tiny_tokenizer))
+    with torch.no_grad():
+        last, _ = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+        model.set_attn_implementation("flex_attention")
+        assert check_packed_layout(model, None, None)
+        packed, _ = final_hidden_states(model, batch.input_ids, batch.attention_mask, packed=batch.packed)
+    assert_close(packed, last * batch.attention_mask.bool()[..., None], rtol=0, atol=1e-5)
+
+
+def test_attn_implementation_option_reaches_every_model(tiny_model_dir):
+    module = PreferenceModule(model=tiny_model_dir, attn_implementation="eager",
+                              frozen_models={"other": tiny_model_dir}, objective=SparsePO(),
+                              masker=_frozen_reader())
+    implementations = {m.config._attn_implementation for m in (module.policy, module.reference,
+                                                              module.frozen_models["other"])}
+    assert implementations == {"eager"}
+    with pytest.raises(ConfigError, match="model.attn_implementation='no_such_kernel'"):
+        PreferenceModule(model=tiny_model_dir, attn_implementation="no_such_kernel")
+
+
+def _frozen_reader():
+    from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
+
+    return ContrastiveImportance(positive="other", negative="other")
