@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sparsepo_lightning.blocks import decoder_blocks
 from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning.data.tokenize import tokenize_pair
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
@@ -214,17 +215,33 @@ def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> d
     return runs
 
 
+TOKENISED: list[str] = []
+"""Pairs this process tokenised (``CountingData``)."""
+
+
+def _counting_tokenize(pair: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    TOKENISED.append(pair.source)
+    return tokenize_pair(pair, *args, **kwargs)
+
+
+class CountingData(PreferenceDataModule):
+    """Counts the pairs each rank tokenises: with the tokenised cache, rank 0 builds it in ``prepare_data`` and the
+    other rank only reads it."""
+
+    tokenize_fn = staticmethod(_counting_tokenize)
+
+
 def budget_run(model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
     """3 steps of token-budget micro-batches on the packed layout under DDP, with Lightning's distributed-sampler
     injection on (its default): the micro-batch sampler must be kept and deal different micro-batches to the ranks."""
     recorder = LossRecorder()
-    data = PreferenceDataModule(tokenizer=model_dir, train_file=pairs, max_length=32, max_prompt_length=16,
-                                layout="packed", max_tokens=128)
+    data = CountingData(tokenizer=model_dir, train_file=pairs, max_length=32, max_prompt_length=16, layout="packed",
+                        max_tokens=128)
     trainer = make_trainer("ddp", 2, root, 3, [recorder], use_distributed_sampler=True)
     trainer.fit(make_module(model_dir), datamodule=data)
     sampler = trainer.train_dataloader.sampler
     return {"rows": recorder.rows, "loss": recorder.losses, "rank": trainer.global_rank,
-            "sampler": type(sampler).__name__, "order": list(sampler.order)}
+            "sampler": type(sampler).__name__, "order": list(sampler.order), "tokenised": len(TOKENISED)}
 
 
 def main(modes: str, out_dir: str, model_dir: str, pairs: str) -> None:

@@ -105,12 +105,15 @@ def test_one_step_matches_single_process(mode, single, ranks_by_mode, tiny_model
 
 def test_ddp_token_budget_micro_batches_are_dealt_to_ranks(ranks_by_mode):
     """``data.max_tokens`` under DDP with Lightning's sampler injection on: the module's ``BatchOrderSampler`` is
-    kept, both ranks run the 3 steps, and they see different micro-batches (rank r takes every 2nd from r)."""
+    kept, both ranks run the 3 steps, and they see different micro-batches (rank r takes every 2nd from r). The
+    tokenised cache is built by rank 0 only."""
     ranks = ranks_by_mode["ddp_budget"]
     assert [r["sampler"] for r in ranks] == ["BatchOrderSampler"] * 2
     assert [len(r["loss"]) for r in ranks] == [3, 3]
     assert set(ranks[0]["order"]).isdisjoint(ranks[1]["order"][:len(ranks[0]["order"]) - 1])
     assert not torch.equal(ranks[0]["rows"][0], ranks[1]["rows"][0])
+    # tokenise once: rank 0 tokenised the 16 pairs into the cache (prepare_data), rank 1 read them
+    assert [r["tokenised"] for r in ranks] == [16, 0]
 
 
 def test_fsdp2_ranks_with_different_numbers_of_head_chunks(single, ranks_by_mode):
