@@ -125,7 +125,8 @@ def _fake_logs(out: Path) -> None:
     (out / "data.json").write_text(json.dumps({"train": {"prompts": 10, "pairs": 9}}))
     reference = {"reward_mean": 0.1, "reward_sem": 0.01, "kl_mean": 0.0, "kl_sem": 0.0,
                  "reward_per_prompt": rng.normal(0.1, 0.1, prompts).round(4).tolist(),
-                 "kl_per_prompt": [0.0] * prompts}
+                 "kl_per_prompt": [0.0] * prompts, "second_scorer": "textblob"}
+    reference["second_reward_per_prompt"] = (np.array(reference["reward_per_prompt"]) / 2).round(4).tolist()
     (out / "runs" / "reference-x").mkdir()
     (out / "runs" / "reference-x" / "eval.json").write_text(json.dumps(reference))
     tokens = [" good", " film", " bad", " the", " great", " awful"] * 4
@@ -146,7 +147,8 @@ def _fake_logs(out: Path) -> None:
             (run_dir / "config.json").write_text(json.dumps({"model": {}}))
             (run_dir / "eval.json").write_text(json.dumps({
                 "reward_mean": float(reward.mean()), "reward_sem": 0.01, "kl_mean": float(kl.mean()), "kl_sem": 0.01,
-                "wall_seconds": 5.0, "reward_per_prompt": reward.tolist(), "kl_per_prompt": kl.tolist()}))
+                "wall_seconds": 5.0, "reward_per_prompt": reward.tolist(), "kl_per_prompt": kl.tolist(),
+                "second_scorer": "textblob", "second_reward_per_prompt": (reward / 2).tolist()}))
             if method == "sparsepo_common":
                 weights = [1.0 if t.strip() in ("good", "great", "bad", "awful") else 0.1 for t in tokens]
                 side = {"tokens": tokens, "reward": weights, "kl": None}
@@ -163,6 +165,8 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
         assert heading in text
     assert "SparsePO common − Random mask (matched)" in text and "SparsePO common − DPO" in text
     assert "higher frontier score than DPO" in text  # built in: sparsepo_common is 0.1*beta above dpo
+    assert "## Under a second scorer (textblob)" in text  # half of every reward: the same verdicts
+    assert "- Under textblob the verdict against DPO holds" in text
     # sentiment words carry weight 1, others 0.1: a strong rank correlation with |valence|, p at its minimum
     row = next(line for line in text.splitlines() if line.startswith("| sparsepo_common_b0.1_s0 | reward | chosen"))
     rho_abs, p_abs = float(row.split("|")[5]), float(row.split("|")[6])
@@ -185,3 +189,30 @@ def test_sparsepo_study_plan_lists_every_run(tmp_path):
     assert len(lines) == len(METHODS)
     assert any(line.startswith("dpo_b0.5_s3 ") and line.endswith("to do") for line in lines)
     assert any(line.startswith("random_b0.5_s3 ") and "waits for its matched run" in line for line in lines)
+
+
+def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
+    from sparsepo_lightning.data.scorers import make_scorer
+
+    great, dull, neutral = make_scorer("textblob")([" a great, wonderful film", " a terrible, boring film", " it"])
+    assert great > 0.5 and dull < -0.5 and neutral == 0.0
+    paths = Paths(tmp_path / "out", tmp_path / "work")
+    run_dir, eval_dir = paths.out / "runs" / "dpo_b0.1_s0-abc", paths.work / "eval" / "dpo_b0.1_s0-abc"
+    run_dir.mkdir(parents=True)
+    eval_dir.mkdir(parents=True)
+    (run_dir / "eval.json").write_text(json.dumps({"reward_mean": 0.1}))
+    samples = [{"prompt": "p1", "completion": " a great film"}, {"prompt": "p1", "completion": " it"},
+               {"prompt": "p2", "completion": " a terrible film"}, {"prompt": "p2", "completion": " a terrible film"}]
+    (eval_dir / "sentiment_samples.jsonl").write_text("\n".join(json.dumps(x) for x in samples) + "\n")
+    assert driver.rescore(paths) == ["dpo_b0.1_s0-abc"]
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["reward_mean"] == 0.1 and result["second_scorer"] == "textblob"
+    assert result["second_reward_per_prompt"] == [pytest.approx(great_of(" a great film") / 2, abs=1e-6),
+                                                  pytest.approx(great_of(" a terrible film"), abs=1e-6)]
+    assert driver.rescore(paths) == []  # done once
+
+
+def great_of(text):
+    from sparsepo_lightning.data.scorers import TextBlobScorer
+
+    return TextBlobScorer()([text])[0]

@@ -1,6 +1,7 @@
 """Scorers for sentiment pairs and evaluation: map texts to scores, higher = more preferred (more positive).
 
-``make_scorer("vader")`` is the offline default (VADER lexicon); any other name or path is a sequence
+``make_scorer("vader")`` is the offline default (VADER lexicon), ``"textblob"`` a second offline lexicon scorer;
+any other name or path is a sequence
 classifier scored as P(positive) (docs/method.md §6.2).
 """
 
@@ -27,6 +28,25 @@ class VaderScorer:
 
     def __call__(self, texts: list[str]) -> list[float]:
         return [float(self._analyzer.polarity_scores(text)["compound"]) for text in texts]
+
+
+class TextBlobScorer:
+    """TextBlob's pattern-lexicon polarity of each text, in [-1, 1] (``textblob``, MIT license; no corpus download).
+
+    A second offline scorer built differently from VADER (adjective lexicon with intensifiers and negation from the
+    Pattern library, no valence-shifting rules for punctuation or capitals): the sentiment study reports whether
+    its conclusion holds under both.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from textblob.en.sentiments import PatternAnalyzer
+        except ImportError as e:
+            raise ImportError("the textblob scorer needs the `textblob` package: pip install -e '.[study]'") from e
+        self._analyzer = PatternAnalyzer()
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [float(self._analyzer.analyze(text).polarity) for text in texts]
 
 
 _POSITIVE_NAMES = ("positive", "pos")
@@ -111,7 +131,10 @@ def positive_index(id2label: dict[int, str], positive_label: str | int | None, m
 def make_scorer(
     spec: str, positive_label: str | int | None = None, batch_size: int = 32, device: str = "cpu"
 ) -> Scorer:
-    """``"vader"`` gives a `VaderScorer`; any other string is a classifier name or path for `ClassifierScorer`."""
+    """``"vader"`` gives a `VaderScorer`, ``"textblob"`` a `TextBlobScorer`; any other string is a classifier name or
+    path for `ClassifierScorer`."""
     if spec.lower() == "vader":
         return VaderScorer()
+    if spec.lower() == "textblob":
+        return TextBlobScorer()
     return ClassifierScorer(spec, positive_label=positive_label, batch_size=batch_size, device=device)

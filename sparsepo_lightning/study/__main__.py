@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsepo study",
                                 description="Controlled credit-granularity study on offline sentiment.")
     p.add_argument("study", choices=["sentiment"])
-    p.add_argument("action", choices=["run", "report", "plan"])
+    p.add_argument("action", choices=["run", "report", "plan", "rescore"],
+                   help="run: train and evaluate what is missing; report: regenerate the report from the logs; plan: "
+                        "list the runs; rescore: add the second scorer's rewards to evaluated runs from their samples")
     p.add_argument("--out", type=Path, default=Path("reports/sentiment"), help="Per-run logs and the report.")
     p.add_argument("--work", type=Path, default=None,
                    help="Data, checkpoints and raw logs (default: <cache>/study, git-ignored).")
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_report(args.out)
     elif args.action == "report":
         print(report.write_report(args.out))
+    elif args.action == "rescore":
+        done = driver.rescore(paths)
+        print(f"rescored {len(done)} runs with {driver.SECOND_SCORER}: {', '.join(done) or '-'}")
+        report.write_report(args.out)
     else:
         for run in plan(settings):
             try:

@@ -240,9 +240,42 @@ def evaluate(settings: StudySettings, paths: Paths, policy: str, label: str, out
         examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}
                   for s in samples[: 4 * settings.eval_samples : settings.eval_samples]],
     )
+    result.update(second_scores(samples, prompts))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result) + "\n")
     return result
+
+
+SECOND_SCORER = "textblob"
+"""The second offline scorer of the held-out samples (``data.scorers.TextBlobScorer``)."""
+
+
+def second_scores(samples: list[dict[str, Any]], prompts: list[str]) -> dict[str, Any]:
+    """Per-prompt mean and overall mean of the ``SECOND_SCORER`` score of the same samples VADER scored."""
+    from sparsepo_lightning.data.scorers import make_scorer
+
+    scores = make_scorer(SECOND_SCORER)([s["completion"] for s in samples])
+    by_prompt: dict[str, list[float]] = {p: [] for p in prompts}
+    for sample, score in zip(samples, scores, strict=True):
+        by_prompt[sample["prompt"]].append(score)
+    return {"second_scorer": SECOND_SCORER, "second_reward_mean": round(sum(scores) / len(scores), 6),
+            "second_reward_per_prompt": [round(sum(g) / len(g), 6) for g in by_prompt.values()]}
+
+
+def rescore(paths: Paths) -> list[str]:
+    """Add the second scorer's rewards to every evaluated run (and the reference) whose ``eval.json`` lacks them,
+    from the samples its evaluation kept under ``<work>/eval``; returns the runs rescored now."""
+    done = []
+    for eval_file in sorted((paths.out / "runs").glob("*/eval.json")):
+        result = json.loads(eval_file.read_text())
+        samples_file = paths.work / "eval" / eval_file.parent.name / "sentiment_samples.jsonl"
+        if result.get("second_scorer") == SECOND_SCORER or not samples_file.is_file():
+            continue
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
+        result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples))))
+        eval_file.write_text(json.dumps(result) + "\n")
+        done.append(eval_file.parent.name)
+    return done
 
 
 def hardware() -> str:
@@ -311,4 +344,5 @@ def run_study(settings: StudySettings, paths: Paths, device: str = "cpu", limit:
         shutil.rmtree(checkpoint.parent, ignore_errors=True)
         done.append(run.name)
         log.info("done: %s", run.name)
+    rescore(paths)
     return done

@@ -179,11 +179,14 @@ def runs_table(runs: list[RunLog]) -> list[str]:
     return lines
 
 
-def frontier_section(runs: list[RunLog], reference: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def frontier_section(runs: list[RunLog], reference: dict[str, Any],
+                     reward_key: str = "reward_per_prompt") -> tuple[list[str], dict[str, Any]]:
+    """Frontier scores and the SparsePO differences, from the per-prompt rewards under ``reward_key`` (VADER's, or
+    the second scorer's ``second_reward_per_prompt``)."""
     evaluated = _by_method([r for r in runs if r.eval])
-    per_prompt = {m: [(np.array(r.eval["kl_per_prompt"]), np.array(r.eval["reward_per_prompt"])) for r in group]
+    per_prompt = {m: [(np.array(r.eval["kl_per_prompt"]), np.array(r.eval[reward_key])) for r in group]
                   for m, group in evaluated.items()}
-    anchor = np.array(reference["reward_per_prompt"])
+    anchor = np.array(reference[reward_key])
     estimate, samples, kl_max = stats.bootstrap_frontier_scores(per_prompt, anchor, num_resamples=1000, seed=0)
     lines = [f"Frontier score = mean reward of a method's Pareto frontier (reference anchor at KL 0, linear between "
              f"points) over KL ∈ [0, {kl_max:.3f}] nats, the range every method reaches; 95 % intervals from 1,000 "
@@ -245,6 +248,23 @@ def token_section(run: RunLog, min_count: int = 20, top: int = 10) -> list[str]:
             f"- lowest: {cell(ranked[::-1][:top])}"]
 
 
+def _verdict(low: float, high: float) -> str:
+    return "higher" if low > 0 else "lower" if high < 0 else "no measurable difference"
+
+
+def second_scorer_lines(section: dict[str, Any], second: dict[str, Any], scorer: str) -> list[str]:
+    """Whether each SparsePO difference keeps its verdict (higher / lower / none) under the second scorer."""
+    lines = []
+    for other, (_, low, high) in section["differences"].items():
+        if other not in second["differences"]:
+            continue
+        value2, low2, high2 = second["differences"][other]
+        same = _verdict(low, high) == _verdict(low2, high2)
+        lines.append(f"- Under {scorer} the verdict against {METHODS[other].label} {'holds' if same else 'changes'}: "
+                     f"{value2:+.4f}, 95 % interval [{low2:+.4f}, {high2:+.4f}] ({_verdict(low2, high2)}).")
+    return lines
+
+
 def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> list[str]:
     lines = []
     evaluated = sum(1 for r in runs if r.eval)
@@ -253,9 +273,9 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
                      "hold for those runs only; `sparsepo study sentiment run` continues it.")
     for other, (value, low, high) in section["differences"].items():
         label = METHODS[other].label
-        if low > 0:
+        if _verdict(low, high) == "higher":
             verdict = f"SparsePO (common mask) has a higher frontier score than {label}"
-        elif high < 0:
+        elif _verdict(low, high) == "lower":
             verdict = f"SparsePO (common mask) has a lower frontier score than {label}"
         else:
             verdict = f"no measurable difference between SparsePO (common mask) and {label}"
@@ -303,13 +323,23 @@ def write_report(out: Path) -> Path:
         (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return out / "README.md"
     section_lines, section = ([], {"differences": {}, "kl_max": float("nan")})
+    second_lines, second_verdicts = [], []
     if any(r.eval for r in runs):
         frontier_figure(runs, reference, out / "frontier.png")
         section_lines, section = frontier_section(runs, reference)
-    lines += ["## Conclusion", "", *conclusion(section, runs, planned), "",
+        rescored = [r for r in runs if r.eval] + [reference]
+        if all(e.get("second_reward_per_prompt") for e in (getattr(x, "eval", x) for x in rescored)):
+            scorer = reference.get("second_scorer", "the second scorer")
+            second_lines, second = frontier_section(runs, reference, "second_reward_per_prompt")
+            second_verdicts = second_scorer_lines(section, second, scorer)
+            second_lines = [f"## Under a second scorer ({scorer})", "",
+                            f"The same samples scored by {scorer} instead of VADER (`second_reward_per_prompt` in "
+                            "each run's `eval.json`; `sparsepo study sentiment rescore` adds it from the kept "
+                            "samples).", "", *second_lines, ""]
+    lines += ["## Conclusion", "", *conclusion(section, runs, planned), *second_verdicts, "",
               "## Reward–KL frontier", "", "![frontier](frontier.png)", "",
               f"Reference (SmolLM2-135M-Instruct): reward {reference['reward_mean']:.4f} ± "
-              f"{reference['reward_sem']:.4f}.", "", *section_lines, ""]
+              f"{reference['reward_sem']:.4f}.", "", *section_lines, "", *second_lines]
     if sparsity_figure(runs, out / "sparsity.png"):
         lines += ["## Mask sparsity during training", "", "![sparsity](sparsity.png)", "",
                   "Solid: reward mask, dotted: KL mask (one line for a common mask); mean of chosen and rejected.", ""]
