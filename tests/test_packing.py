@@ -22,9 +22,9 @@ from sparsepo_lightning.masks import ActivationMasker, LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import DPO, TDPO2, SparsePO
 from sparsepo_lightning.packing import CHOSEN, REJECTED, SHARED
-from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_neox
+from tests.tiny_models import tiny_gpt2, tiny_gptj, tiny_llama, tiny_neox
 
-FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox}
+FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "neox": tiny_neox, "gptj": tiny_gptj}
 
 
 def _pair(prompt, chosen, rejected):
@@ -93,7 +93,7 @@ def test_hidden_states_equal_padded(family, implementation, pack_length, tiny_to
 @pytest.fixture(scope="module")
 def family_dirs(tiny_tokenizer, tiny_model_dir, tmp_path_factory):
     dirs = {"llama": tiny_model_dir}
-    for family in ("gpt2", "neox"):
+    for family in ("gpt2", "neox", "gptj"):
         path = tmp_path_factory.mktemp(family)
         model = FAMILIES[family](vocab=len(tiny_tokenizer))
         model.config.pad_token_id = tiny_tokenizer.pad_token_id
@@ -128,6 +128,7 @@ ARMS = {
 
 @pytest.mark.parametrize(("family", "arm"), [("llama", arm) for arm in ARMS]
                          + [("gpt2", "sparsepo_learned_common"), ("neox", "mapo_activation"),
+                            ("gptj", "sparsepo_learned_independent"),
                             ("llama", "lora")])
 def test_step_equals_padded(family, arm, family_dirs, tiny_tokenizer, pairs_file):
     """Per-token log-probs and KL, masks, loss and the weights after one SGD step (policy and mask network) equal

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 VOCAB = 97
 
@@ -31,6 +40,14 @@ def tiny_neox(seed: int = 0, vocab: int = VOCAB) -> GPTNeoXForCausalLM:
                            num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=128,
                            hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
     return GPTNeoXForCausalLM(config).eval()
+
+
+def tiny_gptj(seed: int = 0, vocab: int = VOCAB) -> GPTJForCausalLM:
+    """GPT-J (the TL;DR recipe's architecture): rotary on the first ``rotary_dim`` dimensions, parallel blocks."""
+    torch.manual_seed(seed)
+    config = GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    return GPTJForCausalLM(config).eval()
 
 
 def random_rows(n_rows: int = 4, length: int = 12, vocab: int = VOCAB, seed: int = 0):
