@@ -122,6 +122,7 @@ ARMS = {
                                          masker=LearnedMasker(independent=True, init="released")),
     "mapo_activation": dict(objective=SparsePO(), masker=ActivationMasker()),
     "tdpo2": dict(objective=TDPO2()),
+    "sparsepo_gradient_checkpointing": dict(objective=SparsePO(), masker=LearnedMasker(), gradient_checkpointing=True),
     "dpo": dict(objective=DPO()),
 }
 
