@@ -61,9 +61,20 @@ ONE_STEP_MODES = ["ddp", "fsdp2", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta",
 """The one-step 2-rank runs on the tiny model, made in one launch by the ``ranks`` fixture."""
 
 
-@pytest.fixture(scope="module")
-def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory) -> dict[str, list[dict]]:
-    return launch_many(ONE_STEP_MODES, tmp_path_factory.mktemp("ranks"), tiny_model_dir, pairs_file)
+@pytest.fixture(scope="session")
+def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory, worker_id) -> dict[str, list[dict]]:
+    """Launched once per test session: under ``pytest -n`` the first worker that needs it launches and the others
+    wait on a lock and read what it saved (the launch is seeded and its inputs are the same in every worker)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # this session's folder, shared by its workers
+    out, done = shared / "ranks_by_mode", shared / "ranks_by_mode.done"
+    with FileLock(str(shared / "ranks_by_mode.lock")):
+        if not done.exists():
+            launch_many(ONE_STEP_MODES, out, tiny_model_dir, pairs_file)
+            done.touch()
+    return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in ONE_STEP_MODES}
 
 
 @pytest.fixture(scope="module")
