@@ -30,18 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_TOKENISED_CACHE] = os.environ[CACHE_ENV_VAR] = tempfile.mkdtemp(prefix="sparsepo-tokenised-")
 
 
-HEAVY_FIRST = ("test_quickstart.py", "test_study.py", "test_distributed.py", "test_callbacks.py", "test_export.py",
-               "test_cli_user.py", "test_models.py", "test_checkpointing.py", "test_methods_fit.py")
-"""Files whose tests take the longest (``--durations``), run first, so that under ``-n auto`` no worker is left
-with a minutes-long test at the end while the other idles. Whole files move, so module fixtures are built once."""
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Collection order: the files of ``HEAVY_FIRST`` in that order, then the rest in pytest's order (stable)."""
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     if folder := config.stash.get(_TOKENISED_CACHE, None):
         shutil.rmtree(folder, ignore_errors=True)
