@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from sparsepo_lightning.checks import check_packed_layout
 from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning.data.batching import log_budget_batches
 from sparsepo_lightning.data.packing import collate_packed, packed_cost, padded_cost, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.logprobs import final_hidden_states
@@ -267,6 +268,9 @@ def test_data_module_token_budget_batches_and_exact_resume(layout, tiny_tokenize
 
     dm = module()
     loader = dm.train_dataloader()
+    message = log_budget_batches("train", layout, 96, None, loader.dataset)
+    assert message.startswith(f"data (train): 16 pairs in {len(loader)} micro-batches of ")
+    assert f"{layout} layout" in message
     batches = list(loader)
     sources = [dm.train_batch_sources(i) for i in range(len(batches))]
     assert sum(len(s) for s in sources) == 16 and len(batches) == len(loader)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -158,10 +158,17 @@ def budget_loader_parts(features: Sequence[Features], max_tokens: int, layout: L
     return BatchList(features, budget_batches(features, max_tokens, layout, pack_length, order), collate)
 
 
-def describe(layout: str, max_tokens: int | None, batches: BatchList | None, batch_size: int) -> dict[str, Any]:
-    """What the run's batching is, for the logs."""
-    if batches is None or max_tokens is None:
-        return {"layout": layout, "pairs_per_batch": batch_size}
+def log_budget_batches(split: str, layout: Layout, max_tokens: int, pack_length: int | None,
+                       batches: BatchList) -> str:
+    """Log (rank 0) and return how a split was grouped: micro-batches, pairs per micro-batch, budget used."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from sparsepo_lightning.data.packing import packed_cost, padded_cost
+
     sizes = [len(b) for b in batches.batches]
-    return {"layout": layout, "max_tokens": max_tokens, "micro_batches": len(sizes),
-            "pairs_per_batch_min": min(sizes), "pairs_per_batch_max": max(sizes)}
+    cost = functools.partial(packed_cost, pack_length=pack_length) if layout == "packed" else padded_cost
+    used = sum(cost([batches.features[i] for i in b]) for b in batches.batches) / (len(sizes) * max_tokens)
+    message = (f"data ({split}): {sum(sizes)} pairs in {len(sizes)} micro-batches of {min(sizes)}-{max(sizes)} "
+               f"pairs within max_tokens={max_tokens} ({layout} layout; {used:.0%} of the budget used on average)")
+    rank_zero_info(message)
+    return message

@@ -35,6 +35,7 @@ from sparsepo_lightning.data.batching import (
     Layout,
     budget_loader_parts,
     layout_collate,
+    log_budget_batches,
 )
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.options import check_options
@@ -375,6 +376,7 @@ class PreferenceDataModule(LightningDataModule):
         collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
         batches = budget_loader_parts(self._split(split), self.max_tokens, self.layout, self.pack_length, collate,
                                       self.seed if shuffle else None)
+        log_budget_batches(split, self.layout, self.max_tokens, self.pack_length, batches)
         sampler = BatchOrderSampler(batches, self.seed, shuffle, *((self._train_passes, self._train_skip) if shuffle
                                                                     else (0, 0)))
         if shuffle:
