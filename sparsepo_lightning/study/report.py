@@ -196,14 +196,19 @@ def frontier_section(runs: list[RunLog], reference: dict[str, Any],
         low, high = stats.interval(samples[m])
         lines.append(f"| {METHODS[m].label} | {len(evaluated[m])} | {estimate[m]:.4f} | [{low:.4f}, {high:.4f}] |")
     differences = {}
-    for other in ("random", "dpo", "tdpo1"):
+    for other in ("random", "dpo", "tdpo1"):  # each pair over the KL range both of its methods reach
         if "sparsepo_common" in estimate and other in estimate:
-            diff = samples["sparsepo_common"] - samples[other]
-            differences[other] = (estimate["sparsepo_common"] - estimate[other], *stats.interval(diff))
+            pair = {m: per_prompt[m] for m in ("sparsepo_common", other)}
+            pair_estimate, pair_samples, pair_kl = stats.bootstrap_frontier_scores(pair, anchor, 1000, seed=0)
+            diff = pair_samples["sparsepo_common"] - pair_samples[other]
+            value = pair_estimate["sparsepo_common"] - pair_estimate[other]
+            differences[other] = (value, *stats.interval(diff), pair_kl)
     if differences:
-        lines += ["", "| difference | estimate | 95 % interval |", "|---|---|---|"]
-        for other, (value, low, high) in differences.items():
-            lines.append(f"| SparsePO common − {METHODS[other].label} | {value:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+        lines += ["", "Differences: each over the KL range both methods of the pair reach (the same resamples).", "",
+                  "| difference | KL range | estimate | 95 % interval |", "|---|---|---|---|"]
+        for other, (value, low, high, pair_kl) in differences.items():
+            lines.append(f"| SparsePO common − {METHODS[other].label} | [0, {pair_kl:.3f}] | {value:+.4f} | "
+                         f"[{low:+.4f}, {high:+.4f}] |")
     return lines, {"scores": estimate, "differences": differences, "kl_max": kl_max}
 
 
@@ -255,10 +260,10 @@ def _verdict(low: float, high: float) -> str:
 def second_scorer_lines(section: dict[str, Any], second: dict[str, Any], scorer: str) -> list[str]:
     """Whether each SparsePO difference keeps its verdict (higher / lower / none) under the second scorer."""
     lines = []
-    for other, (_, low, high) in section["differences"].items():
+    for other, (_, low, high, _) in section["differences"].items():
         if other not in second["differences"]:
             continue
-        value2, low2, high2 = second["differences"][other]
+        value2, low2, high2, _ = second["differences"][other]
         same = _verdict(low, high) == _verdict(low2, high2)
         lines.append(f"- Under {scorer} the verdict against {METHODS[other].label} {'holds' if same else 'changes'}: "
                      f"{value2:+.4f}, 95 % interval [{low2:+.4f}, {high2:+.4f}] ({_verdict(low2, high2)}).")
@@ -271,7 +276,7 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
     if evaluated < planned:
         lines.append(f"**Partial study: {evaluated} of {planned} planned runs are evaluated.** The statements below "
                      "hold for those runs only; `sparsepo study sentiment run` continues it.")
-    for other, (value, low, high) in section["differences"].items():
+    for other, (value, low, high, pair_kl) in section["differences"].items():
         label = METHODS[other].label
         if _verdict(low, high) == "higher":
             verdict = f"SparsePO (common mask) has a higher frontier score than {label}"
@@ -280,7 +285,7 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
         else:
             verdict = f"no measurable difference between SparsePO (common mask) and {label}"
         lines.append(f"- {verdict}: {value:+.4f} reward, 95 % interval [{low:+.4f}, {high:+.4f}] over KL ≤ "
-                     f"{section['kl_max']:.3f}.")
+                     f"{pair_kl:.3f}.")
     released = [r for r in runs if r.method.endswith("_released") and r.metrics.get("initial_masks")]
     if released:
         means = [r.metrics["initial_masks"]["mask_mean"] for r in released]
