@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from sparsepo_lightning.data.packing import collate_packed, segment_length
+from sparsepo_lightning.data.packing import collate_packed, first_fit, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import PreferenceBatch
 
@@ -67,7 +67,8 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
         feature = features[index]
         if layout == "packed":
             size = segment_length(feature)
-            trial = _first_fit(fills, size, pack_length)
+            trial = list(fills)
+            first_fit(trial, size, pack_length)
             cost = len(trial) * max(trial)
         else:
             size = max(len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"]))
@@ -81,18 +82,6 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
     if current:
         batches.append(current)
     return batches
-
-
-def _first_fit(fills: list[int], size: int, pack_length: int | None) -> list[int]:
-    """Row fills after placing a segment of ``size`` tokens first-fit (one row when ``pack_length`` is None)."""
-    if pack_length is None:
-        return [(fills[0] if fills else 0) + size]
-    fills = list(fills)
-    for r, fill in enumerate(fills):
-        if fill + size <= pack_length:
-            fills[r] += size
-            return fills
-    return [*fills, size]
 
 
 def seeded_order(n: int, seed: int | None) -> list[int]:

@@ -87,19 +87,25 @@ def collate_packed(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id
     return batch
 
 
+def first_fit(fills: list[int], size: int, pack_length: int | None) -> int:
+    """Place a segment of ``size`` tokens in the first packed row with room for it (every segment in row 0 when
+    ``pack_length`` is None; a new row when none has room); adds it to ``fills`` (tokens per row) and returns the row.
+    The one packing rule: ``collate_packed`` builds its rows with it and token budgets price micro-batches with it."""
+    for row, fill in enumerate(fills):
+        if pack_length is None or fill + size <= pack_length:
+            fills[row] += size
+            return row
+    fills.append(size)
+    return len(fills) - 1
+
+
 def _pack_rows(lengths: Sequence[int], pack_length: int | None) -> list[list[tuple[int, int]]]:
-    """Rows of ``(pair, length)``: all in one row (``pack_length`` None), else first-fit in order."""
-    if pack_length is None:
-        return [list(enumerate(lengths))]
+    """Rows of ``(pair, length)``, pairs placed in order by ``first_fit``."""
     rows: list[list[tuple[int, int]]] = []
-    used: list[int] = []
+    fills: list[int] = []
     for pair, n in enumerate(lengths):
-        for r, total in enumerate(used):
-            if total + n <= pack_length:
-                rows[r].append((pair, n))
-                used[r] += n
-                break
-        else:
-            rows.append([(pair, n)])
-            used.append(n)
+        row = first_fit(fills, n, pack_length)
+        if row == len(rows):
+            rows.append([])
+        rows[row].append((pair, n))
     return rows
