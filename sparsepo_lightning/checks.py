@@ -104,10 +104,7 @@ def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: 
     pair.update(chosen_labels=[-100, -100, -100, 4, 5], rejected_labels=[-100, -100, -100, 6])
     models = {"policy": policy, "reference": reference, **{f"frozen_models.{k}": m for k, m in (frozen or {}).items()}}
     for name, model in ((name, model) for name, model in models.items() if model is not None):
-        try:
-            check_attention(model.config._attn_implementation, name)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_attention(model.config._attn_implementation, name)
         batch = collate_packed([pair], pad_token_id=0)
         device = model.get_input_embeddings().weight.device
         ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)

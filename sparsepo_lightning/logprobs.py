@@ -74,17 +74,15 @@ def final_hidden_states(
         tuple of the L block outputs (embedding output dropped, docs/method.md §3.1) when ``all_layers``, else None.
     """
     if packed is None:
-        out = model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=all_layers, use_cache=False
-        )
-        layers = tuple(out.hidden_states[1:]) if all_layers else None
-        return out.last_hidden_state, layers
-    out = model.base_model(
-        input_ids=packed.input_ids, attention_mask=packed.attention_mask(model.config._attn_implementation),
-        position_ids=packed.position_ids, output_hidden_states=all_layers, use_cache=False,
-    )
-    layers = tuple(packed.unpack(h, attention_mask) for h in out.hidden_states[1:]) if all_layers else None
-    return packed.unpack(out.last_hidden_state, attention_mask), layers
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        back = lambda hidden: hidden  # noqa: E731
+    else:
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+                  "attention_mask": packed.attention_mask(model.config._attn_implementation)}
+        back = functools.partial(packed.unpack, attention_mask=attention_mask)
+    out = model.base_model(**inputs, output_hidden_states=all_layers, use_cache=False)
+    layers = tuple(back(h) for h in out.hidden_states[1:]) if all_layers else None
+    return back(out.last_hidden_state), layers
 
 
 def reference_outputs(reference: nn.Module, input_ids: Tensor, attention_mask: Tensor, masker: TokenMasker | None,

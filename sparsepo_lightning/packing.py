@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsepo_lightning.errors import ConfigError
+
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 """``PackedRows.branch`` values: the shared prefix, the chosen tail, the rejected tail."""
 
@@ -120,9 +122,9 @@ class PackedRows:
 
 
 def check_attention(implementation: str | None, model_name: str) -> None:
-    """Raise a ``ValueError`` with the fix when a model's attention cannot take the packed layout's 4D mask."""
+    """Raise a ``ConfigError`` with the fix when a model's attention cannot take the packed layout's 4D mask."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"data.layout=packed needs an attention implementation that takes a 4D block mask "
             f"({' or '.join(ATTENTION_IMPLEMENTATIONS)}); {model_name} uses {implementation!r}. Fix: "
             "model.attn_implementation: sdpa (or flex_attention), or data.layout: padded."
