@@ -332,8 +332,8 @@ def write_report(out: Path) -> Path:
     if any(r.eval for r in runs):
         frontier_figure(runs, reference, out / "frontier.png")
         section_lines, section = frontier_section(runs, reference)
-        rescored = [r for r in runs if r.eval] + [reference]
-        if all(e.get("second_reward_per_prompt") for e in (getattr(x, "eval", x) for x in rescored)):
+        evaluations = [r.eval for r in runs if r.eval] + [reference]
+        if all(e.get("second_reward_per_prompt") for e in evaluations):
             scorer = reference.get("second_scorer", "the second scorer")
             second_lines, second = frontier_section(runs, reference, "second_reward_per_prompt")
             second_verdicts = second_scorer_lines(section, second, scorer)
