@@ -274,11 +274,13 @@ def test_quickstart_with_analysis_preset_writes_heatmap_images(tmp_path, monkeyp
     pytest.importorskip("gguf")
     monkeypatch.chdir(ROOT)
     # Smaller than the quickstart where it does not matter here: no sanity validation (the tiny-model test above
-    # runs one), 2 pairs per batch (the two heat-map pairs), 48 tokens, and the preset's samples cut to 4 new
-    # tokens (greedy decoding of the 135M model is most of this test's time otherwise).
+    # runs one), 2 pairs per batch (the two heat-map pairs), 48 tokens, the preset's samples cut to 4 new tokens
+    # (greedy decoding of the 135M model is most of this test's time otherwise) and no checkpoint.
     preset = yaml.safe_load((ROOT / "callbacks" / "analysis.yaml").read_text())
     (samples,) = [c for c in preset["trainer"]["callbacks"] if c["class_path"].endswith("GenerationSamples")]
     samples["init_args"]["max_new_tokens"] = 4
+    preset["trainer"]["callbacks"] = [c for c in preset["trainer"]["callbacks"]  # no 1.6 GB checkpoint to write
+                                      if not c["class_path"].endswith("RunCheckpoint")]
     (tmp_path / "analysis.yaml").write_text(yaml.safe_dump(preset))
     cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "analysis.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "2",

@@ -17,16 +17,35 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_zygote import CliZygote
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "/nonexistent/sparsepo-model-that-is-never-loaded"
 TINY = ["fit", "--config", "configs/debug/tiny.yaml"]
 
 
-def sparsepo(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _environment(env: dict[str, str] | None = None) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("SPARSEPO_DEBUG", "JSONARGPARSE_DEBUG")}
     environment.update(PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return environment
+
+
+_ZYGOTE: CliZygote | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cli_zygote():
+    """One process that has imported the CLI, forked for each command (tests/cli_zygote.py)."""
+    global _ZYGOTE
+    _ZYGOTE = CliZygote(_environment())
+    yield
+    _ZYGOTE.close()
+    _ZYGOTE = None
+
+
+def sparsepo(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m sparsepo_lightning.cli *args`` in its own process (forked from the zygote)."""
+    return _ZYGOTE.run(*args, env=env, timeout=timeout)
 
 
 def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -38,7 +57,8 @@ def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
 
 
 def test_help_describes_this_tool():
-    done = sparsepo("--help")
+    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "--help"], cwd=ROOT, env=_environment(),
+                          capture_output=True, text=True, timeout=300)  # the entry point itself, not forked
     assert done.returncode == 0, done.stderr
     assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout
     for command in ("fit", "validate", "test", "evaluate", "export", "study"):

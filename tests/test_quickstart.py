@@ -37,6 +37,8 @@ def test_readme_quotes_the_recorded_quickstart_summary():
 
 def test_recorded_quickstart_shows_learning():
     _check_learning(_recorded())
+    recorded = _recorded()
+    assert len(recorded["train_loss"]) == recorded["global_step"], "one training loss per step"
 
 
 def _check_learning(summary: dict) -> None:
@@ -53,28 +55,25 @@ def _check_learning(summary: dict) -> None:
 
 
 @pytest.mark.slow
-def test_the_real_quickstart_reproduces_the_recorded_first_quarter(tmp_path):
+def test_the_real_quickstart_reproduces_the_recorded_first_steps(tmp_path):
     """`make quickstart` itself (SmolLM2-135M, the shipped pairs, the shipped config, the same learning-rate
-    schedule) up to its first validation during training, step 16 of 64: the step-0 and step-16 rows must be the
-    recorded ones (up to floating-point differences between CPUs), so the run learns in the recorded direction.
-    The rest of the recorded run (steps 32-64) is held by ``test_recorded_quickstart_shows_learning``."""
+    schedule) for its first steps: each step's training loss must be the recorded one (up to floating-point
+    differences between CPUs), so the run follows the recorded trajectory, and the loss must already fall once the
+    warm-up has left zero. The rest of the recorded run is held by ``test_recorded_quickstart_shows_learning``."""
     pytest.importorskip("gguf")
     script = _script()
-    summary = script.run_quickstart(tmp_path, script.STOP_AT_FIRST_VALIDATION)
+    summary = script.run_quickstart(tmp_path, script.STOP_AFTER_FIRST_STEPS)
     recorded = _recorded()
-    assert [v["step"] for v in summary["validations"]] == [0, 16]
-    assert summary["initial_masks"]["mask_mean"] == pytest.approx(1.0, abs=1e-5)
-    for got, want in zip(summary["validations"], recorded["validations"][:2], strict=True):
-        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.05)
-        assert got["margin"] == pytest.approx(want["margin"], rel=0.1, abs=1e-6)
-        assert got["loss"] == pytest.approx(want["loss"], rel=0.05)
-        assert got["mask_mean"] == pytest.approx(want["mask_mean"], rel=0.05)
+    steps = script.FIRST_STEPS
+    assert summary["global_step"] == steps and len(summary["train_loss"]) == steps
+    assert summary["train_loss"] == pytest.approx(recorded["train_loss"][:steps], rel=1e-3)
+    assert summary["initial_masks"] == pytest.approx(recorded["initial_masks"], abs=1e-5)
+    assert summary["train_loss"][0] == pytest.approx(0.693147, abs=1e-5)  # step 0: policy = reference
+    assert summary["train_loss"][-1] < summary["train_loss"][0] - 0.01, "the loss did not fall in the first steps"
     log_dir = next(tmp_path.glob("quickstart/version_*"))  # TensorBoard logs of the real model's run
     tags = set(EventAccumulator(str(log_dir)).Reload().Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen", "val/masks/mean_reward"} <= tags
-    first = summary["validations"][1]
-    assert first["accuracy"] >= 0.65 and first["margin"] > 0.5 and first["loss"] < 0.6931 - 0.1
-    assert abs(first["mask_mean"] - 1.0) > 0.01, "the masks did not move from their start"
+    assert abs(summary["validations"][0]["mask_mean"] - 1.0) > 0.01, "the masks did not move from their start"
 
 
 def test_readme_quotes_the_recorded_quickstart_time():
