@@ -134,3 +134,21 @@ def pairs_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory, worker_id) -> dict[str, list[dict]]:
+    """Launched once per test session: under ``pytest -n`` the first worker that needs it launches and the others
+    wait on a lock and read what it saved (the launch is seeded and its inputs are the same in every worker)."""
+    from filelock import FileLock
+
+    from tests.distributed_launch import SHARED_MODES, launch_many
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base  # this session's folder, shared by its workers
+    out, done = shared / "ranks_by_mode", shared / "ranks_by_mode.done"
+    with FileLock(str(shared / "ranks_by_mode.lock")):
+        if not done.exists():
+            launch_many(SHARED_MODES, out, tiny_model_dir, pairs_file)
+            done.touch()
+    return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in SHARED_MODES}

@@ -13,6 +13,9 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
   head a different number of times per step;
 - ``fsdp2_frozen`` / ``single_frozen``: a token-weighting plug-in with two extra frozen models (TIS-DPO weights,
   ``WeightedDPO``) under FSDP2 on 2 ranks / in one process; also records whether the frozen models are sharded;
+- ``fsdp2_export`` / ``fsdp1_export``: two AdamW steps, then a sharded checkpoint ``OUT_DIR/sharded`` (one
+  shard per rank + ``meta.pt``) and the full (gathered) policy and mask weights at that point
+  (``tests/test_export.py`` exports the folder and compares);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
   CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
   only; torch runs it on CPU with gloo when the device is given).
@@ -212,7 +215,19 @@ def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> d
                 ckpt_path=root / "epoch1")
     runs["resumed"] = recorder.losses
     runs["rank"] = trainer.global_rank
+    runs["checkpoint"] = str(root / "epoch1")
     return runs
+
+
+def sharded_export(model_dir: str, pairs: str, root: Path, strategy: str) -> dict[str, Any]:
+    """Two AdamW steps, a sharded checkpoint at ``root / "sharded"`` and the gathered weights at that point."""
+    module = make_module(model_dir, optimizer=torch.optim.AdamW, lr=1e-2)
+    trainer = make_trainer(strategy, 2, root / "root", max_steps=2, callbacks=[])
+    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=2))
+    trainer.save_checkpoint(root / "sharded")
+    full = snapshot(module)  # collective: all ranks
+    return {"policy": full["policy"], "masker": full["masker"], "global_step": trainer.global_step,
+            "sharded": str(root / "sharded"), "rank": trainer.global_rank}
 
 
 TOKENISED: list[str] = []
@@ -256,6 +271,8 @@ def main(modes: str, out_dir: str, model_dir: str, pairs: str) -> None:
 def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
     if mode in ("fsdp2_resume", "fsdp1_resume"):
         result = resume(model_dir, pairs, out, strategy=mode.split("_")[0])
+    elif mode in ("fsdp2_export", "fsdp1_export"):
+        result = sharded_export(model_dir, pairs, out, strategy=mode.split("_")[0])
     elif mode == "fsdp2_bf16_ac":
         result = one_step("fsdp2", 2, model_dir, pairs, out, fsdp_param_dtype="bfloat16",
                           activation_checkpointing=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from sparsepo_lightning.export import export_checkpoint, load_masks
 from sparsepo_lightning.masks import LearnedMasker, ReferenceOutputs
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
-from tests.test_distributed import rank_env
 from tests.test_module import fit, make_data
 from tests.tiny_models import tiny_llama
 
@@ -128,15 +126,14 @@ def test_lora_export_merged_and_as_peft_adapter_give_the_trained_logits(tiny_mod
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
-def test_sharded_checkpoint_folder_exports_the_full_policy_and_masks(strategy, tiny_model_dir, pairs_file,
+def test_sharded_checkpoint_folder_exports_the_full_policy_and_masks(strategy, ranks_by_mode, tiny_model_dir,
                                                                       tmp_path):
-    """``tests/export_run.py`` trains 2 steps on 2 gloo ranks, saves a sharded checkpoint and, on rank 0, the
-    gathered weights at that point; the export read in this process must equal them. FSDP1 folders also hold
-    the frozen reference (not exported)."""
-    command = [sys.executable, str(REPO / "tests/export_run.py"), str(tmp_path), tiny_model_dir, pairs_file, strategy]
-    proc = subprocess.run(command, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    sharded, full = tmp_path / "sharded", torch.load(tmp_path / "full.pt", weights_only=True)
+    """``tests/distributed_run.py`` (mode ``<strategy>_export``) trains 2 steps on 2 gloo ranks, saves a sharded
+    checkpoint and the gathered weights at that point; the export read in this process must equal them. FSDP1
+    folders also hold the frozen reference (not exported)."""
+    full = ranks_by_mode[f"{strategy}_export"][0]
+    shutil.copytree(full["sharded"], tmp_path / "sharded")  # the session's launch is shared: work on a copy
+    sharded = tmp_path / "sharded"
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     out = export_checkpoint(sharded, tmp_path / "export")
     exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
