@@ -1,18 +1,12 @@
 """First-optimizer-step statistics of ``MaskStatistics`` + ``RewardStatistics`` for ``tests/test_callbacks.py``.
 
-Run in-process (1 device, with or without gradient accumulation) or as a script on 2 CPU ranks (gloo; Lightning
-re-launches this file once per rank; ``ddp_spawn`` cannot pickle transformers-5 models, whose output-capturing
-hooks are local functions)::
-
-    python tests/callbacks_run.py OUT_JSON MODEL_DIR PAIRS_FILE
-
-Rank 0 writes the ``train_step/*`` values of the first optimizer step to ``OUT_JSON``.
+Run in-process (1 device, with or without gradient accumulation) or on 2 CPU ranks (gloo) as the ``ddp_statistics``
+mode of ``tests/distributed_run.py`` (Lightning re-launches that script once per rank; ``ddp_spawn`` cannot pickle
+transformers-5 models, whose output-capturing hooks are local functions).
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +66,9 @@ def first_pairs(model_dir: str, pairs: str, n: int = 4) -> tuple[list[Any], Any]
     return list(loader.dataset)[:n], loader.collate_fn
 
 
-def first_step_statistics(model_dir: str, pairs: str, batch_size: int, root: Path, out: Path | None = None,
+def first_step_statistics(model_dir: str, pairs: str, batch_size: int, root: Path,
                           **trainer_kwargs: Any) -> dict[str, float]:
-    """``train_step/*`` values after one optimizer step over the first 4 pairs in file order (also written as
-    JSON to ``out`` by rank 0 when given)."""
+    """``train_step/*`` values after one optimizer step over the first 4 pairs in file order."""
     seed_everything(0)
     rows, collate = first_pairs(model_dir, pairs)
     module = PreferenceModule(model=model_dir, objective=SparsePO(), masker=IdMasker(), lr=1e-3)
@@ -85,12 +78,4 @@ def first_step_statistics(model_dir: str, pairs: str, batch_size: int, root: Pat
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                       log_every_n_steps=1, callbacks=[MaskStatistics(), RewardStatistics()], **trainer_kwargs)
     trainer.fit(module, train_dataloaders=loader)
-    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_step/")}
-    if out is not None and trainer.is_global_zero:
-        out.write_text(json.dumps(values))
-    return values
-
-
-if __name__ == "__main__":
-    out, model_dir, pairs = sys.argv[1:4]
-    first_step_statistics(model_dir, pairs, 2, Path(out).parent, Path(out), devices=2, strategy="ddp")
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_step/")}

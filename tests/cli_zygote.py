@@ -12,8 +12,10 @@ the entry point itself.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +37,15 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if os.environ.get("OMP_NUM_THREADS"):  # read by torch at start-up, which this process is past
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         for fd, name in ((1, "stdout"), (2, "stderr")):
             os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = [str(ROOT / "sparsepo_lightning" / "cli.py"), *request["args"]]
+        # as under `python -m`: Lightning starts the other ranks of a DDP/FSDP run as `python -m <this spec>`
+        sys.modules["__main__"].__spec__ = importlib.util.find_spec("sparsepo_lightning.cli")
         from sparsepo_lightning.cli import main
 
         try:
@@ -57,50 +65,111 @@ def _child(request: dict) -> None:
 
 
 def serve() -> None:
-    """The waiting process: one JSON request per stdin line, one ``{"returncode": n}`` line back per request."""
-    import importlib
+    """The waiting process: one JSON request per stdin line, one JSON answer line per request.
 
+    ``{"op": "start", ...}`` forks a command and answers its pid; ``{"op": "poll", "pid": p}`` answers its exit
+    status or null while it runs; ``{"op": "wait", "pid": p}`` waits for it and answers its exit status."""
     for module in PRELOAD:
         importlib.import_module(module)
     print(json.dumps({"ready": True}), flush=True)
+    ended: dict[int, int] = {}
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        if request["op"] == "start":
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            answer = {"pid": pid}
+        else:
+            pid = request["pid"]
+            if pid not in ended:
+                done, status = os.waitpid(pid, os.WNOHANG if request["op"] == "poll" else 0)
+                if done:
+                    ended[pid] = os.waitstatus_to_exitcode(status)
+            answer = {"returncode": ended.get(pid)}
+        print(json.dumps(answer), flush=True)
+
+
+class ForkedCommand:
+    """A command running in a process forked from the zygote: the part of :class:`subprocess.Popen` tests use."""
+
+    def __init__(self, zygote: CliZygote, pid: int, args: list[str], stdout: Path, stderr: Path) -> None:
+        self.zygote, self.pid, self.args, self._stdout, self._stderr = zygote, pid, args, stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.ask({"op": "poll", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = self.zygote.ask({"op": "wait", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def send_signal(self, signal_number: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal_number)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    @property
+    def stdout(self) -> str:
+        return self._stdout.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.read_text()
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Wait for the end; the command's exit status and outputs."""
+        return subprocess.CompletedProcess(["sparsepo", *self.args], self.wait(), self.stdout, self.stderr)
 
 
 class CliZygote:
-    """``run(*args)`` -> :class:`subprocess.CompletedProcess`, like ``subprocess.run(python -m cli ...)``."""
+    """``run(*args)`` -> :class:`subprocess.CompletedProcess` like ``subprocess.run([python, -m, cli, *args])``;
+    ``start(*args)`` -> :class:`ForkedCommand` like ``subprocess.Popen``. Commands end after ``timeout`` seconds
+    (SIGALRM) at the latest."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = dict(env)
         self.folder = Path(tempfile.mkdtemp(prefix="cli-zygote-"))
         self.process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=self.env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        ready = self.process.stdout.readline()
-        if not ready:
+        if not self.process.stdout.readline():
             raise RuntimeError("the CLI zygote did not start (see the test's captured stderr)")
         self.count = 0
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-        self.count += 1
-        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
-        request = {"args": list(args), "cwd": str(ROOT), "env": {**self.env, **(env or {})},
-                   "stdout": str(out), "stderr": str(err), "timeout": timeout}
+    def ask(self, request: dict) -> dict:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = self.process.stdout.readline()
         if not answer:
             raise RuntimeError("the CLI zygote died")
-        returncode = json.loads(answer)["returncode"]
-        return subprocess.CompletedProcess(["sparsepo", *args], returncode, out.read_text(), err.read_text())
+        return json.loads(answer)
+
+    def start(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> ForkedCommand:
+        self.count += 1
+        out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        pid = self.ask({"op": "start", "args": list(args), "cwd": str(ROOT), "env": {**self.env, **(env or {})},
+                        "stdout": str(out), "stderr": str(err), "timeout": timeout})["pid"]
+        return ForkedCommand(self, pid, list(args), out, err)
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        return self.start(*args, env=env, timeout=timeout).result()
 
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def cli_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without the debug switches, with the repository importable."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("SPARSEPO_DEBUG", "JSONARGPARSE_DEBUG")}
+    environment.update(PYTHONPATH=str(ROOT), **(env or {}))
+    return environment
 
 
 if __name__ == "__main__":

@@ -152,3 +152,14 @@ def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory, worker_id) -> di
             launch_many(SHARED_MODES, out, tiny_model_dir, pairs_file)
             done.touch()
     return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in SHARED_MODES}
+
+
+@pytest.fixture(scope="session")
+def cli_zygote():
+    """A process that has imported the CLI; each ``sparsepo`` command a test runs is forked from it
+    (``tests/cli_zygote.py``): a separate process without the interpreter's ~8 s start-up each time."""
+    from tests.cli_zygote import CliZygote, cli_environment
+
+    zygote = CliZygote(cli_environment())
+    yield zygote
+    zygote.close()

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "distributed_run.py"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -24,7 +24,7 @@ def _free_port() -> int:
 def rank_env() -> dict[str, str]:
     """Environment of a 2-process gloo run on 127.0.0.1: a free port, loopback, one thread per rank, the repo
     importable, and no rank variables inherited from a launcher around pytest."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
@@ -43,5 +43,5 @@ def launch_many(modes: list[str], out: Path, model_dir: str, pairs: str, timeout
 
 SHARED_MODES = ["ddp", "fsdp2", "fsdp1", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip", "fsdp2_chunks",
                 "fsdp2_frozen", "fsdp2_bf16_ac", "ddp_packed", "fsdp2_packed", "ddp_budget", "fsdp2_resume",
-                "fsdp1_resume", "fsdp2_export", "fsdp1_export"]
+                "fsdp1_resume", "fsdp2_export", "fsdp1_export", "ddp_statistics"]
 """The 2-rank runs on the tiny model that every session makes once, in one launch (``ranks_by_mode``)."""

@@ -16,6 +16,8 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
 - ``fsdp2_export`` / ``fsdp1_export``: two AdamW steps, then a sharded checkpoint ``OUT_DIR/sharded`` (one
   shard per rank + ``meta.pt``) and the full (gathered) policy and mask weights at that point
   (``tests/test_export.py`` exports the folder and compares);
+- ``ddp_statistics``: the first step's ``MaskStatistics`` / ``RewardStatistics`` values under DDP
+  (``tests/callbacks_run.py``; compared with one process by ``tests/test_callbacks.py``);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
   CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
   only; torch runs it on CPU with gloo when the device is given).
@@ -227,7 +229,7 @@ def sharded_export(model_dir: str, pairs: str, root: Path, strategy: str) -> dic
     trainer.save_checkpoint(root / "sharded")
     full = snapshot(module)  # collective: all ranks
     return {"policy": full["policy"], "masker": full["masker"], "global_step": trainer.global_step,
-            "sharded": str(root / "sharded"), "rank": trainer.global_rank}
+            "sharded": str(root / "sharded"), "model_dir": model_dir, "rank": trainer.global_rank}
 
 
 TOKENISED: list[str] = []
@@ -273,6 +275,11 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = resume(model_dir, pairs, out, strategy=mode.split("_")[0])
     elif mode in ("fsdp2_export", "fsdp1_export"):
         result = sharded_export(model_dir, pairs, out, strategy=mode.split("_")[0])
+    elif mode == "ddp_statistics":
+        from tests.callbacks_run import first_step_statistics
+
+        values = first_step_statistics(model_dir, pairs, 2, out, devices=2, strategy="ddp")
+        result = {"values": values, "rank": torch.distributed.get_rank()}
     elif mode == "fsdp2_bf16_ac":
         result = one_step("fsdp2", 2, model_dir, pairs, out, fsdp_param_dtype="bfloat16",
                           activation_checkpointing=True)

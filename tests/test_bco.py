@@ -4,7 +4,6 @@ values, a naive per-row loop, identities), δ's checkpoint state, and δ synchro
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from sparsepo_lightning.losses import bco_rewards
 from sparsepo_lightning.objectives import BCO, DPO
 from sparsepo_lightning.running_mean import RunningMean
 from sparsepo_lightning.types import PreferenceBatch, TokenStats
+from tests.distributed_launch import free_port
 
 
 def stats_with_rewards(rewards: list[float], beta: float = 0.1) -> TokenStats:
@@ -236,12 +236,6 @@ def test_rewards_are_float32_sums_over_the_response():
 
 
 # ---- δ across ranks ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
@@ -260,7 +254,7 @@ def test_shift_is_the_mean_over_all_ranks():
     """Two gloo processes with different rewards (and batch sizes) end with the same δ: the mean of all rewards."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), results), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), results), nprocs=2, join=True)
         results = dict(results)
     (delta0, count0, loss0), (delta1, count1, loss1) = results[0], results[1]
     assert delta0 == delta1 == pytest.approx(0.25 / 6, abs=1e-7) and count0 == count1 == 6

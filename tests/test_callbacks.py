@@ -3,11 +3,6 @@ heat-map rendering, generation samples, and the callback presets through the CLI
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -154,25 +149,11 @@ def test_gradient_accumulation_equals_one_batch(one_batch, tiny_model_dir, pairs
     _assert_same(accumulated, one_batch)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_equals_one_process(one_batch, tiny_model_dir, pairs_file, tmp_path):
+def test_two_process_ddp_equals_one_process(one_batch, ranks_by_mode):
     """DistributedSampler(shuffle=False) gives rank 0 pairs {0, 2} and rank 1 pairs {1, 3}: together the batch of
     the single-process run, so every statistic (means over responses, token-weighted KL, max) must match.
-    ``tests/callbacks_run.py`` runs as a script on 2 gloo ranks (Lightning re-launches it for rank 1)."""
-    out = tmp_path / "ddp.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "callbacks_run.py"), str(out), tiny_model_dir,
-                           pairs_file], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
-    _assert_same(json.loads(out.read_text()), one_batch)
+    ``tests/callbacks_run.py`` runs on 2 gloo ranks as the ``ddp_statistics`` mode of ``tests/distributed_run.py``."""
+    _assert_same(ranks_by_mode["ddp_statistics"][0]["values"], one_batch)
 
 
 # ---- heat-maps and samples ------------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ from sparsepo_lightning.checkpointing import AtomicCheckpointIO, RunCheckpoint
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
+from tests.cli_zygote import ForkedCommand
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit_cmd(model_dir: str, pairs: str, runs: Path, extra_config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "sparsepo_lightning.cli", "fit", "--config", "configs/debug/tiny.yaml",
+    """``sparsepo`` arguments of a tiny run (each run is its own process, forked from the ``cli_zygote``)."""
+    return ["fit", "--config", "configs/debug/tiny.yaml",
             "--config", str(extra_config), "--model.model", model_dir, "--data.train_file", pairs,
             "--data.val_file", pairs, "--trainer.logger.init_args.save_dir", str(runs), "--trainer.max_steps", "12",
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
@@ -49,38 +51,34 @@ def _losses(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _wait(proc: subprocess.Popen) -> None:
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-4000:]
+def _wait(proc: ForkedCommand) -> None:
+    assert proc.wait() == 0, proc.stderr[-4000:]
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def test_sigkill_mid_epoch_then_resume_last_matches_an_uninterrupted_run(tiny_model_dir, pairs_file, tmp_path):
+def test_sigkill_mid_epoch_then_resume_last_matches_an_uninterrupted_run(cli_zygote, tiny_model_dir, pairs_file,
+                                                                        tmp_path):
     """16 pairs / batch 2 = 8 batches per epoch, 12 steps, a checkpoint every 3 steps. The crashing run is killed
     with SIGKILL while it waits before step 6 (last.ckpt = step 3, mid-epoch); `--ckpt_path last` (which must find
     it in the previous version directory) resumes at step 4. Per-step losses must equal the uninterrupted run's
     bit for bit: no batch skipped or repeated, across the epoch boundary too. The uninterrupted run goes in
-    parallel with the crashing one (about 40 s on two idle CPU cores, most of it Python imports)."""
+    parallel with the crashing one; each run is its own process, forked from the `cli_zygote` fixture."""
     start = time.monotonic()
     full_log = tmp_path / "full.jsonl"
-    full_run = _start(_fit_cmd(tiny_model_dir, pairs_file, tmp_path / "full",
-                               _callbacks_yaml(tmp_path / "full.yaml", full_log)))
+    full_run = cli_zygote.start(*_fit_cmd(tiny_model_dir, pairs_file, tmp_path / "full",
+                                          _callbacks_yaml(tmp_path / "full.yaml", full_log)))
 
     crash_log, marker, runs = tmp_path / "crash.jsonl", tmp_path / "blocked", tmp_path / "crash"
     cfg = _callbacks_yaml(tmp_path / "crash.yaml", crash_log, block=(5, marker))
-    proc = _start(_fit_cmd(tiny_model_dir, pairs_file, runs, cfg))
+    proc = cli_zygote.start(*_fit_cmd(tiny_model_dir, pairs_file, runs, cfg))
     try:
         while not marker.exists():
-            assert proc.poll() is None, f"training ended before the kill point: {proc.stderr.read()[-3000:]}"
+            assert proc.poll() is None, f"training ended before the kill point: {proc.stderr[-3000:]}"
             assert time.monotonic() - start < 240, "timed out waiting for the kill point"
             time.sleep(0.2)
         last = runs / "debug" / "version_0" / "checkpoints" / "last.ckpt"
         assert last.is_file()
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -93,7 +91,7 @@ def test_sigkill_mid_epoch_then_resume_last_matches_an_uninterrupted_run(tiny_mo
 
     resume_log = tmp_path / "resume.jsonl"
     cfg = _callbacks_yaml(tmp_path / "resume.yaml", resume_log)
-    _wait(_start(_fit_cmd(tiny_model_dir, pairs_file, runs, cfg, "--ckpt_path", "last")))
+    _wait(cli_zygote.start(*_fit_cmd(tiny_model_dir, pairs_file, runs, cfg, "--ckpt_path", "last")))
     _wait(full_run)
     resumed = _losses(resume_log)
     assert [r["step"] for r in resumed] == list(range(4, 13)), "skipped or repeated steps after resume"
@@ -236,7 +234,7 @@ def test_trust_remote_code_is_off_unless_set(monkeypatch):
     assert seen == [False, True]
 
 
-def test_kill_while_last_link_is_repointed_still_resumes(tiny_model_dir, pairs_file, tmp_path):
+def test_kill_while_last_link_is_repointed_still_resumes(cli_zygote, tiny_model_dir, pairs_file, tmp_path):
     """``save_last: link``, a step checkpoint every step: the run is SIGKILLed after step 2's checkpoint is written
     and before ``last.ckpt`` is re-pointed at it. ``last.ckpt`` must still lead to a complete checkpoint (step 1;
     the old order deleted it first, leaving a broken link that ``--ckpt_path last`` skipped, silently restarting
@@ -245,16 +243,15 @@ def test_kill_while_last_link_is_repointed_still_resumes(tiny_model_dir, pairs_f
     killing = tmp_path / "kill.yaml"
     killing.write_text("trainer:\n  callbacks:\n    - class_path: tests.crash_helpers.KillBeforeRelink\n"
                        "      init_args: {nth: 2, save_last: link, every_n_train_steps: 1}\n")
-    done = subprocess.run(_fit_cmd(tiny_model_dir, pairs_file, runs, killing, "--trainer.max_steps", "3"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli_zygote.run(*_fit_cmd(tiny_model_dir, pairs_file, runs, killing, "--trainer.max_steps", "3"))
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     checkpoints = runs / "debug" / "version_0" / "checkpoints"
     last = checkpoints / "last.ckpt"
     assert last.is_symlink() and last.exists(), sorted(p.name for p in checkpoints.iterdir())
     assert torch.load(last, weights_only=True)["global_step"] == 1
     resume = _callbacks_yaml(tmp_path / "resume.yaml", losses)
-    done = subprocess.run(_fit_cmd(tiny_model_dir, pairs_file, runs, resume, "--trainer.max_steps", "3",
-                                   "--ckpt_path", "last"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli_zygote.run(*_fit_cmd(tiny_model_dir, pairs_file, runs, resume, "--trainer.max_steps", "3",
+                                    "--ckpt_path", "last"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {last}" in done.stdout + done.stderr
     assert [r["step"] for r in _losses(losses)] == [2, 3]

@@ -17,34 +17,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_zygote import CliZygote
+from tests.cli_zygote import CliZygote, cli_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "/nonexistent/sparsepo-model-that-is-never-loaded"
 TINY = ["fit", "--config", "configs/debug/tiny.yaml"]
 
 
-def _environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("SPARSEPO_DEBUG", "JSONARGPARSE_DEBUG")}
-    environment.update(PYTHONPATH=str(ROOT), **(env or {}))
-    return environment
-
-
 _ZYGOTE: CliZygote | None = None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cli_zygote():
-    """One process that has imported the CLI, forked for each command (tests/cli_zygote.py)."""
+def _zygote(cli_zygote):
+    """``sparsepo(...)`` below forks from the worker's ``cli_zygote`` (autouse: set before ``first_run``)."""
     global _ZYGOTE
-    _ZYGOTE = CliZygote(_environment())
-    yield
-    _ZYGOTE.close()
-    _ZYGOTE = None
+    _ZYGOTE = cli_zygote
 
 
 def sparsepo(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m sparsepo_lightning.cli *args`` in its own process (forked from the zygote)."""
+    """``python -m sparsepo_lightning.cli *args`` in its own process (forked from the ``cli_zygote`` fixture's)."""
     return _ZYGOTE.run(*args, env=env, timeout=timeout)
 
 
@@ -57,7 +48,7 @@ def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
 
 
 def test_help_describes_this_tool():
-    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "--help"], cwd=ROOT, env=_environment(),
+    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "--help"], cwd=ROOT, env=cli_environment(),
                           capture_output=True, text=True, timeout=300)  # the entry point itself, not forked
     assert done.returncode == 0, done.stderr
     assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout

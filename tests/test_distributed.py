@@ -10,8 +10,6 @@ GPU-only paths (FSDP1 ``FSDPStrategy``, ``bf16-mixed``) are at the end and skip 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -192,7 +190,7 @@ PRESET_ON_CPU = {  # the only changes to the shipped presets: CPU, 2 processes
 
 
 @pytest.mark.parametrize("preset", sorted(PRESET_ON_CPU))
-def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(preset, tiny_model_dir,
+def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(preset, cli_zygote, tiny_model_dir,
                                                                                      pairs_file, tmp_path):
     """``configs/distributed/<preset>.yaml`` on top of a recipe, as the README launches it, on 2 CPU processes.
 
@@ -201,14 +199,14 @@ def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_la
     fsdp2: bf16 compute with fp32 reduction, activation checkpointing, ``meta_init`` (each rank loads its shards).
     Each trains, writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "sparsepo_lightning.cli", "fit", "--config", "configs/debug/tiny.yaml",
+    command = ["fit", "--config", "configs/debug/tiny.yaml",
                "--config", f"configs/distributed/{preset}.yaml", "--trainer.accelerator", "cpu",
                "--trainer.devices", "2", *PRESET_ON_CPU[preset], "--model.model", tiny_model_dir,
                "--data.train_file", pairs_file, "--data.val_file", pairs_file,
                "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false"]
     for steps, extra in ((2, []), (4, ["--ckpt_path", "last"])):
-        proc = subprocess.run([*command, "--trainer.max_steps", str(steps), *extra], cwd=REPO, env=rank_env(),
-                              capture_output=True, text=True, timeout=300)
+        # rank 0 is forked from the zygote; Lightning starts rank 1 as `python -m sparsepo_lightning.cli ...`
+        proc = cli_zygote.run(*command, "--trainer.max_steps", str(steps), *extra, env=rank_env())
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     first, resumed = runs / "debug" / "version_0" / "checkpoints", runs / "debug" / "version_1" / "checkpoints"
     assert (first / "last.ckpt").is_dir() and (first / "last.ckpt" / "meta.pt").is_file()  # sharded: a folder

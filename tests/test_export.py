@@ -148,7 +148,8 @@ def test_sharded_checkpoint_folder_exports_the_full_policy_and_masks(strategy, r
     assert (info["checkpoint_format"], info["global_step"]) == ("distributed", full["global_step"])
     assert load_masks(out).class_path == "sparsepo_lightning.masks.LearnedMasker"  # inferred: no config.yaml
     loaded = load_policy(str(sharded))  # `sparsepo evaluate` takes the folder too
-    assert loaded.label == "sharded" and reference_name(str(sharded)) == tiny_model_dir
+    # the session's launch ran on one worker's copy of the tiny model (same files, another folder)
+    assert loaded.label == "sharded" and reference_name(str(sharded)) == full["model_dir"]
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in full["policy"].items())
     shutil.copytree(sharded, tmp_path / "tampered")  # .metadata is a pickle: only DCP's own classes are accepted
     marker = tmp_path / "pwned"
