@@ -16,6 +16,8 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
 - ``fsdp2_export`` / ``fsdp1_export``: two AdamW steps, then a sharded checkpoint ``OUT_DIR/sharded`` (one
   shard per rank + ``meta.pt``) and the full (gathered) policy and mask weights at that point
   (``tests/test_export.py`` exports the folder and compares);
+- ``fsdp2_tied`` / ``fsdp2_meta_tied``: ``fsdp2`` / ``fsdp2_meta`` on the tiny Llama with tied input embedding
+  and LM head (built here, seeded, with MODEL_DIR's tokenizer; its folder is in the result);
 - ``ddp_statistics``: the first step's ``MaskStatistics`` / ``RewardStatistics`` values under DDP
   (``tests/callbacks_run.py``; compared with one process by ``tests/test_callbacks.py``);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
@@ -232,6 +234,28 @@ def sharded_export(model_dir: str, pairs: str, root: Path, strategy: str) -> dic
             "sharded": str(root / "sharded"), "model_dir": model_dir, "rank": trainer.global_rank}
 
 
+def tied_model(model_dir: str, root: Path) -> str:
+    """The tiny Llama with tied input/output embeddings (seeded) and the tokenizer of ``model_dir``, saved once:
+    by rank 0 when the process group is up (transformers saves on rank 0 only), else by each process."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_llama
+
+    group = torch.distributed.is_initialized()
+    folder = root / ("tied-model" if group else f"tied-model-{os.getpid()}")
+    if not group or torch.distributed.get_rank() == 0:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = tiny_llama(tied=True, vocab=len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    if group:
+        torch.distributed.barrier()
+    return str(folder)
+
+
 TOKENISED: list[str] = []
 """Pairs this process tokenised (``CountingData``)."""
 
@@ -275,6 +299,9 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = resume(model_dir, pairs, out, strategy=mode.split("_")[0])
     elif mode in ("fsdp2_export", "fsdp1_export"):
         result = sharded_export(model_dir, pairs, out, strategy=mode.split("_")[0])
+    elif mode.endswith("_tied"):
+        tied = tied_model(model_dir, out)
+        result = one_step("fsdp2", 2, tied, pairs, out, meta_init=mode == "fsdp2_meta_tied") | {"model_dir": tied}
     elif mode == "ddp_statistics":
         from tests.callbacks_run import first_step_statistics
 

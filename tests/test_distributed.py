@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_launch import launch_many, rank_env
+from tests.distributed_launch import rank_env
 from tests.distributed_run import CLIP, LORA, STEPS_PER_EPOCH, one_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,20 +93,17 @@ def test_fsdp2_plugin_with_extra_frozen_models(ranks_by_mode, tiny_model_dir, pa
             torch.testing.assert_close(value, baseline["after"]["policy"][name], rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp2_tied_embeddings_match_single_process(tiny_tokenizer, pairs_file, tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp2_tied", "fsdp2_meta_tied"])
+def test_fsdp2_tied_embeddings_match_single_process(mode, ranks_by_mode, pairs_file, tmp_path):
     """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process;
     with ``meta_init`` the tie survives the meta-device build and the shard-wise load."""
-    from tests.tiny_models import tiny_llama
+    from transformers import AutoModelForCausalLM
 
-    model_dir = tmp_path / "tied"
-    model = tiny_llama(tied=True, vocab=len(tiny_tokenizer))
-    model.config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    ranks = ranks_by_mode[mode]
+    model = AutoModelForCausalLM.from_pretrained(ranks[0]["model_dir"])  # the tiny Llama the ranks trained
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    single = one_step("auto", 1, str(model_dir), pairs_file, tmp_path / "single")
-    for ranks in launch_many(["fsdp2", "fsdp2_meta"], tmp_path / "ranks", str(model_dir), pairs_file).values():
-        _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)  # fsdp2, then fsdp2_meta
+    single = one_step("auto", 1, ranks[0]["model_dir"], pairs_file, tmp_path / "single")
+    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip"])
