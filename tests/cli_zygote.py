@@ -41,8 +41,12 @@ def _child(request: dict) -> None:
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        for fd, name in ((1, "stdout"), (2, "stderr")):
-            os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        if request["stdout"] == request["stderr"]:  # one file for both, as `2>&1`
+            os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND), 1)
+            os.dup2(1, 2)
+        else:
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
         sys.argv = [str(ROOT / "sparsepo_lightning" / "cli.py"), *request["args"]]
         # as under `python -m`: Lightning starts the other ranks of a DDP/FSDP run as `python -m <this spec>`
         sys.modules["__main__"].__spec__ = importlib.util.find_spec("sparsepo_lightning.cli")
@@ -149,15 +153,31 @@ class CliZygote:
             raise RuntimeError("the CLI zygote died")
         return json.loads(answer)
 
-    def start(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> ForkedCommand:
+    def start(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300,
+              output: Path | None = None) -> ForkedCommand:
+        """Fork ``sparsepo *args``; its stdout and stderr go to files of the zygote, or both to ``output``."""
         self.count += 1
         out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
+        if output is not None:
+            out = err = Path(output)
         pid = self.ask({"op": "start", "args": list(args), "cwd": str(ROOT), "env": {**self.env, **(env or {})},
                         "stdout": str(out), "stderr": str(err), "timeout": timeout})["pid"]
         return ForkedCommand(self, pid, list(args), out, err)
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
         return self.start(*args, env=env, timeout=timeout).result()
+
+    def subprocess_run(self, command: list[str], stdout=None, stderr=None, check: bool = False, **kwargs):
+        """Stands in for :func:`subprocess.run` in code that runs ``[python, -m, sparsepo_lightning.cli, ...]`` with
+        its output to an open file (``stderr=subprocess.STDOUT``): the command is forked from the zygote."""
+        prefix = [sys.executable, "-m", "sparsepo_lightning.cli"]
+        if command[:3] != prefix or stderr is not subprocess.STDOUT or not hasattr(stdout, "name") or kwargs:
+            raise AssertionError(f"not a sparsepo command with its output to one file: {command}")
+        stdout.flush()
+        done = self.start(*command[3:], output=Path(stdout.name), timeout=600).wait()
+        if check and done != 0:
+            raise subprocess.CalledProcessError(done, command)
+        return subprocess.CompletedProcess(command, done)
 
     def close(self) -> None:
         self.process.stdin.close()

@@ -104,7 +104,8 @@ def test_small_recipe_fits_offline_on_smollm2(config, tmp_path, monkeypatch):
     pytest.importorskip("gguf")
     monkeypatch.chdir(ROOT)
     cli = main(["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
                 "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"])  # a SmolLM2 checkpoint: 1.6 GB
     assert cli.trainer.global_step == 2
     report = cli.datamodule.report["train"]

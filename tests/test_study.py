@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -83,8 +85,11 @@ class LengthScorer:
 
 
 @pytest.mark.slow
-def test_driver_runs_trains_evaluates_resumes_and_reports(tiny_model_dir, tmp_path, monkeypatch):
+def test_driver_runs_trains_evaluates_resumes_and_reports(cli_zygote, tiny_model_dir, tmp_path, monkeypatch):
     from sparsepo_lightning.data import sentiment
+
+    # each `sparsepo` command of the driver is forked from the zygote instead of starting Python
+    monkeypatch.setattr(driver, "subprocess", SimpleNamespace(run=cli_zygote.subprocess_run, STDOUT=subprocess.STDOUT))
 
     reviews = [f"Review number {i} says the film was {w} and more" for i, w in enumerate(["fine", "bad", "great",
                                                                                           "dull", "odd", "long"] * 2)]
@@ -177,13 +182,9 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert report.write_report(tmp_path).read_text() == text
 
 
-def test_sparsepo_study_plan_lists_every_run(tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "study", "sentiment", "plan", "--out",
-                           str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--betas", "0.5", "--seeds", "3"],
-                          capture_output=True, text=True, cwd=ROOT, check=False)
+def test_sparsepo_study_plan_lists_every_run(cli_zygote, tmp_path):
+    done = cli_zygote.run("study", "sentiment", "plan", "--out", str(tmp_path / "out"), "--work",
+                          str(tmp_path / "work"), "--betas", "0.5", "--seeds", "3")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(METHODS)
