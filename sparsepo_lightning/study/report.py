@@ -289,8 +289,10 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
     released = [r for r in runs if r.method.endswith("_released") and r.metrics.get("initial_masks")]
     if released:
         means = [r.metrics["initial_masks"]["mask_mean"] for r in released]
-        lines.append(f"- Masks at the released start had a mean weight of {min(means):.4f}–{max(means):.4f} at step "
-                     f"0 over {len(released)} runs (the start at 1: 1.0000).")
+        low, high = f"{min(means):.4f}", f"{max(means):.4f}"
+        spread = f"{low} in all" if low == high else f"{low}–{high} over"
+        lines.append(f"- Masks at the released start had a mean weight of {spread} {len(released)} runs at step 0 "
+                     "(the start at 1: 1.0000).")
     return lines
 
 
