@@ -21,6 +21,7 @@ from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from tests.cli_zygote import ForkedCommand
+from tests.crash_helpers import EPOCH_END_RESUME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,6 +139,15 @@ def test_resume_from_step_checkpoints_is_exact_in_process(save_step, tiny_model_
     resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "resumed", 13, ckpt_path=str(ckpt))
     assert sorted(resumed.losses) == list(range(save_step + 1, 14))
     assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(save_step + 1, 14)]
+
+
+@pytest.mark.xfail(strict=True, reason=EPOCH_END_RESUME)
+def test_resume_from_an_epoch_end_checkpoint_is_exact_in_process(tiny_model_dir, pairs_file, tmp_path):
+    full = _fit(tiny_model_dir, pairs_file, tmp_path / "full", 13, every_n_epochs=1, save_top_k=-1)
+    (ckpt,) = (tmp_path / "full").glob("epoch=0-step=8.ckpt")
+    resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "resumed", 13, ckpt_path=str(ckpt))
+    assert resumed.losses[9] == full.losses[9]  # the first resumed step is right; the order goes wrong after it
+    assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(9, 14)]
 
 
 def test_fit_refuses_a_nonempty_checkpoint_directory_unless_resuming_or_overwrite(tiny_model_dir, pairs_file,
