@@ -237,7 +237,36 @@ def load_module_state(checkpoint: dict[str, Any], objective: _StatefulObjective,
     weights (``own_state()``: its ``state_dict``) back under ``frozen_keys`` so loading stays strict for everything
     that was saved. A distributed checkpoint has no ``state_dict`` here: the strategy has loaded the weights already."""
     objective.load_state_dict(checkpoint.get(OBJECTIVE_STATE))
+    close_saved_epoch(checkpoint)
     if "state_dict" not in checkpoint:
         return
     own = own_state()
     checkpoint["state_dict"].update({k: own[k] for k in frozen_keys if k in own})
+
+
+def close_saved_epoch(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written at an epoch's end resume at the first batch of the next pass, as the uninterrupted
+    run goes on: mark the epoch completed and its batch counters as those of a new epoch.
+
+    Two states need it: written in ``on_train_epoch_end`` (the epoch is processed but not yet completed: RunCheckpoint's
+    epoch saves) and written after the epoch completed but before the next one started (``on_train_end``, or
+    ``trainer.save_checkpoint`` after a fit that stopped at an epoch end). Lightning 2.6 resumes the first as a new
+    epoch only when training is bounded by epochs, and the second never: bounded by ``max_steps`` it restarts with
+    the finished epoch's batch count, trains one batch of the next pass, then starts a pass in the order of the pass
+    after. The data module's own state already says that its pass is complete."""
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops or "epoch_progress" not in loops or "epoch_loop.batch_progress" not in loops:
+        return
+    epochs = [c for c in loops["epoch_progress"].values() if isinstance(c, dict)]
+    at_end = all(c["ready"] == c["started"] == c["processed"] == c["completed"] + 1 for c in epochs)
+    after_end = (all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in epochs)
+                 and loops["epoch_loop.batch_progress"].get("is_last_batch", False))
+    if not (at_end or after_end):
+        return
+    for counts in epochs:
+        counts["completed"] = counts["processed"]
+    for name in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress"):
+        if name in loops:
+            loops[name]["current"] = dict.fromkeys(loops[name]["current"], 0)
+            if "is_last_batch" in loops[name]:
+                loops[name]["is_last_batch"] = False

@@ -61,13 +61,3 @@ class InternalError(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
         raise RuntimeError("an internal error")
-
-
-EPOCH_END_RESUME = (
-    "Known bug: a checkpoint written at an epoch end (on_train_epoch_end: RunCheckpoint's epoch saves, or "
-    "trainer.save_checkpoint after a fit stopped there) restores as mid-epoch in Lightning 2.6 (epoch progress "
-    "processed = started - 1): the resumed run trains one batch labelled 'epoch 0, batch 8' (the first of the next "
-    "pass: its loss is right), then starts a pass whose order is that of the pass after. Weights and optimizer state "
-    "are exact; the data order is not, single process and under DDP/FSDP alike. Checkpoints written at a step "
-    "(every_n_train_steps), also at an epoch's last batch, resume exactly.")
-"""Why the exact-resume tests from epoch-end checkpoints are expected to fail (one process and 2 ranks)."""

@@ -21,7 +21,6 @@ from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from tests.cli_zygote import ForkedCommand
-from tests.crash_helpers import EPOCH_END_RESUME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,12 +140,14 @@ def test_resume_from_step_checkpoints_is_exact_in_process(save_step, tiny_model_
     assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(save_step + 1, 14)]
 
 
-@pytest.mark.xfail(strict=True, reason=EPOCH_END_RESUME)
 def test_resume_from_an_epoch_end_checkpoint_is_exact_in_process(tiny_model_dir, pairs_file, tmp_path):
+    """A checkpoint written in ``on_train_epoch_end`` (RunCheckpoint's epoch saves), training bounded by max_steps:
+    Lightning 2.6 alone restarts the finished epoch, trains one batch of the next pass in it and then a pass in the
+    order of the pass after (step 9 right, steps 10-13 wrong); ``checkpointing.close_saved_epoch`` fixes it."""
     full = _fit(tiny_model_dir, pairs_file, tmp_path / "full", 13, every_n_epochs=1, save_top_k=-1)
     (ckpt,) = (tmp_path / "full").glob("epoch=0-step=8.ckpt")
     resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "resumed", 13, ckpt_path=str(ckpt))
-    assert resumed.losses[9] == full.losses[9]  # the first resumed step is right; the order goes wrong after it
+    assert sorted(resumed.losses) == list(range(9, 14))
     assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(9, 14)]
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.crash_helpers import EPOCH_END_RESUME
 from tests.distributed_launch import rank_env
 from tests.distributed_run import CLIP, LORA, STEPS_PER_EPOCH, one_step
 
@@ -169,10 +168,11 @@ def test_sharded_checkpoint_holds_policy_masks_and_optimizer(strategy, ranks_by_
         assert r["part1"] == pytest.approx(r["full"][:STEPS_PER_EPOCH], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=EPOCH_END_RESUME)  # the same bug as in one process (tests/test_checkpointing.py)
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
 def test_sharded_checkpoint_resumes_exactly(strategy, ranks_by_mode):
-    """Resumed from the checkpoint saved after epoch 1 on 2 ranks: the same losses as the uninterrupted run."""
+    """Resumed from the checkpoint saved after epoch 1 on 2 ranks (after the fit stopped at the epoch end): the same
+    losses as the uninterrupted run (Lightning 2.6 alone replays one batch and shifts the passes;
+    ``checkpointing.close_saved_epoch``)."""
     for r in ranks_by_mode[f"{strategy}_resume"]:
         assert r["part1"] + r["resumed"] == pytest.approx(r["full"], rel=1e-5, abs=1e-6)
 
