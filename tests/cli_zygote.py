@@ -5,9 +5,9 @@ that runs ``python -m sparsepo_lightning.cli ...`` as a subprocess spends. :clas
 as a subprocess that imports the CLI and then waits for commands on its stdin; each command runs in a process
 forked from it (its own pid, environment, working folder, stdout/stderr files and exit status, exactly as
 ``python -m sparsepo_lightning.cli`` would have them: ``SystemExit`` becomes the exit status, an uncaught exception
-prints its traceback and exits with 1). Forking is safe here because the waiting process has only imported
-modules: no torch thread pool has started. One real ``python -m`` start stays in the tests (``--help``) to hold
-the entry point itself.
+prints its traceback and exits with 1; unlike a real exit, ``atexit`` handlers do not run). Forking is safe here
+because the waiting process has only imported modules: no torch thread pool has started. One real ``python -m``
+start stays in the tests (``--help``) to hold the entry point itself.
 """
 
 from __future__ import annotations
