@@ -233,9 +233,11 @@ def save_module_state(checkpoint: dict[str, Any], objective: _StatefulObjective,
 
 def load_module_state(checkpoint: dict[str, Any], objective: _StatefulObjective, frozen_keys: set[str],
                       own_state: Any) -> None:
-    """``PreferenceModule.on_load_checkpoint``: restore the objective's state, and put the module's own frozen
-    weights (``own_state()``: its ``state_dict``) back under ``frozen_keys`` so loading stays strict for everything
-    that was saved. A distributed checkpoint has no ``state_dict`` here: the strategy has loaded the weights already."""
+    """``PreferenceModule.on_load_checkpoint``: restore the objective's state, close an epoch the checkpoint was
+    written at the end of (:func:`close_saved_epoch`, before Lightning restores its loops from it), and put the
+    module's own frozen weights (``own_state()``: its ``state_dict``) back under ``frozen_keys`` so loading stays
+    strict for everything that was saved. A distributed checkpoint has no ``state_dict`` here: the strategy has loaded
+    the weights already."""
     objective.load_state_dict(checkpoint.get(OBJECTIVE_STATE))
     close_saved_epoch(checkpoint)
     if "state_dict" not in checkpoint:

@@ -142,7 +142,7 @@ def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory, worker_id) -> di
     wait on a lock and read what it saved (the launch is seeded and its inputs are the same in every worker)."""
     from filelock import FileLock
 
-    from tests.distributed_launch import SHARED_MODES, launch_many
+    from tests.distributed_launch import SHARED_MODES, launch_many, load_ranks
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if worker_id != "master" else base  # this session's folder, shared by its workers
@@ -151,7 +151,7 @@ def ranks_by_mode(tiny_model_dir, pairs_file, tmp_path_factory, worker_id) -> di
         if not done.exists():
             launch_many(SHARED_MODES, out, tiny_model_dir, pairs_file)
             done.touch()
-    return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in SHARED_MODES}
+    return load_ranks(out, SHARED_MODES)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,11 @@ def launch_many(modes: list[str], out: Path, model_dir: str, pairs: str, timeout
     proc = subprocess.run([sys.executable, str(SCRIPT), ",".join(modes), str(out), model_dir, pairs], cwd=REPO,
                           env=rank_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{modes} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return load_ranks(out, modes)
+
+
+def load_ranks(out: Path, modes: list[str]) -> dict[str, list[dict]]:
+    """What each of the 2 ranks saved under ``out`` per mode, in rank order."""
     return {m: [torch.load(out / m / f"rank{r}.pt", weights_only=False) for r in range(2)] for m in modes}
 
 

@@ -29,6 +29,7 @@ The test runs the same functions in one process (``devices=1``, 4 pairs per batc
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -237,8 +238,6 @@ def sharded_export(model_dir: str, pairs: str, root: Path, strategy: str) -> dic
 def tied_model(model_dir: str, root: Path) -> str:
     """The tiny Llama with tied input/output embeddings (seeded) and the tokenizer of ``model_dir``, saved once:
     by rank 0 when the process group is up (transformers saves on rank 0 only), else by each process."""
-    import os
-
     from transformers import AutoTokenizer
 
     from tests.tiny_models import tiny_llama
