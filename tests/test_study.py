@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -143,7 +144,7 @@ def _fake_logs(out: Path) -> None:
             run_dir.mkdir()
             train = {"train/loss": [[0, 0.69], [1, 0.6]]}
             if method != "dpo":
-                train |= {f"train/masks/sparsity_{k}_{s}": [[0, 0.0], [1, 30.0]] for k in ("reward", "kl")
+                train |= {f"train/masks/sparsity_{k}_{s}": [[0, 0.0], [1, 30.0 + 10 * beta]] for k in ("reward", "kl")
                           for s in ("chosen", "rejected")}
             metrics = {"name": run_dir.name.split("-")[0], "method": method, "beta": beta, "seed": 0, "steps": 2,
                        "wall_seconds": 10.0, "final_val": {"loss": 0.6, "accuracy": 0.7, "margin": 0.2},
@@ -172,6 +173,8 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert "higher frontier score than DPO" in text  # built in: sparsepo_common is 0.1*beta above dpo
     assert "## Under a second scorer (textblob)" in text  # half of every reward: the same verdicts
     assert "- Under textblob the verdict against DPO holds" in text
+    # the learned method's last logged sparsity over its runs (β 0.1: 31 %, β 0.8: 38 %); random is not learned
+    assert "exactly 0: SparsePO common (start 1) 31.0–38.0 % (2 runs)." in text
     # sentiment words carry weight 1, others 0.1: a strong rank correlation with |valence|, p at its minimum
     row = next(line for line in text.splitlines() if line.startswith("| sparsepo_common_b0.1_s0 | reward | chosen"))
     rho_abs, p_abs = float(row.split("|")[5]), float(row.split("|")[6])
@@ -217,3 +220,19 @@ def great_of(text):
     from sparsepo_lightning.data.scorers import TextBlobScorer
 
     return TextBlobScorer()([text])[0]
+
+
+def test_the_committed_report_is_what_its_committed_logs_regenerate(tmp_path):
+    """`make study-report` on the committed logs alone writes the committed README.md, to the character.
+
+    Only evaluated runs are committed; a run the study is making in this work tree (no ``eval.json`` yet) is left out.
+    """
+    committed = ROOT / "reports" / "sentiment"
+    for name in ("study.json", "data.json"):
+        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    for run_dir in (committed / "runs").iterdir():
+        if (run_dir / "eval.json").is_file():
+            shutil.copytree(run_dir, tmp_path / "runs" / run_dir.name)
+    regenerated = report.write_report(tmp_path).read_text(encoding="utf-8")
+    assert regenerated == (committed / "README.md").read_text(encoding="utf-8"), \
+        "reports/sentiment/README.md is stale: run `make study-report` and commit it"

@@ -16,6 +16,8 @@ from typing import Any
 
 OBJECTIVES = "sparsepo_lightning.objectives"
 MASKS = "sparsepo_lightning.masks"
+RELEASED_L1 = 1e-3
+"""λ_u = λ_d of the L1 arm: the released recipe's only L1 setting (HH, common mask; halved for a common mask)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,9 @@ METHODS: dict[str, Method] = {
                                        lambda b, s, m: _learned(False, "released"), learned=True),
     "sparsepo_indep_released": Method("SparsePO independent (released start)", lambda b: _objective("SparsePO", b),
                                       lambda b, s, m: _learned(True, "released"), learned=True),
+    "sparsepo_common_l1": Method("SparsePO common + L1 (start 1)",
+                                 lambda b: _objective("SparsePO", b, l1_reward=RELEASED_L1, l1_kl=RELEASED_L1),
+                                 lambda b, s, m: _learned(False, "ones"), learned=True),
 }
 """The arms, in the order they are run for each (seed, β)."""
 

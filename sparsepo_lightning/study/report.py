@@ -81,7 +81,7 @@ def _plt():  # noqa: ANN202
 
 
 COLOURS = dict(zip(METHODS, ("#1f77b4", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728", "#7f7f7f", "#e377c2",
-                             "#8c564b", "#17becf"), strict=True))
+                             "#8c564b", "#17becf", "#2ca02c"), strict=True))
 MARKERS = ("o", "s", "^", "D")
 
 
@@ -293,7 +293,22 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
         spread = f"{low} in all" if low == high else f"{low}–{high} over"
         lines.append(f"- Masks at the released start had a mean weight of {spread} {len(released)} runs at step 0 "
                      "(the start at 1: 1.0000).")
-    return lines
+    return lines + sparsity_lines(runs)
+
+
+def sparsity_lines(runs: list[RunLog]) -> list[str]:
+    """Each learned method's reward-mask sparsity at its last logged step (mean of chosen and rejected)."""
+    final: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        chosen = r.metrics["train"].get("train/masks/sparsity_reward_chosen")
+        rejected = r.metrics["train"].get("train/masks/sparsity_reward_rejected")
+        if METHODS[r.method].learned and chosen and rejected:
+            final[r.method].append((chosen[-1][1] + rejected[-1][1]) / 2)
+    if not final:
+        return []
+    cells = [f"{METHODS[m].label} {min(v):.1f}" + (f"–{max(v):.1f}" if f"{max(v):.1f}" != f"{min(v):.1f}" else "")
+             + f" % ({len(v)} runs)" for m, v in final.items()]
+    return [f"- Learned reward masks at the last step, % of response tokens exactly 0: {'; '.join(cells)}."]
 
 
 def write_report(out: Path) -> Path:
