@@ -62,7 +62,8 @@ def settings_from(args: argparse.Namespace, out: Path) -> StudySettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("sparsepo_lightning").setLevel(logging.INFO)  # progress; other libraries' INFO is noise
     from sparsepo_lightning.model_sources import cache_dir
     from sparsepo_lightning.study import driver, report
     from sparsepo_lightning.study.plan import Paths, config_key, plan
