@@ -142,7 +142,7 @@ def _fake_logs(out: Path) -> None:
             reward = np.array(reference["reward_per_prompt"]) + beta * (0.2 + 0.1 * i) + rng.normal(0, 0.05, prompts)
             run_dir = out / "runs" / f"{method}_b{beta:g}_s0-k{i}"
             run_dir.mkdir()
-            train = {"train/loss": [[0, 0.69], [1, 0.6]]}
+            train = {"train/loss": [[0, 0.69], [1, 0.6]], "train/masks/mean_reward": [[0, 1.0], [1, 0.9]]}
             if method != "dpo":
                 train |= {f"train/masks/sparsity_{k}_{s}": [[0, 0.0], [1, 30.0 + 10 * beta]] for k in ("reward", "kl")
                           for s in ("chosen", "rejected")}
@@ -174,7 +174,7 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert "## Under a second scorer (textblob)" in text  # half of every reward: the same verdicts
     assert "- Under textblob the verdict against DPO holds" in text
     # the learned method's last logged sparsity over its runs (β 0.1: 31 %, β 0.8: 38 %); random is not learned
-    assert "exactly 0: SparsePO common (start 1) 31.0–38.0 % (2 runs)." in text
+    assert "last training step: SparsePO common (start 1) 31.0–38.0 % zeros, mean weight 0.90 (2 runs)." in text
     # sentiment words carry weight 1, others 0.1: a strong rank correlation with |valence|, p at its minimum
     row = next(line for line in text.splitlines() if line.startswith("| sparsepo_common_b0.1_s0 | reward | chosen"))
     rho_abs, p_abs = float(row.split("|")[5]), float(row.split("|")[6])

@@ -296,19 +296,29 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
     return lines + sparsity_lines(runs)
 
 
+def _span(values: list[float], fmt: str) -> str:
+    low, high = format(min(values), fmt), format(max(values), fmt)
+    return low if low == high else f"{low}–{high}"
+
+
 def sparsity_lines(runs: list[RunLog]) -> list[str]:
-    """Each learned method's reward-mask sparsity at its last logged step (mean of chosen and rejected)."""
-    final: dict[str, list[float]] = defaultdict(list)
+    """Each learned method's reward mask at its last logged step: % exact zeros (mean of chosen and rejected) and
+    mean weight, as ranges over the method's runs."""
+    zeros: dict[str, list[float]] = defaultdict(list)
+    means: dict[str, list[float]] = defaultdict(list)
     for r in runs:
-        chosen = r.metrics["train"].get("train/masks/sparsity_reward_chosen")
-        rejected = r.metrics["train"].get("train/masks/sparsity_reward_rejected")
+        train = r.metrics["train"]
+        chosen, rejected = (train.get(f"train/masks/sparsity_reward_{side}") for side in ("chosen", "rejected"))
         if METHODS[r.method].learned and chosen and rejected:
-            final[r.method].append((chosen[-1][1] + rejected[-1][1]) / 2)
-    if not final:
+            zeros[r.method].append((chosen[-1][1] + rejected[-1][1]) / 2)
+            if train.get("train/masks/mean_reward"):
+                means[r.method].append(train["train/masks/mean_reward"][-1][1])
+    if not zeros:
         return []
-    cells = [f"{METHODS[m].label} {min(v):.1f}" + (f"–{max(v):.1f}" if f"{max(v):.1f}" != f"{min(v):.1f}" else "")
-             + f" % ({len(v)} runs)" for m, v in final.items()]
-    return [f"- Learned reward masks at the last step, % of response tokens exactly 0: {'; '.join(cells)}."]
+    cells = [f"{METHODS[m].label} {_span(v, '.1f')} % zeros"
+             + (f", mean weight {_span(means[m], '.2f')}" if len(means[m]) == len(v) else "") + f" ({len(v)} runs)"
+             for m, v in zeros.items()]
+    return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."]
 
 
 def write_report(out: Path) -> Path:
