@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 128,512,1024)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 1 on CPU, 4 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 2 on CPU, 5 on CUDA)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 3 on CPU, 5 on CUDA)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/latest.json"))
     parser.add_argument("--layers", type=int, default=None,
@@ -324,7 +324,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     lengths = [64] if args.quick else [int(x) for x in (args.lengths or "128,512,1024").split(",")]
     num_pairs = args.pairs or (1 if args.quick or not cuda else 4)
-    steps = args.steps or (1 if args.quick else 5 if cuda else 1)
+    steps = args.steps or (1 if args.quick else 5 if cuda else 3)
     layers = args.layers or (1 if args.quick else None if cuda else 2)
     model = model_path(layers if layers != 30 else None)
     results = []

