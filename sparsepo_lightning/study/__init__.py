@@ -5,5 +5,7 @@ token weighting change. ``sparsepo study sentiment run|report`` (also ``make stu
 - ``driver``: builds the data, trains, evaluates and keeps the small per-run logs; resumable;
 - ``maskdump``: a callback that writes the final masks of the held-out pairs, token by token;
 - ``stats``: frontier areas, paired bootstrap intervals, Spearman correlation with a permutation p-value;
-- ``report``: the report (Markdown + PNG figures) generated from the per-run logs only.
+- ``logs``: the per-run logs as the report reads them (``load_runs``);
+- ``figures``: the report's PNG figures (frontier, sparsity over training, token heat-maps);
+- ``report``: the report (Markdown + the figures) generated from the per-run logs only.
 """

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sparsepo_lightning.study import stats
+from sparsepo_lightning.study.figures import frontier_figure, heatmap_figures, sparsity_figure
+from sparsepo_lightning.study.logs import RunLog, by_method, load_runs, read_json, zeros_curve
 from sparsepo_lightning.study.plan import METHODS
 
 TIMES_NOTE = ("`train s` and `eval s` are wall-clock seconds as measured, including any time a run waited for the "
@@ -35,132 +36,7 @@ sparsepo study sentiment run --steps 500 --batch-size 16 --seeds 0 1 2 --out rep
 ```"""
 
 
-@dataclass
-class RunLog:
-    """The logs of one run directory."""
-
-    name: str
-    method: str
-    beta: float
-    seed: int
-    metrics: dict[str, Any]
-    eval: dict[str, Any] | None
-    masks: dict[str, Any] | None
-    config: dict[str, Any]
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def load_runs(out: Path) -> tuple[list[RunLog], dict[str, Any] | None]:
-    """Every finished run under ``out/runs`` (metrics and config present), and the reference evaluation."""
-    runs, reference = [], None
-    for run_dir in sorted((out / "runs").glob("*")):
-        if run_dir.name.startswith("reference-"):
-            reference = _json(run_dir / "eval.json") or reference
-            continue
-        metrics, config = _json(run_dir / "metrics.json"), _json(run_dir / "config.json")
-        if metrics is None or config is None or metrics["method"] not in METHODS:
-            continue
-        runs.append(RunLog(metrics["name"], metrics["method"], metrics["beta"], metrics["seed"], metrics,
-                           _json(run_dir / "eval.json"), _json(run_dir / "masks.json"), config))
-    order = list(METHODS)
-    runs.sort(key=lambda r: (order.index(r.method), r.beta, r.seed))
-    return runs, reference
-
-
-# ---- figures -----------------------------------------------------------------------------------------------
-def _plt():  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-COLOURS = dict(zip(METHODS, ("#1f77b4", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728", "#7f7f7f", "#e377c2",
-                             "#8c564b", "#17becf", "#2ca02c"), strict=True))
-MARKERS = ("o", "s", "^", "D")
-
-
-def frontier_figure(runs: list[RunLog], reference: dict[str, Any], path: Path) -> None:
-    """Every evaluated run as a point (colour = method, marker = seed), one Pareto line per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    anchor = (0.0, reference["reward_mean"])
-    ax.scatter(*anchor, marker="*", s=220, color="black", zorder=5, label="reference (KL 0)")
-    for method, group in _by_method([r for r in runs if r.eval]).items():
-        kl = np.array([r.eval["kl_mean"] for r in group])
-        reward = np.array([r.eval["reward_mean"] for r in group])
-        for r in group:
-            ax.scatter(max(r.eval["kl_mean"], 0.0), r.eval["reward_mean"], color=COLOURS[method],
-                       marker=MARKERS[r.seed % len(MARKERS)], s=40, zorder=4)
-        front_kl, front_reward = stats.frontier_curve(kl, reward, anchor)
-        ax.plot(front_kl, front_reward, color=COLOURS[method], lw=1.5, label=METHODS[method].label)
-    ax.set_xlabel("sequence KL(policy ‖ reference), nats (sampled, held-out prompts)")
-    ax.set_ylabel("mean VADER reward of samples")
-    ax.set_title("Reward–KL frontier (marker shape = seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def sparsity_figure(runs: list[RunLog], path: Path) -> bool:
-    """Reward- and KL-mask sparsity (% exact zeros) over training steps, one panel per masked method."""
-    masked = [r for r in runs if "train/masks/sparsity_reward_chosen" in r.metrics["train"]]
-    if not masked:
-        return False
-    plt = _plt()
-    groups = _by_method(masked)
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), dpi=110, squeeze=False)
-    for ax, (method, group) in zip(axes[0], groups.items(), strict=True):
-        for r in group:
-            for kind, style in (("reward", "-"), ("kl", ":")):
-                chosen = r.metrics["train"].get(f"train/masks/sparsity_{kind}_chosen")
-                rejected = r.metrics["train"].get(f"train/masks/sparsity_{kind}_rejected")
-                if not chosen or not rejected:
-                    continue
-                steps = [s for s, _ in chosen]
-                values = [(a[1] + b[1]) / 2 for a, b in zip(chosen, rejected, strict=True)]
-                ax.plot(steps, values, style, lw=1, label=f"{kind} β={r.beta:g} s{r.seed}")
-        ax.set_title(METHODS[method].label, fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("% response tokens with mask exactly 0")
-    axes[0][-1].legend(fontsize=5)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def heatmap_figures(run: RunLog, out: Path, count: int = 3) -> list[Path]:
-    from PIL import Image
-
-    from sparsepo_lightning.callbacks.heatmaps import render_pair
-    from sparsepo_lightning.study.maskdump import pair_from_record
-
-    paths = []
-    for i, row in enumerate(run.masks["pairs"][:count]):
-        path = out / f"heatmap_{i}.png"
-        Image.fromarray(render_pair(pair_from_record(row))).save(path)
-        paths.append(path)
-    return paths
-
-
 # ---- tables ------------------------------------------------------------------------------------------------
-def _by_method(runs: list[RunLog]) -> dict[str, list[RunLog]]:
-    groups: dict[str, list[RunLog]] = defaultdict(list)
-    for r in runs:
-        groups[r.method].append(r)
-    return dict(groups)
-
-
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
@@ -183,7 +59,7 @@ def frontier_section(runs: list[RunLog], reference: dict[str, Any],
                      reward_key: str = "reward_per_prompt") -> tuple[list[str], dict[str, Any]]:
     """Frontier scores and the SparsePO differences, from the per-prompt rewards under ``reward_key`` (VADER's, or
     the second scorer's ``second_reward_per_prompt``)."""
-    evaluated = _by_method([r for r in runs if r.eval])
+    evaluated = by_method([r for r in runs if r.eval])
     per_prompt = {m: [(np.array(r.eval["kl_per_prompt"]), np.array(r.eval[reward_key])) for r in group]
                   for m, group in evaluated.items()}
     anchor = np.array(reference[reward_key])
@@ -289,8 +165,8 @@ def conclusion(section: dict[str, Any], runs: list[RunLog], planned: int) -> lis
     released = [r for r in runs if r.method.endswith("_released") and r.metrics.get("initial_masks")]
     if released:
         means = [r.metrics["initial_masks"]["mask_mean"] for r in released]
-        low, high = f"{min(means):.4f}", f"{max(means):.4f}"
-        spread = f"{low} in all" if low == high else f"{low}–{high} over"
+        span = _span(means, ".4f")
+        spread = f"{span} over" if "–" in span else f"{span} in all"
         lines.append(f"- Masks at the released start had a mean weight of {spread} {len(released)} runs at step 0 "
                      "(the start at 1: 1.0000).")
     return lines + sparsity_lines(runs)
@@ -308,9 +184,9 @@ def sparsity_lines(runs: list[RunLog]) -> list[str]:
     means: dict[str, list[float]] = defaultdict(list)
     for r in runs:
         train = r.metrics["train"]
-        chosen, rejected = (train.get(f"train/masks/sparsity_reward_{side}") for side in ("chosen", "rejected"))
-        if METHODS[r.method].learned and chosen and rejected:
-            zeros[r.method].append((chosen[-1][1] + rejected[-1][1]) / 2)
+        curve = zeros_curve(train, "reward")
+        if METHODS[r.method].learned and curve:
+            zeros[r.method].append(curve[1][-1])
             if train.get("train/masks/mean_reward"):
                 means[r.method].append(train["train/masks/mean_reward"][-1][1])
     cells = [f"{METHODS[m].label} {_span(v, '.1f')} % zeros"
@@ -334,7 +210,7 @@ def cost_line(runs: list[RunLog], planned: int) -> list[str]:
 def write_report(out: Path) -> Path:
     """Generate ``out/README.md`` and its figures from the logs; returns the README path."""
     out = Path(out)
-    study, data = _json(out / "study.json") or {}, _json(out / "data.json") or {}
+    study, data = read_json(out / "study.json") or {}, read_json(out / "data.json") or {}
     runs, reference = load_runs(out)
     settings = study.get("settings", {})
     from sparsepo_lightning.study.plan import StudySettings, plan
