@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 
 from sparsepo_lightning.study import driver, report
-from sparsepo_lightning.study.plan import METHODS, Paths, Run, StudySettings, config_key, plan, training_config
+from sparsepo_lightning.study.plan import Paths, Run, config_key, plan, training_config
+from sparsepo_lightning.study.planfile import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
+FIRST = load_plan(ROOT / "configs" / "study" / "sentiment.yaml")
+"""The first study's plan (42 runs, reports/sentiment)."""
+METHODS = FIRST.arms
 
 
 def test_plan_runs_every_method_at_every_beta_and_the_seeded_methods_at_every_seed():
-    settings = StudySettings(betas=(0.1, 0.3, 0.8), seeds=(0, 1))
-    runs = plan(settings)
+    runs = plan(FIRST.with_settings(betas=(0.1, 0.3, 0.8), seeds=(0, 1)))
     assert len(runs) == len(METHODS) * 3 + sum(m.all_seeds for m in METHODS.values()) * 3
     assert len({r.name for r in runs}) == len(runs)
     assert runs[0].beta == 0.3  # the middle beta first
@@ -28,19 +31,20 @@ def test_plan_runs_every_method_at_every_beta_and_the_seeded_methods_at_every_se
             source = runs.index(Run(METHODS[r.method].matches, r.beta, r.seed))
             assert source < runs.index(r)
     seeds = {m for m, method in METHODS.items() if method.all_seeds}
+    assert len(runs) == 42
     assert seeds >= {"dpo", "tdpo1", "sparsepo_common", "random"}
 
 
 def test_runs_of_one_seed_share_data_order_model_and_steps_and_keys_follow_the_config(tmp_path):
-    settings, paths = StudySettings(), Paths(tmp_path, tmp_path / "work")
-    configs = [training_config(settings, paths, Run(m, 0.3, 0), {"keep_rate": 0.5, "value": 1.0}) for m in METHODS]
+    paths = Paths(tmp_path, tmp_path / "work")
+    configs = [training_config(FIRST, paths, Run(m, 0.3, 0), {"keep_rate": 0.5, "value": 1.0}) for m in METHODS]
     for c in configs:
         assert c["data"] == configs[0]["data"] and c["trainer"] == configs[0]["trainer"]
         assert c["model"]["model"] == "smollm2-135m" and c["seed_everything"] == 0
     keys = {config_key(c) for c in configs}
     assert len(keys) == len(configs)
     assert config_key(configs[0]) == config_key(json.loads(json.dumps(configs[0])))
-    other = training_config(settings, paths, Run("dpo", 0.8, 0))
+    other = training_config(FIRST, paths, Run("dpo", 0.8, 0))
     assert config_key(other) != config_key(configs[0])
 
 
@@ -50,9 +54,9 @@ def test_every_method_config_parses_with_the_cli(tmp_path, monkeypatch, capsys):
     from sparsepo_lightning.cli import run as cli
 
     monkeypatch.chdir(ROOT)
-    settings, paths = StudySettings(), Paths(tmp_path, tmp_path / "work")
+    paths = Paths(tmp_path, tmp_path / "work")
     for method in METHODS:
-        config = training_config(settings, paths, Run(method, 0.3, 1), {"keep_rate": 0.4, "value": 1.2})
+        config = training_config(FIRST, paths, Run(method, 0.3, 1), {"keep_rate": 0.4, "value": 1.2})
         path = tmp_path / f"{method}.yaml"
         path.write_text(yaml.safe_dump(config))
         with pytest.raises(SystemExit) as info:
@@ -78,6 +82,12 @@ def test_reviews_are_read_from_the_package_csv_layout(tmp_path):
         driver.read_reviews_csv(tmp_path / "bad.csv")
 
 
+TINY = dict(model="", train_prompts=8, heldout_prompts=4, min_words=3, max_words=5, samples_per_prompt=3,
+            max_new_tokens=6, steps=2, batch_size=2, betas=(0.5,), seeds=(0,), eval_samples=2, max_length=32,
+            max_prompt_length=16)
+"""Study settings for the tiny model (``model`` is set to its folder)."""
+
+
 class LengthScorer:
     """A deterministic stand-in for VADER on random-model text: longer continuations score higher."""
 
@@ -97,12 +107,10 @@ def test_driver_runs_trains_evaluates_resumes_and_reports(cli_zygote, tiny_model
     monkeypatch.setattr(driver, "review_texts", lambda: reviews)
     monkeypatch.setattr(sentiment, "make_scorer", lambda *a, **k: LengthScorer())
     monkeypatch.chdir(ROOT)
-    settings = StudySettings(model=tiny_model_dir, train_prompts=8, heldout_prompts=4, min_words=3, max_words=5,
-                             samples_per_prompt=3, max_new_tokens=6, steps=2, batch_size=2, betas=(0.5,),
-                             seeds=(0,), eval_samples=2, max_length=32, max_prompt_length=16)
+    study = FIRST.with_settings(**{**TINY, "model": tiny_model_dir})
     paths = Paths(tmp_path / "out", tmp_path / "work")
     only = ["sparsepo_common", "random"]  # a masked run and its matched control (DPO runs the same driver path)
-    done = driver.run_study(settings, paths, only=only)
+    done = driver.run_study(study, paths, only=only)
     assert done == ["sparsepo_common_b0.5_s0", "random_b0.5_s0"]
     for run_dir in (paths.out / "runs").glob("*_s0-*"):
         assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval.json"}
@@ -113,10 +121,11 @@ def test_driver_runs_trains_evaluates_resumes_and_reports(cli_zygote, tiny_model
     assert metrics["steps"] == 2 and metrics["initial_masks"]["mask_mean"] == pytest.approx(1.0, abs=1e-6)
     random_config = json.loads(next((paths.out / "runs").glob("random_*")).joinpath("config.json").read_text())
     assert random_config["model"]["masker"]["init_args"] == {**driver.matched_masks(metrics), "seed": 0}
-    assert driver.run_study(settings, paths, only=only) == []  # a second sitting finds everything done
+    assert driver.run_study(study, paths, only=only) == []  # a second sitting finds everything done
     readme = report.write_report(paths.out)
     text = readme.read_text()
     assert "Partial study: 2 of" in text and "| SparsePO common (start 1) | 0.5 | 0 | 2 |" in text
+    assert json.loads((paths.out / "study.json").read_text())["plan"] == FIRST.record  # the report reads it back
     assert (paths.out / "frontier.png").is_file() and (paths.out / "sparsity.png").is_file()
     report.write_report(paths.out)
     assert readme.read_text() == text  # regenerated identically from the logs
@@ -169,20 +178,20 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     for heading in ("## Conclusion", "## Reward–KL frontier", "## Mask sparsity during training",
                     "## Where the learned masks put their weight", "## All runs", "paper's scale"):
         assert heading in text
-    assert "SparsePO common − Random mask (matched)" in text and "SparsePO common − DPO" in text
+    assert "SparsePO common − TDPO1 at β × c (constant mask c)" in text and "SparsePO common − DPO" in text
     assert "higher frontier score than DPO" in text  # built in: sparsepo_common is 0.1*beta above dpo
     assert "## Under a second scorer (textblob)" in text  # half of every reward: the same verdicts
     assert "- Under textblob the verdict against DPO holds" in text
     # the learned method's last logged sparsity over its runs (β 0.1: 31 %, β 0.8: 38 %); random is not learned
     assert "last training step: SparsePO common (start 1) 31.0–38.0 % zeros, mean weight 0.90 (2 runs)." in text
-    planned = len(plan(StudySettings(betas=(0.1, 0.8), seeds=(0,))))
+    planned = len(plan(FIRST.with_settings(betas=(0.1, 0.8), seeds=(0,))))
     hours = planned * (10.0 + 5.0) / 3600  # every fake run: 10 s of training, 5 s of evaluation
     assert (f"- Cost: a run takes 0.2 min of training and 0.1 min of evaluation (medians over 6 runs): about "
             f"{hours:.1f} h for the {planned} runs") in text
     # sentiment words carry weight 1, others 0.1: a strong rank correlation with |valence|, p at its minimum
     row = next(line for line in text.splitlines() if line.startswith("| sparsepo_common_b0.1_s0 | reward | chosen"))
-    rho_abs, p_abs = float(row.split("|")[5]), float(row.split("|")[6])
-    assert rho_abs > 0.8 and p_abs < 0.01  # ties among the weights keep it below 1
+    rho_abs, p_abs = float(row.split("|")[5]), row.split("|")[6].strip()
+    assert rho_abs > 0.8 and p_abs == "≤ 0.001"  # ties keep ρ below 1; no permutation reaches it: the floor 1/1001
     assert "highest: `' awful'`" in text or "highest: `' bad'`" in text
     for figure in ("frontier.png", "sparsity.png", "heatmap_0.png", "heatmap_2.png"):
         assert (tmp_path / figure).stat().st_size > 1000

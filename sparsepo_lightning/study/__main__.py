@@ -1,12 +1,13 @@
-"""``sparsepo study sentiment {run,report,plan}`` (also ``python -m sparsepo_lightning.study``): the sentiment study.
+"""``sparsepo study sentiment {run,report,plan}`` (also ``python -m sparsepo_lightning.study``): a study plan's runs.
 
-    sparsepo study sentiment run              # build the data, train + evaluate every run (resumable)
-    sparsepo study sentiment run --limit 5    # at most 5 runs in this sitting
-    sparsepo study sentiment report           # regenerate reports/sentiment/README.md + figures from the logs
-    sparsepo study sentiment plan             # list the runs and whether they are done
+    sparsepo study sentiment run --plan configs/study/sentiment_controls.yaml          # resumable
+    sparsepo study sentiment run --plan configs/study/sentiment_controls.yaml --limit 5  # at most 5 runs now
+    sparsepo study sentiment report --plan configs/study/sentiment_controls.yaml   # README.md + figures from logs
+    sparsepo study sentiment plan --plan configs/study/sentiment_controls.yaml     # the runs and what is done
 
-Settings (``--steps``, ``--betas``, ``--seeds``, ...) default to the CPU-sized study; the report is generated from
-the per-run logs under ``--out`` only.
+Without ``--plan``: the first study (``configs/study/sentiment.yaml``; for ``report``/``plan``, the plan recorded
+in ``<out>/study.json``). Settings flags (``--steps``, ``--betas``, ``--seeds``, ...) override the plan's; the report
+is generated from the per-run logs under ``--out`` (default ``reports/<plan name>``) only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparsepo_lightning.study.plan import StudySettings
+from sparsepo_lightning.study.planfile import PlanError, StudyPlan, load_plan, plan_from_record
+
+DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "configs" / "study" / "sentiment.yaml"
+"""The first study's plan (42 runs, ``reports/sentiment``), in the repository's ``configs/study/``."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,13 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["run", "report", "plan", "rescore"],
                    help="run: train and evaluate what is missing; report: regenerate the report from the logs; plan: "
                         "list the runs; rescore: add the second scorer's rewards to evaluated runs from their samples")
-    p.add_argument("--out", type=Path, default=Path("reports/sentiment"), help="Per-run logs and the report.")
+    p.add_argument("--plan", type=Path, default=None,
+                   help=f"The study plan (YAML; default {DEFAULT_PLAN}, or for report/plan the one in study.json).")
+    p.add_argument("--out", type=Path, default=None, help="Per-run logs and the report (default reports/<name>).")
     p.add_argument("--work", type=Path, default=None,
                    help="Data, checkpoints and raw logs (default: <cache>/study, git-ignored).")
     p.add_argument("--device", default="cpu", help="Torch device for the pair builder (training uses the CLI's "
                    "auto accelerator).")
     p.add_argument("--limit", type=int, default=None, help="Stop after this many runs in this sitting.")
-    p.add_argument("--only", nargs="+", default=None, help="Only these methods (e.g. dpo sparsepo_common).")
+    p.add_argument("--only", nargs="+", default=None, help="Only these arms of the plan (e.g. dpo sparsepo_common).")
     defaults = StudySettings()
     for f in dataclasses.fields(StudySettings):
         value = getattr(defaults, f.name)
@@ -48,16 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args: argparse.Namespace, out: Path) -> StudySettings:
-    """Settings from the flags; for ``report``/``plan`` without flags, the ones recorded in ``<out>/study.json``."""
+def study_from(args: argparse.Namespace) -> tuple[StudyPlan, Path]:
+    """The plan (``--plan``, else for report/plan the one in ``<out>/study.json``, else the first study's) with the
+    settings of the recorded runs (report/plan) and the flags applied; and the output folder."""
+    plan = load_plan(args.plan) if args.plan is not None else None
+    out = args.out or Path("reports") / (plan.name if plan else "sentiment")
     recorded = out / "study.json"
-    base = StudySettings()
-    if args.action != "run" and recorded.is_file():
-        values = json.loads(recorded.read_text())["settings"]
-        base = StudySettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    record = json.loads(recorded.read_text()) if args.action != "run" and recorded.is_file() else None
+    if plan is None:
+        plan = plan_from_record(record["plan"], str(recorded)) if record and "plan" in record else \
+            load_plan(DEFAULT_PLAN)
+    if record is not None:
+        plan = plan.with_settings(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in record["settings"].items()})
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings)
                  if getattr(args, f.name) is not None}
-    return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return plan.with_settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}), out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,23 +81,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sparsepo_lightning.study import driver, report
     from sparsepo_lightning.study.plan import Paths, config_key, plan
 
-    settings = settings_from(args, args.out)
-    paths = Paths(out=args.out, work=args.work or cache_dir() / "study")
+    try:
+        study, out = study_from(args)
+    except PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    unknown = set(args.only or ()) - set(study.arms)
+    if unknown:
+        print(f"error: --only {' '.join(sorted(unknown))}: not an arm of the plan. Fix: one of "
+              f"{', '.join(study.arms)}.", file=sys.stderr)
+        return 2
+    paths = Paths(out=out, work=args.work or cache_dir() / "study")
     if args.action == "run":
-        done = driver.run_study(settings, paths, args.device, args.limit, args.only)
+        done = driver.run_study(study, paths, args.device, args.limit, args.only)
         print(f"{len(done)} runs done in this sitting: {', '.join(done) or '-'}")
-        report.write_report(args.out)
+        report.write_report(out, study)
     elif args.action == "report":
-        print(report.write_report(args.out))
+        print(report.write_report(out, study))
     elif args.action == "rescore":
-        done = driver.rescore(paths)
-        print(f"rescored {len(done)} runs with {driver.SECOND_SCORER}: {', '.join(done) or '-'}")
-        report.write_report(args.out)
+        scorer = study.scorers[1] if len(study.scorers) > 1 else driver.SECOND_SCORER
+        done = driver.rescore(paths, scorer)
+        print(f"rescored {len(done)} evaluations with {scorer}: {', '.join(done) or '-'}")
+        report.write_report(out, study)
     else:
-        for run in plan(settings):
+        steps = study.eval_steps()
+        for run in plan(study):
             try:
-                key = config_key(driver.run_config(settings, paths, run))
-                state = "done" if (paths.run_dir(run, key) / "eval.json").is_file() else "to do"
+                key = config_key(driver.run_config(study, paths, run))
+                run_dir = paths.run_dir(run, key)
+                state = "done" if all(driver.eval_file(run_dir, s, steps[-1]).is_file() for s in steps) else "to do"
             except RuntimeError:
                 key, state = "?", "waits for its matched run"
             print(f"{run.name:<40} {key:<10} {state}")

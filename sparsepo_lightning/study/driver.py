@@ -1,11 +1,13 @@
-"""Run the sentiment study: build the data, then train, evaluate and log every run of the plan. Resumable.
+"""Run a sentiment study plan: build the data, then train, evaluate and log every run of the plan. Resumable.
 
 Per run (``plan.Run``), keyed by the hash of its resolved config:
 
-1. train with ``sparsepo fit`` (a subprocess) unless ``<out>/runs/<name>-<key>/metrics.json`` exists;
-2. evaluate the final checkpoint with ``sparsepo evaluate sentiment`` on the held-out prompts unless ``eval.json``
-   exists; the reference model is evaluated once the same way (the KL = 0 anchor);
-3. delete the checkpoint once both are done (only the small logs are kept).
+1. train with ``sparsepo fit`` (a subprocess) unless ``<out>/runs/<name>-<key>/metrics.json`` exists, saving the
+   policy at each evaluated step of the plan (``evaluations`` evenly spaced checkpoints, the last at the end);
+2. evaluate each checkpoint with ``sparsepo evaluate sentiment`` on the held-out prompts unless its file exists
+   (``eval.json`` for the final one, ``eval_step<N>.json`` before); the reference model is evaluated once the same
+   way (the KL = 0 anchor);
+3. delete the checkpoints once all are evaluated (only the small logs are kept).
 
 An interrupted run restarts from its beginning on the next call; finished runs and evaluations are skipped.
 Data (prompts, pairs) lives under ``<work>/data`` with the settings it was built from; asking for other data
@@ -27,16 +29,8 @@ from typing import Any
 
 import yaml
 
-from sparsepo_lightning.study.plan import (
-    METHODS,
-    Paths,
-    Run,
-    StudySettings,
-    config_key,
-    plan,
-    settings_record,
-    training_config,
-)
+from sparsepo_lightning.study.plan import Paths, Run, StudySettings, config_key, plan, settings_record, training_config
+from sparsepo_lightning.study.planfile import StudyPlan
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +168,25 @@ def matched_masks(metrics: dict[str, Any]) -> dict[str, float]:
     return {"keep_rate": round(min(keep_rate, 1.0), 4), "value": round(max(value, 1e-4), 4)}
 
 
-def run_config(settings: StudySettings, paths: Paths, run: Run) -> dict[str, Any]:
-    """The run's resolved config; for a matched method, after reading its source run's metrics."""
-    method = METHODS[run.method]
+def run_config(study: StudyPlan, paths: Paths, run: Run) -> dict[str, Any]:
+    """The run's resolved config; for an arm that ``matches`` another, after reading that run's metrics."""
+    arm = study.arms[run.method]
     matched = None
-    if method.matches is not None:
-        source = Run(method.matches, run.beta, run.seed)
-        source_metrics = paths.run_dir(source, config_key(training_config(settings, paths, source))) / "metrics.json"
+    if arm.matches is not None:
+        source = Run(arm.matches, run.beta, run.seed)
+        source_metrics = paths.run_dir(source, config_key(training_config(study, paths, source))) / "metrics.json"
         if not source_metrics.is_file():
             raise RuntimeError(f"{run.name} copies the measured sparsity of {source.name}, which has not run yet.")
         matched = matched_masks(json.loads(source_metrics.read_text()))
-    return training_config(settings, paths, run, matched)
+    return training_config(study, paths, run, matched)
 
 
-def train(settings: StudySettings, paths: Paths, run: Run, config: dict[str, Any], key: str) -> dict[str, Any]:
+def eval_file(run_dir: Path, step: int, final: int) -> Path:
+    """``eval.json`` for the final checkpoint, ``eval_step<N>.json`` for an earlier one."""
+    return run_dir / ("eval.json" if step == final else f"eval_step{step}.json")
+
+
+def train(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key: str) -> dict[str, Any]:
     run_dir = paths.run_dir(run, key)
     logs, checkpoints = paths.work / "logs" / key, paths.work / "checkpoints" / key
     shutil.rmtree(logs, ignore_errors=True)  # leftovers of an interrupted attempt
@@ -195,8 +194,8 @@ def train(settings: StudySettings, paths: Paths, run: Run, config: dict[str, Any
     full = json.loads(json.dumps(config))
     full["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                  "init_args": {"save_dir": str(paths.work / "logs"), "name": key, "version": 0}}
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(checkpoints), "filename": "final", "save_weights_only": True}}]
+    callbacks = [{"class_path": "sparsepo_lightning.study.checkpoints.StepCheckpoints",
+                  "init_args": {"dirpath": str(checkpoints), "steps": study.eval_steps()}}]
     if "masker" in config["model"]:
         callbacks.append({"class_path": "sparsepo_lightning.study.maskdump.MaskDump",
                           "init_args": {"path": str(run_dir / "masks.json")}})
@@ -217,15 +216,19 @@ def train(settings: StudySettings, paths: Paths, run: Run, config: dict[str, Any
     return metrics
 
 
-def evaluate(settings: StudySettings, paths: Paths, policy: str, label: str, out_dir: Path) -> dict[str, Any]:
-    """``sparsepo evaluate sentiment`` on the held-out prompts; per-prompt means of reward and KL."""
-    eval_dir = paths.work / "eval" / out_dir.name
+def evaluate(study: StudyPlan, paths: Paths, policy: str, label: str, out_file: Path) -> dict[str, Any]:
+    """``sparsepo evaluate sentiment`` on the held-out prompts; per-prompt means of reward and KL into ``out_file``
+    (samples kept under ``<work>/eval/<run folder>[@step<N>]``)."""
+    settings = study.settings
+    suffix = "" if out_file.name == "eval.json" else "@" + out_file.stem.removeprefix("eval_")
+    eval_dir = paths.work / "eval" / (out_file.parent.name + suffix)
     args = ["evaluate", "sentiment", "--policies", policy, "--labels", label, "--reference", settings.model,
+            "--scorer", study.scorers[0],
             "--prompts", str(paths.heldout_prompts), "--num-samples", str(settings.eval_samples),
             "--max-new-tokens", str(settings.max_new_tokens), "--temperature", "1.0", "--top-p", "1.0",
             "--top-k", "0", "--batch-size", "32", "--seed", "0", "--out", str(eval_dir), "--no-progress"]
     log.info("evaluating %s", label)
-    seconds = _cli(args, paths.work / "logs" / f"eval-{out_dir.name}.log")
+    seconds = _cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
     summary = json.loads((eval_dir / "sentiment.json").read_text())["results"][0]
     samples = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines()]
     prompts = list(dict.fromkeys(s["prompt"] for s in samples))
@@ -240,9 +243,10 @@ def evaluate(settings: StudySettings, paths: Paths, policy: str, label: str, out
         examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}
                   for s in samples[: 4 * settings.eval_samples : settings.eval_samples]],
     )
-    result.update(second_scores(samples, prompts))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(result) + "\n")
+    if len(study.scorers) > 1:
+        result.update(second_scores(samples, prompts, study.scorers[1]))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result) + "\n")
     return result
 
 
@@ -250,31 +254,32 @@ SECOND_SCORER = "textblob"
 """The second offline scorer of the held-out samples (``data.scorers.TextBlobScorer``)."""
 
 
-def second_scores(samples: list[dict[str, Any]], prompts: list[str]) -> dict[str, Any]:
-    """Per-prompt mean and overall mean of the ``SECOND_SCORER`` score of the same samples VADER scored."""
+def second_scores(samples: list[dict[str, Any]], prompts: list[str], scorer: str = SECOND_SCORER) -> dict[str, Any]:
+    """Per-prompt mean and overall mean of a second scorer's score of the samples the first scorer scored."""
     from sparsepo_lightning.data.scorers import make_scorer
 
-    scores = make_scorer(SECOND_SCORER)([s["completion"] for s in samples])
+    scores = make_scorer(scorer)([s["completion"] for s in samples])
     by_prompt: dict[str, list[float]] = {p: [] for p in prompts}
     for sample, score in zip(samples, scores, strict=True):
         by_prompt[sample["prompt"]].append(score)
-    return {"second_scorer": SECOND_SCORER, "second_reward_mean": round(sum(scores) / len(scores), 6),
+    return {"second_scorer": scorer, "second_reward_mean": round(sum(scores) / len(scores), 6),
             "second_reward_per_prompt": [round(sum(g) / len(g), 6) for g in by_prompt.values()]}
 
 
-def rescore(paths: Paths) -> list[str]:
-    """Add the second scorer's rewards to every evaluated run (and the reference) whose ``eval.json`` lacks them,
-    from the samples its evaluation kept under ``<work>/eval``; returns the runs rescored now."""
+def rescore(paths: Paths, scorer: str = SECOND_SCORER) -> list[str]:
+    """Add a second scorer's rewards to every evaluation (runs and the reference) whose ``eval*.json`` lacks them,
+    from the samples its evaluation kept under ``<work>/eval``; returns the evaluations rescored now."""
     done = []
-    for eval_file in sorted((paths.out / "runs").glob("*/eval.json")):
-        result = json.loads(eval_file.read_text())
-        samples_file = paths.work / "eval" / eval_file.parent.name / "sentiment_samples.jsonl"
-        if result.get("second_scorer") == SECOND_SCORER or not samples_file.is_file():
+    for result_file in sorted((paths.out / "runs").glob("*/eval*.json")):
+        result = json.loads(result_file.read_text())
+        suffix = "" if result_file.name == "eval.json" else "@" + result_file.stem.removeprefix("eval_")
+        samples_file = paths.work / "eval" / (result_file.parent.name + suffix) / "sentiment_samples.jsonl"
+        if result.get("second_scorer") == scorer or not samples_file.is_file():
             continue
         samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
-        result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples))))
-        eval_file.write_text(json.dumps(result) + "\n")
-        done.append(eval_file.parent.name)
+        result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples)), scorer))
+        result_file.write_text(json.dumps(result) + "\n")
+        done.append(result_file.parent.name + suffix)
     return done
 
 
@@ -295,54 +300,70 @@ def hardware() -> str:
     return f"{device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def reference_dir(settings: StudySettings, paths: Paths) -> Path:
-    key = config_key({"reference": settings.model, "eval_samples": settings.eval_samples,
-                      "max_new_tokens": settings.max_new_tokens, "data": settings.data_key()})
-    return paths.out / "runs" / f"reference-{key}"
+def reference_dir(study: StudyPlan, paths: Paths) -> Path:
+    settings = study.settings
+    identity = {"reference": settings.model, "eval_samples": settings.eval_samples,
+                "max_new_tokens": settings.max_new_tokens, "data": settings.data_key()}
+    if study.scorers[0] != "vader":  # the first study's reference (VADER) keeps its key
+        identity["scorer"] = study.scorers[0]
+    return paths.out / "runs" / f"reference-{config_key(identity)}"
 
 
-def _final_checkpoint(paths: Paths, key: str) -> Path | None:
-    """The newest checkpoint file of a run (the only one: it is written once, at the end of training)."""
-    files = sorted((paths.work / "checkpoints" / key).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return files[-1] if files else None
+def _checkpoints(paths: Paths, key: str) -> dict[int, Path]:
+    """The checkpoints a run's training left, by step (``StepCheckpoints`` names them ``step<N>.ckpt``)."""
+    return {int(p.stem.removeprefix("step")): p for p in (paths.work / "checkpoints" / key).glob("step*.ckpt")}
 
 
-def run_study(settings: StudySettings, paths: Paths, device: str = "cpu", limit: int | None = None,
+def study_record(study: StudyPlan) -> dict[str, Any]:
+    """``study.json``: the settings and the plan the runs were made with, and the machine."""
+    return {"settings": settings_record(study.settings), "hardware": hardware(), "plan": study.record}
+
+
+def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | None = None,
               only: Sequence[str] | None = None) -> list[str]:
     """Build the data and run the plan (skipping finished work); returns the names of the runs done now.
 
+    Every run is trained once and evaluated at each of ``study.eval_steps()`` (the checkpoints are deleted once
+    evaluated). A run whose logs lack an evaluation whose checkpoint is gone is trained again.
+
     Args:
         limit: stop after this many runs trained or evaluated in this call (for sittings of bounded length).
-        only: restrict to these methods.
+        only: restrict to these arms.
     """
+    settings = study.settings
     paths.out.mkdir(parents=True, exist_ok=True)
-    record = {"settings": settings_record(settings), "hardware": hardware()}
-    (paths.out / "study.json").write_text(json.dumps(record, indent=2) + "\n")
+    (paths.out / "study.json").write_text(json.dumps(study_record(study), indent=2) + "\n")
     data = build_data(settings, paths, device)
     (paths.out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
-    reference = reference_dir(settings, paths)
+    reference = reference_dir(study, paths)
     if not (reference / "eval.json").is_file():
-        evaluate(settings, paths, settings.model, "reference", reference)
+        evaluate(study, paths, settings.model, "reference", reference / "eval.json")
+    steps = study.eval_steps()
     done = []
-    for run in plan(settings):
+    for run in plan(study):
         if only and run.method not in only:
             continue
         if limit is not None and len(done) >= limit:
             break
-        config = run_config(settings, paths, run)
+        config = run_config(study, paths, run)
         key = config_key(config)
         run_dir = paths.run_dir(run, key)
-        if (run_dir / "metrics.json").is_file() and (run_dir / "eval.json").is_file():
+        missing = [s for s in steps if not eval_file(run_dir, s, steps[-1]).is_file()]
+        if (run_dir / "metrics.json").is_file() and not missing:
             continue
-        checkpoint = _final_checkpoint(paths, key)
-        if not (run_dir / "metrics.json").is_file() or checkpoint is None:
-            train(settings, paths, run, config, key)
-            checkpoint = _final_checkpoint(paths, key)
-        if checkpoint is None:
-            raise RuntimeError(f"{run.name}: training wrote no checkpoint under {paths.work / 'checkpoints' / key}")
-        evaluate(settings, paths, str(checkpoint), run.name, run_dir)
-        shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        checkpoints = _checkpoints(paths, key)
+        if not (run_dir / "metrics.json").is_file() or any(s not in checkpoints for s in missing):
+            train(study, paths, run, config, key)
+            checkpoints = _checkpoints(paths, key)
+        for step in missing:
+            if step not in checkpoints:
+                raise RuntimeError(f"{run.name}: training wrote no checkpoint for step {step} under "
+                                   f"{paths.work / 'checkpoints' / key}")
+            label = run.name if step == steps[-1] else f"{run.name}@{step}"
+            evaluate(study, paths, str(checkpoints[step]), label, eval_file(run_dir, step, steps[-1]))
+        shutil.rmtree(paths.work / "checkpoints" / key, ignore_errors=True)
         done.append(run.name)
         log.info("done: %s", run.name)
-    rescore(paths)
+    if len(study.scorers) > 1:
+        rescore(paths, study.scorers[1])
     return done

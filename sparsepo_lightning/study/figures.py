@@ -1,4 +1,4 @@
-"""The sentiment study's figures: the reward–KL frontier, mask sparsity over training, token heat-maps."""
+"""A study's figures: the reward–KL frontier, mask sparsity over training, token heat-maps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from sparsepo_lightning.study import stats
 from sparsepo_lightning.study.logs import RunLog, by_method, zeros_curve
-from sparsepo_lightning.study.plan import METHODS
+from sparsepo_lightning.study.planfile import StudyPlan
 
 
 def _plt():  # noqa: ANN202
@@ -21,25 +21,32 @@ def _plt():  # noqa: ANN202
     return plt
 
 
-COLOURS = dict(zip(METHODS, ("#1f77b4", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728", "#7f7f7f", "#e377c2",
-                             "#8c564b", "#17becf", "#2ca02c"), strict=True))
+COLOURS = ("#1f77b4", "#ff7f0e", "#bcbd22", "#9467bd", "#d62728", "#7f7f7f", "#e377c2", "#8c564b", "#17becf",
+           "#2ca02c", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
+"""One colour per arm, in plan order (cycled beyond 16 arms)."""
+
+
+def colour(study: StudyPlan, arm: str) -> str:
+    return COLOURS[list(study.arms).index(arm) % len(COLOURS)]
 MARKERS = ("o", "s", "^", "D")
 
 
-def frontier_figure(runs: list[RunLog], reference: dict[str, Any], path: Path) -> None:
-    """Every evaluated run as a point (colour = method, marker = seed), one Pareto line per method."""
+def frontier_figure(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any], path: Path) -> None:
+    """Every evaluation as a point (colour = arm, marker = seed; a run evaluated at several steps gives several
+    points), one Pareto line per arm over all its points."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     anchor = (0.0, reference["reward_mean"])
     ax.scatter(*anchor, marker="*", s=220, color="black", zorder=5, label="reference (KL 0)")
     for method, group in by_method([r for r in runs if r.eval]).items():
-        kl = np.array([r.eval["kl_mean"] for r in group])
-        reward = np.array([r.eval["reward_mean"] for r in group])
-        for r in group:
-            ax.scatter(max(r.eval["kl_mean"], 0.0), r.eval["reward_mean"], color=COLOURS[method],
-                       marker=MARKERS[r.seed % len(MARKERS)], s=40, zorder=4)
+        evaluations = [(r, e) for r in group for e in r.evals.values()]
+        kl = np.array([e["kl_mean"] for _, e in evaluations])
+        reward = np.array([e["reward_mean"] for _, e in evaluations])
+        for r, e in evaluations:
+            ax.scatter(max(e["kl_mean"], 0.0), e["reward_mean"], color=colour(study, method),
+                       marker=MARKERS[r.seed % len(MARKERS)], s=40 if e is r.eval else 16, zorder=4)
         front_kl, front_reward = stats.frontier_curve(kl, reward, anchor)
-        ax.plot(front_kl, front_reward, color=COLOURS[method], lw=1.5, label=METHODS[method].label)
+        ax.plot(front_kl, front_reward, color=colour(study, method), lw=1.5, label=study.arms[method].label)
     ax.set_xlabel("sequence KL(policy ‖ reference), nats (sampled, held-out prompts)")
     ax.set_ylabel("mean VADER reward of samples")
     ax.set_title("Reward–KL frontier (marker shape = seed)")
@@ -50,7 +57,7 @@ def frontier_figure(runs: list[RunLog], reference: dict[str, Any], path: Path) -
     plt.close(fig)
 
 
-def sparsity_figure(runs: list[RunLog], path: Path) -> bool:
+def sparsity_figure(study: StudyPlan, runs: list[RunLog], path: Path) -> bool:
     """Reward- and KL-mask sparsity (% exact zeros) over training steps, one panel per masked method."""
     masked = [r for r in runs if "train/masks/sparsity_reward_chosen" in r.metrics["train"]]
     if not masked:
@@ -64,7 +71,7 @@ def sparsity_figure(runs: list[RunLog], path: Path) -> bool:
                 curve = zeros_curve(r.metrics["train"], kind)
                 if curve:
                     ax.plot(*curve, style, lw=1, label=f"{kind} β={r.beta:g} s{r.seed}")
-        ax.set_title(METHODS[method].label, fontsize=8)
+        ax.set_title(study.arms[method].label, fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)

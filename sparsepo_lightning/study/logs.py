@@ -1,19 +1,20 @@
-"""The sentiment study's per-run logs as the report reads them: ``runs/*/{config,metrics,eval,masks}.json``."""
+"""A study's per-run logs as the report reads them: ``runs/*/{config,metrics,eval,eval_step<N>,masks}.json``."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsepo_lightning.study.plan import METHODS
+from sparsepo_lightning.study.planfile import StudyPlan
 
 
 @dataclass
 class RunLog:
-    """The logs of one run directory."""
+    """The logs of one run directory; ``eval`` is the final checkpoint's evaluation, ``evals`` every evaluation by
+    step (the final one included)."""
 
     name: str
     method: str
@@ -23,6 +24,7 @@ class RunLog:
     eval: dict[str, Any] | None
     masks: dict[str, Any] | None
     config: dict[str, Any]
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def read_json(path: Path) -> Any:
@@ -30,19 +32,24 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def load_runs(out: Path) -> tuple[list[RunLog], dict[str, Any] | None]:
-    """Every finished run under ``out/runs`` (metrics and config present), and the reference evaluation."""
+def load_runs(out: Path, study: StudyPlan) -> tuple[list[RunLog], dict[str, Any] | None]:
+    """Every finished run of the plan's arms under ``out/runs`` (metrics and config present), in plan order, and the
+    reference evaluation."""
     runs, reference = [], None
     for run_dir in sorted((out / "runs").glob("*")):
         if run_dir.name.startswith("reference-"):
             reference = read_json(run_dir / "eval.json") or reference
             continue
         metrics, config = read_json(run_dir / "metrics.json"), read_json(run_dir / "config.json")
-        if metrics is None or config is None or metrics["method"] not in METHODS:
+        if metrics is None or config is None or metrics["method"] not in study.arms:
             continue
-        runs.append(RunLog(metrics["name"], metrics["method"], metrics["beta"], metrics["seed"], metrics,
-                           read_json(run_dir / "eval.json"), read_json(run_dir / "masks.json"), config))
-    order = list(METHODS)
+        final = read_json(run_dir / "eval.json")
+        evals = {int(p.stem.removeprefix("eval_step")): read_json(p) for p in run_dir.glob("eval_step*.json")}
+        if final is not None:
+            evals[metrics["steps"]] = final
+        runs.append(RunLog(metrics["name"], metrics["method"], metrics["beta"], metrics["seed"], metrics, final,
+                           read_json(run_dir / "masks.json"), config, dict(sorted(evals.items()))))
+    order = list(study.arms)
     runs.sort(key=lambda r: (order.index(r.method), r.beta, r.seed))
     return runs, reference
 

@@ -1,23 +1,20 @@
-"""What the sentiment study runs: settings, methods, and the resolved ``sparsepo fit`` config of every run.
+"""What a study runs: settings, the runs of a plan, and the resolved ``sparsepo fit`` config of every run.
 
 Every run of one seed trains the same initial policy (SmolLM2-135M-Instruct) on the same pairs in the same order
-for the same number of steps; methods differ only in the objective and the token weighting. A run is keyed by
-a hash of its resolved config, so changing any setting makes a new run and never reuses a stale result.
+for the same number of steps; arms (``planfile.Arm``) differ only in the objective and the token weighting. A run is
+keyed by a hash of its resolved config, so changing any setting makes a new run and never reuses a stale result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-OBJECTIVES = "sparsepo_lightning.objectives"
-MASKS = "sparsepo_lightning.masks"
-RELEASED_L1 = 1e-3
-"""λ_u = λ_d of the L1 arm: the released recipe's only L1 setting (HH, common mask; halved for a common mask)."""
+if TYPE_CHECKING:
+    from sparsepo_lightning.study.planfile import StudyPlan
 
 
 @dataclass(frozen=True)
@@ -65,68 +62,6 @@ class StudySettings:
         return {n: getattr(self, n) for n in names}
 
 
-def _objective(name: str, beta: float, **extra: Any) -> dict[str, Any]:
-    return {"class_path": f"{OBJECTIVES}.{name}", "init_args": {"beta": beta, **extra}}
-
-
-def _learned(independent: bool, init: str) -> dict[str, Any]:
-    return {"class_path": f"{MASKS}.LearnedMasker", "init_args": {"independent": independent, "init": init}}
-
-
-@dataclass(frozen=True)
-class Method:
-    """One arm of the study.
-
-    Attributes:
-        label: name in tables and figures.
-        objective: β -> objective config.
-        masker: (β, seed, matched) -> masker config or None; ``matched`` holds the keep rate and value measured on
-            the run this method is matched to (``matches``), else None.
-        all_seeds: run every seed of the settings (else the first only).
-        matches: the method whose measured sparsity this one copies (the random control), run first.
-        learned: the masks are learned (sparsity curves, mask–valence correlation).
-    """
-
-    label: str
-    objective: Callable[[float], dict[str, Any]]
-    masker: Callable[[float, int, dict[str, float] | None], dict[str, Any] | None] = lambda b, s, m: None
-    all_seeds: bool = False
-    matches: str | None = None
-    learned: bool = False
-
-
-def _random_masker(beta: float, seed: int, matched: dict[str, float] | None) -> dict[str, Any]:
-    if matched is None:
-        raise ValueError("the random control needs the measured sparsity of the learned run it matches")
-    return {"class_path": f"{MASKS}.RandomMasker",
-            "init_args": {"keep_rate": matched["keep_rate"], "value": matched["value"], "seed": seed}}
-
-
-METHODS: dict[str, Method] = {
-    "dpo": Method("DPO", lambda b: _objective("DPO", b), all_seeds=True),
-    "tdpo1": Method("TDPO1", lambda b: _objective("TDPO1", b), all_seeds=True),
-    "tdpo2": Method("TDPO2", lambda b: _objective("TDPO2", b, alpha=0.5)),
-    "mapo": Method("MaPO (activation masks)", lambda b: _objective("SparsePO", b),
-                   lambda b, s, m: {"class_path": f"{MASKS}.ActivationMasker",
-                                    "init_args": {"groups": ["mlp", "attn", "resid", "logits"],
-                                                  "mapping": "zn_rescale"}}),
-    "sparsepo_common": Method("SparsePO common (start 1)", lambda b: _objective("SparsePO", b),
-                              lambda b, s, m: _learned(False, "ones"), all_seeds=True, learned=True),
-    "random": Method("Random mask (matched)", lambda b: _objective("SparsePO", b), _random_masker, all_seeds=True,
-                     matches="sparsepo_common"),
-    "sparsepo_indep": Method("SparsePO independent (start 1)", lambda b: _objective("SparsePO", b),
-                             lambda b, s, m: _learned(True, "ones"), learned=True),
-    "sparsepo_common_released": Method("SparsePO common (released start)", lambda b: _objective("SparsePO", b),
-                                       lambda b, s, m: _learned(False, "released"), learned=True),
-    "sparsepo_indep_released": Method("SparsePO independent (released start)", lambda b: _objective("SparsePO", b),
-                                      lambda b, s, m: _learned(True, "released"), learned=True),
-    "sparsepo_common_l1": Method("SparsePO common + L1 (start 1)",
-                                 lambda b: _objective("SparsePO", b, l1_reward=RELEASED_L1, l1_kl=RELEASED_L1),
-                                 lambda b, s, m: _learned(False, "ones"), learned=True),
-}
-"""The arms, in the order they are run for each (seed, β)."""
-
-
 @dataclass(frozen=True)
 class Run:
     """One training run of the plan."""
@@ -140,13 +75,23 @@ class Run:
         return f"{self.method}_b{self.beta:g}_s{self.seed}"
 
 
-def plan(settings: StudySettings) -> list[Run]:
-    """Every run, in execution order: seed by seed, the middle β first, each matched method after its source."""
-    betas = sorted(settings.betas, key=lambda b: abs(b - sorted(settings.betas)[len(settings.betas) // 2]))
+def arm_betas(study: StudyPlan, arm: str) -> tuple[float, ...]:
+    """The β values an arm runs at (its own ``betas`` or the settings')."""
+    return study.arms[arm].betas or study.settings.betas
+
+
+def plan(study: StudyPlan) -> list[Run]:
+    """Every run, in execution order: seed by seed, the middle β first, arms in plan order (a ``matches`` arm after
+    the arm it copies, which the plan lists first)."""
+    settings = study.settings
+    every = sorted({b for arm in study.arms for b in arm_betas(study, arm)})
+    middle = sorted(settings.betas)[len(settings.betas) // 2]
+    betas = sorted(every, key=lambda b: (abs(b - middle), every.index(b)))
     runs = []
     for i, seed in enumerate(settings.seeds):
         for beta in betas:
-            runs += [Run(m, beta, seed) for m, method in METHODS.items() if i == 0 or method.all_seeds]
+            runs += [Run(name, beta, seed) for name, arm in study.arms.items()
+                     if (i == 0 or arm.all_seeds) and beta in arm_betas(study, name)]
     return runs
 
 
@@ -177,12 +122,12 @@ class Paths:
         return self.out / "runs" / f"{run.name}-{key}"
 
 
-def training_config(settings: StudySettings, paths: Paths, run: Run,
+def training_config(study: StudyPlan, paths: Paths, run: Run,
                     matched: dict[str, float] | None = None) -> dict[str, Any]:
     """The resolved ``sparsepo fit`` config of a run (without the places it writes to)."""
-    method = METHODS[run.method]
-    model: dict[str, Any] = {"model": settings.model, "objective": method.objective(run.beta)}
-    masker = method.masker(run.beta, run.seed, matched)
+    settings, arm = study.settings, study.arms[run.method]
+    model: dict[str, Any] = {"model": settings.model, "objective": arm.objective_config(run.beta, run.seed)}
+    masker = arm.masker_config(run.beta, run.seed, matched)
     if masker is not None:
         model["masker"] = masker
     model.update(lr=settings.lr, mask_lr=settings.mask_lr, mask_weight_decay=0.01, warmup_ratio=0.1,
@@ -195,7 +140,36 @@ def training_config(settings: StudySettings, paths: Paths, run: Run,
     trainer = {"accelerator": "auto", "devices": 1, "precision": "32-true", "max_epochs": 1,
                "limit_train_batches": settings.steps, "log_every_n_steps": 1, "gradient_clip_val": 1.0,
                "num_sanity_val_steps": 0, "enable_progress_bar": False}
-    return {"seed_everything": run.seed, "trainer": trainer, "model": model, "data": data}
+    config = {"seed_everything": run.seed, "trainer": trainer, "model": model, "data": data}
+    for section, values in arm.overrides.items():
+        target = config[section]["init_args"] if section == "data" else config[section]
+        _merge(target, substitute(values, run.seed, run.beta, matched))
+    return config
+
+
+def substitute(value: Any, seed: int, beta: float, matched: dict[str, float] | None) -> Any:
+    """``value`` with ``$seed``, ``$beta`` and ``$matched.<key>`` strings replaced by the run's values."""
+    if isinstance(value, dict):
+        return {k: substitute(v, seed, beta, matched) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, seed, beta, matched) for v in value]
+    if value == "$seed":
+        return seed
+    if value == "$beta":
+        return beta
+    if isinstance(value, str) and value.startswith("$matched."):
+        if matched is None:
+            raise ValueError(f"{value} needs the measured sparsity of a matched run (`matches:` in the plan)")
+        return matched[value.removeprefix("$matched.")]
+    return value
+
+
+def _merge(target: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
 
 
 def config_key(config: dict[str, Any]) -> str:

@@ -1,0 +1,160 @@
+"""The report sections of a plan with ``statistics: hierarchical``: a verdict per listed comparison (hierarchical
+bootstrap over a fixed KL range, Holm across the comparisons, the design's resolution), the run-level regression
+and the mask diagnostics per arm. Every number comes from the per-run logs (``logs.RunLog``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from sparsepo_lightning.study import inference, stats
+from sparsepo_lightning.study.logs import RunLog, by_method
+from sparsepo_lightning.study.planfile import Comparison, StudyPlan
+
+ALPHA = 0.05
+
+
+def seed_points(runs: list[RunLog], reward_key: str) -> dict[str, dict[int, inference.SeedPoints]]:
+    """arm -> seed -> per-prompt (KL, reward) of every evaluation (runs × evaluated steps) of that seed."""
+    points: dict[str, dict[int, inference.SeedPoints]] = {}
+    for arm, group in by_method([r for r in runs if r.evals]).items():
+        by_seed: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in group:
+            by_seed[r.seed] += list(r.evals.values())
+        points[arm] = {s: (np.array([e["kl_per_prompt"] for e in evals]), np.array([e[reward_key] for e in evals]))
+                       for s, evals in sorted(by_seed.items())}
+    return points
+
+
+def _common(points: dict[str, dict[int, inference.SeedPoints]], arms: list[str]) -> dict[str, list]:
+    seeds = sorted(set.intersection(*(set(points[a]) for a in arms)))
+    return {a: [points[a][s] for s in seeds] for a in arms}
+
+
+def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
+            reward_key: str = "reward_per_prompt") -> dict[str, Any]:
+    """Every listed comparison whose two arms have a common evaluated seed: estimate, interval, p-values, resolution."""
+    points, anchor = seed_points(runs, reward_key), np.array(reference[reward_key])
+    results: dict[Comparison, dict[str, Any]] = {}
+    for comparison in study.comparisons:
+        pair = [comparison.a, comparison.b]
+        if not all(a in points for a in pair) or not _common(points, pair)[comparison.a]:
+            continue
+        data = _common(points, pair)
+        kl_max = comparison.kl_max or min(inference.front_reach(data[a], float(anchor.mean())) for a in pair)
+        boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
+        diff = boot.samples[comparison.a] - boot.samples[comparison.b]
+        se = float(diff.std(ddof=1))
+        results[comparison] = {"estimate": boot.estimate[comparison.a] - boot.estimate[comparison.b],
+                               "interval": stats.interval(diff), "p": inference.bootstrap_p(diff), "se": se,
+                               "resolution": inference.resolution(se), "kl_max": kl_max,
+                               "seeds": len(data[comparison.a]), "extended": boot.extended,
+                               "extended_range": boot.extended_range}
+    for comparison, p in zip(results, inference.holm([r["p"] for r in results.values()]), strict=True):
+        results[comparison]["holm"] = p
+    return {"comparisons": results, "floor": 2 / (study.bootstrap + 1)}
+
+
+def _answer(study: StudyPlan, c: Comparison, r: dict[str, Any]) -> str:
+    a, b = study.arms[c.a].label, study.arms[c.b].label
+    if r["holm"] <= ALPHA:
+        side = "higher" if r["estimate"] > 0 else "lower"
+        return f"yes: {a} scores {side} than {b}"
+    return (f"no measurable difference between {a} and {b}; this design detects a true difference of "
+            f"{r['resolution']:.4f} or more with 80 % power")
+
+
+def verdict_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
+    """One line per comparison: the question, the answer in words, and its numbers."""
+    lines = []
+    for c, r in section["comparisons"].items():
+        low, high = r["interval"]
+        lines.append(f"- **{c.question}** {_answer(study, c, r).capitalize()} ({r['estimate']:+.4f} reward over "
+                     f"KL ≤ {r['kl_max']:.3f}, 95 % interval [{low:+.4f}, {high:+.4f}], Holm-adjusted p "
+                     f"{inference.format_p(r['holm'], section['floor'])}, {r['seeds']} seeds).")
+    return lines
+
+
+def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
+    m = len(section["comparisons"])
+    strict = NormalDist().inv_cdf(1 - ALPHA / (2 * max(m, 1))) + NormalDist().inv_cdf(0.8)
+    lines = [f"Each comparison: frontier score of the first arm minus the second's. A seed's frontier is the Pareto "
+             "front of its runs at every β and evaluated step, anchored at the reference (KL 0) and linear between "
+             "points; its score is its mean reward over the comparison's KL range, fixed once from all the data "
+             "(the largest KL every seed's front of both arms reaches) before resampling. 95 % percentile intervals "
+             f"from {study.bootstrap:,} hierarchical bootstrap resamples (seeds with replacement, then prompts within "
+             "each drawn seed; paired across arms); a resampled front that falls short of the range is extended flat "
+             "from its last point (share below). p: two-sided bootstrap p-value (floor 2/(B+1)); Holm: adjusted "
+             f"across the {m} comparisons listed in the plan before the runs. Resolution = (z₀.₉₇₅ + z₀.₈) × SE = "
+             f"2.80 × SE, the smallest true difference found with 80 % power at α = 0.05 (at Holm's strictest step, "
+             f"α/{m}: {strict:.2f} × SE).", "",
+             "| comparison | seeds | KL range | estimate | 95 % interval | p | Holm p | SE | resolution | fronts "
+             "extended |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, r in section["comparisons"].items():
+        low, high = r["interval"]
+        lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | [0, {r['kl_max']:.3f}] | "
+                     f"{r['estimate']:+.4f} | [{low:+.4f}, {high:+.4f}] | "
+                     f"{inference.format_p(r['p'], section['floor'])} | "
+                     f"{inference.format_p(r['holm'], section['floor'])} | {r['se']:.4f} | {r['resolution']:.4f} | "
+                     f"{100 * r['extended']:.0f} % (by {100 * r['extended_range']:.0f} % of the range) |")
+    return lines
+
+
+def second_scorer_lines(study: StudyPlan, first: dict[str, Any], second: dict[str, Any], scorer: str) -> list[str]:
+    lines = []
+    for c, r in first["comparisons"].items():
+        if c not in second["comparisons"]:
+            continue
+        r2 = second["comparisons"][c]
+        same = _answer(study, c, r).split(":")[0] == _answer(study, c, r2).split(":")[0] and \
+            (r["holm"] > ALPHA or np.sign(r["estimate"]) == np.sign(r2["estimate"]))
+        lines.append(f"- Under {scorer}, {study.arms[c.a].label} − {study.arms[c.b].label} "
+                     f"{'keeps its verdict' if same else 'changes verdict'}: {r2['estimate']:+.4f}, Holm-adjusted "
+                     f"p {inference.format_p(r2['holm'], second['floor'])}.")
+    return lines
+
+
+def regression_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
+    """The second view: run-level least squares of reward on KL with arm and seed terms."""
+    done = [r for r in runs if r.eval]
+    if len({r.method for r in done}) < 2 or len(done) <= len({r.method for r in done}) + len({r.seed for r in done}):
+        return []
+    fit = inference.regression([r.method for r in done], [r.seed for r in done],
+                               [max(r.eval["kl_mean"], 0.0) for r in done], [r.eval["reward_mean"] for r in done])
+    lines = [f"Ordinary least squares over the {len(done)} runs' final evaluations: reward = α_arm + γ_seed + δ·KL "
+             f"(one KL slope for all arms, δ = {fit.slope:+.4f} per nat; seed fixed effects; {fit.dof} residual "
+             "degrees of freedom). α_a − α_b is the difference in reward at equal KL and seed; intervals are ±1.96 "
+             "standard errors (normal approximation). It assumes reward is linear in KL over the runs' range, which "
+             "the frontier score does not.", "", "| comparison | α difference | ± SE | 95 % interval |",
+             "|---|---|---|---|"]
+    for c in study.comparisons:
+        if c.a in fit.arms and c.b in fit.arms:
+            value, se = fit.difference(c.a, c.b)
+            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {value:+.4f} | {se:.4f} | "
+                         f"[{value - 1.96 * se:+.4f}, {value + 1.96 * se:+.4f}] |")
+    return lines
+
+
+def diagnostics_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
+    """Reward-mask diagnostics per arm from the runs' final mask dumps (held-out pairs, chosen and rejected)."""
+    rows = []
+    for arm, group in by_method([r for r in runs if r.masks]).items():
+        responses = [np.array(p[side]["reward"]) for r in group for p in r.masks["pairs"]
+                     for side in ("chosen", "rejected") if p[side]["reward"]]
+        if not responses:
+            continue
+        values = np.array([((w == 0).mean() * 100, w.mean(), inference.gini(w), inference.effective_token_ratio(w))
+                           for w in responses])
+        zeros, mean, gini, ratio = np.nanmean(values, axis=0)
+        rows.append(f"| {study.arms[arm].label} | {len(group)} | {len(responses)} | {zeros:.1f} | {mean:.3f} | "
+                    f"{gini:.3f} | {ratio:.3f} |")
+    if not rows:
+        return []
+    return ["Reward mask of the held-out pairs at the end of training, per response then averaged: % exact zeros, "
+            "mean weight, Gini coefficient (0: every token weighted alike) and effective-token ratio (Σw)²/(n Σw²) "
+            "(1: all tokens count alike; k/n: k tokens share the weight).", "",
+            "| arm | runs | responses | % zeros | mean weight | Gini | effective-token ratio |",
+            "|---|---|---|---|---|---|---|", *rows]
