@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsepo_lightning.callbacks.summary import format_summary
 
     for target in args.target or [0.5]:
-        extra = [*METHOD, "--model.masker.init_args.target_sparsity", str(target),
-                 "--trainer.enable_checkpointing", "false"]
+        extra = [*METHOD, "--model.masker.init_args.target_sparsity", str(target)]
         with tempfile.TemporaryDirectory() as tmp:
             logs = args.logs / f"target_{target}" if args.logs else Path(tmp)
             summary = run_quickstart(logs, extra)
