@@ -8,7 +8,9 @@ all ranks. The metrics themselves are defined once, in :mod:`sparsepo_lightning.
 definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for a validation run:
 
 - ``MaskStatistics``: ``metrics.mask_stats`` (``masks/sparsity_*``, ``masks/l1_*``, ``masks/max_*``,
-  ``masks/mean_*``), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
+  ``masks/mean_*``), the mask diagnostics of ``masks.diagnostics`` (``masks/{mean_kept,gini,effective_token_ratio,
+  within_cv,between_variance_share}_{reward,kl}_{chosen,rejected}``), the target of a learned mask with a target
+  sparsity (``masks/target_sparsity_{reward,kl}``, %), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
   histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
 - ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
   ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``); for unpaired examples (BCO)
@@ -30,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from sparsepo_lightning.masks.diagnostics import between_shares, diagnostic_stats, is_internal
 from sparsepo_lightning.masks.learned import MaskNetwork
 from sparsepo_lightning.metrics import Stats, loss_stats, mask_stats, token_metrics, unpaired_stats
 from sparsepo_lightning.types import StepRecord
@@ -245,8 +248,9 @@ class _StepStatistics(Callback):
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, Tensor], prefix: str,
              on_step: bool) -> None:
-        values = {**values, **dead_fractions(values)}
-        scalars = {prefix + k: v for k, v in values.items() if v.ndim == 0}  # unit maxima stay internal
+        values = {**values, **dead_fractions(values), **between_shares(values, "masks/")}
+        # unit maxima and the moments behind between_variance_share stay internal
+        scalars = {prefix + k: v for k, v in values.items() if v.ndim == 0 and not is_internal(k)}
         # Already reduced across ranks by WeightedStats.compute: no second sync.
         pl_module.log_dict(scalars, on_step=on_step, on_epoch=not on_step, sync_dist=False, batch_size=1)
 
@@ -292,7 +296,11 @@ class MaskStatistics(_StepStatistics):
         if record.masks is None:
             return Stats()
         stats = mask_stats(record.masks, record.stats.response_mask, histograms)
+        stats = stats.merge(diagnostic_stats(record.masks, record.stats.response_mask))
         stats.maxima.update(units)
+        targets = getattr(pl_module.masker, "sparsity_targets", dict)()
+        stats.maxima.update({f"masks/target_sparsity_{name}": torch.tensor(value, device=record.masks.reward.device)
+                             for name, value in targets.items()})
         return stats
 
 

@@ -5,7 +5,9 @@ Part of every run (``PreferenceModule.configure_callbacks``). It records, withou
 - the masks' initial state: the mask metrics of the first training batch (``masks/mean_reward``, sparsity, max);
 - every validation run: global step, ``val/loss``, ``val/rewards/accuracy``, ``val/rewards/margin``,
   ``val/kl/seq_chosen`` and, with masks, ``val/masks/mean_reward`` and the reward-mask sparsity; these are the
-  epoch values that the module logs (the same numbers TensorBoard shows);
+  epoch values that the module logs (the same numbers TensorBoard shows); with masks also ``diagnostics``, the
+  mask diagnostics of ``masks.diagnostics`` over the whole validation run (all batches and ranks, exact):
+  ``{mean_kept,gini,effective_token_ratio,within_cv,between_variance_share}_{reward,kl}_{chosen,rejected}``;
 - a sanity check that covers the whole validation set (``trainer.num_sanity_val_steps: -1``) as the row of step
   0, before training: the same metrics averaged over the pairs of its batches (``masks/mean_reward`` is averaged
   per batch, weighted by pairs, instead of per token; under DDP the batches of the rank that prints);
@@ -24,6 +26,9 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from sparsepo_lightning.callbacks.statistics import WeightedStats
+from sparsepo_lightning.masks.diagnostics import between_shares, diagnostic_stats, is_internal
 
 VALIDATION_KEYS = {
     "loss": "val/loss",
@@ -55,6 +60,7 @@ class RunSummary(Callback):
         self.initial_masks: dict[str, float] | None = None
         self._start = 0.0
         self._sanity: dict[str, Any] = {}
+        self._diagnostics = WeightedStats()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start = time.perf_counter()
@@ -74,6 +80,8 @@ class RunSummary(Callback):
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         record = getattr(pl_module, "last_step", None)
+        if record is not None and record.stage == "val" and record.masks is not None:
+            self._diagnostics.update(diagnostic_stats(record.masks, record.stats.response_mask))
         if not trainer.sanity_checking or record is None or not self._sanity:
             return
         pairs = record.out.loss.shape[0]  # pairs (or unpaired examples) the batch's metrics average over
@@ -85,19 +93,32 @@ class RunSummary(Callback):
 
     def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         sanity, self._sanity = self._sanity, {}
+        diagnostics = self._pop_diagnostics()
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
         if trainer.global_step == 0 and whole and sanity.get("pairs") and not self.validations:
             entry = {"step": 0}
             entry.update({k: float(v) / sanity["pairs"] for k, v in sanity["sums"].items()})
-            self.validations.append(entry)
+            self.validations.append({**entry, **diagnostics})
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking:
+            return  # on_sanity_check_end records it
+        if trainer.state.fn != "fit":
+            self._diagnostics.reset()
             return
         metrics = trainer.callback_metrics
         entry = {"step": trainer.global_step}
         entry.update({k: float(metrics[m]) for k, m in VALIDATION_KEYS.items() if m in metrics})
-        self.validations.append(entry)
+        self.validations.append({**entry, **self._pop_diagnostics()})
+
+    def _pop_diagnostics(self) -> dict[str, Any]:
+        """``{"diagnostics": {name: value}}`` of the validation run just ended (reduced over ranks), or {}."""
+        if not self._diagnostics.update_count:
+            return {}
+        values = self._diagnostics.compute()
+        self._diagnostics.reset()
+        values.update(between_shares(values, "masks/"))
+        return {"diagnostics": {k.removeprefix("masks/"): float(v) for k, v in values.items() if not is_internal(k)}}
 
     def summary(self, trainer: Trainer) -> dict[str, Any]:
         """Everything recorded, as plain JSON values."""
@@ -151,5 +172,12 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
         first, last = trained[0], trained[-1]
         lines.append(f"  from step {first['step']} to {last['step']}: accuracy {first['accuracy']:.3f} -> "
                      f"{last['accuracy']:.3f}, margin {first['margin']:.4f} -> {last['margin']:.4f}")
+    last = rows[-1].get("diagnostics") if rows else None
+    if last:
+        mean = {k: (last[f"{k}_reward_chosen"] + last[f"{k}_reward_rejected"]) / 2 for k in (
+            "mean_kept", "gini", "effective_token_ratio", "within_cv", "between_variance_share")}
+        lines.append(f"  reward mask at step {rows[-1]['step']}: mean kept weight {mean['mean_kept']:.4f}, Gini "
+                     f"{mean['gini']:.3f}, effective-token ratio {mean['effective_token_ratio']:.3f}, within-response "
+                     f"CV {mean['within_cv']:.3f}, between-response variance share {mean['between_variance_share']:.3f}")
     lines.append(f"  {summary['global_step']} optimizer steps")
     return "\n".join(lines)

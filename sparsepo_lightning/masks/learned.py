@@ -66,17 +66,24 @@ class MaskNetwork(nn.Module):
         else:
             raise ValueError(f"MaskNetwork: init must be 'ones' or 'released', got {init!r}.")
 
+    def normalise(self, states: Tensor) -> Tensor:
+        """``LN(h_l)`` of ``n`` tokens' reference states ``(n, L, d)`` → ``(n, L, d)`` float32 (call under
+        ``torch.autocast(enabled=False)``, as ``forward`` does)."""
+        norm = self.norm
+        return F.layer_norm(states.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+
+    def read_out(self, normed: Tensor) -> Tensor:
+        """Mask values ``(n,)`` from normalised states ``(n, L, d)`` (``normalise``)."""
+        per_layer = torch.einsum("nld,ld->nl", normed, self.layer_weight.float()) + self.layer_bias.float()
+        per_layer = self.dropout(self.layer_act(per_layer))  # (n, L)
+        return self.dropout(self.mixer_act(per_layer @ self.mixer_weight.float()))  # (n,)
+
     def forward(self, states: Tensor) -> Tensor:
         """Mask values for ``n`` tokens from their reference states ``(n, L, d)`` → ``(n,)``, float32."""
         # Masks stay fp32 under AMP, and whatever dtype a wrapper stores the parameters in (FSDP1 mixed precision
         # casts every parameter of a unit to bf16 for the forward; LayerNorm would refuse fp32 input then).
         with torch.autocast(device_type=states.device.type, enabled=False):
-            norm = self.norm
-            normed = F.layer_norm(states.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
-                                  norm.eps)  # (n, L, d)
-            per_layer = torch.einsum("nld,ld->nl", normed, self.layer_weight.float()) + self.layer_bias.float()
-            per_layer = self.dropout(self.layer_act(per_layer))  # (n, L)
-            return self.dropout(self.mixer_act(per_layer @ self.mixer_weight.float()))  # (n,)
+            return self.read_out(self.normalise(states))
 
 
 def _layer_norm_eps(config: object) -> float:
@@ -87,17 +94,55 @@ def _layer_norm_eps(config: object) -> float:
     return 1e-5
 
 
+def top_k_gate(scores: Tensor, response_mask: Tensor, target: float) -> Tensor:
+    """Keep the ``k = max(1, n − round(target·n))`` response tokens of highest score in each row (``n`` its
+    response tokens; ``round`` halves to even, so odd lengths at target ½ round either way), with a
+    straight-through gradient (docs/sparsity.md).
+
+    Forward: ``g_t = 1`` on the kept tokens, 0 elsewhere (exactly ``n − k`` zeros per response, ties broken by
+    position). Backward: ``∂g_t/∂s_t = σ'(s_t − τ)`` with ``τ`` the midpoint between the k-th and (k+1)-th score of
+    the row, the gradient of the relaxed gate ``σ(s − τ)`` (straight-through estimator, Bengio et al. 2013).
+
+    Args:
+        scores: ``(R, T)`` float32 gate scores (any value outside the response).
+        response_mask: ``(R, T)`` bool.
+        target: share of zeros in ``[0, 1)``.
+
+    Returns:
+        ``(R, T)`` float32 gate, 0 outside the response.
+    """
+    counts = response_mask.sum(-1, keepdim=True)  # (R, 1)
+    keep = torch.clamp(counts - torch.round(target * counts), min=1).long()  # (R, 1)
+    ranked = scores.detach().masked_fill(~response_mask, -torch.inf)
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)  # (R, T) positions by falling score
+    rank = torch.argsort(order, dim=-1)  # rank of each position in its row
+    hard = ((rank < keep) & response_mask).float()
+    ordered = ranked.gather(-1, order)
+    kth = ordered.gather(-1, (keep - 1).clamp(max=scores.shape[-1] - 1))
+    nxt = ordered.gather(-1, keep.clamp(max=scores.shape[-1] - 1))
+    threshold = torch.where(torch.isfinite(nxt) & (keep < counts), (kth + nxt) / 2, kth)  # (R, 1)
+    soft = torch.sigmoid(scores - torch.nan_to_num(threshold, neginf=0.0))
+    return hard + (soft - soft.detach()) * response_mask
+
+
 class LearnedMasker(TokenMasker):
     """SparsePO learned masks read from all reference block outputs at the previous position.
 
     ``independent=False`` (common): one network, ``m_d := m_u`` (same tensor). ``independent=True``: two
     networks with separate parameters and the same input. Sizes are read from the reference at ``bind``.
+
+    With ``target_sparsity`` each mask is ``m = a · g``: the magnitude ``a`` of the mask network as above, times a
+    gate ``g`` that keeps the ``(1 − target)`` share of each response's tokens with the highest score of a
+    separate gate network (``top_k_gate``). Every response then has exactly the target share of exact zeros at
+    every step, in training and at evaluation, with no statistic shared across responses, micro-batches or ranks
+    (docs/sparsity.md).
     """
 
     needs_layers = True
 
     def __init__(self, independent: bool = False, dropout: float = 0.0, layer_activation: Activation = "relu",
-                 mixer_activation: Activation = "relu", init_std: float = 0.02, init: Init = "ones") -> None:
+                 mixer_activation: Activation = "relu", init_std: float = 0.02, init: Init = "ones",
+                 target_sparsity: float | None = None, target_sparsity_kl: float | None = None) -> None:
         """
         Args:
             independent: two mask networks (reward and KL) instead of one common mask.
@@ -108,6 +153,10 @@ class LearnedMasker(TokenMasker):
             init: ``ones`` (default): every mask starts at exactly 1, so training starts as TDPO1 at the nominal β
                 and learns which tokens to drop; ``released``: the released code's N(0, init_std) weights, whose
                 masks start near 0 (often entirely 0: a dead start). See ``MaskNetwork``.
+            target_sparsity: share of exact zeros in ``[0, 1)`` that a gate sets in every response (of the reward
+                mask, and of the KL mask unless ``target_sparsity_kl`` is given); None (default): no gate, the
+                released masks. Zeros of the magnitude itself (a ReLU at 0) come on top of the target.
+            target_sparsity_kl: the KL mask's own target, with ``independent: true`` only (0 keeps it dense).
         """
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -115,11 +164,30 @@ class LearnedMasker(TokenMasker):
         if init not in ("ones", "released"):
             raise ValueError(f"LearnedMasker: init must be 'ones' or 'released', got {init!r}. Fix: "
                              "model.masker.init_args.init: ones (masks start at 1) or released (N(0, init_std)).")
+        for name, value in (("target_sparsity", target_sparsity), ("target_sparsity_kl", target_sparsity_kl)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"LearnedMasker: {name} must be in [0, 1) (a share of zeros), got {value}. Fix: "
+                                 f"model.masker.init_args.{name}: 0.5 for half of each response's tokens at 0.")
+        if target_sparsity_kl is not None and not independent:
+            raise ValueError("LearnedMasker: target_sparsity_kl needs independent: true (a common mask has one "
+                             "target). Fix: set model.masker.init_args.independent: true, or use target_sparsity.")
+        if target_sparsity_kl is not None and target_sparsity is None:
+            target_sparsity = 0.0
         self.independent = independent
+        self.target_sparsity = target_sparsity
+        self.target_sparsity_kl = target_sparsity if target_sparsity_kl is None else target_sparsity_kl
         self._network_args = dict(dropout=dropout, layer_activation=layer_activation,
                                   mixer_activation=mixer_activation, init_std=init_std, init=init)
         self.reward_net: MaskNetwork | None = None
         self.kl_net: MaskNetwork | None = None
+        self.reward_gate: nn.Parameter | None = None
+        self.kl_gate: nn.Parameter | None = None
+
+    def sparsity_targets(self) -> dict[str, float]:
+        """Target share of zeros by mask (``reward``, ``kl``), in %; empty without a target (TensorBoard)."""
+        if self.target_sparsity is None:
+            return {}
+        return {"reward": 100.0 * self.target_sparsity, "kl": 100.0 * self.target_sparsity_kl}
 
     def bind(self, reference: nn.Module) -> None:
         config = reference.config
@@ -127,6 +195,24 @@ class LearnedMasker(TokenMasker):
                      layer_norm_eps=_layer_norm_eps(config))
         self.reward_net = MaskNetwork(**sizes, **self._network_args)
         self.kl_net = MaskNetwork(**sizes, **self._network_args) if self.independent else None
+        if self.target_sparsity is not None:
+            # Gate scores s = Σ_l u_l·LN(h_l) on the magnitude network's own normalisation, u ~ N(0, 1/(L·d)) so
+            # that s ~ N(0, 1) and differs between tokens from the start (the magnitude of ``init: ones`` is the
+            # same on every token), and the LayerNorm gets a gradient at step 0 through the gate.
+            shape, std = (sizes["num_layers"], sizes["hidden_size"]), (sizes["num_layers"] * sizes["hidden_size"]) ** -0.5
+            self.reward_gate = nn.Parameter(torch.randn(shape) * std)
+            self.kl_gate = nn.Parameter(torch.randn(shape) * std) if self.independent else None
+
+    def _mask(self, net: MaskNetwork, gate: Tensor | None, target: float, states: Tensor,
+              response_mask: Tensor) -> Tensor:
+        """``a`` (no gate) or ``a · top_k_gate(s)`` on the response tokens, ``(2B, T-1)`` float32."""
+        with torch.autocast(device_type=states.device.type, enabled=False):
+            normed = net.normalise(states)  # (n, L, d)
+            magnitude = scatter_response(net.read_out(normed), response_mask)
+            if gate is None or target == 0.0:
+                return magnitude
+            scores = scatter_response(torch.einsum("nld,ld->n", normed, gate.float()), response_mask)
+        return magnitude * top_k_gate(scores, response_mask, target)
 
     def forward(self, reference: ReferenceOutputs, response_mask: Tensor,
                 context: TokenContext | None = None) -> TokenMasks:
@@ -134,8 +220,8 @@ class LearnedMasker(TokenMasker):
             raise RuntimeError("LearnedMasker needs bind(reference) and the reference's per-layer hidden states.")
         # Column t of the shifted layout predicts token t+1 from the state at position t: slice [:, :-1].
         states = torch.stack([layer[:, :-1][response_mask] for layer in reference.layers], dim=1)  # (n, L, d)
-        reward = scatter_response(self.reward_net(states), response_mask)
+        reward = self._mask(self.reward_net, self.reward_gate, self.target_sparsity or 0.0, states, response_mask)
         if self.kl_net is None:
             return TokenMasks(reward=reward, kl=reward, common=True, learned=True)
-        kl = scatter_response(self.kl_net(states), response_mask)
+        kl = self._mask(self.kl_net, self.kl_gate, self.target_sparsity_kl or 0.0, states, response_mask)
         return TokenMasks(reward=reward, kl=kl, common=False, learned=True)
