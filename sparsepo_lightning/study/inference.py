@@ -175,19 +175,3 @@ def regression(arms: Sequence[str], seeds: Sequence[int], kl: Sequence[float], r
     names = arm_names + [f"seed {s}" for s in seed_values[1:]] + ["KL"]
     return Regression(dict(zip(arm_names, coef[: len(arm_names)].tolist(), strict=True)), float(coef[-1]),
                       sigma2 * np.linalg.pinv(x.T @ x), names, dof)
-
-
-def gini(weights: np.ndarray) -> float:
-    """Gini coefficient of non-negative weights, ``Σ_i Σ_j |w_i − w_j| / (2 n² mean(w))`` (0: all equal; NaN: all 0)."""
-    w = np.asarray(weights, float)
-    total = w.sum()
-    if total <= 0:
-        return float("nan")
-    return float(np.abs(w[:, None] - w[None, :]).sum() / (2 * len(w) * total))
-
-
-def effective_token_ratio(weights: np.ndarray) -> float:
-    """``(Σ w)² / (n Σ w²)``: 1 when every token has the same weight, ``k/n`` when ``k`` tokens share it (NaN if 0)."""
-    w = np.asarray(weights, float)
-    squares = (w**2).sum()
-    return float(w.sum() ** 2 / (len(w) * squares)) if squares > 0 else float("nan")

@@ -62,7 +62,9 @@ class Arm:
         label: name in tables and figures.
         objective: ``{"class_path", "init_args"}`` without β (added per run).
         masker: the masker config or None (no mask: DPO-style objectives).
-        control: class path of the control wrapping ``masker`` (``PermutedControl`` ...), or None.
+        control: class path of the control wrapping ``masker`` (``PermutedControl`` ...), or None. An arm with
+            ``control_of: <arm>`` copies that arm's objective and masker, and its seeds, β values and overrides
+            unless it sets its own.
         matches: the arm whose measured mask sparsity fills ``$matched.*`` (run first).
         all_seeds: run every seed of the settings (``seeds: all``, the default) or the first only (``first``).
         betas: this arm's β values (default the settings' ``betas``).
@@ -317,6 +319,9 @@ def _arm(name: str, entry: Any, arms: dict[str, Any], where: _Where) -> Arm:
         raise where.error((*keys, "matches"), f"{matches!r} is not another arm", "the name of an arm of this plan")
     if matches is None and "$matched." in json.dumps(source.get("masker")):
         raise where.error((*keys, "masker"), "uses $matched.* without `matches:`", "add `matches: <arm>`")
+    # a control differs from its arm by token choice only: it inherits the arm's seeds, β values and overrides
+    inherited = {k: source[k] for k in ("seeds", "betas", "overrides") if k in source and source is not entry}
+    entry = {**inherited, **entry}
     seeds = entry.get("seeds", "all")
     if seeds not in ("all", "first"):
         raise where.error((*keys, "seeds"), f"{seeds!r}", "`seeds: all` (every seed) or `seeds: first`")

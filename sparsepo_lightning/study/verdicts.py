@@ -138,23 +138,40 @@ def regression_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     return lines
 
 
+def dump_diagnostics(dump: dict[str, Any], mask: str = "reward") -> dict[str, float]:
+    """``masks.diagnostics.mask_diagnostics`` of one run's mask dump (chosen and rejected responses of the held-out
+    pairs, padded into one ``(R, T)`` batch)."""
+    import torch
+
+    from sparsepo_lightning.masks.diagnostics import mask_diagnostics
+
+    rows = [p[side][mask] for p in dump["pairs"] for side in ("chosen", "rejected") if p[side][mask]]
+    length = max(len(r) for r in rows)
+    weights = torch.zeros(len(rows), length)
+    response_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, row in enumerate(rows):  # building the batch from JSON lists; the statistics below are vectorised
+        weights[i, : len(row)] = torch.tensor(row)
+        response_mask[i, : len(row)] = True
+    return {k: float(v) for k, v in mask_diagnostics(weights, response_mask).items()}
+
+
+DIAGNOSTICS = ("zeros_share", "mean", "mean_kept", "gini", "effective_token_ratio", "within_cv",
+               "between_variance_share")
+
+
 def diagnostics_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
-    """Reward-mask diagnostics per arm from the runs' final mask dumps (held-out pairs, chosen and rejected)."""
+    """Reward-mask diagnostics per arm from the runs' final mask dumps (held-out pairs), averaged over its runs."""
     rows = []
-    for arm, group in by_method([r for r in runs if r.masks]).items():
-        responses = [np.array(p[side]["reward"]) for r in group for p in r.masks["pairs"]
-                     for side in ("chosen", "rejected") if p[side]["reward"]]
-        if not responses:
-            continue
-        values = np.array([((w == 0).mean() * 100, w.mean(), inference.gini(w), inference.effective_token_ratio(w))
-                           for w in responses])
-        zeros, mean, gini, ratio = np.nanmean(values, axis=0)
-        rows.append(f"| {study.arms[arm].label} | {len(group)} | {len(responses)} | {zeros:.1f} | {mean:.3f} | "
-                    f"{gini:.3f} | {ratio:.3f} |")
+    for arm, group in by_method([r for r in runs if r.masks and r.masks.get("pairs")]).items():
+        values = np.array([[dump_diagnostics(r.masks)[k] for k in DIAGNOSTICS] for r in group])
+        cells = " | ".join(f"{v:.3f}" for v in values.mean(0))
+        rows.append(f"| {study.arms[arm].label} | {len(group)} | {cells} |")
     if not rows:
         return []
-    return ["Reward mask of the held-out pairs at the end of training, per response then averaged: % exact zeros, "
-            "mean weight, Gini coefficient (0: every token weighted alike) and effective-token ratio (Σw)²/(n Σw²) "
-            "(1: all tokens count alike; k/n: k tokens share the weight).", "",
-            "| arm | runs | responses | % zeros | mean weight | Gini | effective-token ratio |",
-            "|---|---|---|---|---|---|---|", *rows]
+    return ["Reward mask of the held-out pairs at the end of training (`masks.json`), by "
+            "`sparsepo_lightning.masks.diagnostics.mask_diagnostics`, averaged over the arm's runs: share of exact "
+            "zeros, mean weight, mean kept weight, Gini (0: every token of a response weighted alike), effective-token "
+            "ratio (Σw)²/(n Σw²) (1: uniform; k/n: k tokens share the weight), within-response coefficient of "
+            "variation, and the share of the weight variance that lies between responses.", "",
+            "| arm | runs | zeros | mean | mean kept | Gini | effective-token ratio | within CV | between share |",
+            "|---|---|---|---|---|---|---|---|---|", *rows]
