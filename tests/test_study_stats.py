@@ -1,4 +1,5 @@
-"""Study statistics: Pareto fronts, frontier areas, bootstrap, Spearman; hand-computed numbers and naive loops."""
+"""Study statistics: Pareto fronts, frontier areas, bootstrap, Spearman; the plan statistics (hierarchical bootstrap,
+flat extension, Holm, p floors, resolution, regression); hand-computed numbers and naive loops."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sparsepo_lightning.study import stats
+from sparsepo_lightning.study import inference, stats
 
 
 def test_pareto_front_keeps_non_dominated_points_sorted_by_kl():
@@ -96,3 +97,130 @@ def test_permutation_p_value_is_exact_on_a_tiny_sample():
     exact = np.mean([abs(r) >= abs(rho) - 1e-12 for r in perms])
     _, p = stats.spearman_permutation(x, y, 20000, seed=0)
     assert p == pytest.approx(exact, abs=0.02)
+
+
+# ---- the plan statistics (study/inference.py) ----------------------------------------------------------------
+
+def test_a_frontier_short_of_the_range_is_extended_flat_by_hand():
+    # anchor (0, 0.1), one run at (1, 0.5): over [0, 2] the line 0.1 -> 0.5 on [0, 1], then flat 0.5 on [1, 2]
+    score, short = inference.frontier_score(np.array([1.0]), np.array([0.5]), 0.1, 2.0)
+    assert score == pytest.approx(((0.1 + 0.5) / 2 * 1 + 0.5 * 1) / 2, abs=1e-9)
+    assert short == pytest.approx(0.5)
+    score, short = inference.frontier_score(np.array([1.0, 3.0]), np.array([0.5, 0.7]), 0.1, 2.0)
+    assert score == pytest.approx(((0.1 + 0.5) / 2 + (0.5 + 0.6) / 2) / 2, abs=1e-9) and short == 0.0
+
+
+def test_front_reach_is_the_smallest_seed_front():
+    seeds = [(np.array([[1.0, 1.0], [2.0, 2.0]]), np.array([[0.3, 0.3], [0.4, 0.4]])),
+             (np.array([[1.5, 1.5], [3.0, 3.0]]), np.array([[0.5, 0.5], [0.2, 0.2]]))]  # KL 3 is dominated
+    assert inference.front_reach(seeds, 0.0) == 1.5
+
+
+def _naive_hierarchical(points, anchor, kl_max, num_resamples, seed):
+    """Seeds, then prompts within each drawn seed, with explicit loops (the same draws)."""
+    num_seeds, num_prompts = len(next(iter(points.values()))), len(anchor)
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, num_seeds, (num_resamples, num_seeds))
+    prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds, num_prompts))
+    out = {}
+    for arm, per_seed in points.items():
+        samples = []
+        for b in range(num_resamples):
+            scores = []
+            for k in range(num_seeds):
+                kl, reward = per_seed[seed_draws[b, k]]
+                prompts = prompt_draws[b, k]
+                kl_means = [sum(kl[j, p] for p in prompts) / num_prompts for j in range(kl.shape[0])]
+                reward_means = [sum(reward[j, p] for p in prompts) / num_prompts for j in range(kl.shape[0])]
+                base = sum(anchor[p] for p in prompts) / num_prompts
+                front_kl, front_reward = stats.frontier_curve(kl_means, reward_means, (0.0, base))
+                grid = np.linspace(0.0, kl_max, 513)
+                curve = [front_reward[-1] if x > front_kl[-1] else np.interp(x, front_kl, front_reward) for x in grid]
+                scores.append(np.trapezoid(curve, grid) / kl_max)
+            samples.append(np.mean(scores))
+        out[arm] = np.array(samples)
+    return out
+
+
+def _seed_data(rng, seeds=3, points=4, prompts=12, lift=0.0):
+    anchor = rng.normal(0.1, 0.1, prompts)
+    data = []
+    for s in range(seeds):
+        kl = np.abs(rng.normal(np.linspace(0.2, 1.0 + 0.3 * s, points)[:, None], 0.3, (points, prompts)))
+        reward = anchor + 0.2 * kl + lift + 0.05 * s + rng.normal(0, 0.1, (points, prompts))
+        data.append((kl, reward))
+    return data, anchor
+
+
+def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fronts():
+    rng = np.random.default_rng(5)
+    a, anchor = _seed_data(rng)
+    b, _ = _seed_data(rng, lift=0.05)
+    points = {"a": a, "b": b}
+    kl_max = min(inference.front_reach(p, float(anchor.mean())) for p in points.values())
+    boot = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
+    naive = _naive_hierarchical(points, anchor, kl_max, 40, 7)
+    for arm in points:
+        np.testing.assert_allclose(boot.samples[arm], naive[arm], rtol=0, atol=1e-12)
+        expected = np.mean([inference.frontier_score(kl.mean(-1), r.mean(-1), float(anchor.mean()), kl_max)[0]
+                            for kl, r in points[arm]])
+        assert boot.estimate[arm] == pytest.approx(expected, abs=1e-12)
+    # the range is where every full-data front reaches; some resampled fronts fall short and are extended flat
+    assert 0 < boot.extended < 1 and 0 < boot.extended_range < 1
+    again = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
+    assert all(np.array_equal(again.samples[m], boot.samples[m]) for m in points)
+
+
+def test_hierarchical_intervals_include_the_seed_variance_that_a_prompt_bootstrap_misses():
+    rng = np.random.default_rng(3)
+    prompts = 40
+    anchor = rng.normal(0.1, 0.05, prompts)
+    # one arm whose seeds disagree a lot (offsets -0.2, 0, 0.2), the same prompt noise in every seed
+    seeds = [(np.full((2, prompts), [[0.5], [1.0]]) + rng.normal(0, 0.01, (2, prompts)),
+              anchor + offset + rng.normal(0, 0.02, (2, prompts))) for offset in (-0.2, 0.0, 0.2)]
+    boot = inference.hierarchical_bootstrap({"x": seeds}, anchor, 0.5, num_resamples=300, seed=0)
+    one_seed = inference.hierarchical_bootstrap({"x": seeds[1:2]}, anchor, 0.5, num_resamples=300, seed=0)
+    # per seed the score is ≈ the anchor + 0 (offset −0.2: dominated by the anchor), + 0 (offset 0), + 0.1 (the mean
+    # of the line from the anchor to +0.2 over [0, 0.5]); their spread over seed draws dwarfs the prompt noise
+    assert boot.samples["x"].std() > 2.5 * one_seed.samples["x"].std()
+
+
+def test_holm_against_hand_numbers():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone 0.06)
+    assert inference.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert inference.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1 and kept monotone
+    assert inference.holm([0.02]) == pytest.approx([0.02])  # one comparison: unchanged
+
+
+def test_bootstrap_p_and_the_floor_written_as_an_upper_bound():
+    # 3 of 9 resamples at or below 0: 2 (1 + 3) / 10 = 0.8; none below: the floor 2 / 10
+    assert inference.bootstrap_p(np.array([-1, -0.5, 0, 1, 2, 3, 4, 5, 6.0])) == pytest.approx(0.8)
+    assert inference.bootstrap_p(np.arange(1, 10.0)) == pytest.approx(0.2)
+    assert inference.format_p(1 / 1001, 1 / 1001) == "≤ 0.001"
+    assert inference.format_p(0.0123, 1 / 1001) == "0.012" and inference.format_p(float("nan"), 0.1) == "–"
+
+
+def test_resolution_is_2_8_standard_errors_at_80_percent_power():
+    # z_0.975 = 1.959964, z_0.8 = 0.841621
+    assert inference.resolution(0.01) == pytest.approx(0.02801585, abs=1e-7)
+    assert inference.resolution(0.01, alpha=0.01, power=0.9) == pytest.approx((2.575829 + 1.281552) * 0.01, abs=1e-6)
+
+
+def test_regression_recovers_arm_seed_and_kl_terms_and_its_standard_errors():
+    arms = ["a", "a", "b", "b", "a", "b", "a", "b"]
+    seeds = [0, 0, 0, 0, 1, 1, 1, 1]
+    kl = np.array([0.2, 0.8, 0.3, 0.9, 0.4, 0.5, 1.0, 0.1])
+    truth = {"a": 0.1, "b": 0.05}
+    exact = [truth[a] + 0.02 * s + 0.3 * k for a, s, k in zip(arms, seeds, kl, strict=True)]
+    fit = inference.regression(arms, seeds, kl, exact)
+    assert fit.arms == pytest.approx(truth) and fit.slope == pytest.approx(0.3)
+    assert fit.difference("a", "b") == pytest.approx((0.05, 0.0), abs=1e-7) and fit.dof == 8 - 4
+    noisy = np.array(exact) + np.array([0.01, -0.02, 0.015, 0.0, -0.01, 0.02, 0.005, -0.005])
+    fit = inference.regression(arms, seeds, kl, noisy)
+    x = np.array([[a == "a", a == "b", s == 1, k] for a, s, k in zip(arms, seeds, kl, strict=True)], float)
+    coef = np.linalg.solve(x.T @ x, x.T @ noisy)  # the normal equations, by hand
+    sigma2 = ((noisy - x @ coef) ** 2).sum() / (8 - 4)
+    c = np.array([1.0, -1.0, 0.0, 0.0])
+    value, se = fit.difference("a", "b")
+    assert value == pytest.approx(coef[0] - coef[1]) and se == pytest.approx(np.sqrt(sigma2 * c @ np.linalg.inv(
+        x.T @ x) @ c))
