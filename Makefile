@@ -37,11 +37,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dpo.py
 
 .PHONY: study study-report
-# The controlled sentiment study (reports/sentiment/README.md): resumable, hours on a CPU; LIMIT=n runs per sitting.
+# A controlled sentiment study: resumable, hours on a CPU; LIMIT=n runs per sitting; PLAN=configs/study/<plan>.yaml
+# (default: the first study, reports/sentiment/README.md).
 study: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,study]'
-	$(PY) -m sparsepo_lightning.study sentiment run $(if $(LIMIT),--limit $(LIMIT),)
+	$(PY) -m sparsepo_lightning.study sentiment run $(if $(PLAN),--plan $(PLAN),) $(if $(LIMIT),--limit $(LIMIT),)
 
-# Regenerate the study's report (tables, figures) from the committed per-run logs only.
+# Regenerate a study's report (tables, figures) from its committed per-run logs only.
 study-report: $(STAMP)
-	$(PY) -m sparsepo_lightning.study sentiment report
+	$(PY) -m sparsepo_lightning.study sentiment report $(if $(PLAN),--plan $(PLAN),)

@@ -95,38 +95,70 @@ class LengthScorer:
         return [len(t) / 100 for t in texts]
 
 
+def test_a_matched_arm_reads_the_measured_sparsity_of_its_source_run(tmp_path):
+    """The first study's constant-mask arm (``matches: sparsepo_common``) copies that run's measured keep rate and
+    mean kept weight, and waits for it."""
+    paths = Paths(tmp_path / "out", tmp_path / "work")
+    source = Run("sparsepo_common", 0.3, 1)
+    with pytest.raises(RuntimeError, match="copies the measured sparsity of sparsepo_common_b0.3_s1"):
+        driver.run_config(FIRST, paths, Run("random", 0.3, 1))
+    metrics = {"train": {"train/masks/sparsity_reward_chosen": [[0, 0.0]], "train/masks/sparsity_reward_rejected":
+                         [[0, 0.0]], "train/masks/mean_reward": [[0, 2.5]]}}
+    run_dir = paths.run_dir(source, config_key(training_config(FIRST, paths, source)))
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    config = driver.run_config(FIRST, paths, Run("random", 0.3, 1))
+    assert config["model"]["masker"]["init_args"] == {"keep_rate": 1.0, "value": 2.5, "seed": 1}  # TDPO1 at β × 2.5
+
+
+USER_ARMS = {
+    "my_rule": {"label": "My rule", "objective": "WeightedDPO",
+                "masker": "sparsepo_lightning.methods.confpo.LowConfidenceSelection"},
+    "my_rule_permuted": {"label": "My rule, permuted", "control_of": "my_rule", "control": "PermutedControl"},
+}
+"""A user's own arm and its control, added to a copy of the shipped plan as the docs show (docs/studies.md)."""
+
+
 @pytest.mark.slow
-def test_driver_runs_trains_evaluates_resumes_and_reports(cli_zygote, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_reports(cli_zygote, tiny_model_dir,
+                                                                                   tmp_path, monkeypatch):
+    import yaml
+
     from sparsepo_lightning.data import sentiment
+    from sparsepo_lightning.study.planfile import load_plan
 
     # each `sparsepo` command of the driver is forked from the zygote instead of starting Python
     monkeypatch.setattr(driver, "subprocess", SimpleNamespace(run=cli_zygote.subprocess_run, STDOUT=subprocess.STDOUT))
-
     reviews = [f"Review number {i} says the film was {w} and more" for i, w in enumerate(["fine", "bad", "great",
                                                                                           "dull", "odd", "long"] * 2)]
     monkeypatch.setattr(driver, "review_texts", lambda: reviews)
     monkeypatch.setattr(sentiment, "make_scorer", lambda *a, **k: LengthScorer())
     monkeypatch.chdir(ROOT)
-    study = FIRST.with_settings(**{**TINY, "model": tiny_model_dir})
+    record = yaml.safe_load((ROOT / "configs" / "study" / "sentiment_controls.yaml").read_text())
+    record["arms"].update(USER_ARMS)
+    record["comparisons"].append({"a": "my_rule", "b": "my_rule_permuted", "question": "Does my rule's choice "
+                                  "matter?"})
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    study = load_plan(tmp_path / "plan.yaml").with_settings(**{**TINY, "model": tiny_model_dir})
+    assert study.eval_steps() == [1, 2]  # two evaluations per run: half-way and final
     paths = Paths(tmp_path / "out", tmp_path / "work")
-    only = ["sparsepo_common", "random"]  # a masked run and its matched control (DPO runs the same driver path)
-    done = driver.run_study(study, paths, only=only)
-    assert done == ["sparsepo_common_b0.5_s0", "random_b0.5_s0"]
-    for run_dir in (paths.out / "runs").glob("*_s0-*"):
-        assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval.json"}
+    done = driver.run_study(study, paths, only=list(USER_ARMS))
+    assert done == ["my_rule_b0.5_s0", "my_rule_permuted_b0.5_s0"]
+    for run_dir in (paths.out / "runs").glob("my_rule*"):
+        assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval_step1.json", "eval.json",
+                                                       "masks.json"}
         assert not (paths.work / "checkpoints" / run_dir.name.rsplit("-", 1)[1]).exists()  # deleted after eval
-    common = next((paths.out / "runs").glob("sparsepo_common_*"))
-    assert (common / "masks.json").is_file()
-    metrics = json.loads((common / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["initial_masks"]["mask_mean"] == pytest.approx(1.0, abs=1e-6)
-    random_config = json.loads(next((paths.out / "runs").glob("random_*")).joinpath("config.json").read_text())
-    assert random_config["model"]["masker"]["init_args"] == {**driver.matched_masks(metrics), "seed": 0}
-    assert driver.run_study(study, paths, only=only) == []  # a second sitting finds everything done
-    readme = report.write_report(paths.out)
+    control = json.loads(next((paths.out / "runs").glob("my_rule_permuted_*")).joinpath("config.json").read_text())
+    assert control["model"]["masker"] == {"class_path": "sparsepo_lightning.masks.controls.PermutedControl",
+                                          "init_args": {"masker": {"class_path": USER_ARMS["my_rule"]["masker"]},
+                                                        "seed": 0}}
+    assert driver.run_study(study, paths, only=list(USER_ARMS)) == []  # a second sitting finds everything done
+    readme = report.write_report(paths.out)  # the plan recorded in study.json
     text = readme.read_text()
-    assert "Partial study: 2 of" in text and "| SparsePO common (start 1) | 0.5 | 0 | 2 |" in text
-    assert json.loads((paths.out / "study.json").read_text())["plan"] == FIRST.record  # the report reads it back
-    assert (paths.out / "frontier.png").is_file() and (paths.out / "sparsity.png").is_file()
+    assert f"Partial study: 2 of {len(plan(study))}" in text and "| My rule | 0.5 | 0 | 2 |" in text
+    assert "- **Does my rule's choice matter?** " in text and "| My rule − My rule, permuted | 1 | " in text
+    assert "## Mask diagnostics" in text and "| My rule, permuted | 1 | " in text
+    assert (paths.out / "frontier.png").is_file()
     report.write_report(paths.out)
     assert readme.read_text() == text  # regenerated identically from the logs
 
@@ -249,3 +281,75 @@ def test_the_committed_report_is_what_its_committed_logs_regenerate(tmp_path):
     regenerated = report.write_report(tmp_path).read_text(encoding="utf-8")
     assert regenerated == (committed / "README.md").read_text(encoding="utf-8"), \
         "reports/sentiment/README.md is stale: run `make study-report` and commit it"
+
+
+HIERARCHICAL_PLAN = {
+    "name": "toy", "title": "Toy controls", "statistics": "hierarchical", "evaluations": 2, "bootstrap": 200,
+    "settings": {"steps": 4, "betas": [0.1, 0.8], "seeds": [0, 1, 2]},
+    "arms": {"learned": {"label": "Learned", "objective": "SparsePO", "masker": "LearnedMasker"},
+             "permuted": {"label": "Permuted", "control_of": "learned", "control": "PermutedControl"},
+             "tdpo1": {"label": "TDPO1", "objective": "TDPO1"}},
+    "comparisons": [{"a": "learned", "b": "permuted", "question": "Does the learned choice matter?"},
+                    {"a": "tdpo1", "b": "permuted", "question": "Does TDPO1 differ from the permuted mask?"}],
+}
+
+
+def _fake_plan_logs(out: Path) -> None:
+    """3 seeds × 2 β × 2 evaluated steps per arm; ``learned`` is 0.05 reward above the others at every KL, seeds
+    shift everything by 0.03 per seed."""
+    rng = np.random.default_rng(1)
+    prompts = 30
+    (out / "runs" / "reference-x").mkdir(parents=True)
+    (out / "study.json").write_text(json.dumps({"settings": HIERARCHICAL_PLAN["settings"], "hardware": "test",
+                                                "plan": HIERARCHICAL_PLAN}))
+    anchor = rng.normal(0.1, 0.05, prompts)
+    (out / "runs" / "reference-x" / "eval.json").write_text(json.dumps({
+        "reward_mean": float(anchor.mean()), "reward_sem": 0.01, "kl_mean": 0.0, "kl_sem": 0.0,
+        "reward_per_prompt": anchor.tolist(), "kl_per_prompt": [0.0] * prompts}))
+    for i, arm in enumerate(HIERARCHICAL_PLAN["arms"]):
+        for seed in (0, 1, 2):
+            for beta in (0.1, 0.8):
+                run_dir = out / "runs" / f"{arm}_b{beta:g}_s{seed}-k{i}{seed}{beta}"
+                run_dir.mkdir()
+                for step in (2, 4):
+                    kl = np.abs(rng.normal(step / beta / 10, 0.1, prompts))
+                    reward = anchor + 0.2 * kl + (0.05 if arm == "learned" else 0) + 0.03 * seed + \
+                        rng.normal(0, 0.02, prompts)
+                    name = "eval.json" if step == 4 else f"eval_step{step}.json"
+                    (run_dir / name).write_text(json.dumps({
+                        "reward_mean": float(reward.mean()), "reward_sem": 0.01, "kl_mean": float(kl.mean()),
+                        "kl_sem": 0.01, "wall_seconds": 5.0, "reward_per_prompt": reward.tolist(),
+                        "kl_per_prompt": kl.tolist()}))
+                metrics = {"name": run_dir.name.split("-")[0], "method": arm, "beta": beta, "seed": seed, "steps": 4,
+                           "wall_seconds": 10.0, "final_val": None, "initial_masks": None, "train": {}}
+                (run_dir / "metrics.json").write_text(json.dumps(metrics))
+                (run_dir / "config.json").write_text(json.dumps({"model": {}}))
+                if arm != "tdpo1":  # learned: weight on two of four tokens; permuted: the same weights shuffled
+                    weights = [2.0, 2.0, 0.0, 0.0] if arm == "learned" else [1.0, 1.0, 1.0, 1.0]
+                    side = {"tokens": ["a", "b", "c", "d"], "reward": weights, "kl": None}
+                    (run_dir / "masks.json").write_text(json.dumps({"global_step": 4, "common": True, "pairs": [
+                        {"prompt": "p", "chosen": side, "rejected": side}] * 2}))
+
+
+def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
+    _fake_plan_logs(tmp_path)
+    text = report.write_report(tmp_path).read_text()
+    # 18 runs of 3 arms × 3 seeds × 2 β, all evaluated: no partial-study line
+    assert "Partial study" not in text and "18 runs of 4 steps × 8 pairs, each evaluated at steps [2, 4]" in text
+    lines = text.splitlines()
+    learned = next(line for line in lines if line.startswith("- **Does the learned choice matter?** "))
+    assert "Yes: Learned scores higher than Permuted (+0.0" in learned and "p ≤ 0.02, 3 seeds)." in learned
+    assert 0.04 < float(learned.split("(+")[1].split(" ")[0]) < 0.06  # the built-in 0.05
+    same = next(line for line in lines if line.startswith("- **Does TDPO1 differ from the permuted mask?** "))
+    assert "No measurable difference between TDPO1 and Permuted; this design detects a true difference of" in same
+    row = next(line for line in lines if line.startswith("| Learned − Permuted | 3 | [0, "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5] == "≤ 0.01" and cells[6] == "≤ 0.02"  # no resample at or below 0: the floor 2/201; Holm × 2
+    assert float(cells[8]) == pytest.approx(2.801585 * float(cells[7]), abs=2e-4)  # resolution = 2.80 × SE
+    regression = next(line for line in lines if line.startswith("| Learned − Permuted | +0.0"))
+    assert 0.03 < float(regression.split("|")[2]) < 0.07  # the built-in 0.05 at equal KL and seed
+    diagnostics = next(line for line in lines if line.startswith("| Learned | 6 | "))
+    # two of four tokens at 2: zeros 0.5, mean 1, mean kept 2, Gini 0.5, effective-token ratio 0.5
+    assert diagnostics == "| Learned | 6 | 0.500 | 1.000 | 2.000 | 0.500 | 0.500 | 1.000 | 0.000 |"
+    assert "| Permuted | 6 | 0.000 | 1.000 | 1.000 | 0.000 | 1.000 | 0.000 | 0.000 |" in text
+    assert report.write_report(tmp_path).read_text() == text

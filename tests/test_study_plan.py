@@ -160,3 +160,26 @@ def test_the_cli_reports_a_bad_plan_without_a_traceback(cli_zygote, tmp_path):
                           str(tmp_path / "out"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "bad.yaml, line 4: arms.d.colour: unknown key" in done.stderr
+
+
+def test_the_docs_plan_examples_parse(tmp_path):
+    """docs/studies.md: its example plan parses, and its "own arm" entries are the ones the driver test runs."""
+    import re
+
+    import yaml
+
+    from tests.test_study import USER_ARMS
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "studies.md").read_text(), flags=re.S)
+    (tmp_path / "plan.yaml").write_text(blocks[0])
+    study = load_plan(tmp_path / "plan.yaml")
+    assert list(study.arms) == ["dpo", "mine", "mine_permuted"] and study.arms["mine_permuted"].control.endswith(
+        "controls.PermutedControl")
+    assert study.comparisons[0].question == "Does my masker's choice of tokens matter?"
+    own = yaml.safe_load(blocks[1])
+    assert own["arms"] == USER_ARMS
+    record = yaml.safe_load((ROOT / "configs" / "study" / "sentiment_controls.yaml").read_text())
+    record["arms"].update(own["arms"])
+    record["comparisons"] += own["comparisons"]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(record))
+    assert "my_rule_permuted" in load_plan(tmp_path / "mine.yaml").arms

@@ -14,7 +14,7 @@
         label: My masker
         objective: SparsePO
         masker: {class_path: my_package.MyMasker, init_args: {k: 0.5, seed: $seed}}
-      mine_permuted: {label: My masker, permuted, control_of: mine, control: PermutedControl}
+      mine_permuted: {label: "My masker, permuted", control_of: mine, control: PermutedControl}
     comparisons:
       - {a: mine, b: mine_permuted, question: Does my masker's choice of tokens matter?}
 

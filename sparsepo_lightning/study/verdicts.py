@@ -45,6 +45,9 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
             continue
         data = _common(points, pair)
         kl_max = comparison.kl_max or min(inference.front_reach(data[a], float(anchor.mean())) for a in pair)
+        if not kl_max > 0:  # a seed's runs are all dominated by the reference: there is no range to score
+            results[comparison] = {"unscored": True, "seeds": len(data[comparison.a])}
+            continue
         boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
         diff = boot.samples[comparison.a] - boot.samples[comparison.b]
         se = float(diff.std(ddof=1))
@@ -53,7 +56,8 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
                                "resolution": inference.resolution(se), "kl_max": kl_max,
                                "seeds": len(data[comparison.a]), "extended": boot.extended,
                                "extended_range": boot.extended_range}
-    for comparison, p in zip(results, inference.holm([r["p"] for r in results.values()]), strict=True):
+    scored = [c for c, r in results.items() if "unscored" not in r]
+    for comparison, p in zip(scored, inference.holm([results[c]["p"] for c in scored]), strict=True):
         results[comparison]["holm"] = p
     return {"comparisons": results, "floor": 2 / (study.bootstrap + 1)}
 
@@ -67,19 +71,34 @@ def _answer(study: StudyPlan, c: Comparison, r: dict[str, Any]) -> str:
             f"{r['resolution']:.4f} or more with 80 % power")
 
 
+def _upper(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _holm_text(result: dict[str, Any], floor: float) -> str:
+    """The Holm-adjusted p-value; an upper bound (``≤``) when the raw p-value is the resampling floor."""
+    at_floor = result["p"] <= floor * (1 + 1e-9)
+    return f"≤ {result['holm']:.2g}" if at_floor else f"{result['holm']:.3f}"
+
+
 def verdict_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
     """One line per comparison: the question, the answer in words, and its numbers."""
     lines = []
     for c, r in section["comparisons"].items():
+        if "unscored" in r:
+            lines.append(f"- **{c.question}** Not scored yet: in at least one seed no evaluation of "
+                         f"{study.arms[c.a].label} or {study.arms[c.b].label} beats the reference's reward, so their "
+                         "common KL range is empty.")
+            continue
         low, high = r["interval"]
-        lines.append(f"- **{c.question}** {_answer(study, c, r).capitalize()} ({r['estimate']:+.4f} reward over "
+        lines.append(f"- **{c.question}** {_upper(_answer(study, c, r))} ({r['estimate']:+.4f} reward over "
                      f"KL ≤ {r['kl_max']:.3f}, 95 % interval [{low:+.4f}, {high:+.4f}], Holm-adjusted p "
-                     f"{inference.format_p(r['holm'], section['floor'])}, {r['seeds']} seeds).")
+                     f"{_holm_text(r, section['floor'])}, {r['seeds']} seeds).")
     return lines
 
 
 def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
-    m = len(section["comparisons"])
+    m = sum("unscored" not in r for r in section["comparisons"].values())
     strict = NormalDist().inv_cdf(1 - ALPHA / (2 * max(m, 1))) + NormalDist().inv_cdf(0.8)
     lines = [f"Each comparison: frontier score of the first arm minus the second's. A seed's frontier is the Pareto "
              "front of its runs at every β and evaluated step, anchored at the reference (KL 0) and linear between "
@@ -94,11 +113,14 @@ def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
              "| comparison | seeds | KL range | estimate | 95 % interval | p | Holm p | SE | resolution | fronts "
              "extended |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in section["comparisons"].items():
+        if "unscored" in r:
+            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | empty |" + " – |" * 7)
+            continue
         low, high = r["interval"]
         lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | [0, {r['kl_max']:.3f}] | "
                      f"{r['estimate']:+.4f} | [{low:+.4f}, {high:+.4f}] | "
                      f"{inference.format_p(r['p'], section['floor'])} | "
-                     f"{inference.format_p(r['holm'], section['floor'])} | {r['se']:.4f} | {r['resolution']:.4f} | "
+                     f"{_holm_text(r, section['floor'])} | {r['se']:.4f} | {r['resolution']:.4f} | "
                      f"{100 * r['extended']:.0f} % (by {100 * r['extended_range']:.0f} % of the range) |")
     return lines
 
@@ -106,14 +128,14 @@ def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
 def second_scorer_lines(study: StudyPlan, first: dict[str, Any], second: dict[str, Any], scorer: str) -> list[str]:
     lines = []
     for c, r in first["comparisons"].items():
-        if c not in second["comparisons"]:
+        if c not in second["comparisons"] or "unscored" in r or "unscored" in second["comparisons"][c]:
             continue
         r2 = second["comparisons"][c]
         same = _answer(study, c, r).split(":")[0] == _answer(study, c, r2).split(":")[0] and \
             (r["holm"] > ALPHA or np.sign(r["estimate"]) == np.sign(r2["estimate"]))
         lines.append(f"- Under {scorer}, {study.arms[c.a].label} − {study.arms[c.b].label} "
                      f"{'keeps its verdict' if same else 'changes verdict'}: {r2['estimate']:+.4f}, Holm-adjusted "
-                     f"p {inference.format_p(r2['holm'], second['floor'])}.")
+                     f"p {_holm_text(r2, second['floor'])}.")
     return lines
 
 
