@@ -348,6 +348,7 @@ def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
     assert float(cells[8]) == pytest.approx(2.801585 * float(cells[7]), abs=2e-4)  # resolution = 2.80 × SE
     regression = next(line for line in lines if line.startswith("| Learned − Permuted | +0.0"))
     assert 0.03 < float(regression.split("|")[2]) < 0.07  # the built-in 0.05 at equal KL and seed
+    assert "| Learned | 12 | " in text and "| TDPO1 | 12 | " in text  # every arm's score: 3 seeds × 2 β × 2 steps
     diagnostics = next(line for line in lines if line.startswith("| Learned | 6 | "))
     # two of four tokens at 2: zeros 0.5, mean 1, mean kept 2, Gini 0.5, effective-token ratio 0.5
     assert diagnostics == "| Learned | 6 | 0.500 | 1.000 | 2.000 | 0.500 | 0.500 | 1.000 | 0.000 |"

@@ -183,3 +183,22 @@ def test_the_docs_plan_examples_parse(tmp_path):
     record["comparisons"] += own["comparisons"]
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(record))
     assert "my_rule_permuted" in load_plan(tmp_path / "mine.yaml").arms
+
+
+def test_the_cli_finds_the_plan_recorded_with_the_runs_and_applies_flags(tmp_path):
+    from sparsepo_lightning.study.__main__ import DEFAULT_PLAN, _parser, study_from
+
+    out = tmp_path / "out"
+    study, where = study_from(_parser().parse_args(["sentiment", "run", "--out", str(out)]))
+    assert where == out and study.record == load_plan(DEFAULT_PLAN).record  # nothing recorded: the first study
+    (tmp_path / "plan.yaml").write_text(USER_PLAN)
+    recorded = load_plan(tmp_path / "plan.yaml")
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"settings": {"steps": 8, "seeds": [5]}, "plan": recorded.record}))
+    study, _ = study_from(_parser().parse_args(["sentiment", "run", "--out", str(out), "--seeds", "0", "1"]))
+    assert list(study.arms) == ["dpo", "mine", "mine_permuted"]  # the recorded plan, as written (steps 4) + flags
+    assert study.settings.steps == 4 and study.settings.seeds == (0, 1)
+    study, _ = study_from(_parser().parse_args(["sentiment", "report", "--out", str(out)]))
+    assert study.settings.steps == 8 and study.settings.seeds == (5,)  # report: the settings the runs were made with
+    study, where = study_from(_parser().parse_args(["sentiment", "plan", "--plan", str(tmp_path / "plan.yaml")]))
+    assert where == Path("reports") / "mine"  # default --out: reports/<plan name>

@@ -5,9 +5,9 @@
     sparsepo study sentiment report --plan configs/study/sentiment_controls.yaml   # README.md + figures from logs
     sparsepo study sentiment plan --plan configs/study/sentiment_controls.yaml     # the runs and what is done
 
-Without ``--plan``: the first study (``configs/study/sentiment.yaml``; for ``report``/``plan``, the plan recorded
-in ``<out>/study.json``). Settings flags (``--steps``, ``--betas``, ``--seeds``, ...) override the plan's; the report
-is generated from the per-run logs under ``--out`` (default ``reports/<plan name>``) only.
+Without ``--plan``: the plan recorded in ``<out>/study.json``, else the first study (``configs/study/sentiment.yaml``).
+Settings flags (``--steps``, ``--betas``, ``--seeds``, ...) override the plan's; the report is generated from the
+per-run logs under ``--out`` (default ``reports/<plan name>``) only.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run: train and evaluate what is missing; report: regenerate the report from the logs; plan: "
                         "list the runs; rescore: add the second scorer's rewards to evaluated runs from their samples")
     p.add_argument("--plan", type=Path, default=None,
-                   help=f"The study plan (YAML; default {DEFAULT_PLAN}, or for report/plan the one in study.json).")
+                   help="The study plan (YAML; default: the one recorded in <out>/study.json, else the first study's, "
+                        "configs/study/sentiment.yaml).")
     p.add_argument("--out", type=Path, default=None, help="Per-run logs and the report (default reports/<name>).")
     p.add_argument("--work", type=Path, default=None,
                    help="Data, checkpoints and raw logs (default: <cache>/study, git-ignored).")
@@ -56,16 +57,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def study_from(args: argparse.Namespace) -> tuple[StudyPlan, Path]:
-    """The plan (``--plan``, else for report/plan the one in ``<out>/study.json``, else the first study's) with the
-    settings of the recorded runs (report/plan) and the flags applied; and the output folder."""
+    """The plan (``--plan``, else the one recorded in ``<out>/study.json``, else the first study's) with, for
+    report/plan, the settings of the recorded runs, and the flags applied; and the output folder."""
     plan = load_plan(args.plan) if args.plan is not None else None
     out = args.out or Path("reports") / (plan.name if plan else "sentiment")
     recorded = out / "study.json"
-    record = json.loads(recorded.read_text()) if args.action != "run" and recorded.is_file() else None
+    record = json.loads(recorded.read_text()) if recorded.is_file() else None
     if plan is None:
         plan = plan_from_record(record["plan"], str(recorded)) if record and "plan" in record else \
             load_plan(DEFAULT_PLAN)
-    if record is not None:
+    if record is not None and args.action != "run":
         plan = plan.with_settings(**{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in record["settings"].items()})
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(StudySettings)

@@ -62,6 +62,29 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
     return {"comparisons": results, "floor": 2 / (study.bootstrap + 1)}
 
 
+def arm_table(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any]) -> list[str]:
+    """Every arm's frontier score over one KL range all of them reach, on the seeds all of them ran (hierarchical
+    bootstrap intervals); the comparisons below each use their own range."""
+    points, anchor = seed_points(runs, "reward_per_prompt"), np.array(reference["reward_per_prompt"])
+    if not points:
+        return []
+    data = _common(points, list(points))
+    if not data[next(iter(data))]:
+        return []
+    kl_max = min(inference.front_reach(p, float(anchor.mean())) for p in data.values())
+    if not kl_max > 0:
+        return []
+    boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
+    lines = [f"Frontier score of every arm over KL ∈ [0, {kl_max:.3f}] (the range every arm's front reaches in each "
+             f"of the {len(data[next(iter(data))])} seeds all arms ran), 95 % hierarchical bootstrap intervals:", "",
+             "| arm | evaluations | frontier score | 95 % interval |", "|---|---|---|---|"]
+    for arm, per_seed in data.items():
+        low, high = stats.interval(boot.samples[arm])
+        count = sum(kl.shape[0] for kl, _ in per_seed)
+        lines.append(f"| {study.arms[arm].label} | {count} | {boot.estimate[arm]:.4f} | [{low:.4f}, {high:.4f}] |")
+    return lines
+
+
 def _answer(study: StudyPlan, c: Comparison, r: dict[str, Any]) -> str:
     a, b = study.arms[c.a].label, study.arms[c.b].label
     if r["holm"] <= ALPHA:
