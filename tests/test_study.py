@@ -147,6 +147,9 @@ def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_repor
     for run_dir in (paths.out / "runs").glob("my_rule*"):
         assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval_step1.json", "eval.json",
                                                        "masks.json"}
+        half, final = (json.loads((run_dir / f).read_text()) for f in ("eval_step1.json", "eval.json"))
+        assert (half["label"], final["label"]) == (f"{run_dir.name.split('-')[0]}@1", run_dir.name.split("-")[0])
+        assert half["num_samples"] == final["num_samples"] == 4 * 2  # one evaluation call, split by label
         assert not (paths.work / "checkpoints" / run_dir.name.rsplit("-", 1)[1]).exists()  # deleted after eval
     control = json.loads(next((paths.out / "runs").glob("my_rule_permuted_*")).joinpath("config.json").read_text())
     assert control["model"]["masker"] == {"class_path": "sparsepo_lightning.masks.controls.PermutedControl",
@@ -253,7 +256,7 @@ def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
     samples = [{"prompt": "p1", "completion": " a great film"}, {"prompt": "p1", "completion": " it"},
                {"prompt": "p2", "completion": " a terrible film"}, {"prompt": "p2", "completion": " a terrible film"}]
     (eval_dir / "sentiment_samples.jsonl").write_text("\n".join(json.dumps(x) for x in samples) + "\n")
-    assert driver.rescore(paths) == ["dpo_b0.1_s0-abc"]
+    assert driver.rescore(paths) == ["dpo_b0.1_s0-abc/eval.json"]
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["reward_mean"] == 0.1 and result["second_scorer"] == "textblob"
     assert result["second_reward_per_prompt"] == [pytest.approx(great_of(" a great film") / 2, abs=1e-6),

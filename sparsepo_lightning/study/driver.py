@@ -216,38 +216,45 @@ def train(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key:
     return metrics
 
 
-def evaluate(study: StudyPlan, paths: Paths, policy: str, label: str, out_file: Path) -> dict[str, Any]:
-    """``sparsepo evaluate sentiment`` on the held-out prompts; per-prompt means of reward and KL into ``out_file``
-    (samples kept under ``<work>/eval/<run folder>[@step<N>]``)."""
+def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, Path]]) -> list[dict[str, Any]]:
+    """``sparsepo evaluate sentiment`` of ``(policy, label, out file)`` entries of one run in one call (one reference
+    load and one reference sampling for all of them) on the held-out prompts; writes each entry's per-prompt means of
+    reward and KL to its out file. Samples are kept under ``<work>/eval/<run folder>``; each entry's ``wall_seconds``
+    is the call's time divided by the number of entries."""
     settings = study.settings
-    suffix = "" if out_file.name == "eval.json" else "@" + out_file.stem.removeprefix("eval_")
-    eval_dir = paths.work / "eval" / (out_file.parent.name + suffix)
-    args = ["evaluate", "sentiment", "--policies", policy, "--labels", label, "--reference", settings.model,
-            "--scorer", study.scorers[0],
+    eval_dir = paths.work / "eval" / policies[0][2].parent.name
+    args = ["evaluate", "sentiment", "--policies", *(p for p, _, _ in policies), "--labels",
+            *(label for _, label, _ in policies), "--reference", settings.model, "--scorer", study.scorers[0],
             "--prompts", str(paths.heldout_prompts), "--num-samples", str(settings.eval_samples),
             "--max-new-tokens", str(settings.max_new_tokens), "--temperature", "1.0", "--top-p", "1.0",
             "--top-k", "0", "--batch-size", "32", "--seed", "0", "--out", str(eval_dir), "--no-progress"]
-    log.info("evaluating %s", label)
+    log.info("evaluating %s", ", ".join(label for _, label, _ in policies))
     seconds = _cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
-    summary = json.loads((eval_dir / "sentiment.json").read_text())["results"][0]
-    samples = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines()]
-    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
-    by_prompt: dict[str, list[dict[str, Any]]] = {p: [] for p in prompts}
-    for s in samples:
-        by_prompt[s["prompt"]].append(s)
-    result = {k: summary[k] for k in ("reward_mean", "reward_sem", "kl_mean", "kl_sem", "num_samples")}
-    result.update(
-        wall_seconds=round(seconds, 1), num_prompts=len(prompts),
-        reward_per_prompt=[round(sum(s["reward"] for s in g) / len(g), 6) for g in by_prompt.values()],
-        kl_per_prompt=[round(sum(s["kl"] for s in g) / len(g), 6) for g in by_prompt.values()],
-        examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}
-                  for s in samples[: 4 * settings.eval_samples : settings.eval_samples]],
-    )
-    if len(study.scorers) > 1:
-        result.update(second_scores(samples, prompts, study.scorers[1]))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result) + "\n")
-    return result
+    summaries = {r["label"]: r for r in json.loads((eval_dir / "sentiment.json").read_text())["results"]}
+    rows = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines() if line]
+    results = []
+    for _, label, out_file in policies:
+        samples = [s for s in rows if s.get("label", label) == label]
+        prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+        by_prompt: dict[str, list[dict[str, Any]]] = {p: [] for p in prompts}
+        for s in samples:
+            by_prompt[s["prompt"]].append(s)
+        result = {k: summaries[label][k] for k in ("reward_mean", "reward_sem", "kl_mean", "kl_sem", "num_samples")}
+        result.update(
+            wall_seconds=round(seconds / len(policies), 1), num_prompts=len(prompts),
+            reward_per_prompt=[round(sum(s["reward"] for s in g) / len(g), 6) for g in by_prompt.values()],
+            kl_per_prompt=[round(sum(s["kl"] for s in g) / len(g), 6) for g in by_prompt.values()],
+            examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}
+                      for s in samples[: 4 * settings.eval_samples : settings.eval_samples]],
+        )
+        if study.evaluations > 1:
+            result["label"] = label  # which samples of the run's shared samples file are this evaluation's
+        if len(study.scorers) > 1:
+            result.update(second_scores(samples, prompts, study.scorers[1]))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(result) + "\n")
+        results.append(result)
+    return results
 
 
 SECOND_SCORER = "textblob"
@@ -272,14 +279,17 @@ def rescore(paths: Paths, scorer: str = SECOND_SCORER) -> list[str]:
     done = []
     for result_file in sorted((paths.out / "runs").glob("*/eval*.json")):
         result = json.loads(result_file.read_text())
-        suffix = "" if result_file.name == "eval.json" else "@" + result_file.stem.removeprefix("eval_")
-        samples_file = paths.work / "eval" / (result_file.parent.name + suffix) / "sentiment_samples.jsonl"
+        samples_file = paths.work / "eval" / result_file.parent.name / "sentiment_samples.jsonl"
         if result.get("second_scorer") == scorer or not samples_file.is_file():
             continue
         samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
+        if "label" in result:  # one of several evaluations of the run: its own samples
+            samples = [s for s in samples if s.get("label") == result["label"]]
+        if not samples:  # the samples file holds a later evaluation call's samples only
+            continue
         result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples)), scorer))
         result_file.write_text(json.dumps(result) + "\n")
-        done.append(result_file.parent.name + suffix)
+        done.append(f"{result_file.parent.name}/{result_file.name}")
     return done
 
 
@@ -337,7 +347,7 @@ def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | 
     (paths.out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
     reference = reference_dir(study, paths)
     if not (reference / "eval.json").is_file():
-        evaluate(study, paths, settings.model, "reference", reference / "eval.json")
+        evaluate(study, paths, [(settings.model, "reference", reference / "eval.json")])
     steps = study.eval_steps()
     done = []
     for run in plan(study):
@@ -359,8 +369,8 @@ def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | 
             if step not in checkpoints:
                 raise RuntimeError(f"{run.name}: training wrote no checkpoint for step {step} under "
                                    f"{paths.work / 'checkpoints' / key}")
-            label = run.name if step == steps[-1] else f"{run.name}@{step}"
-            evaluate(study, paths, str(checkpoints[step]), label, eval_file(run_dir, step, steps[-1]))
+        evaluate(study, paths, [(str(checkpoints[s]), run.name if s == steps[-1] else f"{run.name}@{s}",
+                                 eval_file(run_dir, s, steps[-1])) for s in missing])
         shutil.rmtree(paths.work / "checkpoints" / key, ignore_errors=True)
         done.append(run.name)
         log.info("done: %s", run.name)
