@@ -251,6 +251,9 @@ def _first_study_sections(study: StudyPlan, runs: list[RunLog], reference: dict[
                         f"The same samples scored by {scorer} instead of VADER (`second_reward_per_prompt` in "
                         "each run's `eval.json`; `sparsepo study sentiment rescore` adds it from the kept "
                         "samples).", "", *second_lines, ""]
+    diagnostics = verdicts.diagnostics_lines(study, runs)
+    if diagnostics:
+        second_lines += ["## Mask diagnostics", "", *diagnostics, ""]
     return [*conclusion(study, section, runs, planned), *second_verdicts], [*section_lines, "", *second_lines]
 
 

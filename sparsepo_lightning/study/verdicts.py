@@ -209,7 +209,7 @@ def diagnostics_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     rows = []
     for arm, group in by_method([r for r in runs if r.masks and r.masks.get("pairs")]).items():
         values = np.array([[dump_diagnostics(r.masks)[k] for k in DIAGNOSTICS] for r in group])
-        cells = " | ".join(f"{v:.3f}" for v in values.mean(0))
+        cells = " | ".join(f"{v:.3f}" if abs(v) >= 5e-4 else "0.000" for v in values.mean(0))  # no "-0.000"
         rows.append(f"| {study.arms[arm].label} | {len(group)} | {cells} |")
     if not rows:
         return []
