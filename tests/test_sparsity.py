@@ -218,7 +218,8 @@ def test_diagnostics_identities_and_naive_loop():
     assert uniform["gini"] == 0 and uniform["within_cv"] == 0 and uniform["between_variance_share"] == 0
     assert uniform["effective_token_ratio"].item() == pytest.approx(1.0)
     one_hot = mask_diagnostics(torch.eye(5)[:3], mask)  # one token carries everything: Gini 1 − 1/n, ratio 1/n
-    assert one_hot["gini"].item() == pytest.approx(0.8) and one_hot["effective_token_ratio"].item() == pytest.approx(0.2)
+    assert one_hot["gini"].item() == pytest.approx(0.8)
+    assert one_hot["effective_token_ratio"].item() == pytest.approx(0.2)
     _, _, _, resp = random_rows(6, 14, seed=3)
     resp[5] = False  # a row without response tokens is left out
     weights = torch.rand(resp.shape, generator=torch.Generator().manual_seed(4)) * (torch.rand(resp.shape) > 0.3)
