@@ -1,7 +1,7 @@
 """Run the quickstart with a learned common mask at a target sparsity and record it in ``results/sparsity.json``.
 
 The recipe is ``configs/quickstart.yaml`` (SmolLM2-135M, the shipped pairs, seed 42) with
-``configs/methods/sparsepo_sparse.yaml`` on top and ``target_sparsity`` set per run (docs/sparsity.md). For each
+``configs/sparsity/learned.yaml`` on top and ``target_sparsity`` set per run (docs/sparsity.md). For each
 target it records the validation runs of the summary (accuracy, margin, share of exact zeros, mean kept weight and
 the other mask diagnostics) and checks what the issue asks of a sparse mask that is alive and learns:
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import COMMAND, ROOT, run_quickstart  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "sparsity.json"
-METHOD = ["--config", "configs/methods/sparsepo_sparse.yaml"]
+METHOD = ["--config", "configs/sparsity/learned.yaml"]
 
 
 def _both(row: dict, key: str) -> float:

@@ -18,6 +18,8 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
   (``tests/test_export.py`` exports the folder and compares);
 - ``fsdp2_tied`` / ``fsdp2_meta_tied``: ``fsdp2`` / ``fsdp2_meta`` on the tiny Llama with tied input embedding
   and LM head (built here, seeded, with MODEL_DIR's tokenizer; its folder is in the result);
+- ``fsdp2_sparse``: ``fsdp2`` with a learned mask at a target sparsity (``LearnedMasker(target_sparsity=0.5)``: the
+  gate's parameters are sharded with the mask network);
 - ``ddp_statistics``: the first step's ``MaskStatistics`` / ``RewardStatistics`` values under DDP
   (``tests/callbacks_run.py``; compared with one process by ``tests/test_callbacks.py``);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
@@ -323,6 +325,8 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = budget_run(model_dir, pairs, out)
     elif mode.endswith("_packed"):  # data.layout: packed (tests/test_packing.py for one process)
         result = one_step(mode.removesuffix("_packed"), 2, model_dir, pairs, out, layout="packed")
+    elif mode == "fsdp2_sparse":
+        result = one_step("fsdp2", 2, model_dir, pairs, out, masker=LearnedMasker(target_sparsity=0.5))
     elif mode == "fsdp2_clip":
         result = one_step("fsdp2", 2, model_dir, pairs, out, gradient_clip_val=CLIP)
     else:

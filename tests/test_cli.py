@@ -18,7 +18,7 @@ def test_configs_exist():
     assert "configs/quickstart.yaml" in CONFIGS and "configs/debug/tiny.yaml" in CONFIGS
 
 
-COMPOSABLE = ("configs/distributed/", "configs/methods/", "callbacks/")
+COMPOSABLE = ("configs/distributed/", "configs/methods/", "configs/sparsity/", "callbacks/")
 """Second-config presets: parsed on top of a task recipe, as their headers say to use them."""
 
 

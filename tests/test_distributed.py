@@ -262,3 +262,14 @@ def test_fsdp2_bf16_mixed_one_step_on_gpu(tiny_model_dir, pairs_file, tmp_path):
     trainer.fit(module, datamodule=make_data(tiny_model_dir, pairs_file, batch_size=2))
     print(f"fsdp2 bf16 peak memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
     assert len(recorder.losses) == 2 and all(torch.isfinite(torch.tensor(recorder.losses)))
+
+
+def test_fsdp2_target_sparsity_matches_single_process(ranks_by_mode, tiny_model_dir, pairs_file, tmp_path):
+    """A learned mask at a target sparsity under FSDP2: the gate is sharded with the mask network (each rank's
+    gradient all-reduced) and, having no statistic across responses, the step equals one process on both halves."""
+    from sparsepo_lightning.masks import LearnedMasker
+
+    single = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / "single",
+                      masker=LearnedMasker(target_sparsity=0.5))
+    assert "reward_gate" in single["after"]["masker"]
+    _assert_same_step(ranks_by_mode["fsdp2_sparse"], single, rtol=1e-4, atol=1e-6)

@@ -10,8 +10,9 @@ definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for 
 - ``MaskStatistics``: ``metrics.mask_stats`` (``masks/sparsity_*``, ``masks/l1_*``, ``masks/max_*``,
   ``masks/mean_*``), the mask diagnostics of ``masks.diagnostics`` (``masks/{mean_kept,gini,effective_token_ratio,
   within_cv,between_variance_share}_{reward,kl}_{chosen,rejected}``), the target of a learned mask with a target
-  sparsity (``masks/target_sparsity_{reward,kl}``, %), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU units only) and TensorBoard
-  histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response tokens;
+  sparsity (``masks/target_sparsity_{reward,kl}``, %), ``masks/dead_units_{reward,kl}`` (learned masks with ReLU
+  units only) and TensorBoard histograms ``masks/{reward,kl}_{chosen,rejected}`` of the mask values over response
+  tokens;
 - ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
   ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``); for unpaired examples (BCO)
   ``metrics.unpaired_stats`` instead.
@@ -129,9 +130,9 @@ class UnitActivity:
         self._handles = []
         if masker is None:
             return
-        for child_name, child in masker.named_children():
+        for child_name, child in masker.named_modules():  # also inside a control that wraps a learned masker
             if isinstance(child, MaskNetwork) and isinstance(child.layer_act, nn.ReLU):
-                name = child_name.removesuffix("_net")
+                name = child_name.rsplit(".", 1)[-1].removesuffix("_net")
                 self._handles.append(child.layer_act.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):  # noqa: ANN202 (torch hook signature)

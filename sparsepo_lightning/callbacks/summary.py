@@ -177,7 +177,8 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
         mean = {k: (last[f"{k}_reward_chosen"] + last[f"{k}_reward_rejected"]) / 2 for k in (
             "mean_kept", "gini", "effective_token_ratio", "within_cv", "between_variance_share")}
         lines.append(f"  reward mask at step {rows[-1]['step']}: mean kept weight {mean['mean_kept']:.4f}, Gini "
-                     f"{mean['gini']:.3f}, effective-token ratio {mean['effective_token_ratio']:.3f}, within-response "
-                     f"CV {mean['within_cv']:.3f}, between-response variance share {mean['between_variance_share']:.3f}")
+                     f"{mean['gini']:.3f}, effective-token ratio {mean['effective_token_ratio']:.3f},")
+        lines.append(f"    within-response CV {mean['within_cv']:.3f}, between-response variance share "
+                     f"{mean['between_variance_share']:.3f}")
     lines.append(f"  {summary['global_step']} optimizer steps")
     return "\n".join(lines)

@@ -199,7 +199,8 @@ class LearnedMasker(TokenMasker):
             # Gate scores s = Σ_l u_l·LN(h_l) on the magnitude network's own normalisation, u ~ N(0, 1/(L·d)) so
             # that s ~ N(0, 1) and differs between tokens from the start (the magnitude of ``init: ones`` is the
             # same on every token), and the LayerNorm gets a gradient at step 0 through the gate.
-            shape, std = (sizes["num_layers"], sizes["hidden_size"]), (sizes["num_layers"] * sizes["hidden_size"]) ** -0.5
+            shape = (sizes["num_layers"], sizes["hidden_size"])
+            std = (shape[0] * shape[1]) ** -0.5
             self.reward_gate = nn.Parameter(torch.randn(shape) * std)
             self.kl_gate = nn.Parameter(torch.randn(shape) * std) if self.independent else None
 

@@ -1,10 +1,14 @@
-"""Random token masks: the control that changes only *which* tokens carry the reward, not how many.
+"""Random token masks at a *fixed* keep rate and weight.
 
-A learned SparsePO mask zeroes some fraction of the response tokens and scales the rest. ``RandomMasker`` keeps
-each response token independently with probability ``keep_rate`` and gives kept tokens the weight ``value``, so
-a run with ``keep_rate = 1 − sparsity`` and ``value`` = the mean of the learned mask over its non-zero tokens
-has the same per-token credit budget as the learned run, spread at random. If the learned run beats it, the
-gain comes from where the mask puts the weight.
+``RandomMasker`` keeps each response token independently with probability ``keep_rate`` and gives kept tokens the
+weight ``value``. A run with ``keep_rate = 1 − sparsity`` and ``value`` = a learned mask's mean kept weight spends
+the same credit budget as that run *would at the end*, spread at random, but with rates fixed for the whole run.
+
+With ``keep_rate: 1`` every response token gets the constant ``value``: the objective is then exactly TDPO1 at
+``β · value`` (no token is chosen, nothing is random). This is what the sentiment study's "matched random" arm
+ran: a control for "the mask only rescales β", not for "which tokens". To remove only the choice of tokens from
+any method, wrap its masker in a control of ``masks/controls.py`` (``PermutedControl``, ``ResponseMeanControl``,
+``BernoulliControl``, which follow the wrapped masker's rate and weights step by step; docs/sparsity.md).
 
 Draws are reproducible and resume exactly: call ``k`` of the masker (a counter saved in checkpoints as the
 module's extra state) draws the reward mask from a CPU generator seeded with ``seed + 2k·1_000_003`` (the
@@ -28,7 +32,8 @@ class RandomMasker(TokenMasker):
     """Bernoulli(``keep_rate``) masks on the response tokens, ``value`` where kept, 0 elsewhere.
 
     Args:
-        keep_rate: probability that a response token is kept, in (0, 1] (1 − the target sparsity / 100).
+        keep_rate: probability that a response token is kept, in (0, 1] (1 − the target sparsity / 100); 1 with a
+            constant ``value`` is TDPO1 at ``β · value``, not a token-choice control (module docstring).
         value: weight of a kept token (> 0); 1 gives TDPO1 weights on the kept tokens.
         seed: seeds the draws (see the module docstring).
         independent: draw the KL mask separately from the reward mask (same rate and value); default one
