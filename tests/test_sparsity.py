@@ -235,3 +235,14 @@ def test_diagnostic_stats_split_chosen_rejected_and_copy_common_masks():
     chosen = mask_diagnostics(weights[:2], resp[:2])
     assert stats["masks/gini_reward_chosen"] == pytest.approx(chosen["gini"].item())
     assert stats["masks/gini_kl_rejected"] == stats["masks/gini_reward_rejected"]
+
+
+def test_docs_worked_example_prints_what_the_page_says(capsys):
+    """docs/sparsity.md's python block runs as written and prints the text block after it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sparsity.md").read_text()
+    code, printed = re.search(r"```python\n(.*?)```.*?```text\n(.*?)```", text, flags=re.S).groups()
+    exec(compile(code, "docs/sparsity.md", "exec"), {})
+    assert capsys.readouterr().out == printed
