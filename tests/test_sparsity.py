@@ -246,3 +246,18 @@ def test_docs_worked_example_prints_what_the_page_says(capsys):
     code, printed = re.search(r"```python\n(.*?)```.*?```text\n(.*?)```", text, flags=re.S).groups()
     exec(compile(code, "docs/sparsity.md", "exec"), {})
     assert capsys.readouterr().out == printed
+
+
+def test_mask_statistics_log_the_target_and_the_diagnostics():
+    from types import SimpleNamespace
+
+    from sparsepo_lightning.callbacks import MaskStatistics
+
+    _, _, _, resp = random_rows(4, 12, seed=2)
+    weights = torch.rand(resp.shape) * resp
+    record = SimpleNamespace(masks=TokenMasks(reward=weights, kl=weights), stats=SimpleNamespace(response_mask=resp))
+    masker = LearnedMasker(independent=True, target_sparsity=0.5, target_sparsity_kl=0.2)
+    stats = MaskStatistics()._collect(record, SimpleNamespace(masker=masker), histograms=False).reduce()
+    assert stats["masks/target_sparsity_reward"] == 50.0 and stats["masks/target_sparsity_kl"] == 20.0
+    assert stats["masks/effective_token_ratio_reward_chosen"] == pytest.approx(
+        mask_diagnostics(weights[:2], resp[:2])["effective_token_ratio"].item())
