@@ -59,11 +59,15 @@ def verdict(summary: dict, target: float) -> dict:
 def merge(out: Path, key: str, entry: dict) -> None:
     """Add ``entry`` under ``key`` to the JSON file ``out`` (locked: parallel runs write one file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(out.read_text()) if out.exists() else {}
+    with open(out, "a+") as file:  # the results file is its own lock
+        fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        text = file.read()
+        results = json.loads(text) if text.strip() else {}
         results[key] = entry
-        out.write_text(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(dict(sorted(results.items())), indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,24 @@ def test_one_batch_statistics_match_hand_computed_masks(one_batch, features):
         assert name in one_batch
 
 
+def test_one_batch_mask_diagnostics_match_mask_diagnostics_of_each_half(one_batch, features):
+    """The callback's window diagnostics (also compared under accumulation and DDP below, with every other value)
+    equal ``mask_diagnostics`` of the hand-made masks of the chosen and the rejected responses."""
+    from sparsepo_lightning.masks.diagnostics import LOGGED, mask_diagnostics
+
+    batch = features[1](features[0])
+    _, resp = batch.shifted_labels()
+    masks = (batch.input_ids[:, :-1] % 3).float() / 2 * resp
+    pairs = batch.num_pairs
+    for side, rows in (("chosen", slice(0, pairs)), ("rejected", slice(pairs, None))):
+        want = mask_diagnostics(masks[rows], resp[rows])
+        for name in LOGGED:
+            for mask in ("reward", "kl"):
+                got = one_batch[f"train_step/masks/{name}_{mask}_{side}"]
+                assert got == pytest.approx(want[name].item(), rel=1e-5, abs=1e-6), (name, mask, side)
+    assert not any("/_m" in name for name in one_batch)  # the moments stay internal
+
+
 def test_gradient_accumulation_equals_one_batch(one_batch, tiny_model_dir, pairs_file, tmp_path):
     accumulated = first_step_statistics(tiny_model_dir, pairs_file, 2, tmp_path, accumulate_grad_batches=2)
     _assert_same(accumulated, one_batch)

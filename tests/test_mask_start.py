@@ -181,8 +181,14 @@ def test_run_summary_and_mask_dump_record_a_real_fit(tiny_model_dir, pairs_file,
     assert [v["step"] for v in summary["validations"]] == [2, 4]
     assert summary["initial_masks"]["mask_mean"] == 1.0 and summary["initial_masks"]["mask_sparsity_chosen"] == 0.0
     assert set(summary["validations"][0]) >= {"loss", "accuracy", "margin", "mask_mean", "mask_sparsity_chosen"}
+    diagnostics = summary["validations"][-1]["diagnostics"]  # exact over the whole validation (masks.diagnostics)
+    assert {f"{name}_{mask}_{side}" for name in ("mean_kept", "gini", "effective_token_ratio", "within_cv",
+                                                   "between_variance_share")
+            for mask in ("reward", "kl") for side in ("chosen", "rejected")} == set(diagnostics)
+    assert diagnostics["gini_kl_chosen"] == diagnostics["gini_reward_chosen"]  # a common mask
     text = format_summary(summary)
     assert "validation at step" in text and "masks at the start" in text and "from step 2 to 4" in text
+    assert "reward mask at step 4: mean kept weight" in text
     saved = json.loads(dump.read_text())
     assert saved["global_step"] == 4 and saved["common"] and len(saved["pairs"]) == 16
     pair = pair_from_record(saved["pairs"][0])

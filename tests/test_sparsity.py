@@ -235,3 +235,43 @@ def test_diagnostic_stats_split_chosen_rejected_and_copy_common_masks():
     chosen = mask_diagnostics(weights[:2], resp[:2])
     assert stats["masks/gini_reward_chosen"] == pytest.approx(chosen["gini"].item())
     assert stats["masks/gini_kl_rejected"] == stats["masks/gini_reward_rejected"]
+
+
+def test_docs_worked_example_prints_what_the_page_says(capsys):
+    """docs/sparsity.md's python block runs as written and prints the text block after it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sparsity.md").read_text()
+    code, printed = re.search(r"```python\n(.*?)```.*?```text\n(.*?)```", text, flags=re.S).groups()
+    exec(compile(code, "docs/sparsity.md", "exec"), {})
+    assert capsys.readouterr().out == printed
+
+
+def test_mask_statistics_log_the_target_and_the_diagnostics():
+    from types import SimpleNamespace
+
+    from sparsepo_lightning.callbacks import MaskStatistics
+
+    _, _, _, resp = random_rows(4, 12, seed=2)
+    weights = torch.rand(resp.shape) * resp
+    record = SimpleNamespace(masks=TokenMasks(reward=weights, kl=weights), stats=SimpleNamespace(response_mask=resp))
+    masker = LearnedMasker(independent=True, target_sparsity=0.5, target_sparsity_kl=0.2)
+    stats = MaskStatistics()._collect(record, SimpleNamespace(masker=masker), histograms=False).reduce()
+    assert stats["masks/target_sparsity_reward"] == 50.0 and stats["masks/target_sparsity_kl"] == 20.0
+    assert stats["masks/effective_token_ratio_reward_chosen"] == pytest.approx(
+        mask_diagnostics(weights[:2], resp[:2])["effective_token_ratio"].item())
+
+
+def test_target_sparsity_step_is_the_same_on_the_packed_layout(tiny_model_dir, pairs_file, tmp_path):
+    """One optimizer step with a target-sparsity mask on the padded and on the packed layout: same loss, same
+    updated mask parameters (the masker reads the padded layout either way)."""
+    from tests.distributed_run import one_step
+
+    runs = [one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / layout, layout=layout,
+                     masker=LearnedMasker(target_sparsity=0.5)) for layout in ("padded", "packed")]
+    assert runs[1]["loss"][0] == pytest.approx(runs[0]["loss"][0], rel=1e-5)
+    before = runs[0]["before"]["masker"]
+    assert max((v - before[k]).abs().max().item() for k, v in runs[0]["after"]["masker"].items()) > 1e-4
+    for name, value in runs[0]["after"]["masker"].items():
+        assert_close(runs[1]["after"]["masker"][name], value, rtol=1e-4, atol=1e-6)
