@@ -97,12 +97,15 @@ class TokenStats:
         kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (docs/method.md,
             Notation), or None.
         response_mask: bool, True on response tokens (labels != -100 after the shift); keyword-only.
+        distribution: the full-distribution statistics the objective and masker declared
+            (``distributions.DistributionStatistic``), by name, each ``(2B, T-1)``; keyword-only, empty by default.
     """
 
     policy_logps: Tensor
     reference_logps: Tensor | None = None
     kl: Tensor | None = None
     response_mask: Tensor = field(kw_only=True)
+    distribution: dict[str, Tensor] = field(default_factory=dict, kw_only=True)
 
     def require(self, *names: str, by: str) -> None:
         """Raise a ``ValueError`` naming the fields among ``names`` that are None (``by``: who needs them)."""
@@ -132,8 +135,11 @@ class TokenStats:
                 raise ValueError(f"TokenStats.cat: {name} is set on one side only.")
             return None if first is None else torch.cat([first, second])
 
+        if chosen.distribution.keys() != rejected.distribution.keys():
+            raise ValueError("TokenStats.cat: the two sides hold different distribution statistics.")
+        distribution = {k: torch.cat([v, rejected.distribution[k]]) for k, v in chosen.distribution.items()}
         return TokenStats(policy_logps=both("policy_logps"), reference_logps=both("reference_logps"),
-                          kl=both("kl"), response_mask=both("response_mask"))
+                          kl=both("kl"), response_mask=both("response_mask"), distribution=distribution)
 
 
 @dataclass
@@ -238,5 +244,10 @@ def detached(value: _Detachable | None) -> _Detachable | None:
     """A copy of a tensor dataclass whose tensors are detached (bools and other fields kept)."""
     if value is None:
         return None
-    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
+    def detach(v: object) -> object:
+        if isinstance(v, dict):
+            return {k: detach(x) for k, x in v.items()}
+        return v.detach() if isinstance(v, Tensor) else v
+
+    fields = {k: detach(v) for k, v in vars(value).items()}
     return type(value)(**fields)
