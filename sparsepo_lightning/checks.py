@@ -46,7 +46,7 @@ def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str
                         objective: Objective | None = None) -> None:
     """Every extra frozen model the masker or the objective's full-distribution statistics read is configured, and
     every configured one is read."""
-    from sparsepo_lightning.distributions import frozen_names_read
+    from sparsepo_lightning.distribution_step import frozen_names_read
 
     wanted = set(masker.frozen_model_names()) if masker is not None else set()
     wanted |= set(frozen_names_read(objective, masker))

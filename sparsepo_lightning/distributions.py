@@ -6,7 +6,7 @@ models — declares it here instead: a :class:`DistributionStatistic` that maps 
 (policy, reference, extra frozen models; :class:`ChunkLogits`) to one value per token. Maskers and objectives
 list theirs in ``distribution_statistics()``; the module computes them every step with :func:`distribution_stats`
 and hands them over in ``TokenStats.distribution`` (objectives, with gradient) and ``context.stats.distribution``
-(maskers, detached). docs/full-distribution.md walks through writing one.
+(maskers, detached); ``distribution_step.py`` is that wiring. docs/full-distribution.md walks through writing one.
 
 How it is computed is :class:`FusedDistributionStats` (plain ``nn.Linear`` heads): the same chunked pass as
 ``logprobs.FusedTokenStats`` — the LM heads are applied to ``chunk_size`` response positions at a time, only the
@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from sparsepo_lightning.logprobs import Head, Implementation, _logits, chunk_starts, frozen_outputs, linear_head_params
+from sparsepo_lightning.logprobs import (
+    Head,
+    Implementation,
+    chunk_starts,
+    linear_head_params,
+)
 from sparsepo_lightning.types import scatter_response
 
 POLICY, REFERENCE = "policy", "reference"
@@ -86,6 +91,11 @@ class DistributionStatistic:
         """``Σ_t grad_t · ∂ value_t / ∂ z_policy`` for one chunk, ``(c, V)`` float32, or None to let autograd
         differentiate :meth:`__call__` (the default). ``grad``: ``(c,)`` incoming gradient of the values."""
         return None
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``(c, d) → (c, V)`` float32 logits: the matmul in the weights' dtype (as the model does), upcast per chunk."""
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
 Models = dict[str, tuple[Tensor, Head]]
@@ -303,9 +313,16 @@ def _checkpointed(statistics: tuple[DistributionStatistic, ...], names: tuple[st
     return torch.cat(parts, dim=1)
 
 
+ROW_BLOCK = 64
+"""Rows per block in the in-place helpers: their temporaries are ``(64, V)``, not ``(chunk_size, V)``."""
+
+
 def log_softmax_(logits: Tensor) -> Tensor:
-    """``log_softmax`` over the last dimension, in place on ``logits`` (returned)."""
-    return logits.sub_(torch.logsumexp(logits, -1, keepdim=True))
+    """``log_softmax`` over the last dimension, in place on ``logits`` (returned), ``ROW_BLOCK`` rows at a time."""
+    for start in range(0, logits.shape[0], ROW_BLOCK):
+        block = logits[start:start + ROW_BLOCK]
+        block.sub_(torch.logsumexp(block, -1, keepdim=True))
+    return logits
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -330,56 +347,3 @@ class Entropy(DistributionStatistic):
         z = logits[self.model]
         log_p = torch.log_softmax(z, -1)
         return -(log_p.exp() * log_p).sum(-1)
-
-
-def declared(*owners: Any) -> dict[str, DistributionStatistic]:
-    """The statistics an objective and a masker declare (``distribution_statistics()``), merged by name.
-
-    Raises:
-        ValueError: two owners declare the same name.
-    """
-    merged: dict[str, DistributionStatistic] = {}
-    for owner in owners:
-        for name, stat in (owner.distribution_statistics() if owner is not None else {}).items():
-            if name in merged:
-                raise ValueError(f"two parts of the run declare the distribution statistic {name!r}; rename one.")
-            merged[name] = stat
-    return merged
-
-
-def frozen_names_read(*owners: Any) -> tuple[str, ...]:
-    """Extra frozen models the statistics of ``owners`` read (each owner's own ``frozen_model_names`` aside)."""
-    return tuple(sorted({n for stat in declared(*owners).values() for n in stat.frozen_model_names()}))
-
-
-def step_distribution_stats(objective: Any, masker: Any, policy_hidden: Tensor, labels: Tensor, response_mask: Tensor,
-                            policy_head: Head, reference: Any, frozen: Mapping[str, Any],
-                            chunk_size: int) -> dict[str, Tensor]:
-    """The module's step: the objective's statistics with gradient, the masker's without (maskers get detached
-    statistics anyway), from the step's hidden states. ``reference``: ``ReferenceOutputs`` or None; ``frozen``:
-    ``FrozenModelOutputs`` by name."""
-    others: Models = {name: (out.last_hidden, out.head) for name, out in frozen.items()}
-    if reference is not None:
-        others[REFERENCE] = (reference.last_hidden, reference.head)
-    values = {}
-    for owner, grad in ((objective, True), (masker, False)):
-        statistics = declared(owner)
-        if not statistics:
-            continue
-        with torch.enable_grad() if grad else torch.no_grad():
-            values.update(distribution_stats(statistics, policy_hidden, labels, response_mask, policy_head, others,
-                                             chunk_size))
-    return values
-
-
-def step_frozen_outputs(objective: Any, masker: Any, frozen_models: Mapping[str, Any] | None, batch: Any,
-                        chunk_size: int, inference: bool) -> dict[str, Any] | None:
-    """The module's step: outputs of the extra frozen models (``logprobs.frozen_outputs``) when full-distribution
-    statistics read some, run once and shared with the masker; None otherwise (the masker runs its own)."""
-    names = set(frozen_names_read(objective, masker))
-    if not names:
-        return None
-    names |= set(masker.frozen_model_names() if masker is not None else ())
-    labels, response_mask = batch.shifted_labels()
-    return frozen_outputs({name: frozen_models[name] for name in sorted(names)}, batch.input_ids,
-                          batch.attention_mask, labels, response_mask, chunk_size, inference, batch.packed)

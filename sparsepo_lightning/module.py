@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import checkpointing, checks, sharding
 from sparsepo_lightning import meta_init as meta_init_lib
-from sparsepo_lightning.distributions import step_distribution_stats, step_frozen_outputs
-from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
+from sparsepo_lightning.distribution_step import step_masks_and_statistics
+from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import log_metrics
 from sparsepo_lightning.models import frozen_state_keys, load_frozen_models, load_policy_and_reference
@@ -208,14 +208,7 @@ class PreferenceModule(LightningModule):
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
         )
-        frozen = step_frozen_outputs(self.objective, self.masker, self.frozen_models, batch, self.hparams.chunk_size,
-                                     not self._sharded)
-        stats.distribution = step_distribution_stats(self.objective, self.masker, policy_hidden, labels, response_mask,
-                                                     output_head(self._causal_lm), reference, frozen or {},
-                                                     self.hparams.chunk_size)
-        masks = None if self.masker is None else step_masks(
-            self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded,
-            frozen=frozen)
+        masks = step_masks_and_statistics(self, batch, stats, policy_hidden, reference, not self._sharded)
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
         effective = self.objective.effective_masks(masks, response_mask)
         metrics = self.objective.metrics(stats, effective, out, batch)

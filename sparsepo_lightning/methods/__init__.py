@@ -13,11 +13,18 @@ SePO                ``sepo.OracleSelection``         ``MaskedSimPO``     oracle,
 TGDPO               ``tgdpo.TokenRewardBeta``        ``WeightedDPO``     reward
 span weights        ``spans.SpanWeights``            ``WeightedDPO``     none (data columns)
 SamPO               ``sampo.DownSampledTokens``      ``WeightedDPO``     none
+high-entropy        ``entropy.HighEntropySelection`` ``WeightedDPO``     none (reads the entropy)
+AlignDistil         none                             ``AlignDistil``     dpo, reverse_dpo
 ==================  ===============================  ==================  =============================
+
+High-entropy selection and AlignDistil read full-vocabulary statistics (``distributions.py``,
+docs/full-distribution.md); AlignDistil is an objective (``aligndistil.AlignDistil``), not a masker.
 """
 
+from sparsepo_lightning.methods.aligndistil import AlignDistil
 from sparsepo_lightning.methods.cdpo import CriticalTokenWeights
 from sparsepo_lightning.methods.confpo import LowConfidenceSelection
+from sparsepo_lightning.methods.entropy import HighEntropySelection
 from sparsepo_lightning.methods.rho1 import ExcessLossSelection
 from sparsepo_lightning.methods.sampo import DownSampledTokens
 from sparsepo_lightning.methods.sepo import OracleSelection
@@ -26,6 +33,6 @@ from sparsepo_lightning.methods.tgdpo import TokenRewardBeta
 from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
 
 __all__ = [
-    "ContrastiveImportance", "CriticalTokenWeights", "DownSampledTokens", "ExcessLossSelection",
-    "LowConfidenceSelection", "OracleSelection", "SpanWeights", "TokenRewardBeta",
+    "AlignDistil", "ContrastiveImportance", "CriticalTokenWeights", "DownSampledTokens", "ExcessLossSelection",
+    "HighEntropySelection", "LowConfidenceSelection", "OracleSelection", "SpanWeights", "TokenRewardBeta",
 ]

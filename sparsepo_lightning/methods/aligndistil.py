@@ -48,7 +48,7 @@ from sparsepo_lightning.distributions import (
     rowdot,
 )
 from sparsepo_lightning.errors import ConfigError
-from sparsepo_lightning.losses import _output, pair_sums, split_pairs
+from sparsepo_lightning.losses import pair_sums, split_pairs
 from sparsepo_lightning.metrics import preference_metrics
 from sparsepo_lightning.objectives import Objective
 from sparsepo_lightning.types import LossOutput, PreferenceBatch, TokenMasks, TokenStats
@@ -155,8 +155,10 @@ class AlignDistil(Objective):
         per_row = (stats.distribution[STATISTIC] * mask).sum(-1) / mask.sum(-1).clamp_min(1)
         chosen_kl, rejected_kl = split_pairs(per_row)
         chosen, rejected = pair_sums(stats.log_ratio, mask)
-        return _output(0.5 * (chosen_kl + rejected_kl), self.beta * (chosen - rejected), self.beta * chosen,
-                       self.beta * rejected)
+        loss = 0.5 * (chosen_kl + rejected_kl)
+        return LossOutput(loss=loss, logit=(self.beta * (chosen - rejected)).detach(),
+                          chosen_reward=(self.beta * chosen).detach(), rejected_reward=(self.beta * rejected).detach(),
+                          penalty=torch.zeros_like(loss))
 
     def metrics(self, stats: TokenStats, masks: TokenMasks | None, out: LossOutput,
                 batch: PreferenceBatch) -> dict[str, Tensor]:

@@ -3,10 +3,10 @@
 Wang et al., *Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM
 Reasoning*, arXiv 2506.01939. The token entropy at position t is
 
-    H_t = −Σ_v π(v | x, y^{<t}) log π(v | x, y^{<t})                         (paper Eq. 1)
+    H_t = −Σ_v π(v | x, y^{<t}) log π(v | x, y^{<t})
 
-and the policy-gradient loss keeps only the top ρ of the batch's tokens by ``H_t`` (the indicator
-``I[H_t ≥ τ^B_ρ]`` of the paper's DAPO objective, ρ = 20 %). Here the selection is a token mask, and with
+and the paper's policy-gradient loss (DAPO) keeps only the top ρ of the batch's tokens by ``H_t`` (an indicator
+``I[H_t ≥ τ^B_ρ]``, τ^B_ρ the batch's ρ-quantile of entropy; ρ = 20 %). Here the selection is a token mask, and with
 ``WeightedDPO`` the loss is DPO over the kept tokens: ``−log σ(β[Σ_{t∈S_w} ρ_w^t − Σ_{t∈S_l} ρ_l^t])``. The paper
 is on-policy RL with verifiable rewards; this adaptation to preference pairs is this package's, not the paper's.
 
