@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from bench_memory import HIDDEN, VOCAB  # benchmarks/ is on sys.path when a script here runs
-from proc_status import status_kib
+from proc_status import peak_since_start, start_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fused_kl", "aligndistil")
@@ -53,13 +53,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
     labels = torch.randint(0, VOCAB, (2, length - 1), device=device, generator=g)
     mask = torch.zeros(2, length - 1, dtype=torch.bool, device=device)
     mask[:, length // 4 - 1:] = True
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = status_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")
+    before = start_peak(device)
     ref_hidden, ref_head = others["reference"]
     stats = token_stats(hidden, labels, mask, head, ref_hidden, ref_head, with_kl=method == "fused_kl",
                         chunk_size=chunk_size, implementation="fused")
@@ -69,11 +63,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
         values = distribution_stats({"d": teacher}, hidden, labels, mask, head, others, chunk_size, "fused")
         loss = loss + values["d"].sum()
     loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status_kib("VmHWM") * 1024
+    peak = peak_since_start(device)
     return {"method": method, "length": length, "peak_extra_mib": (peak - before) / 2**20, "device": str(device)}
 
 
