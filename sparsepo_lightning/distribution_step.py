@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from sparsepo_lightning.distributions import REFERENCE, DistributionStatistic, Models, distribution_stats
-from sparsepo_lightning.logprobs import frozen_outputs, output_head, step_masks
-from sparsepo_lightning.types import TokenMasks, TokenStats
+from sparsepo_lightning.logprobs import final_hidden_states, frozen_outputs, output_head, step_masks, token_stats
+from sparsepo_lightning.prompt_variants import declared_variants
+from sparsepo_lightning.types import PreferenceBatch, TokenMasks, TokenStats, scatter_response
 
 
 def declared(*owners: Any) -> dict[str, DistributionStatistic]:
@@ -36,7 +37,8 @@ def frozen_names_read(*owners: Any) -> tuple[str, ...]:
 
 def step_masks_and_statistics(module: Any, batch: Any, stats: TokenStats, policy_hidden: Tensor, reference: Any,
                               inference: bool) -> TokenMasks | None:
-    """The module's step after ``token_stats``: the full-distribution statistics its objective and masker declare
+    """The module's step after ``token_stats``: the policy's log-probs under the prompt variants the objective and
+    masker declare into ``stats.variant_logps`` (``variant_logps``), the full-distribution statistics they declare
     into ``stats.distribution`` (the objective's with gradient, the masker's without: maskers get detached
     statistics anyway), then the masker's masks (``logprobs.step_masks``; None without a masker).
 
@@ -46,6 +48,8 @@ def step_masks_and_statistics(module: Any, batch: Any, stats: TokenStats, policy
             (not under FSDP2).
     """
     objective, masker, chunk_size = module.objective, module.masker, module.hparams.chunk_size
+    stats.variant_logps.update(variant_logps(module._causal_lm, batch, declared_variants(objective, masker),
+                                             chunk_size))
     frozen = step_frozen_outputs(objective, masker, module.frozen_models, batch, chunk_size, inference)
     others: Models = {name: (out.last_hidden, out.head) for name, out in (frozen or {}).items()}
     if reference is not None:
@@ -73,3 +77,31 @@ def step_frozen_outputs(objective: Any, masker: Any, frozen_models: Mapping[str,
     labels, response_mask = batch.shifted_labels()
     return frozen_outputs({name: frozen_models[name] for name in sorted(names)}, batch.input_ids,
                           batch.attention_mask, labels, response_mask, chunk_size, inference, batch.packed)
+
+
+def variant_logps(policy: Any, batch: PreferenceBatch, names: Mapping[str, str], chunk_size: int) -> dict[str, Tensor]:
+    """Per prompt variant in ``names``: ``log π_θ(y^t | x_variant, y^<t)`` of the batch's label tokens, computed by
+    ``policy`` on the batch's variant rows without gradient (T-REG's self-generated token rewards use the current
+    policy, as its released code does) and moved onto the batch's own shifted response positions, ``(2B, T-1)``.
+
+    Raises:
+        ValueError: the batch carries no rows for a declared variant (e.g. a data module built without them).
+    """
+    if not names:
+        return {}
+    missing = sorted(set(names) - set(batch.prompt_variants or {}))
+    if missing:
+        raise ValueError(f"the method declares the prompt variants {missing}, but the batch carries no rows for them. "
+                         "Fix: train through PreferenceDataModule under the trainer (its setup adds the method's "
+                         "variants), or pass data.prompt_variants with the method's templates.")
+    _, response_mask = batch.shifted_labels()
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            rows = batch.prompt_variants[name]
+            labels, mask = rows.shifted_labels()
+            hidden, _ = final_hidden_states(policy, rows.input_ids, rows.attention_mask)
+            logps = token_stats(hidden, labels, mask, output_head(policy), with_kl=False,
+                                chunk_size=chunk_size).policy_logps
+            out[name] = scatter_response(logps[mask], response_mask)
+    return out

@@ -19,7 +19,7 @@ from sparsepo_lightning.methods.entropy import HighEntropySelection
 from sparsepo_lightning.types import TokenStats
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_METHODS = ("aligndistil", "entropy")
+NEW_METHODS = ("aligndistil", "entropy", "treg")  # treg: tests/test_treg.py (prompt variants)
 
 
 def _context(values: torch.Tensor, mask: torch.Tensor, name: str) -> TokenContext:

@@ -13,11 +13,11 @@ from sparsepo_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
-MASKLESS = ("bco", "dpo", "aligndistil")  # objectives without token masks (test_bco_fit.py trains bco.yaml,
-# test_full_distribution_methods.py aligndistil.yaml)
+MASKLESS = ("bco", "dpo", "aligndistil", "treg")  # objectives without token masks (test_bco_fit.py trains bco.yaml,
+# test_full_distribution_methods.py aligndistil.yaml, test_treg.py treg.yaml)
 FROZEN = {"tisdpo": ("positive", "negative"), "cdpo": ("positive", "negative"),
           "sepo": ("oracle", "oracle_reference"), "tgdpo": ("reward",), "aligndistil": ("dpo", "reverse_dpo")}
-QUICKSTART_PARSED_ONLY = ("entropy",)
+QUICKSTART_PARSED_ONLY = ("entropy", "treg")
 """Methods whose quickstart composition is only parsed (tests/test_full_distribution_methods.py): a real SmolLM2 step
 per method is the suite's most expensive test, and these add nothing another method's step does not exercise."""
 

@@ -175,7 +175,7 @@ def _config(path: Path) -> dict:
     return yaml.safe_load(path.read_text())["model"]
 
 
-MASKLESS = ("dpo", "bco", "aligndistil")
+MASKLESS = ("dpo", "bco", "aligndistil", "treg")
 """Method configs without a masker (objectives only): not token weightings, so not in the guide's table
 (AlignDistil is documented in docs/full-distribution.md)."""
 
