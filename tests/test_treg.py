@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from sparsepo_lightning.data import PreferenceDataModule
+from sparsepo_lightning.data.batching import budget_batches
 from sparsepo_lightning.data.collate import collate_pairs
 from sparsepo_lightning.data.packing import padded_cost
 from sparsepo_lightning.data.rows import DataReport, PreferencePair
@@ -22,7 +23,7 @@ from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.losses import dpo_loss
 from sparsepo_lightning.methods.treg import BETTER, TREG, WORSE, token_weights
 from sparsepo_lightning.prompt_variants import declared_variants, render_prompt
-from sparsepo_lightning.types import IGNORE_INDEX, TokenStats
+from sparsepo_lightning.types import IGNORE_INDEX, PreferenceBatch, TokenStats
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = {"good": "Answer well.\n{prompt}", "bad": "Answer badly.\n{prompt}"}
@@ -61,6 +62,38 @@ def test_variant_rows_are_the_variant_prompt_plus_the_same_response_tokens(tiny_
         assert rows.labels[0, :n].tolist() == direct["chosen_labels"]
 
 
+def test_chat_rows_get_the_instruction_in_their_last_user_message(tiny_tokenizer):
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    pair = PreferencePair(prompt, [{"role": "assistant", "content": "hello"}], [{"role": "assistant", "content": "no"}])
+    features = tokenize_pair(pair, tiny_tokenizer, max_length=96, max_prompt_length=64, prompt_variants=TEMPLATES)
+    batch = collate_pairs([features], tiny_tokenizer.pad_token_id)
+    direct = tokenize_pair(PreferencePair(render_prompt(prompt, TEMPLATES["good"]), pair.chosen, pair.rejected),
+                           tiny_tokenizer, max_length=96, max_prompt_length=64)
+    rows = batch.prompt_variants["good"]
+    n = len(direct["rejected_input_ids"])
+    assert rows.input_ids[1, :n].tolist() == direct["rejected_input_ids"]
+    assert "<|user|>\nAnswer well.\nhi there" in tiny_tokenizer.decode(rows.input_ids[1, :n])
+
+
+def test_the_data_module_adopts_the_methods_variants_and_the_step_needs_them(tiny_tokenizer, pairs_file):
+    from types import SimpleNamespace
+
+    from sparsepo_lightning.data.options import adopt_prompt_variants
+    from sparsepo_lightning.distribution_step import variant_logps
+
+    dm = PreferenceDataModule(train_file=pairs_file)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=TREG(), masker=None))
+    adopt_prompt_variants(dm)
+    assert dm.prompt_variants == TREG().prompt_variants()
+    dm = PreferenceDataModule(train_file=pairs_file, prompt_variants={BETTER: "Other.\n{prompt}"})
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(objective=TREG(), masker=None))
+    with pytest.raises(ConfigError, match="differs from the template the method declares"):
+        adopt_prompt_variants(dm)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="the batch carries no rows for them"):
+        variant_logps(None, PreferenceBatch(ids, ids, ids), TREG().prompt_variants(), 8)
+
+
 def test_variant_prompts_are_cut_to_fit_and_counted(tiny_tokenizer):
     pair = PreferencePair("p " * 10, " one two three four", " five")
     long = {"long": "words " * 30 + "{prompt}"}
@@ -80,6 +113,9 @@ def test_the_padded_token_budget_counts_variant_rows():
     # 2 rows × 4 (longest pair row) + 2 rows × (5 + 2) (longest variant row) = 22
     assert padded_cost([feature]) == 2 * 4 + 2 * 7
     assert padded_cost([{k: v for k, v in feature.items() if not k.startswith("variant")}]) == 8
+    # by token budget: one pair costs 22, two 44; without the variant rows two would cost 16 and share a batch
+    assert budget_batches([feature] * 3, 30, "padded", None, [0, 1, 2]) == [[0], [1], [2]]
+    assert budget_batches([feature] * 3, 44, "padded", None, [0, 1, 2]) == [[0, 1], [2]]
 
 
 def test_the_cache_key_covers_the_templates_and_packed_is_refused(tiny_tokenizer, pairs_file):
