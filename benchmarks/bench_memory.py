@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proc_status import status_kib  # benchmarks/ is on sys.path when a script here runs
+from proc_status import peak_since_start, start_peak  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN = 49152, 576
@@ -57,13 +57,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
     labels = torch.randint(0, VOCAB, (2, length - 1), device=device, generator=g)
     mask = torch.zeros(2, length - 1, dtype=torch.bool, device=device)
     mask[:, length // 4 - 1:] = True  # prompt T/4 tokens, the rest is response
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = status_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")
+    before = start_peak(device)
     if method == "naive":
         label_lp, kl = _naive(hidden, head.weight, ref_hidden, ref_head.weight, labels, mask)
     else:
@@ -71,11 +65,7 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
                             implementation=method)
         label_lp, kl = stats.policy_logps, stats.kl
     (label_lp.sum() + kl.sum()).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = status_kib("VmHWM") * 1024
+    peak = peak_since_start(device)
     return {"method": method, "length": length, "peak_extra_mib": (peak - before) / 2**20, "device": str(device)}
 
 

@@ -42,22 +42,30 @@ def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> 
                          "or an objective with a reference.")
 
 
-def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str] | None) -> None:
-    """Every extra frozen model the masker reads is configured, and every configured one is read."""
+def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str] | None,
+                        objective: Objective | None = None) -> None:
+    """Every extra frozen model the masker or the objective's full-distribution statistics read is configured, and
+    every configured one is read."""
+    from sparsepo_lightning.distribution_step import frozen_names_read
+
     wanted = set(masker.frozen_model_names()) if masker is not None else set()
+    wanted |= set(frozen_names_read(objective, masker))
     given = set(frozen_models or {})
     if wanted - given:
         missing = sorted(wanted - given)
+        reader = f"model.masker={type(masker).__name__}" if masker is not None else ""
+        reader = reader or f"model.objective={type(objective).__name__}"
         raise ConfigError(
-            f"model.masker={type(masker).__name__} reads the frozen model(s) {', '.join(missing)}, which "
+            f"{reader} reads the frozen model(s) {', '.join(missing)}, which "
             f"model.frozen_models does not define (it has: {', '.join(sorted(given)) or 'none'}). Fix: "
             f"model.frozen_models: {{{', '.join(f'{n}: <path or alias>' for n in missing)}}}.")
     if given - wanted:
         unused = sorted(given - wanted)
         raise ConfigError(
             f"model.frozen_models defines {', '.join(unused)}, which no part of the run reads "
-            f"(masker: {type(masker).__name__ if masker is not None else 'none'}). Fix: remove them, or use a masker "
-            "that reads them.")
+            f"(masker: {type(masker).__name__ if masker is not None else 'none'}, objective: "
+            f"{type(objective).__name__ if objective is not None else 'none'}). Fix: remove them, or use a masker or "
+            "objective that reads them.")
 
 
 def check_masker_reference(masker: TokenMasker, reference: nn.Module) -> None:

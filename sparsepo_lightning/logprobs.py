@@ -134,16 +134,21 @@ def frozen_outputs(models: dict[str, nn.Module], input_ids: Tensor, attention_ma
 
 
 def step_masks(masker: TokenMasker, frozen_models: nn.ModuleDict | None, batch: PreferenceBatch, stats: TokenStats,
-               reference: ReferenceOutputs | None, chunk_size: int, inference: bool) -> TokenMasks:
+               reference: ReferenceOutputs | None, chunk_size: int, inference: bool,
+               frozen: dict[str, FrozenModelOutputs] | None = None) -> TokenMasks:
     """The masker's masks for one step. A masker taking a ``context`` gets a ``TokenContext``: the batch, the
-    detached statistics and the outputs of the extra frozen models it names (``masker.frozen_model_names()``)."""
+    detached statistics and the outputs of the extra frozen models it names (``masker.frozen_model_names()``),
+    taken from ``frozen`` when the step has run them already."""
     response_mask = stats.response_mask  # the step's own, not shifted again here
     if not masker.takes_context:
         return masker(reference, response_mask)
     names = masker.frozen_model_names()
-    frozen = {} if not names else frozen_outputs({name: frozen_models[name] for name in names}, batch.input_ids,
-                                                 batch.attention_mask, batch.shifted_labels()[0], response_mask,
-                                                 chunk_size, inference, batch.packed)
+    if frozen is not None and set(names) <= frozen.keys():
+        frozen = {name: frozen[name] for name in names}
+    else:
+        frozen = {} if not names else frozen_outputs({name: frozen_models[name] for name in names}, batch.input_ids,
+                                                     batch.attention_mask, batch.shifted_labels()[0],
+                                                     response_mask, chunk_size, inference, batch.packed)
     return masker(reference, response_mask, TokenContext(response_mask, batch, detached(stats), reference, frozen))
 
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import checkpointing, checks, sharding
 from sparsepo_lightning import meta_init as meta_init_lib
-from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
+from sparsepo_lightning.distribution_step import step_masks_and_statistics
+from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
 from sparsepo_lightning.metrics import log_metrics
 from sparsepo_lightning.models import frozen_state_keys, load_frozen_models, load_policy_and_reference
@@ -115,7 +116,7 @@ class PreferenceModule(LightningModule):
         self.frozen_models = load_frozen_models(frozen_models, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 meta_init=meta_init, disable_dropout=disable_dropout,
                                                 attn_implementation=attn_implementation)
-        checks.check_frozen_models(masker, frozen_models)
+        checks.check_frozen_models(masker, frozen_models, self.objective)
         self._model_configured = False  # configure_model runs once
         self._sharded = False  # set by configure_model under ModelParallelStrategy (FSDP2)
         self._packed_checked = False  # models checked on the packed layout (checks.check_packed_layout)
@@ -207,8 +208,7 @@ class PreferenceModule(LightningModule):
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
         )
-        masks = None if self.masker is None else step_masks(
-            self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded)
+        masks = step_masks_and_statistics(self, batch, stats, policy_hidden, reference, not self._sharded)
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
         effective = self.objective.effective_masks(masks, response_mask)
         metrics = self.objective.metrics(stats, effective, out, batch)

@@ -52,6 +52,11 @@ class Objective(ABC):
     def __post_init__(self) -> None:
         losses.check_beta(self.beta, type(self).__name__)
 
+    def distribution_statistics(self) -> dict:
+        """Full-distribution statistics the loss reads from ``stats.distribution`` (with gradient), by name:
+        ``{name: distributions.DistributionStatistic}`` (docs/full-distribution.md). Default: none."""
+        return {}
+
     def step(self, stats: TokenStats, masks: TokenMasks | None, batch: PreferenceBatch, training: bool) -> LossOutput:
         """The loss of one batch, as the module's step computes it (``training``: a training step, the only one
         in which an objective may update its state). Default: ``self(stats, masks)``, on pairs only."""

@@ -43,6 +43,9 @@ class PreferenceBatch:
         packed: the packed layout the models run on (``data.layout: packed``, ``packing.PackedRows``), or None
             (the models run on ``input_ids``). The tensors above stay in the padded layout either way: everything
             after the models' forward reads them. Keyword-only.
+        prompt_variants: per prompt variant a method declared (``prompt_variants.py``), a ``PreferenceBatch`` of 2B
+            rows ``[variant prompt | the same response tokens]`` in this batch's row order, labelled on exactly the
+            response tokens this batch's shifted labels score; None without variants. Keyword-only.
     """
 
     input_ids: Tensor
@@ -52,6 +55,7 @@ class PreferenceBatch:
     token_weighted: Tensor | None = field(default=None, kw_only=True)
     desirable: Tensor | None = field(default=None, kw_only=True)
     packed: PackedRows | None = field(default=None, kw_only=True)
+    prompt_variants: dict[str, PreferenceBatch] | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:
@@ -97,12 +101,19 @@ class TokenStats:
         kl: ``KL(π_ref ‖ π_θ)`` over the full vocabulary at that position, stored positive (docs/method.md,
             Notation), or None.
         response_mask: bool, True on response tokens (labels != -100 after the shift); keyword-only.
+        distribution: the full-distribution statistics the objective and masker declared
+            (``distributions.DistributionStatistic``), by name, each ``(2B, T-1)``; keyword-only, empty by default.
+        variant_logps: per prompt variant the method declared (``prompt_variants.py``),
+            ``log π_θ(y^t | x_variant, y^<t)`` of the same label token, without gradient, ``(2B, T-1)`` aligned
+            with ``policy_logps``; keyword-only, empty by default.
     """
 
     policy_logps: Tensor
     reference_logps: Tensor | None = None
     kl: Tensor | None = None
     response_mask: Tensor = field(kw_only=True)
+    distribution: dict[str, Tensor] = field(default_factory=dict, kw_only=True)
+    variant_logps: dict[str, Tensor] = field(default_factory=dict, kw_only=True)
 
     def require(self, *names: str, by: str) -> None:
         """Raise a ``ValueError`` naming the fields among ``names`` that are None (``by``: who needs them)."""
@@ -132,8 +143,15 @@ class TokenStats:
                 raise ValueError(f"TokenStats.cat: {name} is set on one side only.")
             return None if first is None else torch.cat([first, second])
 
+        def both_dicts(name: str) -> dict[str, Tensor]:
+            first, second = getattr(chosen, name), getattr(rejected, name)
+            if first.keys() != second.keys():
+                raise ValueError(f"TokenStats.cat: the two sides hold different {name} keys.")
+            return {k: torch.cat([v, second[k]]) for k, v in first.items()}
+
         return TokenStats(policy_logps=both("policy_logps"), reference_logps=both("reference_logps"),
-                          kl=both("kl"), response_mask=both("response_mask"))
+                          kl=both("kl"), response_mask=both("response_mask"), distribution=both_dicts("distribution"),
+                          variant_logps=both_dicts("variant_logps"))
 
 
 @dataclass
@@ -238,5 +256,10 @@ def detached(value: _Detachable | None) -> _Detachable | None:
     """A copy of a tensor dataclass whose tensors are detached (bools and other fields kept)."""
     if value is None:
         return None
-    fields = {k: v.detach() if isinstance(v, Tensor) else v for k, v in vars(value).items()}
+    def detach(v: object) -> object:
+        if isinstance(v, dict):
+            return {k: detach(x) for k, x in v.items()}
+        return v.detach() if isinstance(v, Tensor) else v
+
+    fields = {k: detach(v) for k, v in vars(value).items()}
     return type(value)(**fields)

@@ -13,6 +13,9 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
   head a different number of times per step;
 - ``fsdp2_frozen`` / ``single_frozen``: a token-weighting plug-in with two extra frozen models (TIS-DPO weights,
   ``WeightedDPO``) under FSDP2 on 2 ranks / in one process; also records whether the frozen models are sharded;
+- ``fsdp2_aligndistil``: AlignDistil (full-distribution statistic over four models: policy, reference and the
+  DPO / reverse-DPO frozen models, here the tied tiny Llama and the tiny model) under FSDP2 with ``chunk_size=2``,
+  so the ranks make different numbers of chunks and the statistic's head calls must follow the agreed count;
 - ``fsdp2_export`` / ``fsdp1_export``: two AdamW steps, then a sharded checkpoint ``OUT_DIR/sharded`` (one
   shard per rank + ``meta.pt``) and the full (gathered) policy and mask weights at that point
   (``tests/test_export.py`` exports the folder and compares);
@@ -111,9 +114,10 @@ class StopAfterFirstEpoch(Callback):
 
 def make_module(model_dir: str, optimizer: Any = torch.optim.SGD, lr: float = 0.1, **options: Any) -> PreferenceModule:
     seed_everything(0)  # same mask-network init on every rank and in the single-process baseline
-    objective, masker = options.pop("objective", None), options.pop("masker", None)
+    objective = options.pop("objective", None)
+    masker = options.pop("masker") if "masker" in options else LearnedMasker()  # masker=None: none
     return PreferenceModule(model=model_dir, objective=objective or SparsePO(l1_reward=0.01, l1_kl=0.01),
-                            masker=masker or LearnedMasker(), optimizer=optimizer, lr=lr, warmup_ratio=0.0,
+                            masker=masker, optimizer=optimizer, lr=lr, warmup_ratio=0.0,
                             schedule="constant", **options)
 
 
@@ -124,6 +128,14 @@ def frozen_options(model_dir: str) -> dict[str, Any]:
 
     return {"objective": WeightedDPO(beta=0.5), "masker": ContrastiveImportance(),
             "frozen_models": {"positive": model_dir, "negative": model_dir}}
+
+
+def aligndistil_options(model_dir: str, dpo_dir: str) -> dict[str, Any]:
+    """AlignDistil with two different frozen models (so the teacher differs from the reference) and 2-token chunks."""
+    from sparsepo_lightning.methods.aligndistil import AlignDistil
+
+    return {"objective": AlignDistil(gamma=0.05), "masker": None, "chunk_size": 2,
+            "frozen_models": {"dpo": dpo_dir, "reverse_dpo": model_dir}}
 
 
 def make_data(model_dir: str, pairs: str, batch_size: int, layout: str = "padded") -> InOrderData:
@@ -321,6 +333,9 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
         result = one_step("fsdp2", 2, model_dir, pairs, out, chunk_size=2)
     elif mode == "fsdp2_frozen":
         result = one_step("fsdp2", 2, model_dir, pairs, out, **frozen_options(model_dir))
+    elif mode == "fsdp2_aligndistil":
+        dpo = tied_model(model_dir, out)
+        result = one_step("fsdp2", 2, model_dir, pairs, out, **aligndistil_options(model_dir, dpo)) | {"dpo_dir": dpo}
     elif mode == "ddp_budget":
         result = budget_run(model_dir, pairs, out)
     elif mode.endswith("_packed"):  # data.layout: packed (tests/test_packing.py for one process)

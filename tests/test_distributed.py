@@ -93,6 +93,25 @@ def test_fsdp2_plugin_with_extra_frozen_models(ranks_by_mode, tiny_model_dir, pa
             torch.testing.assert_close(value, baseline["after"]["policy"][name], rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp2_full_distribution_statistic_matches_single_process(ranks_by_mode, tiny_model_dir, pairs_file,
+                                                                  tmp_path):
+    """AlignDistil's divergence (full distributions of policy, reference and two extra frozen models) under FSDP2
+    with 2-token chunks, the ranks holding different numbers of response tokens: no hang, and loss and updated
+    policy equal the single-process run."""
+    from tests.distributed_run import aligndistil_options
+
+    ranks = ranks_by_mode["fsdp2_aligndistil"]
+    single = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path / "single",
+                      **aligndistil_options(tiny_model_dir, ranks[0]["dpo_dir"]))
+    assert sum(r["loss"][0] for r in ranks) / len(ranks) == pytest.approx(single["loss"][0], rel=1e-5)
+    assert single["loss"][0] > 1e-4  # the teacher differs from the policy: a step that can differ
+    for r in ranks:
+        for name, value in r["after"]["policy"].items():
+            torch.testing.assert_close(value, single["after"]["policy"][name], rtol=1e-4, atol=1e-6)
+    moved = max((v - single["before"]["policy"][k]).abs().max().item() for k, v in single["after"]["policy"].items())
+    assert moved > 1e-5
+
+
 @pytest.mark.parametrize("mode", ["fsdp2_tied", "fsdp2_meta_tied"])
 def test_fsdp2_tied_embeddings_match_single_process(mode, ranks_by_mode, pairs_file, tmp_path):
     """Tied input embedding / LM head (SmolLM2, GPT-2): one FSDP group holds both, the step equals 1 process;

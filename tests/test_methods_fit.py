@@ -13,9 +13,13 @@ from sparsepo_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
-MASKLESS = ("bco", "dpo")  # objectives without token masks (tests/test_bco_fit.py trains bco.yaml)
+MASKLESS = ("bco", "dpo", "aligndistil", "treg")  # objectives without token masks (test_bco_fit.py trains bco.yaml,
+# test_full_distribution_methods.py aligndistil.yaml, test_treg.py treg.yaml)
 FROZEN = {"tisdpo": ("positive", "negative"), "cdpo": ("positive", "negative"),
-          "sepo": ("oracle", "oracle_reference"), "tgdpo": ("reward",)}
+          "sepo": ("oracle", "oracle_reference"), "tgdpo": ("reward",), "aligndistil": ("dpo", "reverse_dpo")}
+QUICKSTART_PARSED_ONLY = ("entropy", "treg")
+"""Methods whose quickstart composition is only parsed (tests/test_full_distribution_methods.py): a real SmolLM2 step
+per method is the suite's most expensive test, and these add nothing another method's step does not exercise."""
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +164,7 @@ def test_the_span_sample_is_what_its_script_writes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "dpo"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("dpo", *QUICKSTART_PARSED_ONLY)])
 def test_method_config_composes_with_the_sentiment_quickstart_on_smollm2(method, tmp_path, monkeypatch):
     """Each method file on top of the small sentiment recipe (SmolLM2-135M policy and reference), one optimizer
     step; the extra frozen models are the tiny random Llama with the same tokenizer (to keep the test short)."""
@@ -175,7 +179,9 @@ def test_method_config_composes_with_the_sentiment_quickstart_on_smollm2(method,
                 "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
-    if method in MASKLESS:  # BCO: no masks; its reward shift is logged
+    if method == "aligndistil":  # no masks; the divergence to the teacher is logged
+        assert torch.isfinite(cli.trainer.callback_metrics["train/aligndistil/kl"])
+    elif method in MASKLESS:  # BCO: no masks; its reward shift is logged
         assert "train/rewards/delta" in cli.trainer.callback_metrics
     else:
         assert "train/masks/mean_reward" in cli.trainer.callback_metrics

@@ -338,3 +338,28 @@ def _frozen_reader():
     from sparsepo_lightning.methods.tisdpo import ContrastiveImportance
 
     return ContrastiveImportance(positive="other", negative="other")
+
+
+@pytest.mark.parametrize("arm", ["aligndistil", "entropy"])
+def test_full_distribution_statistics_equal_padded(arm, family_dirs, tiny_tokenizer, pairs_file):
+    """Full-distribution statistics (distributions.py) in the packed layout: AlignDistil's divergence (its DPO and
+    reverse-DPO models: a tiny GPT-2 and a tiny GPT-NeoX, so the teacher differs from the reference) and the policy's
+    entropy for high-entropy selection equal the padded layout's, as do the loss and the weights after one step."""
+    from sparsepo_lightning.methods import AlignDistil, HighEntropySelection
+    from sparsepo_lightning.objectives import WeightedDPO
+
+    options = {"aligndistil": dict(objective=AlignDistil(gamma=0.05),
+                                   frozen_models={"dpo": family_dirs["gpt2"], "reverse_dpo": family_dirs["neox"]}),
+               "entropy": dict(objective=WeightedDPO(), masker=HighEntropySelection(keep_ratio=0.5))}[arm]
+    features = _features(tiny_tokenizer, pairs_file)
+    padded = collate_packed(features, tiny_tokenizer.pad_token_id)
+    packed = collate_packed(features, tiny_tokenizer.pad_token_id)
+    padded.packed = None
+    loss_a, rec_a, (_, weights_a) = _step(family_dirs["llama"], padded, **copy.deepcopy(options))
+    loss_b, rec_b, (_, weights_b) = _step(family_dirs["llama"], packed, **copy.deepcopy(options))
+    (name,) = rec_a.stats.distribution
+    assert rec_a.stats.distribution[name][rec_a.stats.response_mask].abs().min() > 0  # a statistic that can differ
+    assert_close(rec_b.stats.distribution[name], rec_a.stats.distribution[name], rtol=0, atol=1e-5)
+    assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for key, value in weights_a.items():
+        assert_close(weights_b[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

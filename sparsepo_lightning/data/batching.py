@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from sparsepo_lightning.data.packing import collate_packed, first_fit, segment_length
+from sparsepo_lightning.data.packing import collate_packed, first_fit, padded_row_lengths, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import PreferenceBatch
 
@@ -62,7 +62,7 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
     batches: list[list[int]] = []
     current: list[int] = []
     fills: list[int] = []  # packed: tokens in each packed row of the current micro-batch (first-fit)
-    longest = 0  # padded: longest row of the current micro-batch
+    longest: list[int] = []  # padded: longest row of the current micro-batch (and of each prompt variant)
     for index in order:
         feature = features[index]
         if layout == "packed":
@@ -71,14 +71,15 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
             first_fit(trial, size, pack_length)
             cost = len(trial) * max(trial)
         else:
-            size = max(len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"]))
-            cost = 2 * (len(current) + 1) * max(longest, size)
+            size = padded_row_lengths(feature)  # the pair's rows, then each prompt variant's
+            longest_rows = [max(a, b) for a, b in zip(longest or size, size, strict=True)]
+            cost = 2 * (len(current) + 1) * sum(longest_rows)
         if current and cost > max_tokens:
             batches.append(current)
-            current, fills, longest = [], [], 0
+            current, fills, longest = [], [], []
             trial = [size]
         current.append(index)
-        fills, longest = (trial, 0) if layout == "packed" else ([], max(longest, size))
+        fills, longest = (trial, []) if layout == "packed" else ([], longest_rows if current[1:] else size)
     if current:
         batches.append(current)
     return batches

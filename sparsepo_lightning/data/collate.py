@@ -36,7 +36,10 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         ``T`` is the longest row; row ``i`` is the chosen and row ``B + i`` the rejected response of pair ``i``.
         When any feature has span keys, also ``token_weights`` (float32) and ``token_weighted`` (bool), both
         ``(2B, T)``, not shifted: the span weight / coverage of each token, 0 / False on padding and on rows
-        without spans. Otherwise both are ``None``.
+        without spans. Otherwise both are ``None``. When the features carry prompt variants
+        (``variant_<name>_prompt_ids``, ``tokenize_pair``'s ``prompt_variants``), also ``prompt_variants``: per name a
+        ``PreferenceBatch`` of the 2B rows ``[variant prompt | the row's response tokens]`` in the same order, whose
+        labels are set on exactly the response tokens the row's own shifted labels score (see ``variant_rows``).
 
     Raises:
         ValueError: empty ``features``, or ids and labels (or span weights) of different lengths.
@@ -52,7 +55,34 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         token_weights = pad_sequence(weights, batch_first=True, padding_value=0.0)  # (2B, T) float32
         token_weighted = pad_sequence(covered, batch_first=True, padding_value=False)  # (2B, T) bool
     return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
-                           token_weights=token_weights, token_weighted=token_weighted)
+                           token_weights=token_weights, token_weighted=token_weighted,
+                           prompt_variants=variant_rows(features, ids, labels, pad_token_id))
+
+
+def variant_rows(features: Sequence[Mapping[str, Sequence[int]]], ids: list[torch.Tensor], labels: list[torch.Tensor],
+                 pad_token_id: int) -> dict[str, PreferenceBatch] | None:
+    """The prompt-variant rows of a batch (None without variants): for variant ``v`` and row ``r`` (2B rows in batch
+    order), ``variant_v_prompt_ids + response(r)``, labelled on the response. A response that starts at position 0
+    (empty prompt) has no prediction for its first token in its own row, so its first label is ignored here too:
+    each variant row scores exactly the tokens its original row scores, in the same order."""
+    names = sorted(k[len("variant_"):-len("_prompt_ids")] for k in features[0]
+                   if k.startswith("variant_") and k.endswith("_prompt_ids"))
+    if not names:
+        return None
+    out = {}
+    for name in names:
+        rows, row_labels = [], []
+        for row, feature in enumerate(feature for _ in _SIDES for feature in features):
+            prompt = torch.as_tensor(feature[f"variant_{name}_prompt_ids"], dtype=torch.long)
+            start = int((labels[row] == IGNORE_INDEX).sum())  # labels: IGNORE_INDEX on the prompt only
+            response = labels[row][start:].clone()
+            rows.append(torch.cat([prompt, ids[row][start:]]))
+            if start == 0:
+                response[0] = IGNORE_INDEX
+            row_labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), response]))
+        input_ids, attention_mask, label_ids = _pad(rows, row_labels, pad_token_id, "collate_pairs")
+        out[name] = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+    return out
 
 
 def collate_examples(features: Sequence[Mapping[str, Sequence[int] | bool]], pad_token_id: int) -> PreferenceBatch:

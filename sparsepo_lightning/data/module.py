@@ -38,7 +38,7 @@ from sparsepo_lightning.data.batching import (
     log_budget_batches,
 )
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.options import check_options
+from sparsepo_lightning.data.options import adopt_prompt_variants, check_options
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow
 from sparsepo_lightning.data.sampler import PassShuffleSampler
@@ -101,6 +101,10 @@ class PreferenceDataModule(LightningDataModule):
         strict: raise on the first bad row instead of skipping and counting it.
         max_train_samples: keep only the first N training pairs (after validation and hold-out).
         num_proc: worker processes that tokenise (``datasets.Dataset.map``); ``None`` tokenises in this process.
+        prompt_variants: extra renderings of each row's prompt, ``{name: template}`` with one ``{prompt}`` placeholder
+            (``prompt_variants.py``); batches then carry ``[variant prompt | response]`` rows per variant. Under a
+            trainer, ``setup`` adds the variants the method declares (T-REG's contrastive prompts), so this is rarely
+            set by hand. Padded layout only.
         cache_tokenised: keep the tokenised splits with their data reports as Arrow files under
             ``<cache dir>/tokenised/<key>/`` (``token_cache.py``: the key covers the data, the options but the
             batching ones, the tokenizer and the code), so the next start reads them instead of tokenising again.
@@ -148,6 +152,7 @@ class PreferenceDataModule(LightningDataModule):
         max_train_samples: int | None = None,
         num_proc: int | None = None,
         cache_tokenised: bool = True,
+        prompt_variants: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +168,7 @@ class PreferenceDataModule(LightningDataModule):
         self.layout, self.pack_length, self.max_tokens = layout, pack_length, max_tokens
         self.strict, self.max_train_samples = strict, max_train_samples
         self.num_proc, self.cache_tokenised = num_proc, cache_tokenised
+        self.prompt_variants = dict(prompt_variants) if prompt_variants else None
         check_options(self)
         self.tokenizer: Any = None
         """The tokenizer object; loaded from ``tokenizer`` in ``setup`` unless assigned beforehand."""
@@ -210,6 +216,7 @@ class PreferenceDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load, validate and tokenise the splits ``stage`` needs (all available ones for ``None``), or read them
         from the tokenised cache."""
+        adopt_prompt_variants(self)
         self._ensure_tokenizer()
         needs_train = stage in ("fit", None) and "train" not in self.datasets
         needs_val = stage in ("fit", "validate", None) and "val" not in self.datasets

@@ -37,5 +37,46 @@ def check_options(dm: Any) -> None:
         raise ConfigError(f"data.batch_size={dm.batch_size}: must be >= 1 (pairs per device).")
     if dm.max_train_samples is not None and dm.max_train_samples < 1:
         raise ConfigError(f"data.max_train_samples={dm.max_train_samples}: must be >= 1 or null.")
+    check_prompt_variants(dm)
     check_batching(dm.layout, dm.max_tokens, dm.pack_length, dm.max_length,
                    paired=dm.collate_fn is collate_pairs)
+
+
+def check_prompt_variants(dm: Any) -> None:
+    """Prompt variants (``prompt_variants.py``) need paired data in the padded layout: raise a ``ConfigError``
+    otherwise."""
+    variants = getattr(dm, "prompt_variants", None)
+    if not variants:
+        return
+    if dm.collate_fn is not collate_pairs:
+        raise ConfigError(f"data.prompt_variants ({', '.join(variants)}) are built for preference pairs, but "
+                          f"{type(dm).__name__} serves other rows. Fix: use sparsepo_lightning.data."
+                          "PreferenceDataModule, or a method that declares no prompt variants.")
+    if dm.layout == "packed":
+        raise ConfigError(f"data.layout: packed does not carry prompt variants yet, and the run needs "
+                          f"{', '.join(variants)} (declared by the method, e.g. T-REG's contrastive prompts). "
+                          "Fix: data.layout: padded (data.max_tokens budgets the variant rows too).")
+
+
+def adopt_prompt_variants(dm: Any) -> None:
+    """Add the prompt variants the trainer's method declares (``prompt_variants.declared_variants``) to
+    ``dm.prompt_variants`` (part of the tokenised-cache key), then check them and the layout.
+
+    Raises:
+        ConfigError: ``data.prompt_variants`` gives one of the method's names another template, a template without
+            one ``{prompt}``, or variants the data module or layout cannot carry.
+    """
+    from sparsepo_lightning.prompt_variants import check_templates, declared_variants
+
+    trainer = getattr(dm, "trainer", None)
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    wanted = declared_variants(getattr(module, "objective", None), getattr(module, "masker", None))
+    for name, template in wanted.items():
+        mine = (dm.prompt_variants or {}).get(name, template)
+        if mine != template:
+            raise ConfigError(f"data.prompt_variants.{name}={mine!r} differs from the template the method declares "
+                              f"({template!r}). Fix: set the template in the method's options only.")
+    dm.prompt_variants = {**(dm.prompt_variants or {}), **wanted} or None
+    check_prompt_variants(dm)
+    if dm.prompt_variants:
+        check_templates(dm.prompt_variants, "data.prompt_variants")

@@ -20,9 +20,21 @@ def segment_length(feature: Mapping[str, Sequence[int]]) -> int:
 
 
 def padded_cost(features: Sequence[Mapping[str, Sequence[int]]]) -> int:
-    """Positions a batch costs in the padded layout: ``2B ×`` its longest row."""
-    longest = max(max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) for f in features)
-    return 2 * len(features) * longest
+    """Positions a batch costs in the padded layout: ``2B ×`` its longest row, plus ``2B ×`` the longest row of each
+    prompt variant (``padded_row_lengths``)."""
+    lengths = [padded_row_lengths(f) for f in features]
+    return 2 * len(features) * sum(max(column) for column in zip(*lengths, strict=True))
+
+
+def padded_row_lengths(feature: Mapping[str, Sequence[int]]) -> list[int]:
+    """The longer of a pair's two rows, then per prompt variant (``variant_<name>_prompt_ids``, sorted by name) the
+    longer of its two variant rows ``[variant prompt | response]``."""
+    rows = [len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"])]
+    out = [max(rows)]
+    prompt = rows[0] - sum(label == -100 for label in feature["chosen_labels"])  # both sides share the prompt
+    for key in sorted(k for k in feature if k.startswith("variant_") and k.endswith("_prompt_ids")):
+        out.append(len(feature[key]) + max(rows) - prompt)
+    return out
 
 
 def packed_cost(features: Sequence[Mapping[str, Sequence[int]]], pack_length: int | None = None) -> int:

@@ -85,6 +85,9 @@ class DataReport:
         prompts_truncated: kept pairs whose prompt was cut from the left (tokenisation step).
         responses_truncated: kept pairs whose response(s) were cut at ``max_length``.
         items: what a kept row is, in the summary: ``pairs``, or ``examples`` for unpaired rows.
+        prompt_variants: names of the prompt variants tokenised with each pair (``prompt_variants.py``).
+        variant_prompts_truncated: kept pairs with a prompt variant (``prompt_variants.py``) cut from the left so
+            that ``[variant prompt | response]`` fits ``max_length``.
     """
 
     source: str
@@ -94,6 +97,8 @@ class DataReport:
     prompts_truncated: int = 0
     responses_truncated: int = 0
     items: str = "pairs"
+    prompt_variants: list[str] = field(default_factory=list)
+    variant_prompts_truncated: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -120,6 +125,11 @@ class DataReport:
                 f"  truncated (kept): {self.prompts_truncated} prompts from the left, "
                 f"{self.responses_truncated} {self.items} with responses cut at max_length"
             )
+        if self.prompt_variants:
+            lines.append(f"  prompt variants: {', '.join(self.prompt_variants)} (2 extra rows per pair each)")
+        if self.variant_prompts_truncated:
+            lines.append(f"  prompt variants truncated (kept): {self.variant_prompts_truncated} {self.items} with a "
+                         "variant prompt cut from the left to fit max_length")
         return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ largest weight of the spans its characters intersect. Pairs without spans take t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sparsepo_lightning.data.rows import Messages, PreferencePair, Spans, Text, UnpairedExample
@@ -58,6 +59,7 @@ def tokenize_pair(
     max_prompt_length: int = 256,
     use_chat_template: bool = False,
     add_bos: bool | None = None,
+    prompt_variants: Mapping[str, str] | None = None,
 ) -> dict[str, list[int] | list[float] | int]:
     """Token ids and labels of both responses of one pair (and per-token span weights where it has spans).
 
@@ -71,6 +73,9 @@ def tokenize_pair(
             becomes one user message and each response one assistant message).
         add_bos: ``None`` adds one BOS when the tokenizer normally starts sequences with it; ``True`` always
             adds the tokenizer's BOS (error if it has none); ``False`` never adds one.
+        prompt_variants: ``{name: template}`` (``prompt_variants.py``): each variant prompt is rendered, tokenised
+            alone (with the BOS rule above) and cut from the left to ``max_length −`` the longest kept response, so
+            that ``[variant prompt | response]`` fits ``max_length`` with every response token kept.
 
     Returns:
         ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (lists of
@@ -87,7 +92,31 @@ def tokenize_pair(
         EmptyResponseError: a response would have no labelled token.
         SpanError: spans that cannot be placed on the rendered text (or were not validated, see ``load_pairs``).
     """
-    return _tokenize(pair, _SIDES, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos)
+    features = _tokenize(pair, _SIDES, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos)
+    if prompt_variants:
+        features.update(_variant_prompts(pair, features, prompt_variants, tokenizer, max_length, use_chat_template,
+                                         add_bos))
+    return features
+
+
+def _variant_prompts(pair: PreferencePair, features: dict[str, Any], templates: Mapping[str, str], tokenizer: Any,
+                     max_length: int, use_chat_template: bool, add_bos: bool | None) -> dict[str, list[int] | int]:
+    """``variant_<name>_prompt_ids`` of each template and ``variant_prompt_truncated`` (see ``tokenize_pair``)."""
+    from sparsepo_lightning.prompt_variants import render_prompt
+
+    bos_to_add = _bos_to_add(tokenizer, add_bos)
+    longest = max(sum(label != IGNORE_INDEX for label in features[f"{side}_labels"]) for side in _SIDES)
+    budget = max_length - longest
+    out: dict[str, list[int] | int] = {"variant_prompt_truncated": 0}
+    for name, template in templates.items():
+        variant = dataclasses.replace(pair, prompt=render_prompt(pair.prompt, template))
+        prompt_text, _ = _render(variant, tokenizer, use_chat_template)
+        ids = _encode(tokenizer, prompt_text, bos_to_add)
+        if len(ids) > budget:
+            ids = _keep_end(ids, budget, None if add_bos is False else tokenizer.bos_token_id) if budget else []
+            out["variant_prompt_truncated"] = 1
+        out[f"variant_{name}_prompt_ids"] = ids
+    return out
 
 
 def tokenize_example(

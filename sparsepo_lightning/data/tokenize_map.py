@@ -28,7 +28,7 @@ def tokenize_items(dm: Any, items: Sequence[Any], report: DataReport) -> tuple[l
 
     Args:
         dm: the data module; its ``tokenize_fn``, ``tokenizer``, ``max_length``, ``max_prompt_length``,
-            ``use_chat_template``, ``add_bos``, ``strict`` and ``num_proc`` are used.
+            ``use_chat_template``, ``add_bos``, ``prompt_variants`` (if any), ``strict`` and ``num_proc`` are used.
         items: the split's validated items, each with a ``source`` (row location).
         report: the split's report: truncations and rejected rows are added to it.
 
@@ -40,11 +40,13 @@ def tokenize_items(dm: Any, items: Sequence[Any], report: DataReport) -> tuple[l
         EmptyResponseError, SpanError: with ``dm.strict``, the first row (in item order) that failed so.
         Exception: any other error ``tokenize_fn`` raised, for the first row that raised one.
     """
-    options = (dm.tokenize_fn, dm.tokenizer, dm.max_length, dm.max_prompt_length, dm.use_chat_template, dm.add_bos)
+    options = (dm.tokenize_fn, dm.tokenizer, dm.max_length, dm.max_prompt_length, dm.use_chat_template, dm.add_bos,
+               getattr(dm, "prompt_variants", None))
     num_proc = min(dm.num_proc or 1, len(items))
     # in one process lazily: the first fatal error stops the tokenisation, as before
     outcomes = _map(items, options, num_proc) if num_proc > 1 else (_tokenize_one(item, *options) for item in items)
     features, sources = [], []
+    report.prompt_variants = sorted(getattr(dm, "prompt_variants", None) or ())
     for item, (feature, error) in zip(items, outcomes, strict=True):
         if error is not None:
             if dm.strict or not isinstance(error, (EmptyResponseError, SpanError)):
@@ -53,16 +55,20 @@ def tokenize_items(dm: Any, items: Sequence[Any], report: DataReport) -> tuple[l
             continue
         report.prompts_truncated += feature.pop("prompt_truncated")
         report.responses_truncated += feature.pop("response_truncated")
+        report.variant_prompts_truncated += feature.pop("variant_prompt_truncated", 0)
         features.append(feature)
         sources.append(item.source)
     return features, sources
 
 
 def _tokenize_one(item: Any, tokenize: Callable[..., Features], tokenizer: Any, max_length: int,
-                  max_prompt_length: int, use_chat_template: bool, add_bos: bool | None) -> Outcome:
+                  max_prompt_length: int, use_chat_template: bool, add_bos: bool | None,
+                  prompt_variants: dict[str, str] | None = None) -> Outcome:
     """``(features, None)``, or ``(None, error)`` when tokenising the item raised (accounted by the caller)."""
+    variants = {"prompt_variants": prompt_variants} if prompt_variants else {}
     try:
-        return tokenize(item, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos=add_bos), None
+        return tokenize(item, tokenizer, max_length, max_prompt_length, use_chat_template, add_bos=add_bos,
+                        **variants), None
     except Exception as error:  # noqa: BLE001 - tokenize_items raises or counts it, in row order
         return None, error
 

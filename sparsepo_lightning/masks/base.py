@@ -98,6 +98,11 @@ class TokenMasker(nn.Module):
         ``forward`` reads from ``context.frozen``; the module checks at start that each is configured."""
         return ()
 
+    def distribution_statistics(self) -> dict:
+        """Full-distribution statistics the masker reads from ``context.stats.distribution`` (detached), by name:
+        ``{name: distributions.DistributionStatistic}`` (docs/full-distribution.md). Default: none."""
+        return {}
+
     def bind(self, reference: nn.Module) -> None:
         """Attach to the reference model (size parameters, register hooks). Called once by the module."""
 
