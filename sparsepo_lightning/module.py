@@ -10,6 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from sparsepo_lightning import checkpointing, checks, sharding
+from sparsepo_lightning import reference_cache as reference_cache_lib
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
@@ -54,6 +55,7 @@ class PreferenceModule(LightningModule):
         fsdp_param_dtype: str | None = None,
         meta_init: bool = False,
         attn_implementation: str | None = None,
+        reference_cache: bool = False,
     ) -> None:
         """
         Args:
@@ -100,12 +102,20 @@ class PreferenceModule(LightningModule):
                 Without a trainer, call ``configure_model()`` before use.
             attn_implementation: of all models (``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``...);
                 None: transformers' choice. ``data.layout: packed`` takes sdpa, eager and flex_attention.
+            reference_cache: run the frozen reference once over the training and validation splits before training
+                (every rank its share) and keep its label log-probs beside the tokenised data (memory-mapped Arrow,
+                keyed by the reference, the data, the options and the code; ``reference_cache.py``); training and
+                validation then read them and never run the reference. For objectives and maskers that read only
+                label log-probs (DPO, IPO, DPOP, WeightedDPO, BCO, ...); refused at start for those that need the
+                live reference (TDPO/SparsePO's KL, learned and activation masks).
         """
         super().__init__()
         checks.check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
         checks.check_masker_objective(masker, self.objective)
+        self._cache_fields = reference_cache_lib.check_cacheable(self.objective, masker) if reference_cache else ()
+        self._reference_cache: reference_cache_lib.ReferenceCache | None = None  # set in on_fit_start
         self.optimizer_factory = optimizer
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -194,19 +204,28 @@ class PreferenceModule(LightningModule):
         return reference_outputs(self.reference, batch.input_ids, batch.attention_mask, self.masker,
                                  inference=not self._sharded, packed=batch.packed)
 
+    def on_fit_start(self) -> None:
+        """With ``reference_cache``: read the cached reference statistics, or build them (``reference_cache.py``)."""
+        if self._cache_fields:
+            self._reference_cache = reference_cache_lib.prepare(self, self.trainer, self._cache_fields)
+
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
         if batch.packed is not None and not self._packed_checked:
             self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference, self.frozen_models)
         labels, response_mask = batch.shifted_labels()
         policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask,
                                                packed=batch.packed)
-        reference = self._reference_outputs(batch)
+        cache = self._reference_cache if self._reference_cache is not None and self._reference_cache.has(stage) \
+            else None
+        reference = self._reference_outputs(batch) if cache is None else None  # cached: the reference never runs
         stats = token_stats(
             policy_hidden, labels, response_mask, output_head(self._causal_lm),
             reference_hidden=None if reference is None else reference.last_hidden,
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
         )
+        if cache is not None:
+            stats = reference_cache_lib.fill(stats, cache, stage, batch)
         masks = None if self.masker is None else step_masks(
             self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded)
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows

@@ -43,6 +43,10 @@ class PreferenceBatch:
         packed: the packed layout the models run on (``data.layout: packed``, ``packing.PackedRows``), or None
             (the models run on ``input_ids``). The tensors above stay in the padded layout either way: everything
             after the models' forward reads them. Keyword-only.
+        row_ids: the index of each pair (or unpaired example) of the batch in its split's features, in batch order
+            (``B`` ints, or ``N``), as the data module's loaders set it (``data.collate.WithRowIds``); ``None`` when
+            unknown. A plain tuple, never moved to a device: ``model.reference_cache`` finds each row's cached
+            statistics by it, whatever the shuffle or bucketing. Keyword-only.
     """
 
     input_ids: Tensor
@@ -52,6 +56,7 @@ class PreferenceBatch:
     token_weighted: Tensor | None = field(default=None, kw_only=True)
     desirable: Tensor | None = field(default=None, kw_only=True)
     packed: PackedRows | None = field(default=None, kw_only=True)
+    row_ids: tuple[int, ...] | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:

@@ -37,7 +37,7 @@ from sparsepo_lightning.data.batching import (
     layout_collate,
     log_budget_batches,
 )
-from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.collate import WithRowIds, collate_pairs
 from sparsepo_lightning.data.options import check_options
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow
@@ -368,14 +368,14 @@ class PreferenceDataModule(LightningDataModule):
         if self.max_tokens is not None and split != "train":
             return self._budget_loader(split, shuffle=False)
         collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
-        return DataLoader(self._split(split), batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(WithRowIds(self._split(split)), batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _budget_loader(self, split: str, shuffle: bool) -> DataLoader:
         """Micro-batches by token budget (``batching.py``), their order per pass and rank by ``BatchOrderSampler``."""
         collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
-        batches = budget_loader_parts(self._split(split), self.max_tokens, self.layout, self.pack_length, collate,
-                                      self.seed if shuffle else None)
+        batches = budget_loader_parts(WithRowIds(self._split(split)), self.max_tokens, self.layout, self.pack_length,
+                                      collate, self.seed if shuffle else None)
         log_budget_batches(split, self.layout, self.max_tokens, self.pack_length, batches)
         sampler = BatchOrderSampler(batches, self.seed, shuffle, *((self._train_passes, self._train_skip) if shuffle
                                                                     else (0, 0)))
