@@ -210,13 +210,14 @@ class PreferenceModule(LightningModule):
             self._reference_cache = reference_cache_lib.prepare(self, self.trainer, self._cache_fields)
 
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
-        if batch.packed is not None and not self._packed_checked:
-            self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference, self.frozen_models)
+        cache = self._reference_cache if self._reference_cache is not None and self._reference_cache.has(stage) \
+            else None
+        if batch.packed is not None and not self._packed_checked:  # a cached reference never runs packed
+            self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference if cache is None
+                                                              else None, self.frozen_models)
         labels, response_mask = batch.shifted_labels()
         policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask,
                                                packed=batch.packed)
-        cache = self._reference_cache if self._reference_cache is not None and self._reference_cache.has(stage) \
-            else None
         reference = self._reference_outputs(batch) if cache is None else None  # cached: the reference never runs
         stats = token_stats(
             policy_hidden, labels, response_mask, output_head(self._causal_lm),
