@@ -144,15 +144,34 @@ class _Record(Callback):
         self.metrics.append({f"val:{k}": v for k, v in pl_module.last_step.metrics.items()})
 
 
+@pytest.fixture(scope="module")
+def other_reference(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny Llama with other weights (seed 1) and the same tokenizer: a reference that is not the policy."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("other-reference")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_llama(seed=1, vocab=len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def _fit(model_dir: str, pairs_file: str, root: Path, cache: bool, layout: str = "padded", max_steps: int = 2,
          resume: str | None = None, checkpoint: bool = False,
-         masker: str = "excess") -> tuple[_Record, dict[str, torch.Tensor], Any]:
-    """SGD, 2 optimizer steps of 2 accumulated (shuffled) micro-batches of 2 pairs, validation on 2 batches;
-    WeightedDPO with ExcessLossSelection (``excess``), a plug-in that reads the (cached) reference log-probs, or with
-    ``UniformMasker`` (``uniform``: DPO)."""
+         reference: str | None = None) -> tuple[_Record, dict[str, torch.Tensor], Any]:
+    """SGD, 2 optimizer steps of 2 accumulated (shuffled) micro-batches of 2 pairs, validation on 2 batches.
+
+    With a ``reference`` other than the policy: WeightedDPO with ExcessLossSelection, a plug-in that reads the
+    (cached) reference log-probs. Else WeightedDPO with ``UniformMasker`` (DPO): with the policy as reference every
+    ``ρ^t`` is exactly 0 at the first step, and the tokens ExcessLossSelection keeps would be chosen by float
+    rounding (the cache's rows are batched differently from the step's)."""
     seed_everything(0)
-    weights = ExcessLossSelection(keep_ratio=0.5, scope="response") if masker == "excess" else UniformMasker()
-    module = PreferenceModule(model=model_dir, objective=WeightedDPO(beta=0.5), masker=weights,
+    weights = ExcessLossSelection(keep_ratio=0.5, scope="response") if reference else UniformMasker()
+    module = PreferenceModule(model=model_dir, reference=reference, objective=WeightedDPO(beta=0.5), masker=weights,
                               optimizer=torch.optim.SGD, lr=0.5, warmup_ratio=0.0, schedule="constant",
                               reference_cache=cache)
     data = PreferenceDataModule(tokenizer=model_dir, train_file=pairs_file, val_file=pairs_file, batch_size=2,
@@ -181,27 +200,27 @@ def _assert_same_run(cached: tuple, live: tuple, rtol: float, atol: float) -> No
 
 
 @pytest.fixture(scope="module")
-def live_padded(tiny_model_dir, pairs_file, tmp_path_factory) -> tuple:
-    """The live-reference run on the padded layout, shared by the exactness and resume tests."""
-    return _fit(tiny_model_dir, pairs_file, tmp_path_factory.mktemp("live"), cache=False)
+def live_padded(tiny_model_dir, pairs_file, other_reference, tmp_path_factory) -> tuple:
+    """The live-reference run on the padded layout (ExcessLossSelection), shared by the exactness and resume tests."""
+    return _fit(tiny_model_dir, pairs_file, tmp_path_factory.mktemp("live"), cache=False, reference=other_reference)
 
 
-@pytest.mark.parametrize("layout, masker", [("padded", "excess"), ("packed", "uniform")])
-def test_cached_fit_equals_the_live_reference_fit(layout, masker, tiny_model_dir, pairs_file, tmp_path, monkeypatch,
-                                                 live_padded):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_cached_fit_equals_the_live_reference_fit(layout, tiny_model_dir, pairs_file, other_reference, tmp_path,
+                                                 monkeypatch, live_padded):
     """Losses, metrics (train and validation) and weights after 2 accumulated steps, to 1e-6; the reference runs
     only while the cache is built, never in a step.
 
-    The cache is computed on padded rows. On the packed layout the live reference's log-probs differ from them by
-    float rounding (~1e-7), which is harmless for DPO but reorders ExcessLossSelection's ties: at the first step the
-    policy is the reference, so every live ``ρ^t`` is exactly 0 and the kept half of the tokens is decided by those
-    roundings. Hence DPO (``UniformMasker``) on the packed layout, where the sequence log-ratios (differences of two
-    sums of ~20 token log-probs) also round differently: there the tolerance is the one of the packed layout against
-    the padded one, both live (tests/test_packing.py): 1e-6 absolute plus 1e-5 relative."""
+    Padded: ExcessLossSelection with another model as the reference. Packed: DPO (policy = reference). The cache is
+    computed on padded rows; on the packed layout the live reference's log-probs differ from them by float rounding
+    (~1e-7), and the sequence log-ratios (differences of two sums of ~20 token log-probs) with them: there the
+    tolerance is the one of the packed layout against the padded one, both live (tests/test_packing.py): 1e-6
+    absolute plus 1e-5 relative."""
     monkeypatch.setenv("SPARSEPO_TOKENISED_CACHE", str(tmp_path / "cache"))
+    reference = other_reference if layout == "padded" else None
     live = live_padded if layout == "padded" else _fit(tiny_model_dir, pairs_file, tmp_path / "live", cache=False,
-                                                       layout=layout, masker=masker)
-    cached = _fit(tiny_model_dir, pairs_file, tmp_path / "cached", cache=True, layout=layout, masker=masker)
+                                                       layout=layout)
+    cached = _fit(tiny_model_dir, pairs_file, tmp_path / "cached", cache=True, layout=layout, reference=reference)
     assert live[0].reference_calls >= 6 and cached[0].reference_calls == 0
     assert cached[2]._reference_cache.rows_computed == 32  # 16 training and 16 validation pairs
     moved = max((live[1][k] - v).abs().max().item() for k, v in _initial_policy(tiny_model_dir).items())
@@ -215,16 +234,18 @@ def _initial_policy(model_dir: str) -> dict[str, torch.Tensor]:
     return dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
 
 
-def test_resume_with_the_cache_equals_the_uninterrupted_live_run(tiny_model_dir, pairs_file, tmp_path, monkeypatch,
-                                                                 live_padded):
+def test_resume_with_the_cache_equals_the_uninterrupted_live_run(tiny_model_dir, pairs_file, other_reference, tmp_path,
+                                                                 monkeypatch, live_padded):
     """Stop after step 1 (checkpoint), resume to step 2: the weights equal the live run's; the resumed start reads
     the cache without computing."""
     monkeypatch.setenv("SPARSEPO_TOKENISED_CACHE", str(tmp_path / "cache"))
     live = live_padded
-    first = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, max_steps=1, checkpoint=True)
+    first = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, max_steps=1, checkpoint=True,
+                 reference=other_reference)
     assert first[2]._reference_cache.rows_computed == 32
     checkpoint = next((tmp_path / "run" / "ckpt").glob("*step=1.ckpt"))
-    resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, resume=str(checkpoint))
+    resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, resume=str(checkpoint),
+                   reference=other_reference)
     assert resumed[2]._reference_cache.rows_computed == 0
     for name, value in live[1].items():
         assert_close(resumed[1][name], value, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
