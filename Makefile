@@ -30,7 +30,7 @@ test: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-.PHONY: bench
+.PHONY: bench bench-full
 # Side-by-side step time / peak memory vs TRL's DPOTrainer (benchmarks/README.md); CPU: ~10-15 min on 2 cores.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
@@ -45,3 +45,11 @@ study: $(STAMP)
 # Regenerate the study's report (tables, figures) from the committed per-run logs only.
 study-report: $(STAMP)
 	$(PY) -m sparsepo_lightning.study sentiment report
+
+.PHONY: gpu-check
+# Every CUDA path and the full-depth side-by-side at T = 2048 vs TRL (benchmarks/gpu_check.py, docs/performance.md),
+# within 8 minutes on one H100; without CUDA it says so and exits 0. TRL is installed only if missing (offline GPU
+# machines: preinstall it).
+gpu-check: $(STAMP)
+	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install --quiet 'trl==1.16.0' || echo "gpu-check: TRL missing; the side-by-side check will fail"
+	$(PY) benchmarks/gpu_check.py
