@@ -245,12 +245,12 @@ def _on(collated: dict, device) -> dict:
 
 
 def static_mib(models, optimizer) -> dict:
-    """Weights (all models), gradients (trainable weights) and optimizer state, counted from the tensors."""
+    """Weights (all models), gradients (of the optimizer's parameters) and optimizer state, from the tensors."""
     import torch
 
     params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
     return {"weights_mib": weights / 2**20, "grads_mib": grads / 2**20, "optimizer_mib": state / 2**20}
