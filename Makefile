@@ -36,6 +36,13 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_dpo.py
 
+# Full depth (all 30 blocks, T = 512, 4 pairs), then DPO with the reference cache vs TRL precompute_ref_log_probs
+# (with and without gradient checkpointing): slow on a CPU, about 40 + 45 min on 2 quiet cores (docs/performance.md).
+bench-full: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/bench_dpo.py --full-depth --out benchmarks/results/full_depth.json
+	$(PY) benchmarks/bench_dpo.py --full-depth --cached --out benchmarks/results/cached.json
+
 .PHONY: study study-report
 # The controlled sentiment study (reports/sentiment/README.md): resumable, hours on a CPU; LIMIT=n runs per sitting.
 study: $(STAMP)
