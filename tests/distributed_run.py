@@ -22,7 +22,7 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
   (``tests/callbacks_run.py``; compared with one process by ``tests/test_callbacks.py``);
 - ``ddp_reference_cache`` / ``fsdp2_reference_cache``: ``model.reference_cache`` (``cache_options``): the ranks
   build the cache together (under FSDP2 in pieces of 12 pairs, so that one rank has more reference calls to make
-  than the other), then one step; under DDP a second start reads the cache. Records the rows each rank computed;
+  than the other), then one step. Records the rows each rank computed (the rest it read from the other's pieces);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
   CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
   only; torch runs it on CPU with gloo when the device is given).
@@ -220,7 +220,7 @@ def cache_options(masker: str) -> dict[str, Any]:
 
 
 def cached_reference_step(strategy: str, model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
-    """``one_step`` with the reference cache (in this mode's own cache folder), then a second start that reads it."""
+    """``one_step`` with the reference cache, built in this mode's own cache folder by both ranks."""
     from sparsepo_lightning import reference_cache
     from sparsepo_lightning.data.token_cache import CACHE_ENV_VAR
 
@@ -229,11 +229,7 @@ def cached_reference_step(strategy: str, model_dir: str, pairs: str, root: Path)
         reference_cache.PIECE_ROWS = 12  # pieces of 12 + 4 pairs per split: rank 0 gets 24 pairs, rank 1 8
     masker = "uniform"  # at the first step ρ = 0 on every token: ExcessLossSelection's choice would be rounding's
     first = one_step(strategy, 2, model_dir, pairs, root / "first", reference_cache=True, **cache_options(masker))
-    if strategy != "ddp":
-        return first | {"computed": [first["reference_rows_computed"]]}
-    again = one_step(strategy, 2, model_dir, pairs, root / "again", reference_cache=True, **cache_options(masker))
-    return first | {"computed": [first["reference_rows_computed"], again["reference_rows_computed"]],
-                    "loss_again": again["loss"]}
+    return first | {"computed": first["reference_rows_computed"]}
 
 
 def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> dict[str, Any]:

@@ -58,16 +58,15 @@ def test_one_step_matches_single_process(mode, single, ranks_by_mode):
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode, computed", [("ddp_reference_cache", [[16, 0], [16, 0]]),
-                                            ("fsdp2_reference_cache", [[24], [8]])])
+@pytest.mark.parametrize("mode, computed", [("ddp_reference_cache", [16, 16]), ("fsdp2_reference_cache", [24, 8])])
 def test_cached_reference_on_two_ranks_matches_the_live_single_process(mode, computed, ranks_by_mode, tiny_model_dir,
                                                                        pairs_file, tmp_path):
     """``model.reference_cache`` on 2 gloo processes: the ranks build the cache together (rank 0 the training pairs,
     rank 1 the validation pairs; under FSDP2 in pieces of 12 pairs, so rank 1 has 8 pairs to compute against rank
     0's 24 and pads its reference calls to stay in step with the sharded reference), the step equals the
-    single-process live-reference step, and under DDP a second start reads the cache on both ranks without
-    computing. WeightedDPO with UniformMasker (DPO); a plug-in reading the cached log-probs in its context:
-    tests/test_reference_cache.py."""
+    single-process live-reference step, although under DDP rank 1 computed no training pair: it read rank 0's.
+    WeightedDPO with UniformMasker (DPO); a plug-in reading the cached log-probs in its context, and a
+    later start reading without computing: tests/test_reference_cache.py."""
     from tests.distributed_run import cache_options
 
     baseline = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path, **cache_options("uniform"))
