@@ -19,7 +19,9 @@ Configurations (each in a fresh subprocess, so its peak memory is its own):
   + the same AdamW step as everybody;
 - ``padded``: ``PreferenceModule`` with ``DPO(beta=0.1)`` on the padded layout (``collate_pairs``);
 - ``packed``: the same on the packed layout, all pairs of a micro-batch in one row (``collate_packed``);
-- ``packed_rows``: the packed layout with rows of at most ``--pack-length`` tokens.
+- ``packed_rows``: the packed layout with rows of at most ``--pack-length`` tokens;
+- ``auto``: ``data.layout: auto``, padded or packed rows per micro-batch by the work estimate of
+  ``sparsepo_lightning/data/layout_cost.py`` (for SmolLM2-135M; docs/performance.md).
 
 Positions per pair: the positions the models run on (``R × L`` rows × columns; TRL: ``2B × longest row``), over
 every micro-batch of the mix's pairs, divided by the number of pairs. Step time and memory: the median CPU (or
@@ -45,7 +47,7 @@ from pathlib import Path
 from bench_dpo import LR, MODEL, _measure, _trl, model_path  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("trl", "padded", "packed", "packed_rows")
+CONFIGS = ("trl", "padded", "packed", "packed_rows", "auto")
 HH_MEDIANS = {"prompt": 186 * 2.15 / 3.15, "response": 186 / 3.15}
 """Median prompt and response tokens of HH-RLHF implied by the prefix-sharing paper's table (see above)."""
 HH_SIGMAS = {"prompt": 0.6, "response": 0.7}
@@ -118,6 +120,11 @@ def positions(config: str, batch: list, pack_length: int | None) -> int:
         return packed_cost(batch)
     if config == "packed_rows":
         return packed_cost(batch, pack_length)
+    if config == "auto":
+        from sparsepo_lightning.data.layout_cost import PADDED, choose_layout, ratio_for
+
+        choice = choose_layout(batch, ratio_for(MODEL))
+        return padded_cost(batch) if choice == PADDED else packed_cost(batch, int(choice))
     return padded_cost(batch)  # padded and TRL: 2B rows x the longest
 
 
@@ -134,7 +141,13 @@ def _ours(config: str, device, model: str, pack_length: int | None):
     optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
 
     def batch_of(features):
-        batch = collate_packed(features, pad_token_id=0, pack_length=pack_length if config == "packed_rows" else None)
+        if config == "auto":
+            from sparsepo_lightning.data.layout_cost import collate_auto, ratio_for
+
+            batch = collate_auto(features, pad_token_id=0, ratio=ratio_for(MODEL))
+        else:
+            batch = collate_packed(features, pad_token_id=0,
+                                   pack_length=pack_length if config == "packed_rows" else None)
         if config == "padded":
             batch.packed = None
         fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
@@ -150,7 +163,7 @@ def _ours(config: str, device, model: str, pack_length: int | None):
 
 
 def _trl_step(device, num_pairs: int, model: str):
-    step, batch_of_pairs = _trl(device, num_pairs, model)
+    step, batch_of_pairs, _ = _trl(device, num_pairs, model)
 
     def batch_of(features):
         pairs = []
