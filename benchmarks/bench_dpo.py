@@ -153,7 +153,7 @@ def _ours(name: str, device, model: str):
     def batch_of(pairs):
         batch = preference_batch(pairs, device)
         if base == "dpo_cached":  # the cache of these pairs, built before the timer as a fit builds it before training
-            module._reference_cache = _cache_of(module, pairs)
+            module._cache.cache = _cache_of(module, pairs)
             batch.row_ids = tuple(range(len(pairs)))
         return batch
 

@@ -10,7 +10,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from sparsepo_lightning import checkpointing, checks, sharding
-from sparsepo_lightning import reference_cache as reference_cache_lib
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, step_masks, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
@@ -102,21 +101,14 @@ class PreferenceModule(LightningModule):
                 Without a trainer, call ``configure_model()`` before use.
             attn_implementation: of all models (``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``...);
                 None: transformers' choice. ``data.layout: packed`` takes sdpa, eager and flex_attention.
-            reference_cache: run the frozen reference once over the training and validation splits before training
-                (every rank its share) and keep its label log-probs beside the tokenised data (memory-mapped Arrow,
-                keyed by the reference, the data, the options and the code; ``reference_cache.py``); training and
-                validation then read them and never run the reference. For objectives and maskers that read only
-                label log-probs (DPO, IPO, DPOP, WeightedDPO, BCO, ...); refused at start for those that need the
-                live reference (TDPO/SparsePO's KL, learned and activation masks).
+            reference_cache: compute the reference's label log-probs before training (docs/performance.md).
         """
         super().__init__()
         checks.check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
         checks.check_masker_objective(masker, self.objective)
-        self._cache_fields = reference_cache_lib.check_cacheable(self.objective, masker) if reference_cache else ()
-        self._reference_cache: reference_cache_lib.ReferenceCache | None = None  # set in on_fit_start
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self._cache = optimizer, checks.reference_cache(self.objective, masker, reference_cache)
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
             lora=lora, meta_init=meta_init, disable_dropout=disable_dropout,
@@ -204,29 +196,19 @@ class PreferenceModule(LightningModule):
         return reference_outputs(self.reference, batch.input_ids, batch.attention_mask, self.masker,
                                  inference=not self._sharded, packed=batch.packed)
 
-    def on_fit_start(self) -> None:
-        """With ``reference_cache``: read the cached reference statistics, or build them (``reference_cache.py``)."""
-        if self._cache_fields:
-            self._reference_cache = reference_cache_lib.prepare(self, self.trainer, self._cache_fields)
-
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
-        cache = self._reference_cache if self._reference_cache is not None and self._reference_cache.has(stage) \
-            else None
-        if batch.packed is not None and not self._packed_checked:  # a cached reference never runs packed
-            self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference if cache is None
-                                                              else None, self.frozen_models)
+        if batch.packed is not None and not self._packed_checked:
+            self._packed_checked = checks.check_packed_layout(self._causal_lm, self.reference, self.frozen_models)
         labels, response_mask = batch.shifted_labels()
         policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask,
                                                packed=batch.packed)
-        reference = self._reference_outputs(batch) if cache is None else None  # cached: the reference never runs
-        stats = token_stats(
+        reference = None if self._cache.serves(stage) else self._reference_outputs(batch)
+        stats = self._cache.fill(token_stats(  # with reference_cache: its log-probs from the cache
             policy_hidden, labels, response_mask, output_head(self._causal_lm),
             reference_hidden=None if reference is None else reference.last_hidden,
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
-        )
-        if cache is not None:
-            stats = reference_cache_lib.fill(stats, cache, stage, batch)
+        ), stage, batch)
         masks = None if self.masker is None else step_masks(
             self.masker, self.frozen_models, batch, stats, reference, self.hparams.chunk_size, not self._sharded)
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
@@ -246,19 +228,17 @@ class PreferenceModule(LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_callbacks(self) -> list[Callback]:
-        """The non-finite guard and the run summary are part of every run (they replace their own type in
-        ``trainer.callbacks``)."""
+        """The non-finite guard, the run summary (replacing their type in trainer.callbacks), the reference cache."""
         from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard
         from sparsepo_lightning.callbacks.summary import RunSummary
 
         return [NonFiniteGuard(self.hparams.max_consecutive_nonfinite, self.hparams.mask_collapse_steps),
-                RunSummary()]
+                RunSummary(), self._cache]
 
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""
         if stage == "fit":
-            precision = str(getattr(self.trainer, "precision", ""))
-            checks.check_precision(precision, self.named_parameters(), self.hparams.dtype)
+            checks.check_precision(str(self.trainer.precision), self.named_parameters(), self.hparams.dtype)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

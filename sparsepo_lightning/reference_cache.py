@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -146,10 +147,34 @@ class ReferenceCache:
         return scatter_response(flat, response_mask)
 
 
-def fill(stats: TokenStats, cache: ReferenceCache, split: str, batch: PreferenceBatch) -> TokenStats:
-    """``stats`` (computed without a reference) with ``reference_logps`` read from the cache."""
-    stats.reference_logps = cache.reference_logps(split, batch, stats.response_mask)
-    return stats
+class CachedReference(Callback):
+    """``model.reference_cache`` in a run (``PreferenceModule`` holds one, ``checks.reference_cache`` makes it):
+    builds or reads the cache in ``on_fit_start``, then tells the step whether a split is served (the reference is
+    then not run) and fills the step's statistics. Inactive (serves nothing) when the option is off, and for splits
+    it does not hold (``test``).
+
+    Attributes:
+        fields: the ``TokenStats`` fields cached (:func:`check_cacheable`); empty when inactive.
+        cache: the cache once prepared, else None.
+    """
+
+    def __init__(self, objective: Objective, masker: TokenMasker | None, enabled: bool) -> None:
+        self.fields = check_cacheable(objective, masker) if enabled else ()
+        self.cache: ReferenceCache | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.fields:
+            self.cache = prepare(pl_module, trainer, self.fields)
+
+    def serves(self, split: str) -> bool:
+        """True when the cache holds ``split`` (``train``, ``val``): its steps do not run the reference."""
+        return self.cache is not None and self.cache.has(split)
+
+    def fill(self, stats: TokenStats, split: str, batch: PreferenceBatch) -> TokenStats:
+        """``stats`` with ``reference_logps`` read from the cache when it serves ``split``, else ``stats``."""
+        if self.serves(split):
+            stats.reference_logps = self.cache.reference_logps(split, batch, stats.response_mask)
+        return stats
 
 
 # -- building ------------------------------------------------------------------------------------------------

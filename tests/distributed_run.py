@@ -204,8 +204,7 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank,
             "reference_training": module.reference.training if module.reference is not None else False,
-            "reference_rows_computed": None if module._reference_cache is None else
-            module._reference_cache.rows_computed}
+            "reference_rows_computed": None if module._cache.cache is None else module._cache.cache.rows_computed}
 
 
 def cache_options(masker: str) -> dict[str, Any]:

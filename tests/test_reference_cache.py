@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.testing import assert_close
 
-from sparsepo_lightning import reference_cache
+from sparsepo_lightning import checks, reference_cache
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.collate import WithRowIds, collate_pairs
 from sparsepo_lightning.errors import ConfigError
@@ -127,15 +128,28 @@ def test_lookup_rejects_batches_without_row_ids_or_with_other_rows(tmp_path):
 
 
 class _Record(Callback):
-    """Per-step metrics (train and validation), and a hook that counts reference forwards during steps."""
+    """Per-step metrics (train and validation), and a hook that counts the reference's forwards in steps (not in the
+    packed layout's one-time start-up probe, ``checks.check_packed_layout``, which runs every model on a probe)."""
 
     def __init__(self) -> None:
         self.metrics: list[dict[str, torch.Tensor]] = []
         self.reference_calls = 0
+        self.probing = False
 
     def on_train_start(self, trainer, pl_module) -> None:
-        pl_module.reference.base_model.register_forward_pre_hook(lambda *_: setattr(self, "reference_calls",
-                                                                         self.reference_calls + 1))
+        pl_module.reference.base_model.register_forward_pre_hook(lambda *_: self._count())
+
+    def _count(self) -> None:
+        self.reference_calls += not self.probing
+
+    def probe(self, check):
+        def probing(*args):
+            self.probing = True
+            try:
+                return check(*args)
+            finally:
+                self.probing = False
+        return probing
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.metrics.append(dict(pl_module.last_step.metrics))
@@ -183,7 +197,8 @@ def _fit(model_dir: str, pairs_file: str, root: Path, cache: bool, layout: str =
                       enable_checkpointing=checkpoint, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=4, default_root_dir=root,
                       callbacks=callbacks)
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    with mock.patch.object(checks, "check_packed_layout", record.probe(checks.check_packed_layout)):
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     return record, {k: v.detach().clone() for k, v in module.policy.named_parameters()}, module
 
 
@@ -222,7 +237,7 @@ def test_cached_fit_equals_the_live_reference_fit(layout, tiny_model_dir, pairs_
                                                        layout=layout)
     cached = _fit(tiny_model_dir, pairs_file, tmp_path / "cached", cache=True, layout=layout, reference=reference)
     assert live[0].reference_calls >= 6 and cached[0].reference_calls == 0
-    assert cached[2]._reference_cache.rows_computed == 32  # 16 training and 16 validation pairs
+    assert cached[2]._cache.cache.rows_computed == 32  # 16 training and 16 validation pairs
     moved = max((live[1][k] - v).abs().max().item() for k, v in _initial_policy(tiny_model_dir).items())
     assert moved > 1e-4  # the steps did something measurable
     _assert_same_run(cached, live, rtol=0 if layout == "padded" else 1e-5, atol=1e-6)
@@ -242,11 +257,11 @@ def test_resume_with_the_cache_equals_the_uninterrupted_live_run(tiny_model_dir,
     live = live_padded
     first = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, max_steps=1, checkpoint=True,
                  reference=other_reference)
-    assert first[2]._reference_cache.rows_computed == 32
+    assert first[2]._cache.cache.rows_computed == 32
     checkpoint = next((tmp_path / "run" / "ckpt").glob("*step=1.ckpt"))
     resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "run", cache=True, resume=str(checkpoint),
                    reference=other_reference)
-    assert resumed[2]._reference_cache.rows_computed == 0
+    assert resumed[2]._cache.cache.rows_computed == 0
     for name, value in live[1].items():
         assert_close(resumed[1][name], value, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert_close(resumed[0].metrics[-1]["val:loss"], live[0].metrics[-1]["val:loss"], rtol=0, atol=1e-6)
