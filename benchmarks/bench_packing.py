@@ -10,6 +10,8 @@ Mixes (lengths in tokens of the SmolLM2 tokenizer):
   so a median prompt of 186 · 2.15 / 3.15 ≈ 127 and a median response of ≈ 59 tokens). The spreads (σ of the
   log-length: 0.6 for prompts, 0.7 for responses) are this benchmark's assumption, not measured; prompts are
   clipped to [16, 320] and responses to [4, 192] tokens. Token ids are cut from the quickstart text.
+- ``side_by_side`` (on request, ``--mixes``): ``bench_dpo.py``'s rows, T = 512 with a prompt of T/4 and responses
+  of 3T/4 (the mix where packing saves least: one short prompt, two long responses);
 - ``imdb``: the shipped quickstart pairs (``data/quickstart/train.jsonl``: review openings of a few words and
   short sampled continuations), tokenised by the data module exactly as training does.
 
@@ -44,7 +46,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_dpo import LR, MODEL, _measure, _trl, model_path  # benchmarks/ is on sys.path when a script here runs
+from bench_dpo import LR, MODEL, _measure, _trl, model_path, token_pairs  # benchmarks/ is on sys.path here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl", "padded", "packed", "packed_rows", "auto")
@@ -105,6 +107,8 @@ def imdb_features(num_pairs: int) -> list[dict[str, list[int]]]:
 
 
 def features_of(mix: str, num_pairs: int) -> list[dict[str, list[int]]]:
+    if mix == "side_by_side":  # bench_dpo.py's rows: T = 512, prompt T/4, chosen and rejected 3T/4 each
+        return [feature(*pair) for pair in token_pairs(512, num_pairs)]
     return hh_features(num_pairs) if mix == "hh" else imdb_features(num_pairs)
 
 
