@@ -30,11 +30,19 @@ test: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-.PHONY: bench
+.PHONY: bench bench-full
 # Side-by-side step time / peak memory vs TRL's DPOTrainer (benchmarks/README.md); CPU: ~10-15 min on 2 cores.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_dpo.py
+
+# Full depth (all 30 blocks, T = 512, 4 pairs), then DPO with the reference cache vs TRL precompute_ref_log_probs
+# (with and without gradient checkpointing): slow on a CPU, roughly 40 + 45 min on 2 quiet cores (an estimate;
+# docs/performance.md).
+bench-full: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/bench_dpo.py --full-depth --out benchmarks/results/full_depth.json
+	$(PY) benchmarks/bench_dpo.py --full-depth --cached --out benchmarks/results/cached.json
 
 .PHONY: study study-report
 # A controlled sentiment study: resumable, hours on a CPU; LIMIT=n runs per sitting; PLAN=configs/study/<plan>.yaml
@@ -46,3 +54,11 @@ study: $(STAMP)
 # Regenerate a study's report (tables, figures) from its committed per-run logs only.
 study-report: $(STAMP)
 	$(PY) -m sparsepo_lightning.study sentiment report $(if $(PLAN),--plan $(PLAN),)
+
+.PHONY: gpu-check
+# Every CUDA path and the full-depth side-by-side at T = 2048 vs TRL (benchmarks/gpu_check.py, docs/performance.md),
+# within 8 minutes on one H100; without CUDA it says so and exits 0. TRL is installed only if missing (offline GPU
+# machines: preinstall it).
+gpu-check: $(STAMP)
+	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install --quiet 'trl==1.16.0' || echo "gpu-check: TRL missing; the side-by-side check will fail"
+	$(PY) benchmarks/gpu_check.py

@@ -14,6 +14,21 @@ less than wall seconds; wall seconds are reported too.
 - ``dpo``, ``tdpo1``, ``mapo`` (SparsePO + ActivationMasker), ``sparsepo_common`` / ``sparsepo_indep``
   (SparsePO + LearnedMasker): ``PreferenceModule.training_step`` (default options) + backward + optimizer.
 
+Reference cache against TRL's ``precompute_ref_log_probs`` (``--cached``: :data:`CACHED_CONFIGS`), each with a
+match at equal settings (:data:`MATCH`, ratios ``time_vs_match`` / ``dynamic_vs_match``):
+
+- ``dpo_cached``: DPO with ``reference_cache`` (``reference_cache.prepare`` over the batch's pairs before the timer,
+  as a fit does before training), against ``trl_precompute`` (``precompute_ref_log_probs=True``: TRL computes the
+  reference log-probs before the timer too, and then keeps no reference model);
+- ``*_gc``: the same with gradient checkpointing (ours ``gradient_checkpointing``, TRL's its default
+  ``gradient_checkpointing=True``, enabled as its ``Trainer.train`` would); ``dpo`` / ``dpo_gc`` against ``trl`` /
+  ``trl_gc`` (live references).
+
+Dynamic memory: ``dynamic_mib`` = ``step_mem`` minus the gradients of the trainable weights (which the step
+allocates and ``zero_grad(set_to_none=True)`` frees): the peak minus the static weights, gradients and optimizer
+state, i.e. what activations, logits and temporaries cost. ``static_mib`` gives weights, gradients and optimizer
+state as counted from the tensors.
+
 Memory: CUDA uses ``torch.cuda.max_memory_allocated``. On CPU, tracemalloc does not see torch's allocations,
 so the worker reads the kernel's resident-set high-water mark: after the warm-up step it records ``VmRSS``,
 resets ``VmHWM`` (``echo 5 > /proc/self/clear_refs``) and reads ``VmHWM`` after the measured steps. ``step_mem``
@@ -21,7 +36,8 @@ is that peak minus the resident memory before the step (activations, logits, gra
 resident part (weights of both models + AdamW state, identical for all configurations) is reported as
 ``resident``. Without ``clear_refs`` the worker falls back to ``getrusage`` max RSS of the process.
 
-Run: ``python benchmarks/bench_dpo.py`` (full, lengths 128/512/1024) or ``--quick`` (a smoke run).
+Run: ``python benchmarks/bench_dpo.py`` (full, lengths 128/512/1024) or ``--quick`` (a smoke run); ``--full-depth``
+for all 30 blocks at T = 512 with 4 pairs (slow on a CPU: ``docs/performance.md`` says how slow).
 """
 
 from __future__ import annotations
@@ -44,6 +60,10 @@ from proc_status import status_kib  # benchmarks/ is on sys.path when a script h
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl", "floor", "dpo", "tdpo1", "mapo", "sparsepo_common", "sparsepo_indep")
+CACHED_CONFIGS = ("trl", "dpo", "trl_gc", "dpo_gc", "trl_precompute", "dpo_cached", "trl_precompute_gc",
+                  "dpo_cached_gc")
+MATCH = {"dpo": "trl", "dpo_gc": "trl_gc", "dpo_cached": "trl_precompute", "dpo_cached_gc": "trl_precompute_gc"}
+"""Our configuration -> TRL's at equal settings (reference live or precomputed, checkpointing on or off)."""
 MODEL = "smollm2-135m"
 LR = 1e-6
 WARMUP_LENGTH = 32
@@ -115,11 +135,14 @@ def _ours(name: str, device, model: str):
     from sparsepo_lightning.objectives import DPO, TDPO1, SparsePO
     from sparsepo_lightning.optim import parameter_groups
 
+    base, checkpointing = name.removesuffix("_gc"), name.endswith("_gc")
     objective, masker = {
-        "dpo": (DPO(), None), "tdpo1": (TDPO1(), None), "mapo": (SparsePO(), ActivationMasker()),
-        "sparsepo_common": (SparsePO(), LearnedMasker()), "sparsepo_indep": (SparsePO(), LearnedMasker(True)),
-    }[name]
-    module = PreferenceModule(model, objective=objective, masker=masker).to(device)
+        "dpo": (DPO(), None), "dpo_cached": (DPO(), None), "tdpo1": (TDPO1(), None),
+        "mapo": (SparsePO(), ActivationMasker()), "sparsepo_common": (SparsePO(), LearnedMasker()),
+        "sparsepo_indep": (SparsePO(), LearnedMasker(True)),
+    }[base]
+    module = PreferenceModule(model, objective=objective, masker=masker, gradient_checkpointing=checkpointing,
+                              reference_cache=base == "dpo_cached").to(device)
     optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
 
     def step(batch):
@@ -127,7 +150,31 @@ def _ours(name: str, device, model: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, lambda pairs: preference_batch(pairs, device)
+    def batch_of(pairs):
+        batch = preference_batch(pairs, device)
+        if base == "dpo_cached":  # the cache of these pairs, built before the timer as a fit builds it before training
+            module._cache.cache = _cache_of(module, pairs)
+            batch.row_ids = tuple(range(len(pairs)))
+        return batch
+
+    return step, batch_of, ([module.policy, module.reference, module.masker], optimizer)
+
+
+def _cache_of(module, pairs):
+    """``reference_cache.prepare`` over ``pairs`` as the training split of a one-rank run (in a temporary folder)."""
+    from types import SimpleNamespace
+
+    from sparsepo_lightning import reference_cache
+    from sparsepo_lightning.data.collate import collate_pairs
+
+    os.environ.setdefault("SPARSEPO_TOKENISED_CACHE", tempfile.mkdtemp())
+    features = [{"chosen_input_ids": p + c, "chosen_labels": [-100] * len(p) + c, "rejected_input_ids": p + r,
+                 "rejected_labels": [-100] * len(p) + r} for p, c, r in pairs]
+    data = SimpleNamespace(datasets={"train": features}, collate_fn=collate_pairs, pad_token_id=0,
+                           batch_size=len(pairs), cache_tokenised=False)
+    trainer = SimpleNamespace(datamodule=data, global_rank=0, world_size=1,
+                              strategy=SimpleNamespace(barrier=lambda *_: None))
+    return reference_cache.prepare(module, trainer, ("reference_logps",))
 
 
 def _floor(device, model: str):
@@ -146,10 +193,10 @@ def _floor(device, model: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, lambda pairs: preference_batch(pairs, device)
+    return step, lambda pairs: preference_batch(pairs, device), ([policy, reference], optimizer)
 
 
-def _trl(device, num_pairs: int, model: str):
+def _trl(device, num_pairs: int, model: str, checkpointing: bool = False, precompute: bool = False):
     import logging
 
     import torch
@@ -163,25 +210,50 @@ def _trl(device, num_pairs: int, model: str):
     text = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}] * num_pairs)
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=num_pairs, learning_rate=LR,
                      max_length=None, report_to=[], save_strategy="no", use_cpu=device.type == "cpu",
-                     dataloader_num_workers=0, max_grad_norm=0.0, bf16=False, fp16=False)
-    trainer = DPOTrainer(model=load_causal_lm(model), ref_model=load_causal_lm(model), args=args,
-                         train_dataset=text, processing_class=tokenizer)
+                     dataloader_num_workers=0, max_grad_norm=0.0, bf16=False, fp16=False,
+                     gradient_checkpointing=checkpointing, precompute_ref_log_probs=precompute)
+    trainer = DPOTrainer(model=load_causal_lm(model), ref_model=None if precompute else load_causal_lm(model),
+                         args=args, train_dataset=text, processing_class=tokenizer)
     model = trainer.model
+    if checkpointing:  # what Trainer.train does first (we call training_step directly)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     # The same optimizer as every other configuration (TRL would pick its own default); no clipping anywhere.
     trainer.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we do not run
 
     def batch_of(pairs):
         examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
-        collated = trainer.data_collator(examples)
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+        if precompute:  # as TRL's precompute pass over the dataset: before the timer, with the initial policy
+            chosen, rejected = trainer.compute_ref_log_probs(model, _on(trainer.data_collator(examples), device))
+            for example, c, r in zip(examples, chosen.tolist(), rejected.tolist(), strict=True):
+                example.update(ref_chosen_logps=c, ref_rejected_logps=r)
+        return _on(trainer.data_collator(examples), device)
 
     def step(batch):
         trainer.training_step(model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
-    return step, batch_of
+    return step, batch_of, ([model, trainer.ref_model], trainer.optimizer)
+
+
+def _on(collated: dict, device) -> dict:
+    import torch
+
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+
+
+def static_mib(models, optimizer) -> dict:
+    """Weights (all models), gradients (of the optimizer's parameters) and optimizer state, from the tensors."""
+    import torch
+
+    params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    return {"weights_mib": weights / 2**20, "grads_mib": grads / 2**20, "optimizer_mib": state / 2**20}
 
 
 def _measure(step, batch, steps: int, device) -> dict:
@@ -230,8 +302,10 @@ def worker(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: in
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step, batch_of = (_trl(device, num_pairs, model) if name == "trl" else _floor(device, model)
-                      if name == "floor" else _ours(name, device, model))
+    if name.startswith("trl"):
+        step, batch_of, parts = _trl(device, num_pairs, model, name.endswith("_gc"), "precompute" in name)
+    else:
+        step, batch_of, parts = _floor(device, model) if name == "floor" else _ours(name, device, model)
     warmup_batch = batch_of(token_pairs(WARMUP_LENGTH, num_pairs))
     for _ in range(warmup):  # allocates AdamW state; first-call overheads
         step(warmup_batch)
@@ -239,7 +313,9 @@ def worker(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: in
     for length in sorted(lengths):
         batch = batch_of(token_pairs(length, num_pairs))
         row = {"config": name, "length": length, "pairs": num_pairs, "device": str(device)}
-        results.append({**row, **_measure(step, batch, steps, device)})
+        measured, static = _measure(step, batch, steps, device), static_mib(*parts)
+        dynamic = measured["step_mem_mib"] - static["grads_mib"]
+        results.append({**row, **measured, "dynamic_mib": dynamic, "static_mib": static})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     return results
 
@@ -282,21 +358,27 @@ def add_ratios(results: list[dict]) -> None:
             r[f"time_vs_{base}"] = r[key] / ref[key]
             r[f"mem_vs_{base}"] = r["step_mem_mib"] / ref["step_mem_mib"]
             r[f"peak_vs_{base}"] = r["peak_mib"] / ref["peak_mib"]
+        match = by_key.get((MATCH.get(r["config"]), r["length"]))
+        if "error" not in r and match is not None:
+            key = "cpu_s" if r["device"] == "cpu" else "step_s"
+            r["time_vs_match"], r["dynamic_vs_match"] = r[key] / match[key], r["dynamic_mib"] / match["dynamic_mib"]
+            r["peak_vs_match"] = r["peak_mib"] / match["peak_mib"]
 
 
 def table(results: list[dict]) -> str:
-    head = ("| T | config | wall s | CPU s | ×TRL time | ×floor time | step MiB | ×TRL mem | ×floor mem | peak MiB "
-            "| ×TRL peak |")
-    lines = [head, "|---" * 11 + "|"]
+    head = ("| T | config | wall s | CPU s | ×TRL time | ×floor time | step MiB | dynamic MiB | ×TRL mem | ×floor mem "
+            "| peak MiB | ×TRL peak | ×match time | ×match dynamic |")
+    lines = [head, "|---" * 14 + "|"]
     nan = float("nan")
     for r in sorted(results, key=lambda r: r["length"]):
         if "error" in r:
-            lines.append(f"| {r['length']} | {r['config']} | error: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['length']} | {r['config']} | error: {r['error']} |" + " |" * 11)
             continue
         lines.append(f"| {r['length']} | {r['config']} | {r['step_s']:.2f} | {r['cpu_s']:.2f} "
-                     f"| {r.get('time_vs_trl', nan):.2f} "
-                     f"| {r.get('time_vs_floor', nan):.2f} | {r['step_mem_mib']:.0f} | {r.get('mem_vs_trl', nan):.2f} "
-                     f"| {r.get('mem_vs_floor', nan):.2f} | {r['peak_mib']:.0f} | {r.get('peak_vs_trl', nan):.2f} |")
+                     f"| {r.get('time_vs_trl', nan):.2f} | {r.get('time_vs_floor', nan):.2f} | {r['step_mem_mib']:.0f} "
+                     f"| {r.get('dynamic_mib', nan):.0f} | {r.get('mem_vs_trl', nan):.2f} "
+                     f"| {r.get('mem_vs_floor', nan):.2f} | {r['peak_mib']:.0f} | {r.get('peak_vs_trl', nan):.2f} "
+                     f"| {r.get('time_vs_match', nan):.2f} | {r.get('dynamic_vs_match', nan):.2f} |")
     return "\n".join(lines)
 
 
@@ -307,7 +389,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 1 on CPU, 4 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 3 on CPU, 5 on CUDA)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=None, help=f"default: {','.join(CONFIGS)}")
+    parser.add_argument("--cached", action="store_true",
+                        help=f"reference cache vs TRL precompute_ref_log_probs: {','.join(CACHED_CONFIGS)}")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="all 30 blocks, T = 512, 4 pairs (slow on a CPU; docs/performance.md)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/latest.json"))
     parser.add_argument("--layers", type=int, default=None,
                         help="cut SmolLM2-135M to its first N blocks (default: 30 on CUDA, 2 on CPU, 1 with --quick)")
@@ -322,13 +408,15 @@ def main() -> None:
 
     load_before = os.getloadavg()
     cuda = torch.cuda.is_available()
-    lengths = [64] if args.quick else [int(x) for x in (args.lengths or "128,512,1024").split(",")]
-    num_pairs = args.pairs or (1 if args.quick or not cuda else 4)
+    default_lengths = "512" if args.full_depth else "128,512,1024"
+    lengths = [64] if args.quick else [int(x) for x in (args.lengths or default_lengths).split(",")]
+    num_pairs = args.pairs or (1 if args.quick or not (cuda or args.full_depth) else 4)
     steps = args.steps or (1 if args.quick else 5 if cuda else 3)
-    layers = args.layers or (1 if args.quick else None if cuda else 2)
+    layers = args.layers or (1 if args.quick else 30 if args.full_depth else None if cuda else 2)
+    configs = args.configs or ",".join(CACHED_CONFIGS if args.cached else CONFIGS)
     model = model_path(layers if layers != 30 else None)
     results = []
-    for name in args.configs.split(","):
+    for name in configs.split(","):
         results += run_config(name, lengths, num_pairs, args.warmup, steps, model, timeout=900)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     add_ratios(results)

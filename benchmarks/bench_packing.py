@@ -10,6 +10,8 @@ Mixes (lengths in tokens of the SmolLM2 tokenizer):
   so a median prompt of 186 · 2.15 / 3.15 ≈ 127 and a median response of ≈ 59 tokens). The spreads (σ of the
   log-length: 0.6 for prompts, 0.7 for responses) are this benchmark's assumption, not measured; prompts are
   clipped to [16, 320] and responses to [4, 192] tokens. Token ids are cut from the quickstart text.
+- ``side_by_side`` (on request, ``--mixes``): ``bench_dpo.py``'s rows, T = 512 with a prompt of T/4 and responses
+  of 3T/4 (the mix where packing saves least: one short prompt, two long responses);
 - ``imdb``: the shipped quickstart pairs (``data/quickstart/train.jsonl``: review openings of a few words and
   short sampled continuations), tokenised by the data module exactly as training does.
 
@@ -19,7 +21,9 @@ Configurations (each in a fresh subprocess, so its peak memory is its own):
   + the same AdamW step as everybody;
 - ``padded``: ``PreferenceModule`` with ``DPO(beta=0.1)`` on the padded layout (``collate_pairs``);
 - ``packed``: the same on the packed layout, all pairs of a micro-batch in one row (``collate_packed``);
-- ``packed_rows``: the packed layout with rows of at most ``--pack-length`` tokens.
+- ``packed_rows``: the packed layout with rows of at most ``--pack-length`` tokens;
+- ``auto``: ``data.layout: auto``, padded or packed rows per micro-batch by the work estimate of
+  ``sparsepo_lightning/data/layout_cost.py`` (for SmolLM2-135M; docs/performance.md).
 
 Positions per pair: the positions the models run on (``R × L`` rows × columns; TRL: ``2B × longest row``), over
 every micro-batch of the mix's pairs, divided by the number of pairs. Step time and memory: the median CPU (or
@@ -42,10 +46,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_dpo import LR, MODEL, _measure, _trl, model_path  # benchmarks/ is on sys.path when a script here runs
+from bench_dpo import LR, MODEL, _measure, _trl, model_path, token_pairs  # benchmarks/ is on sys.path here
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("trl", "padded", "packed", "packed_rows")
+CONFIGS = ("trl", "padded", "packed", "packed_rows", "auto")
 HH_MEDIANS = {"prompt": 186 * 2.15 / 3.15, "response": 186 / 3.15}
 """Median prompt and response tokens of HH-RLHF implied by the prefix-sharing paper's table (see above)."""
 HH_SIGMAS = {"prompt": 0.6, "response": 0.7}
@@ -103,6 +107,8 @@ def imdb_features(num_pairs: int) -> list[dict[str, list[int]]]:
 
 
 def features_of(mix: str, num_pairs: int) -> list[dict[str, list[int]]]:
+    if mix == "side_by_side":  # bench_dpo.py's rows: T = 512, prompt T/4, chosen and rejected 3T/4 each
+        return [feature(*pair) for pair in token_pairs(512, num_pairs)]
     return hh_features(num_pairs) if mix == "hh" else imdb_features(num_pairs)
 
 
@@ -118,6 +124,11 @@ def positions(config: str, batch: list, pack_length: int | None) -> int:
         return packed_cost(batch)
     if config == "packed_rows":
         return packed_cost(batch, pack_length)
+    if config == "auto":
+        from sparsepo_lightning.data.layout_cost import PADDED, choose_layout, ratio_for
+
+        choice = choose_layout(batch, ratio_for(MODEL))
+        return padded_cost(batch) if choice == PADDED else packed_cost(batch, int(choice))
     return padded_cost(batch)  # padded and TRL: 2B rows x the longest
 
 
@@ -134,7 +145,13 @@ def _ours(config: str, device, model: str, pack_length: int | None):
     optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
 
     def batch_of(features):
-        batch = collate_packed(features, pad_token_id=0, pack_length=pack_length if config == "packed_rows" else None)
+        if config == "auto":
+            from sparsepo_lightning.data.layout_cost import collate_auto, ratio_for
+
+            batch = collate_auto(features, pad_token_id=0, ratio=ratio_for(MODEL))
+        else:
+            batch = collate_packed(features, pad_token_id=0,
+                                   pack_length=pack_length if config == "packed_rows" else None)
         if config == "padded":
             batch.packed = None
         fields = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
@@ -150,7 +167,7 @@ def _ours(config: str, device, model: str, pack_length: int | None):
 
 
 def _trl_step(device, num_pairs: int, model: str):
-    step, batch_of_pairs = _trl(device, num_pairs, model)
+    step, batch_of_pairs, _ = _trl(device, num_pairs, model)
 
     def batch_of(features):
         pairs = []

@@ -49,9 +49,9 @@ class Task:
 ZEPHYR = {"use_chat_template": True, "chat_template": "zephyr"}
 """The released code renders every non-code example with a Zephyr-style template (docs/method.md §6.1)."""
 
-PACKED_NOTE = ("data.layout packed: each prompt once per model, no padding, exact (docs/packing.md); "
-               "padded needs no 4D-mask attention.")
-"""Why the long-prompt recipes (HH, TL;DR) pack their pairs (README, Performance: packed vs padded)."""
+PACKED_NOTE = ("data.layout auto: padded or packed rows (docs/packing.md) per micro-batch, whichever costs less "
+               "attention and MLP work (docs/performance.md).")
+"""Why the long-prompt recipes (HH, TL;DR) let the cost model choose the layout (docs/performance.md)."""
 
 
 TASKS = [
@@ -73,7 +73,7 @@ TASKS = [
         l1_common=0.001,
         data={"class_path": "sparsepo_lightning.data.hh.HHDataModule",
               "init_args": {**ZEPHYR, "system_prompt": "", "max_length": 2048, "max_prompt_length": 1024,
-                            "layout": "packed"}},
+                            "layout": "auto"}},
         notes=("Policy/reference: the paper first fine-tunes Pythia-1.4B on HH chosen dialogues (SFT, lr 1e-5,",
                "1 epoch); point model.model at that SFT checkpoint. Effective batch 128 (README); exps.sh used 64.",
                PACKED_NOTE),
@@ -83,7 +83,7 @@ TASKS = [
         tokenizer="EleutherAI/gpt-j-6b", beta=0.8, lr=1e-4, epochs=1, devices=4, batch_size=1, accumulate=64,
         data={"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
               "init_args": {"subset": "comparisons", **ZEPHYR, "system_prompt": "", "max_length": 2048,
-                            "max_prompt_length": 1024, "layout": "packed"}},
+                            "max_prompt_length": 1024, "layout": "auto"}},
         lora={"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]},
         dtype="float16",
         notes=("LoRA as released (r 64, alpha 16, dropout 0.1; GPT-J only has the q/k/v names of the target list),",
@@ -153,10 +153,10 @@ SMALL_DATA = {
                            "max_prompt_length": 24}},
     "hh": {"class_path": "sparsepo_lightning.data.hh.HHDataModule",
            "init_args": {"hub_dataset": "data/samples/hh", "max_length": 256, "max_prompt_length": 192,
-                         "layout": "packed"}},
+                         "layout": "packed", "pack_length": 512}},
     "tldr": {"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
              "init_args": {"subset": "comparisons", "hub_dataset": "data/samples/tldr", "max_length": 256,
-                           "max_prompt_length": 192, "layout": "packed"}},
+                           "max_prompt_length": 192, "layout": "packed", "pack_length": 512}},
     "code": {"class_path": "sparsepo_lightning.data.code.CodeDataModule",
              "init_args": {"train_file": "data/samples/code/train.jsonl", "val_file": "data/samples/code/val.jsonl",
                            "max_length": 256, "max_prompt_length": 160}},

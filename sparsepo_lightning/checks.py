@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,15 @@ def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> 
         raise ConfigError(f"masker={type(masker).__name__} reads the reference model, which the reference-free "
                          f"objective {type(objective).__name__} does not load. Fix: a masker that needs no reference, "
                          "or an objective with a reference.")
+
+
+def reference_cache(objective: Objective, masker: TokenMasker | None, enabled: bool) -> Any:
+    """``model.reference_cache``: the callback that builds and serves the cached reference statistics
+    (``reference_cache.CachedReference``, inactive unless ``enabled``); a ``ConfigError`` with the reason when the
+    objective or the masker needs the live reference."""
+    from sparsepo_lightning.reference_cache import CachedReference
+
+    return CachedReference(objective, masker, enabled)
 
 
 def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str] | None,

@@ -55,6 +55,7 @@ class PreferenceModule(LightningModule):
         fsdp_param_dtype: str | None = None,
         meta_init: bool = False,
         attn_implementation: str | None = None,
+        reference_cache: bool = False,
     ) -> None:
         """
         Args:
@@ -101,13 +102,14 @@ class PreferenceModule(LightningModule):
                 Without a trainer, call ``configure_model()`` before use.
             attn_implementation: of all models (``sdpa``, ``eager``, ``flex_attention``, ``flash_attention_2``...);
                 None: transformers' choice. ``data.layout: packed`` takes sdpa, eager and flex_attention.
+            reference_cache: compute the reference's label log-probs before training (docs/performance.md).
         """
         super().__init__()
         checks.check_options(lr, mask_lr, warmup_ratio, chunk_size, max_consecutive_nonfinite, mask_collapse_steps)
         self.save_hyperparameters(ignore=["objective", "masker", "optimizer"])
         self.objective = objective if objective is not None else SparsePO()
         checks.check_masker_objective(masker, self.objective)
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self._cache = optimizer, checks.reference_cache(self.objective, masker, reference_cache)
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
             lora=lora, meta_init=meta_init, disable_dropout=disable_dropout,
@@ -201,13 +203,13 @@ class PreferenceModule(LightningModule):
         labels, response_mask = batch.shifted_labels()
         policy_hidden, _ = final_hidden_states(self._causal_lm, batch.input_ids, batch.attention_mask,
                                                packed=batch.packed)
-        reference = self._reference_outputs(batch)
-        stats = token_stats(
+        reference = None if self._cache.serves(stage) else self._reference_outputs(batch)
+        stats = self._cache.fill(token_stats(  # with reference_cache: its log-probs from the cache
             policy_hidden, labels, response_mask, output_head(self._causal_lm),
             reference_hidden=None if reference is None else reference.last_hidden,
             reference_head=None if reference is None else reference.head,
             with_kl=self.objective.needs_kl, chunk_size=self.hparams.chunk_size,
-        )
+        ), stage, batch)
         masks = step_masks_and_statistics(self, batch, stats, policy_hidden, reference, not self._sharded)
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
         effective = self.objective.effective_masks(masks, response_mask)
@@ -226,19 +228,17 @@ class PreferenceModule(LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_callbacks(self) -> list[Callback]:
-        """The non-finite guard and the run summary are part of every run (they replace their own type in
-        ``trainer.callbacks``)."""
+        """The non-finite guard, the run summary (replacing their type in trainer.callbacks), the reference cache."""
         from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard
         from sparsepo_lightning.callbacks.summary import RunSummary
 
         return [NonFiniteGuard(self.hparams.max_consecutive_nonfinite, self.hparams.mask_collapse_steps),
-                RunSummary()]
+                RunSummary(), self._cache]
 
     def setup(self, stage: str) -> None:
         """Check options that depend on the trainer (precision) before any step runs."""
         if stage == "fit":
-            precision = str(getattr(self.trainer, "precision", ""))
-            checks.check_precision(precision, self.named_parameters(), self.hparams.dtype)
+            checks.check_precision(str(self.trainer.precision), self.named_parameters(), self.hparams.dtype)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

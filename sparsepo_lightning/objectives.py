@@ -41,6 +41,9 @@ class Objective(ABC):
     """Whether the full-vocabulary KL(π_ref‖π_θ) per token is used."""
     uses_masks: ClassVar[bool] = False
     """Whether token masks enter the loss (SparsePO, WeightedDPO, MaskedSimPO)."""
+    reference_cache_fields: ClassVar[tuple[str, ...] | None] = ("reference_logps",)
+    """The ``TokenStats`` fields of the reference the loss reads, all of which ``model.reference_cache`` can store
+    (``reference_cache.CACHEABLE``); None when it needs the live reference (the full-vocabulary KL of TDPO)."""
 
     @abstractmethod
     def __call__(self, stats: TokenStats, masks: TokenMasks | None) -> LossOutput: ...
@@ -176,6 +179,7 @@ class TDPO1(Objective):
     beta: float = 0.1
     """Inverse temperature β."""
     needs_kl: ClassVar[bool] = True
+    reference_cache_fields: ClassVar[tuple[str, ...] | None] = None  # the KL reads the reference's distribution
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
         return losses.tdpo1_loss(stats, self.beta)
@@ -190,6 +194,7 @@ class TDPO2(Objective):
     alpha: float = 0.5
     """Weight α of the KL term."""
     needs_kl: ClassVar[bool] = True
+    reference_cache_fields: ClassVar[tuple[str, ...] | None] = None  # the KL reads the reference's distribution
 
     def __call__(self, stats: TokenStats, masks: TokenMasks | None = None) -> LossOutput:
         return losses.tdpo2_loss(stats, self.beta, alpha=self.alpha)
@@ -210,6 +215,7 @@ class SparsePO(Objective):
     mask_on_kl: bool = True
     """Weight the per-token KL by the KL mask (else mask ≡ 1, no λ_d term)."""
     needs_kl: ClassVar[bool] = True
+    reference_cache_fields: ClassVar[tuple[str, ...] | None] = None  # the KL reads the reference's distribution
     uses_masks: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -46,6 +46,10 @@ class PreferenceBatch:
         prompt_variants: per prompt variant a method declared (``prompt_variants.py``), a ``PreferenceBatch`` of 2B
             rows ``[variant prompt | the same response tokens]`` in this batch's row order, labelled on exactly the
             response tokens this batch's shifted labels score; None without variants. Keyword-only.
+        row_ids: the index of each pair (or unpaired example) of the batch in its split's features, in batch order
+            (``B`` ints, or ``N``), as the data module's loaders set it (``data.collate.WithRowIds``); ``None`` when
+            unknown. A plain tuple, never moved to a device: ``model.reference_cache`` finds each row's cached
+            statistics by it, whatever the shuffle or bucketing. Keyword-only.
     """
 
     input_ids: Tensor
@@ -56,6 +60,7 @@ class PreferenceBatch:
     desirable: Tensor | None = field(default=None, kw_only=True)
     packed: PackedRows | None = field(default=None, kw_only=True)
     prompt_variants: dict[str, PreferenceBatch] | None = field(default=None, kw_only=True)
+    row_ids: tuple[int, ...] | None = field(default=None, kw_only=True)
 
     @property
     def num_pairs(self) -> int:

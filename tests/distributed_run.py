@@ -25,6 +25,9 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
   gate's parameters are sharded with the mask network);
 - ``ddp_statistics``: the first step's ``MaskStatistics`` / ``RewardStatistics`` values under DDP
   (``tests/callbacks_run.py``; compared with one process by ``tests/test_callbacks.py``);
+- ``ddp_reference_cache`` / ``fsdp2_reference_cache``: ``model.reference_cache`` (``cache_options``): the ranks
+  build the cache together (under FSDP2 in pieces of 12 pairs, so that one rank has more reference calls to make
+  than the other), then one step. Records the rows each rank computed (the rest it read from the other's pieces);
 - ``fsdp1``: FSDP1 (``FSDPStrategy``: per-block auto-wrap, activation checkpointing, ``use_orig_params``) on
   CPU through ``CPUFSDPStrategy``, which only passes the CPU device to FSDP1 (Lightning allows FSDP1 on GPUs
   only; torch runs it on CPU with gloo when the device is given).
@@ -214,7 +217,32 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
             "frozen_sharded": sharded,
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank,
-            "reference_training": module.reference.training if module.reference is not None else False}
+            "reference_training": module.reference.training if module.reference is not None else False,
+            "reference_rows_computed": None if module._cache.cache is None else module._cache.cache.rows_computed}
+
+
+def cache_options(masker: str) -> dict[str, Any]:
+    """WeightedDPO with ExcessLossSelection (``excess``: reads the reference log-probs in its context) or with
+    UniformMasker (``uniform``: DPO); ``--model.reference_cache`` is added by the caller."""
+    from sparsepo_lightning.masks import UniformMasker
+    from sparsepo_lightning.methods.rho1 import ExcessLossSelection
+    from sparsepo_lightning.objectives import WeightedDPO
+
+    weights = ExcessLossSelection(keep_ratio=0.5, scope="response") if masker == "excess" else UniformMasker()
+    return {"objective": WeightedDPO(beta=0.5), "masker": weights}
+
+
+def cached_reference_step(strategy: str, model_dir: str, pairs: str, root: Path) -> dict[str, Any]:
+    """``one_step`` with the reference cache, built in this mode's own cache folder by both ranks."""
+    from sparsepo_lightning import reference_cache
+    from sparsepo_lightning.data.token_cache import CACHE_ENV_VAR
+
+    os.environ[CACHE_ENV_VAR] = str(root / "cache")  # the same folder on both ranks
+    if strategy == "fsdp2":
+        reference_cache.PIECE_ROWS = 12  # pieces of 12 + 4 pairs per split: rank 0 gets 24 pairs, rank 1 8
+    masker = "uniform"  # at the first step ρ = 0 on every token: ExcessLossSelection's choice would be rounding's
+    first = one_step(strategy, 2, model_dir, pairs, root / "first", reference_cache=True, **cache_options(masker))
+    return first | {"computed": first["reference_rows_computed"]}
 
 
 def resume(model_dir: str, pairs: str, root: Path, strategy: str = "fsdp2") -> dict[str, Any]:
@@ -336,6 +364,8 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
     elif mode == "fsdp2_aligndistil":
         dpo = tied_model(model_dir, out)
         result = one_step("fsdp2", 2, model_dir, pairs, out, **aligndistil_options(model_dir, dpo)) | {"dpo_dir": dpo}
+    elif mode.endswith("_reference_cache"):
+        result = cached_reference_step(mode.split("_")[0], model_dir, pairs, out)
     elif mode == "ddp_budget":
         result = budget_run(model_dir, pairs, out)
     elif mode.endswith("_packed"):  # data.layout: packed (tests/test_packing.py for one process)

@@ -58,6 +58,29 @@ def test_one_step_matches_single_process(mode, single, ranks_by_mode):
     _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode, computed", [("ddp_reference_cache", [16, 16]), ("fsdp2_reference_cache", [24, 8])])
+def test_cached_reference_on_two_ranks_matches_the_live_single_process(mode, computed, ranks_by_mode, tiny_model_dir,
+                                                                       pairs_file, tmp_path):
+    """``model.reference_cache`` on 2 gloo processes: the ranks build the cache together (rank 0 the training pairs,
+    rank 1 the validation pairs; under FSDP2 in pieces of 12 pairs, so rank 1 has 8 pairs to compute against rank
+    0's 24 and pads its reference calls to stay in step with the sharded reference), the step equals the
+    single-process live-reference step, although under DDP rank 1 computed no training pair: it read rank 0's.
+    WeightedDPO with UniformMasker (DPO); a plug-in reading the cached log-probs in its context, and a
+    later start reading without computing: tests/test_reference_cache.py."""
+    from tests.distributed_run import cache_options
+
+    baseline = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path, **cache_options("uniform"))
+    ranks = ranks_by_mode[mode]
+    assert [r["computed"] for r in ranks] == computed
+    loss = sum(r["loss"][0] for r in ranks) / len(ranks)
+    assert loss == pytest.approx(baseline["loss"][0], rel=1e-6)
+    for r in ranks:
+        for name, value in r["after"]["policy"].items():
+            torch.testing.assert_close(value, baseline["after"]["policy"][name], rtol=1e-4, atol=1e-6)
+    before, after = baseline["before"]["policy"], baseline["after"]["policy"]
+    assert max((v - before[k]).abs().max().item() for k, v in after.items()) > 1e-4
+
+
 def test_ddp_token_budget_micro_batches_are_dealt_to_ranks(ranks_by_mode):
     """``data.max_tokens`` under DDP with Lightning's sampler injection on: the module's ``BatchOrderSampler`` is
     kept, both ranks run the 3 steps, and they see different micro-batches (rank r takes every 2nd from r). The
@@ -229,7 +252,10 @@ def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_la
 
 
 # ---- GPU-only paths: FSDP1 (FSDPStrategy) and bf16-mixed; skipped without CUDA ---------------------------------
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy and bf16-mixed need a CUDA GPU")
+def needs_cuda(test):
+    """Marked ``gpu`` (``pytest -m gpu``, run by ``make gpu-check``) and skipped without CUDA."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy and bf16-mixed need a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
 
 
 @needs_cuda

@@ -23,7 +23,7 @@ from sparsepo_lightning.data.packing import collate_packed, first_fit, padded_ro
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import PreferenceBatch
 
-Layout = Literal["padded", "packed"]
+Layout = Literal["padded", "packed", "auto"]
 Features = Mapping[str, Sequence[int]]
 Collate = Callable[[Sequence[Features]], PreferenceBatch]
 
@@ -31,14 +31,14 @@ Collate = Callable[[Sequence[Features]], PreferenceBatch]
 def check_batching(layout: str, max_tokens: int | None, pack_length: int | None, max_length: int,
                    paired: bool) -> None:
     """``ConfigError`` with the fix for layout / token-budget options that cannot work."""
-    if layout not in ("padded", "packed"):
-        raise ConfigError(f"data.layout={layout!r}: must be padded or packed.")
-    if layout == "packed" and not paired:
-        raise ConfigError("data.layout=packed packs the two responses of a pair behind their shared prompt; "
+    if layout not in ("padded", "packed", "auto"):
+        raise ConfigError(f"data.layout={layout!r}: must be padded, packed or auto.")
+    if layout != "padded" and not paired:
+        raise ConfigError(f"data.layout={layout} packs the two responses of a pair behind their shared prompt; "
                           "unpaired examples have nothing to share. Fix: data.layout: padded.")
-    if pack_length is not None and (layout != "packed" or pack_length < 1):
-        raise ConfigError(f"data.pack_length={pack_length}: needs data.layout: packed and a value >= 1 (tokens "
-                          "per packed row), or null (all pairs of a micro-batch in one row).")
+    if pack_length is not None and (layout == "padded" or pack_length < 1):
+        raise ConfigError(f"data.pack_length={pack_length}: needs data.layout: packed (or auto) and a value >= 1 "
+                          "(tokens per packed row), or null (packed: all pairs of a micro-batch in one row).")
     if max_tokens is not None and max_tokens < 2 * max_length:
         raise ConfigError(
             f"data.max_tokens={max_tokens} is below 2 × data.max_length ({2 * max_length}), the most a single pair "
@@ -46,8 +46,14 @@ def check_batching(layout: str, max_tokens: int | None, pack_length: int | None,
             "max_length.")
 
 
-def layout_collate(layout: Layout, base: Collate, pad_token_id: int, pack_length: int | None) -> Collate:
-    """The collate function of a layout: ``base`` (the module's ``collate_fn``) for padded, ``collate_packed``."""
+def layout_collate(layout: Layout, base: Collate, pad_token_id: int, pack_length: int | None,
+                   model: str | None = None) -> Collate:
+    """The collate function of a layout: ``base`` (the module's ``collate_fn``) for padded, ``collate_packed``, or
+    for ``auto`` the cost model's choice per micro-batch for the model named ``model`` (``layout_cost.py``)."""
+    if layout == "auto":
+        from sparsepo_lightning.data.layout_cost import auto_collate
+
+        return auto_collate(pad_token_id, pack_length, model)
     if layout == "packed":
         return functools.partial(collate_packed, pad_token_id=pad_token_id, pack_length=pack_length)
     return functools.partial(base, pad_token_id=pad_token_id)
@@ -56,9 +62,9 @@ def layout_collate(layout: Layout, base: Collate, pad_token_id: int, pack_length
 def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout, pack_length: int | None,
                    order: Sequence[int]) -> list[list[int]]:
     """Greedy micro-batches of the pairs in ``order``: a pair joins the current micro-batch while the cost of the
-    micro-batch in ``layout`` stays within ``max_tokens`` (``padded``: 2 × pairs × longest row, as
-    ``packing.padded_cost``; ``packed``: rows × longest packed row, as ``packing.packed_cost``), else starts the
-    next one. Each pair's lengths are computed once."""
+    micro-batch in ``layout`` stays within ``max_tokens`` (``padded`` and ``auto``, whose choice never exceeds the
+    padded positions: 2 × pairs × longest row, as ``packing.padded_cost``; ``packed``: rows × longest packed row,
+    as ``packing.packed_cost``), else starts the next one. Each pair's lengths are computed once."""
     batches: list[list[int]] = []
     current: list[int] = []
     fills: list[int] = []  # packed: tokens in each packed row of the current micro-batch (first-fit)

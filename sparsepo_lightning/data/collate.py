@@ -4,6 +4,7 @@ unpaired examples into one of N rows with their labels (``collate_examples``).""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -11,6 +12,34 @@ from torch.nn.utils.rnn import pad_sequence
 from sparsepo_lightning.types import IGNORE_INDEX, PreferenceBatch
 
 _SIDES = ("chosen", "rejected")
+ROW_ID = "__row_id__"
+"""Feature key under which ``WithRowIds`` passes each feature's index to the collate functions."""
+
+
+class WithRowIds(Sequence):
+    """A split's features, each served with its index under ``ROW_ID``: the collate functions turn them into
+    ``PreferenceBatch.row_ids``, which ties every row of a batch to its split row whatever the sampler's order."""
+
+    def __init__(self, features: Sequence[Mapping[str, Any]]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return {**self.features[index], ROW_ID: int(index)}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Several rows in one read, as the features' own ``__getitems__`` (``CachedFeatures``) if they have one."""
+        many = getattr(self.features, "__getitems__", None)
+        rows = many(indices) if many is not None else [self.features[i] for i in indices]
+        return [{**row, ROW_ID: int(i)} for row, i in zip(rows, indices, strict=True)]
+
+
+def row_ids(features: Sequence[Mapping[str, Any]]) -> tuple[int, ...] | None:
+    """The features' ``ROW_ID`` values in order, or None unless every feature has one."""
+    ids = tuple(f.get(ROW_ID) for f in features)
+    return None if None in ids else ids
 
 
 def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> PreferenceBatch:
@@ -56,7 +85,7 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         token_weighted = pad_sequence(covered, batch_first=True, padding_value=False)  # (2B, T) bool
     return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
                            token_weights=token_weights, token_weighted=token_weighted,
-                           prompt_variants=variant_rows(features, ids, labels, pad_token_id))
+                           prompt_variants=variant_rows(features, ids, labels, pad_token_id), row_ids=row_ids(features))
 
 
 def variant_rows(features: Sequence[Mapping[str, Sequence[int]]], ids: list[torch.Tensor], labels: list[torch.Tensor],
@@ -101,7 +130,8 @@ def collate_examples(features: Sequence[Mapping[str, Sequence[int] | bool]], pad
     labels = [_row(f, "labels") for f in features]
     input_ids, attention_mask, label_ids = _pad(ids, labels, pad_token_id, "collate_examples")
     desirable = torch.tensor([bool(f["desirable"]) for f in features], dtype=torch.bool)
-    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids, desirable=desirable)
+    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids, desirable=desirable,
+                           row_ids=row_ids(features))
 
 
 def _pad(ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int,

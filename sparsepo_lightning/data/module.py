@@ -37,7 +37,7 @@ from sparsepo_lightning.data.batching import (
     layout_collate,
     log_budget_batches,
 )
-from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.collate import WithRowIds, collate_pairs
 from sparsepo_lightning.data.options import adopt_prompt_variants, check_options
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow
@@ -91,8 +91,10 @@ class PreferenceDataModule(LightningDataModule):
         layout: ``padded`` (each pair as two rows padded to the batch's longest) or ``packed`` (each pair as one
             segment ``[prompt | chosen | rejected]`` with a block mask: the prompt runs once and rows carry no
             padding; exact, see ``sparsepo_lightning/packing.py`` and docs/packing.md).
+            ``auto`` chooses per micro-batch between padded and packed rows of a bound, by an estimate of the
+            attention and MLP work of each (``layout_cost.py``): packing only where it saves work.
         pack_length: with ``packed``: most tokens per packed row (pairs placed first-fit); None puts all pairs of a
-            micro-batch in one row.
+            micro-batch in one row. With ``auto``: a cap on the row bounds it tries.
         max_tokens: micro-batches by token budget instead of ``batch_size``: pairs are grouped (once, seeded) so
             that the positions the models run on stay within ``max_tokens`` in the chosen layout (``batching.py``).
         num_workers: DataLoader worker processes.
@@ -374,15 +376,17 @@ class PreferenceDataModule(LightningDataModule):
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         if self.max_tokens is not None and split != "train":
             return self._budget_loader(split, shuffle=False)
-        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
-        return DataLoader(self._split(split), batch_size=self.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length,
+                                 self.tokenizer_name)
+        return DataLoader(WithRowIds(self._split(split)), batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _budget_loader(self, split: str, shuffle: bool) -> DataLoader:
         """Micro-batches by token budget (``batching.py``), their order per pass and rank by ``BatchOrderSampler``."""
-        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length)
-        batches = budget_loader_parts(self._split(split), self.max_tokens, self.layout, self.pack_length, collate,
-                                      self.seed if shuffle else None)
+        collate = layout_collate(self.layout, self.collate_fn, self.pad_token_id, self.pack_length,
+                                 self.tokenizer_name)
+        batches = budget_loader_parts(WithRowIds(self._split(split)), self.max_tokens, self.layout, self.pack_length,
+                                      collate, self.seed if shuffle else None)
         log_budget_batches(split, self.layout, self.max_tokens, self.pack_length, batches)
         sampler = BatchOrderSampler(batches, self.seed, shuffle, *((self._train_passes, self._train_skip) if shuffle
                                                                     else (0, 0)))

@@ -85,6 +85,12 @@ class TokenMasker(nn.Module):
     """Whether ``bind`` and ``forward`` read the reference (False: the masker works with reference-free
     objectives and gets ``reference=None``)."""
 
+    reference_cache_fields: tuple[str, ...] | None = None
+    """With ``needs_reference``: the ``TokenStats`` fields of the reference the masker reads (from
+    ``context.stats``), all of which ``model.reference_cache`` can store, e.g. ``("reference_logps",)``; None (the
+    default) when it reads the live reference outputs (hidden states, block outputs, activations), which a cache
+    cannot replace: the option is then refused at start. Maskers without ``needs_reference`` read nothing of it."""
+
     takes_context: bool = True
     """Whether ``forward`` takes the ``context`` argument (set per subclass from its signature: maskers written
     as ``forward(reference, response_mask)`` keep working, and the module skips building a context for them)."""

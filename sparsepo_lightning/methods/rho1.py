@@ -33,6 +33,7 @@ class ExcessLossSelection(TokenMasker):
     """
 
     needs_reference = True
+    reference_cache_fields = ("reference_logps",)  # reads only context.stats.log_ratio
 
     def __init__(self, keep_ratio: float = 0.6, scope: Scope = "batch") -> None:
         super().__init__()

@@ -30,6 +30,8 @@ class TokenRewardBeta(TokenMasker):
         beta: the β inside ``r̂`` (set it to the objective's β, as the released code does).
     """
 
+    reference_cache_fields = ("reference_logps",)  # reads only context.stats.reference_logps
+
     def __init__(self, reward_model: str = "reward", alpha: float = 0.5, beta: float = 0.1) -> None:
         super().__init__()
         self.reward_model, self.alpha, self.beta = reward_model, alpha, beta
