@@ -255,14 +255,21 @@ def close_saved_epoch(checkpoint: dict[str, Any]) -> None:
     ``trainer.save_checkpoint`` after a fit that stopped at an epoch end). Lightning 2.6 resumes the first as a new
     epoch only when training is bounded by epochs, and the second never: bounded by ``max_steps`` it restarts with
     the finished epoch's batch count, trains one batch of the next pass, then starts a pass in the order of the pass
-    after. The data module's own state already says that its pass is complete."""
+    after. The data module's own state already says that its pass is complete.
+
+    A checkpoint written at the end of a run stopped mid-pass (the data module's ``train_pass_complete`` is false)
+    is reopened instead (:func:`_reopen_stopped_epoch`)."""
     loops = checkpoint.get("loops", {}).get("fit_loop")
     if not loops or "epoch_progress" not in loops or "epoch_loop.batch_progress" not in loops:
         return
     epochs = [c for c in loops["epoch_progress"].values() if isinstance(c, dict)]
     at_end = all(c["ready"] == c["started"] == c["processed"] == c["completed"] + 1 for c in epochs)
-    after_end = (all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in epochs)
-                 and loops["epoch_loop.batch_progress"].get("is_last_batch", False))
+    ended = all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in epochs)
+    after_end = ended and loops["epoch_loop.batch_progress"].get("is_last_batch", False)
+    data = [v for v in checkpoint.values() if isinstance(v, dict) and "train_pass_complete" in v]
+    if data and not data[0]["train_pass_complete"] and (at_end or ended):
+        _reopen_stopped_epoch(epochs)
+        return
     if not (at_end or after_end):
         return
     for counts in epochs:
@@ -272,3 +279,12 @@ def close_saved_epoch(checkpoint: dict[str, Any]) -> None:
             loops[name]["current"] = dict.fromkeys(loops[name]["current"], 0)
             if "is_last_batch" in loops[name]:
                 loops[name]["is_last_batch"] = False
+
+
+def _reopen_stopped_epoch(epochs: list[dict[str, int]]) -> None:
+    """A run stopped mid-pass (``max_steps`` reached, or a signal: :mod:`sparsepo_lightning.interrupt`) ends its
+    epoch in Lightning's loops although the data module's pass is not complete. Mark that epoch as started but not
+    processed, as in a checkpoint written mid-epoch, so that the resumed run continues it: the same epoch number,
+    batch index and validation schedule (``val_check_interval``) as the uninterrupted run."""
+    for counts in epochs:
+        counts["completed"] = counts["processed"] = counts["started"] - 1

@@ -28,7 +28,7 @@ import sys
 import warnings
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionYesNo, ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
@@ -43,7 +43,9 @@ from sparsepo_lightning.data import (  # the task loaders are imported so that `
     tldr,  # noqa: F401
 )
 from sparsepo_lightning.errors import UserError
+from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
+from sparsepo_lightning.run_identity import RunIdentity, identity_settings
 
 DESCRIPTION = (
     "Preference alignment (SparsePO, DPO, IPO, SimPO, TDPO, MaPO) with PyTorch Lightning. Start with `sparsepo fit "
@@ -108,11 +110,24 @@ class SparsePOCLI(LightningCLI):
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         cli_support.START_DIR[:] = [os.getcwd()]
         super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            cli_support.composed_log_name(self.config[self.config.subcommand], cli_support.ARGV)
+
+    def _parse_ckpt_path(self) -> None:
+        """``fit`` keeps the configuration it is given: Lightning would replace the model's settings by those saved in
+        ``--ckpt_path`` (silently dropping ``--model.*`` options); a checkpoint of another run identity is an error
+        instead (:func:`~sparsepo_lightning.run_identity.check_resume`)."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         sources = ("model.model", "model.tokenizer_name")
         parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
         parser.set_defaults({"trainer.callbacks": CALLBACK_DEFAULTS})
+        parser.add_argument("--resume_anyway", action=ActionYesNo, default=False,
+                            help="Resume --ckpt_path although it was written by another run identity (a different "
+                                 "model, objective, masker, data or optimisation setting); without it that is an error "
+                                 "naming what differs.")
 
     def before_instantiate_classes(self) -> None:
         """Checks before any model loads. The data module (a subclass-mode argument) is instantiated before the
@@ -120,6 +135,7 @@ class SparsePOCLI(LightningCLI):
         if self.subcommand is None:
             return
         cli_support.check_before_loading(self.config[self.subcommand], self.subcommand)
+        self._identity = identity_settings(self.config[self.subcommand])
         lightning_instantiator = _InstantiatorFn(cli=self, key="data")
         subcommand = self.subcommand
 
@@ -142,6 +158,9 @@ class SparsePOCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             callbacks.append(cli_support.StepProgressBar())
+        if getattr(self, "_identity", None) is not None:
+            callbacks.append(RunIdentity(self._identity))
+        callbacks.append(GracefulStop())
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
     def after_fit(self) -> None:
@@ -156,6 +175,9 @@ class SparsePOCLI(LightningCLI):
             lines.append(f"checkpoint:  {checkpoint}")
         if lines:
             rank_zero_info("Training finished.\n  " + "\n  ".join(lines))
+        status = exit_status(trainer)
+        if status is not None:
+            sys.exit(status)
 
 
 def _tokenizer_name(model: str, tokenizer: str | None) -> str:

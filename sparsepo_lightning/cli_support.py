@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
+from sparsepo_lightning.run_identity import check_resume, choose_last, identity_settings
 
 ARGV: list[str] = []
 """The arguments being parsed (set by the CLI before parsing), to find the config files an error comes from."""
@@ -141,8 +142,10 @@ def _locate(leaf: str, argv: list[str]) -> str | None:
 
 
 def check_before_loading(config: Namespace, subcommand: str) -> None:
-    """Checks that need no model: ``--ckpt_path`` exists (or ``last`` resolves), the log folder is writable and a
-    checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
+    """Checks that need no model: ``--ckpt_path`` exists and, for ``fit``, belongs to this run identity (or
+    ``--resume_anyway``); ``last`` is resolved here to the newest checkpoint of this run identity
+    (:func:`~sparsepo_lightning.run_identity.choose_last`) and written back into ``config``; the log folder is
+    writable and a checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
     logger = config.get("trainer", {}).get("logger")
     run_dir = None
     if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
@@ -162,29 +165,37 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
         return
     own_dirs = [Path(str(c.init_args.dirpath)) for c in callbacks if isinstance(c, Namespace)
                 and str(c.get("class_path")).endswith("Checkpoint") and (c.get("init_args") or {}).get("dirpath")]
+    settings = identity_settings(config)
+    resume_anyway = bool(config.get("resume_anyway"))
     if ckpt_path == "last":
         if own_dirs:  # a checkpoint callback with its own folder resumes from there only
             where = " or ".join(f"{d}/last*.ckpt" for d in own_dirs)
-            found = any(p.exists() for d in own_dirs for p in d.glob("last*.ckpt"))
+            found = sorted((str(p) for d in own_dirs for p in d.glob("last*.ckpt") if p.exists()),
+                           key=os.path.getmtime)
         else:
             where = f"{run_dir}/version_*/checkpoints/last*.ckpt" if run_dir is not None else ""
-            found = run_dir is None or bool(_last_checkpoints(run_dir))
-        if not found:
-            links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
-                     else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
-            broken = sorted(str(p) for p in links if not p.exists())
-            raise MissingFileError(
-                f"--ckpt_path last: no last checkpoint at {where}"
-                + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
-                "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
-                "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
-            )
-        return
+            found = _last_checkpoints(run_dir) if run_dir is not None else []
+        if run_dir is None and not own_dirs:  # another logger: RunCheckpoint looks for `last` itself
+            return
+        if found:  # resolved here, to the newest checkpoint of this run identity
+            config["ckpt_path"] = choose_last(found, settings, resume_anyway)
+            return
+        links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
+                 else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
+        broken = sorted(str(p) for p in links if not p.exists())
+        raise MissingFileError(
+            f"--ckpt_path last: no last checkpoint at {where}"
+            + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
+            "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
+            "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
+        )
     if not Path(ckpt_path).exists():
         runs = _last_checkpoints(run_dir) if run_dir is not None else []
         hint = f" The newest last checkpoint of this run is {runs[-1]} (--ckpt_path last)." if runs else ""
         raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file or folder (working directory {os.getcwd()})."
                                f"{hint} Fix: give an existing .ckpt file or checkpoint folder, or --ckpt_path last.")
+    if subcommand == "fit":
+        check_resume(ckpt_path, settings, resume_anyway)
 
 
 def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
@@ -205,6 +216,36 @@ def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
                 "run; this run would overwrite them. Fix: resume that run with --ckpt_path last, choose another "
                 "dirpath, or set RunCheckpoint overwrite: true to replace them."
             )
+
+
+def composed_log_name(config: Namespace, argv: list[str]) -> None:
+    """Give a composed config its own TensorBoard folder: the first config's logger name plus the file stem of every
+    later ``--config`` that changes the method or the data (sets ``model.objective``, ``model.masker`` or ``data``),
+    e.g. ``quickstart`` + ``configs/methods/confpo.yaml`` -> ``runs/quickstart-confpo``. A name set on the command
+    line, or by that later file itself, is kept as it is."""
+    import yaml
+
+    logger = config.get("trainer", {}).get("logger")
+    if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+        return
+    if any(a.startswith(("--trainer.logger.init_args.name", "--trainer.logger.name")) for a in argv):
+        return
+    stems = []
+    for file in config_files(argv)[1:]:
+        try:
+            content = yaml.safe_load(_path(file).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        model, trainer = content.get("model") or {}, content.get("trainer") or {}
+        names_itself = "name" in ((trainer.get("logger") or {}).get("init_args") or {}) if isinstance(
+            trainer.get("logger"), dict) else False
+        if names_itself:
+            stems = []
+        elif "data" in content or isinstance(model, dict) and ("objective" in model or "masker" in model):
+            stems.append(Path(file).stem)
+    name = logger.init_args.get("name")
+    if stems and name:
+        logger.init_args["name"] = "-".join([str(name), *stems])
 
 
 def _last_checkpoints(run_dir: Path) -> list[str]:
