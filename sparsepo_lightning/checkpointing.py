@@ -165,6 +165,14 @@ class RunCheckpoint(ModelCheckpoint):
                      "from its beginning, so its first batches are trained on again")
         rank_zero_info(f"Resuming at step {step}: {restored}; {where}.")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run writes into its own version folder on purpose: from another folder only ``best_model_path``
+        is restored (as Lightning does), without Lightning's "dirpath has changed" warning."""
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+        else:
+            self.best_model_path = state_dict["best_model_path"]
+
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
         """Point ``linkpath`` at ``filepath`` atomically: a new link under a temporary name, renamed over it."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):

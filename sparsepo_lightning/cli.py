@@ -191,6 +191,8 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # Our data module resumes mid-epoch exactly (its state_dict); RunCheckpoint says what resumes instead.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # A first run bounded by --trainer.max_time has a Timer callback; its resume need not be (limits may change).
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.* callbacks: \['Timer'\]\.")
     cli_support.quiet_lightning()
     return SparsePOCLI(
         PreferenceModule,

@@ -64,3 +64,29 @@ def test_signals_checkpoint_and_resume_step_exact(cli_zygote, tiny_model_dir, pa
     pieces += _losses(last_log)
     assert [r["step"] for r in pieces] == list(range(1, 13))
     assert [r["loss"] for r in pieces] == [r["loss"] for r in _losses(full_log)]  # exact, not approx
+
+
+def test_resume_keeps_the_epoch_label_and_validation_schedule(cli_zygote, tiny_model_dir, pairs_file, tmp_path):
+    """A run stopped by max_steps=4 (mid-epoch: 8 batches per epoch) under --trainer.max_time, resumed to step 10
+    without it, validates at the steps of an uninterrupted 10-step run (batches 3 and 6 of epoch 0 with
+    val_check_interval 3; a resume counted as a new epoch validated at 7 and 10), names
+    its checkpoint epoch=1-step=10 like it (epoch=2 when the resume counted as a new epoch), and prints no
+    Lightning warning (changed dirpath, missing Timer)."""
+    common = ["fit", "--config", "configs/debug/tiny.yaml", "--model.model", tiny_model_dir, "--data.train_file",
+              pairs_file, "--data.val_file", pairs_file, "--trainer.val_check_interval", "3",
+              "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.enable_progress_bar", "false"]
+    full = cli_zygote.start(*common, "--trainer.logger.init_args.save_dir", str(tmp_path / "full"),
+                            "--trainer.max_steps", "10")
+    runs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    first = cli_zygote.run(*common, *runs, "--trainer.max_steps", "4", "--trainer.max_time", "00:00:30:00")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = cli_zygote.run(*common, *runs, "--trainer.max_steps", "10", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert full.wait() == 0, full.stderr[-3000:]
+    assert "dirpath has changed" not in resumed.stderr and "Please add the following callbacks" not in resumed.stderr
+    steps = [[v["step"] for v in json.loads((folder / "summary.json").read_text())["validations"]]
+             for folder in (tmp_path / "full" / "debug" / "version_0", tmp_path / "runs" / "debug" / "version_1")]
+    assert steps[0] == [3, 6] and steps[1] == [3, 6]  # the resumed run's summary keeps the first run's rows
+    for folder in (tmp_path / "full" / "debug" / "version_0", tmp_path / "runs" / "debug" / "version_1"):
+        assert (folder / "checkpoints" / "epoch=1-step=10.ckpt").is_file(), list((folder / "checkpoints").iterdir())
