@@ -45,6 +45,7 @@ from sparsepo_lightning.data import (  # the task loaders are imported so that `
 from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
+from sparsepo_lightning.progress import PlainProgress
 from sparsepo_lightning.run_identity import RunIdentity, identity_settings
 
 DESCRIPTION = (
@@ -150,14 +151,15 @@ class SparsePOCLI(LightningCLI):
         self.parser.add_instantiator(instantiate_and_check, LightningDataModule, subclasses=True, prepend=True)
 
     def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN201
-        """Lightning's trainer, with :class:`StepProgressBar` as the progress bar unless the config has one or
-        turns it off."""
+        """Lightning's trainer, with :class:`StepProgressBar` as the progress bar on a terminal and
+        :class:`~sparsepo_lightning.progress.PlainProgress` (a plain line every few steps) otherwise, unless the config
+        has one or turns it off."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            callbacks.append(cli_support.StepProgressBar())
+            callbacks.append(cli_support.StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
         callbacks.append(GracefulStop())

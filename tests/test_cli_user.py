@@ -192,7 +192,11 @@ def test_console_shows_steps_of_the_real_total_and_no_advertisement(first_run):
     _, done = first_run
     output = done.stdout + done.stderr
     assert "litlogger" not in output and "Tip:" not in output
-    assert "Epoch 0/-2" not in output and "Epoch 0, steps" in output and "3/3" in output
+    assert "Epoch 0/-2" not in output and "\r" not in done.stdout  # not a terminal: plain lines, no redrawn bar
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 1/3 (33%) | loss ") and lines[-1].startswith("step 3/3 (100%) | loss "), lines
+    for label in ("accuracy ", "margin ", "mask zeros ", " s/step | ETA "):
+        assert label in lines[-1], (label, lines)
 
 
 def test_resume_says_what_resumes_exactly(first_run, tiny_model_dir, pairs_file):
