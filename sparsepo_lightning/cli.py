@@ -238,7 +238,7 @@ def main() -> None:
         else:
             run()
     except Exception as e:
-        user_error = _user_error(e)
+        user_error = _user_error(e) or cli_support.plugin_error(e)
         if debug or user_error is None:
             raise
         sys.stderr.write(f"sparsepo{' ' + command if command else ''}: error: {user_error}\n"

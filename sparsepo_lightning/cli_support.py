@@ -68,11 +68,87 @@ def explain(message: str, parser: Any, argv: list[str]) -> str:
         group, class_path, key = nested.groups()
         return _unknown_key(f"{group}.init_args.{key}", _init_parameters(class_path, f"{group}.init_args."), argv,
                             "key ", f" (not a parameter of {class_path})")  # fmt: skip
+    bad_class = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", message)
+    if bad_class:
+        key = re.search(r'Parser key "([^"]+)"', message)
+        return class_path_error(bad_class.group(1), bad_class.group(2).strip(), key.group(1) if key else None)
     if "Problems parsing config" in message and "<unicode string>" in message:
         broken = next((f for f in config_files(argv) if not _parses(f)), None)
         if broken is not None:
             return message.replace('"<unicode string>"', broken) + f"\nFix: correct the YAML syntax of {broken}."
     return message
+
+
+def class_path_error(class_path: str, reason: str, key: str | None) -> str:
+    """A ``class_path`` that does not import, as one message: why, "did you mean" (classes of that name, or close
+    names, in the package's source files, found without importing them) and the ``PYTHONPATH`` fix."""
+    import importlib.util
+
+    module, _, name = class_path.rpartition(".")
+    top = class_path.split(".")[0]
+    text = f"{key or 'class_path'}: cannot use class_path {class_path!r} ({reason.splitlines()[0]})."
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return (text + f" Fix: the module {module!r} must be importable from {START_DIR[0]}: run from the folder that "
+                f"holds {top}/ (or {top}.py), or add that folder to PYTHONPATH (PYTHONPATH=/path/to/it sparsepo ...).")
+    classes = _classes_in(Path(next(iter(spec.submodule_search_locations))), top)
+    same = sorted(c for c in classes if c.rsplit(".", 1)[1] == name)
+    close = same or difflib.get_close_matches(class_path, classes, n=2, cutoff=0.75)
+    if close:
+        return text + f" Did you mean {' or '.join(repr(c) for c in close)}? Fix: use the full module path."
+    return text + " Fix: check the module and class name (see --help for the classes each option accepts)."
+
+
+def _classes_in(folder: Path, package: str) -> list[str]:
+    """``package.module.Class`` for every top-level ``class`` statement in the package's source files."""
+    found = []
+    for file in folder.rglob("*.py"):
+        parts = file.relative_to(folder).with_suffix("").parts
+        module = ".".join((package, *(p for p in parts if p != "__init__")))
+        try:
+            names = re.findall(r"^class (\w+)\b", file.read_text(errors="replace"), flags=re.M)
+        except OSError:
+            continue
+        found += [f"{module}.{n}" for n in names if not n.startswith("_")]
+    return found
+
+
+def plugin_error(error: BaseException) -> str | None:
+    """A configured class's own argument check (a ``ValueError``/``TypeError`` raised by its ``__init__`` while the CLI
+    builds it, which jsonargparse wraps in "Does not validate ...") as one message with the option to change."""
+    for _ in range(20):
+        if error is None:
+            return None
+        cause = error.__cause__
+        if "Does not validate" in str(error) and isinstance(cause, ValueError | TypeError):
+            given = re.search(r"class_path='([^']+)'", str(error))
+            class_path = given.group(1) if given else "a configured class"
+            where = _class_path_location(class_path)
+            told = str(cause).rstrip()
+            return (f"{class_path} refused its arguments: {told}" + ("" if told.endswith(".") else ".")
+                    + (" Change" if "Fix:" in told else " Fix: change") + f" its init_args"
+                    f"{' (' + where + ')' if where else ''}: in the config file, or --<option>.init_args.NAME VALUE.")
+        error = cause or error.__context__
+    return None
+
+
+def _class_path_location(class_path: str) -> str | None:
+    """Where ``class_path`` is chosen: a command-line option, or ``file:line`` of a config file."""
+    for i, arg in enumerate(ARGV[:-1]):
+        if arg.startswith("--") and ARGV[i + 1] == class_path:
+            return f"{arg[2:].removesuffix('.class_path')}, chosen on the command line"
+    for file in config_files(ARGV):
+        try:
+            lines = _path(file).read_text().splitlines()
+        except OSError:
+            continue
+        for number, line in enumerate(lines, 1):
+            if re.search(rf"class_path:\s*{re.escape(class_path)}\s*(#.*)?$", line):
+                return f"chosen at {file}:{number}"
+    return None
 
 
 def _parses(file: str) -> bool:
