@@ -53,6 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, umask_mode(0o666))  # mkstemp creates it owner-only; a checkpoint is meant to be shared
             os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -63,6 +64,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=True if weights_only is None else weights_only)
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` (``0o666`` for a file, ``0o777`` for a folder) as the process's umask allows, i.e. the mode a plain
+    ``open``/``mkdir`` would give: ``tempfile.mkstemp``/``mkdtemp`` create owner-only files and folders, which
+    teammates on a shared cluster could not read."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -5,7 +5,9 @@ process forked from the ``cli_zygote``."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -53,6 +55,9 @@ def test_signals_checkpoint_and_resume_step_exact(cli_zygote, tiny_model_dir, pa
         assert f"Received {signal.Signals(signum).name}: finishing the current optimizer step" in proc.stderr
         assert f"Interrupted by {signal.Signals(signum).name} at step {stopped}" in proc.stderr
         version_dir = runs / "debug" / f"version_{version}"
+        umask = os.umask(0o022)
+        os.umask(umask)  # the forked run's umask: its checkpoint is as readable as that allows
+        assert stat.S_IMODE((version_dir / "checkpoints" / "last.ckpt").stat().st_mode) == 0o666 & ~umask
         assert torch.load(version_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped
         assert json.loads((version_dir / "summary.json").read_text())["global_step"] == stopped
         pieces += _losses(log)
