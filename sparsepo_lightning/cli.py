@@ -15,9 +15,12 @@ The model name is given once (``model.model``) and linked to the data module's t
 loader such as ``sparsepo_lightning.data.hh.HHDataModule``). TensorBoard is the
 default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
 
-User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors` and parse errors)
-print one message with the place and the fix and exit with status 2, without a traceback; ``--debug`` (anywhere on
-the command line) or ``SPARSEPO_DEBUG=1`` shows it. Everything that needs no model is checked before the models
+User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors`, parse errors, a
+plug-in's own argument check, a ``class_path`` that does not import) print one message with the place and the fix
+and exit with status 2, without a traceback; ``--debug`` (anywhere on the command line) or ``SPARSEPO_DEBUG=1``
+shows it. SIGINT, SIGTERM and SIGUSR1 end training after the current optimizer step with a checkpoint and the run
+summary, exit status 128 + signal (130, 143, 138; :mod:`sparsepo_lightning.interrupt`). ``--ckpt_path last`` resumes
+the newest checkpoint of the same run identity (:mod:`sparsepo_lightning.run_identity`). Everything that needs no model is checked before the models
 load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the log folder.
 """
 
@@ -55,7 +58,7 @@ DESCRIPTION = (
 )
 
 SUBCOMMAND_HELP = {
-    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest run.",
+    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest checkpoint of this run.",
     "validate": "Run the validation split once on a model or checkpoint (--ckpt_path).",
     "test": "Run the test split (data.test_file) once on a model or checkpoint (--ckpt_path).",
 }
@@ -89,6 +92,14 @@ CALLBACK_DEFAULTS = [
 persistent ``trainer_defaults`` callbacks which could not be configured)."""
 
 
+CKPT_PATH_HELP = (
+    "Checkpoint to resume (fit) or to evaluate (validate, test): a .ckpt file or a sharded checkpoint folder, or "
+    "'last': the newest runs/<name>/version_*/checkpoints/last*.ckpt written by this same run identity (the "
+    "resolved config minus step limits, paths, devices and logging; the choice and the checkpoints skipped are "
+    "printed). fit refuses a checkpoint of another run identity, naming what differs, unless --resume_anyway."
+)
+
+
 class SparsePOCLI(LightningCLI):
     """LightningCLI with the values shared by model and data linked once, ``fit``/``validate``/``test`` only,
     clear parse errors and the checks that need no model run before the models load."""
@@ -103,6 +114,10 @@ class SparsePOCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         for choice in parser._subcommands_action._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        for name in SUBCOMMAND_HELP:  # --ckpt_path as this tool resolves it, not Lightning's description
+            for action in parser._subcommands_action._name_parser_map[name]._actions:
+                if action.dest == "ckpt_path":
+                    action.help = CKPT_PATH_HELP
         for name, help_line in OTHER_COMMANDS.items():  # listed only: main() runs them before LightningCLI
             listed = ArgumentParser(prog=f"sparsepo {name}", description=help_line)
             parser._subcommands_action.add_subcommand(name, listed, help=f"{help_line} (sparsepo {name} --help)")

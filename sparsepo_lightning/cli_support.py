@@ -140,14 +140,9 @@ def _class_path_location(class_path: str) -> str | None:
     for i, arg in enumerate(ARGV[:-1]):
         if arg.startswith("--") and ARGV[i + 1] == class_path:
             return f"{arg[2:].removesuffix('.class_path')}, chosen on the command line"
-    for file in config_files(ARGV):
-        try:
-            lines = _path(file).read_text().splitlines()
-        except OSError:
-            continue
-        for number, line in enumerate(lines, 1):
-            if re.search(rf"class_path:\s*{re.escape(class_path)}\s*(#.*)?$", line):
-                return f"chosen at {file}:{number}"
+    for file, number, line in _config_lines(ARGV):
+        if re.search(rf"class_path:\s*{re.escape(class_path)}\s*(#.*)?$", line):
+            return f"chosen at {file}:{number}"
     return None
 
 
@@ -204,17 +199,23 @@ def _path(file: str) -> Path:
 def _locate(leaf: str, argv: list[str]) -> str | None:
     """``file:line`` of the last config file in ``argv`` that has ``leaf:`` as a YAML key, if any."""
     pattern = re.compile(rf"^\s*(-\s+)?{re.escape(leaf)}\s*:")
-    found = None
+    found, done = None, set()
+    for file, number, line in _config_lines(argv):
+        if file not in done and pattern.match(line):
+            found = f"{file}:{number}"
+            done.add(file)  # the first match in each file; the last file wins
+    return found
+
+
+def _config_lines(argv: list[str]):  # noqa: ANN202 (a generator of (file, line number, line))
+    """``(file, line number, line)`` of every line of the ``--config`` files in ``argv`` that can be read."""
     for file in config_files(argv):
         try:
             lines = _path(file).read_text().splitlines()
         except OSError:
             continue
         for number, line in enumerate(lines, 1):
-            if pattern.match(line):
-                found = f"{file}:{number}"
-                break
-    return found
+            yield file, number, line
 
 
 def check_before_loading(config: Namespace, subcommand: str) -> None:

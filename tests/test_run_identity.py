@@ -50,6 +50,8 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     named = cli_zygote.run(*TINY, *CONFPO, *common, "--ckpt_path", "last")  # a composed config: its own folder
     assert f"no last checkpoint at {runs}/debug-confpo/version_*/" in named.stderr, named.stderr[-2000:]
     assert first.wait() == 0, first.stderr[-3000:]
+    summary = first.stdout + first.stderr  # a 1-step run without validation: an honest, short summary
+    assert "  1 optimizer step\n" in summary and "no validation ran" in summary and "validation at step" not in summary
     other = cli_zygote.run(*TINY, *CONFPO, *common, "--trainer.max_steps", "1", "--trainer.logger.init_args.name",
                            "debug")
     assert other.returncode == 0, other.stderr[-3000:]
@@ -79,3 +81,10 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     anyway = cli_zygote.run(*TINY, *common, "--model.lr", "0.01", "--ckpt_path", str(a), "--resume_anyway",
                             "--trainer.max_steps", "2")
     assert anyway.returncode == 0, anyway.stderr[-3000:]
+
+
+def test_fit_help_describes_ckpt_path_as_this_tool_resolves_it(cli_zygote):
+    done = cli_zygote.run("fit", "--help", env={"COLUMNS": "400"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "'last': the newest runs/<name>/version_*/checkpoints/last*.ckpt written by this same run identity" in \
+        done.stdout and "--resume_anyway" in done.stdout
