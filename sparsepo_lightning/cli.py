@@ -20,8 +20,9 @@ plug-in's own argument check, a ``class_path`` that does not import) print one m
 and exit with status 2, without a traceback; ``--debug`` (anywhere on the command line) or ``SPARSEPO_DEBUG=1``
 shows it. SIGINT, SIGTERM and SIGUSR1 end training after the current optimizer step with a checkpoint and the run
 summary, exit status 128 + signal (130, 143, 138; :mod:`sparsepo_lightning.interrupt`). ``--ckpt_path last`` resumes
-the newest checkpoint of the same run identity (:mod:`sparsepo_lightning.run_identity`). Everything that needs no model is checked before the models
-load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the log folder.
+the newest checkpoint of the same run identity (:mod:`sparsepo_lightning.run_identity`). Everything that needs no
+model is checked before the models load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the
+log folder.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jsonargparse import ActionYesNo, ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support
@@ -178,7 +180,12 @@ class SparsePOCLI(LightningCLI):
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
         callbacks.append(GracefulStop())
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        if not cli_support.mentions("default_hp_metric", cli_support.ARGV):  # no `hp_metric -1` placeholder tag
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger._default_hp_metric = False
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -207,6 +207,12 @@ def _locate(leaf: str, argv: list[str]) -> str | None:
     return found
 
 
+def mentions(key: str, argv: list[str]) -> bool:
+    """Whether ``key`` is set on the command line or in one of its ``--config`` files."""
+    return any(key in a for a in argv) or any(re.match(rf"^\s*{re.escape(key)}\s*:", line)
+                                              for _, _, line in _config_lines(argv))
+
+
 def _config_lines(argv: list[str]):  # noqa: ANN202 (a generator of (file, line number, line))
     """``(file, line number, line)`` of every line of the ``--config`` files in ``argv`` that can be read."""
     for file in config_files(argv):

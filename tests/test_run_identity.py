@@ -50,6 +50,10 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     named = cli_zygote.run(*TINY, *CONFPO, *common, "--ckpt_path", "last")  # a composed config: its own folder
     assert f"no last checkpoint at {runs}/debug-confpo/version_*/" in named.stderr, named.stderr[-2000:]
     assert first.wait() == 0, first.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs / "debug" / "version_0")).Reload().Tags()["scalars"]
+    assert "train/loss" in events and "hp_metric" not in events  # no `hp_metric -1` placeholder
     summary = first.stdout + first.stderr  # a 1-step run without validation: an honest, short summary
     assert "  1 optimizer step\n" in summary and "no validation ran" in summary and "validation at step" not in summary
     other = cli_zygote.run(*TINY, *CONFPO, *common, "--trainer.max_steps", "1", "--trainer.logger.init_args.name",
