@@ -218,6 +218,7 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     # A first run bounded by --trainer.max_time has a Timer callback; its resume need not be (limits may change).
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.* callbacks: \['Timer'\]\.")
     cli_support.quiet_lightning()
+    cli_support.plain_own_warnings()
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,

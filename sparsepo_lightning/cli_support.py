@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -368,6 +369,23 @@ class StepProgressBar(RichProgressBar):
         self._update_metrics(trainer, pl_module)
         self.refresh()
         return None
+
+
+def plain_own_warnings() -> None:
+    """Print the warnings raised by this package as their message only: they name the file, row or option
+    themselves, and the package's own source line (``.../data/splits.py:45:``) would only confuse."""
+    previous = warnings.formatwarning
+    if getattr(previous, "sparsepo", False):
+        return
+    package = str(Path(__file__).resolve().parent)
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+        if str(filename).startswith(package):
+            return f"{message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning.sparsepo = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
 
 
 class _DropAdvertisement(logging.Filter):

@@ -42,8 +42,9 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     """Run A (tiny SparsePO) and then run B (ConfPO, forced into the same log folder) write last checkpoints; `last`
     under A's config resumes A (B's is newer) and says so; a changed beta finds only other runs and refuses before
     any model loads; an explicit path of another run is refused naming the setting, unless --resume_anyway."""
-    runs = tmp_path / "runs"
-    common = ["--model.model", tiny_model_dir, "--data.train_file", pairs_file, "--data.val_file", pairs_file,
+    runs, with_bad_row = tmp_path / "runs", tmp_path / "pairs.jsonl"
+    with_bad_row.write_text(Path(pairs_file).read_text() + "not json\n")  # one bad row, reported without our source
+    common = ["--model.model", tiny_model_dir, "--data.train_file", str(with_bad_row), "--data.val_file", pairs_file,
               "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false",
               "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
     first = cli_zygote.start(*TINY, *common, "--trainer.max_steps", "1")
@@ -55,6 +56,7 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     events = EventAccumulator(str(runs / "debug" / "version_0")).Reload().Tags()["scalars"]
     assert "train/loss" in events and "hp_metric" not in events  # no `hp_metric -1` placeholder
     summary = first.stdout + first.stderr  # a 1-step run without validation: an honest, short summary
+    assert "data (train): skipped 1 bad row.\n" in first.stderr and "splits.py" not in first.stderr
     assert "  1 optimizer step\n" in summary and "no validation ran" in summary and "validation at step" not in summary
     other = cli_zygote.run(*TINY, *CONFPO, *common, "--trainer.max_steps", "1", "--trainer.logger.init_args.name",
                            "debug")
