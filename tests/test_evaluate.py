@@ -288,3 +288,10 @@ def test_generation_config_allows_greedy_single_samples_and_names_the_flag():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match=r"--temperature=-1.0 is invalid"):
         GenerationConfig(temperature=-1.0)
+
+
+def test_a_negative_sampled_kl_is_explained():
+    from sparsepo_lightning.evaluate.sentiment import kl_note
+
+    assert kl_note(0.0) == "" and kl_note(0.3) == ""
+    assert "sampled estimate of a KL that is >= 0" in kl_note(-0.01) and "--num-samples" in kl_note(-0.01)
