@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every policy; returns the JSON summary."""
     labels = policy_labels(args)
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(args.prompts, args.num_prompts, args.prompt_field)
     generation_config(args)  # checks the sampling options before any model loads
     label = args.scorer_positive_label
     scorer = make_scorer(args.scorer, int(label) if label and label.isdigit() else label, device=args.device)
