@@ -53,6 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, umask_mode(0o666))  # mkstemp creates it owner-only; a checkpoint is meant to be shared
             os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -63,6 +64,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         return super().load_checkpoint(path, map_location=map_location,
                                        weights_only=True if weights_only is None else weights_only)
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` (``0o666`` for a file, ``0o777`` for a folder) as the process's umask allows, i.e. the mode a plain
+    ``open``/``mkdir`` would give: ``tempfile.mkstemp``/``mkdtemp`` create owner-only files and folders, which
+    teammates on a shared cluster could not read."""
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -165,6 +175,14 @@ class RunCheckpoint(ModelCheckpoint):
                      "from its beginning, so its first batches are trained on again")
         rank_zero_info(f"Resuming at step {step}: {restored}; {where}.")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run writes into its own version folder on purpose: from another folder only ``best_model_path``
+        is restored (as Lightning does), without Lightning's "dirpath has changed" warning."""
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+        else:
+            self.best_model_path = state_dict["best_model_path"]
+
     def _link_checkpoint(self, trainer: Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
         """Point ``linkpath`` at ``filepath`` atomically: a new link under a temporary name, renamed over it."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
@@ -255,14 +273,21 @@ def close_saved_epoch(checkpoint: dict[str, Any]) -> None:
     ``trainer.save_checkpoint`` after a fit that stopped at an epoch end). Lightning 2.6 resumes the first as a new
     epoch only when training is bounded by epochs, and the second never: bounded by ``max_steps`` it restarts with
     the finished epoch's batch count, trains one batch of the next pass, then starts a pass in the order of the pass
-    after. The data module's own state already says that its pass is complete."""
+    after. The data module's own state already says that its pass is complete.
+
+    A checkpoint written at the end of a run stopped mid-pass (the data module's ``train_pass_complete`` is false)
+    is reopened instead (:func:`_reopen_stopped_epoch`)."""
     loops = checkpoint.get("loops", {}).get("fit_loop")
     if not loops or "epoch_progress" not in loops or "epoch_loop.batch_progress" not in loops:
         return
     epochs = [c for c in loops["epoch_progress"].values() if isinstance(c, dict)]
     at_end = all(c["ready"] == c["started"] == c["processed"] == c["completed"] + 1 for c in epochs)
-    after_end = (all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in epochs)
-                 and loops["epoch_loop.batch_progress"].get("is_last_batch", False))
+    ended = all(c["ready"] == c["started"] == c["processed"] == c["completed"] for c in epochs)
+    after_end = ended and loops["epoch_loop.batch_progress"].get("is_last_batch", False)
+    data = [v for v in checkpoint.values() if isinstance(v, dict) and "train_pass_complete" in v]
+    if data and not data[0]["train_pass_complete"] and (at_end or ended):
+        _reopen_stopped_epoch(epochs)
+        return
     if not (at_end or after_end):
         return
     for counts in epochs:
@@ -272,3 +297,12 @@ def close_saved_epoch(checkpoint: dict[str, Any]) -> None:
             loops[name]["current"] = dict.fromkeys(loops[name]["current"], 0)
             if "is_last_batch" in loops[name]:
                 loops[name]["is_last_batch"] = False
+
+
+def _reopen_stopped_epoch(epochs: list[dict[str, int]]) -> None:
+    """A run stopped mid-pass (``max_steps`` reached, or a signal: :mod:`sparsepo_lightning.interrupt`) ends its
+    epoch in Lightning's loops although the data module's pass is not complete. Mark that epoch as started but not
+    processed, as in a checkpoint written mid-epoch, so that the resumed run continues it: the same epoch number,
+    batch index and validation schedule (``val_check_interval``) as the uninterrupted run."""
+    for counts in epochs:
+        counts["completed"] = counts["processed"] = counts["started"] - 1

@@ -15,10 +15,14 @@ The model name is given once (``model.model``) and linked to the data module's t
 loader such as ``sparsepo_lightning.data.hh.HHDataModule``). TensorBoard is the
 default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
 
-User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors` and parse errors)
-print one message with the place and the fix and exit with status 2, without a traceback; ``--debug`` (anywhere on
-the command line) or ``SPARSEPO_DEBUG=1`` shows it. Everything that needs no model is checked before the models
-load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the log folder.
+User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors`, parse errors, a
+plug-in's own argument check, a ``class_path`` that does not import) print one message with the place and the fix
+and exit with status 2, without a traceback; ``--debug`` (anywhere on the command line) or ``SPARSEPO_DEBUG=1``
+shows it. SIGINT, SIGTERM and SIGUSR1 end training after the current optimizer step with a checkpoint and the run
+summary, exit status 128 + signal (130, 143, 138; :mod:`sparsepo_lightning.interrupt`). ``--ckpt_path last`` resumes
+the newest checkpoint of the same run identity (:mod:`sparsepo_lightning.run_identity`). Everything that needs no
+model is checked before the models load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the
+log folder.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import sys
 import warnings
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ActionYesNo, ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support
@@ -43,7 +48,10 @@ from sparsepo_lightning.data import (  # the task loaders are imported so that `
     tldr,  # noqa: F401
 )
 from sparsepo_lightning.errors import UserError
+from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
+from sparsepo_lightning.progress import PlainProgress
+from sparsepo_lightning.run_identity import RunIdentity, identity_settings
 
 DESCRIPTION = (
     "Preference alignment (SparsePO, DPO, IPO, SimPO, TDPO, MaPO) with PyTorch Lightning. Start with `sparsepo fit "
@@ -52,7 +60,7 @@ DESCRIPTION = (
 )
 
 SUBCOMMAND_HELP = {
-    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest run.",
+    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest checkpoint of this run.",
     "validate": "Run the validation split once on a model or checkpoint (--ckpt_path).",
     "test": "Run the test split (data.test_file) once on a model or checkpoint (--ckpt_path).",
 }
@@ -86,6 +94,14 @@ CALLBACK_DEFAULTS = [
 persistent ``trainer_defaults`` callbacks which could not be configured)."""
 
 
+CKPT_PATH_HELP = (
+    "Checkpoint to resume (fit) or to evaluate (validate, test): a .ckpt file or a sharded checkpoint folder, or "
+    "'last': the newest runs/<name>/version_*/checkpoints/last*.ckpt written by this same run identity (the "
+    "resolved config minus step limits, paths, devices and logging; the choice and the checkpoints skipped are "
+    "printed). fit refuses a checkpoint of another run identity, naming what differs, unless --resume_anyway."
+)
+
+
 class SparsePOCLI(LightningCLI):
     """LightningCLI with the values shared by model and data linked once, ``fit``/``validate``/``test`` only,
     clear parse errors and the checks that need no model run before the models load."""
@@ -100,6 +116,10 @@ class SparsePOCLI(LightningCLI):
         super()._add_subcommands(parser, **kwargs)
         for choice in parser._subcommands_action._choices_actions:
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        for name in SUBCOMMAND_HELP:  # --ckpt_path as this tool resolves it, not Lightning's description
+            for action in parser._subcommands_action._name_parser_map[name]._actions:
+                if action.dest == "ckpt_path":
+                    action.help = CKPT_PATH_HELP
         for name, help_line in OTHER_COMMANDS.items():  # listed only: main() runs them before LightningCLI
             listed = ArgumentParser(prog=f"sparsepo {name}", description=help_line)
             parser._subcommands_action.add_subcommand(name, listed, help=f"{help_line} (sparsepo {name} --help)")
@@ -108,11 +128,24 @@ class SparsePOCLI(LightningCLI):
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         cli_support.START_DIR[:] = [os.getcwd()]
         super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):
+            cli_support.composed_log_name(self.config[self.config.subcommand], cli_support.ARGV)
+
+    def _parse_ckpt_path(self) -> None:
+        """``fit`` keeps the configuration it is given: Lightning would replace the model's settings by those saved in
+        ``--ckpt_path`` (silently dropping ``--model.*`` options); a checkpoint of another run identity is an error
+        instead (:func:`~sparsepo_lightning.run_identity.check_resume`)."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         sources = ("model.model", "model.tokenizer_name")
         parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
         parser.set_defaults({"trainer.callbacks": CALLBACK_DEFAULTS})
+        parser.add_argument("--resume_anyway", action=ActionYesNo, default=False,
+                            help="Resume --ckpt_path although it was written by another run identity (a different "
+                                 "model, objective, masker, data or optimisation setting); without it that is an error "
+                                 "naming what differs.")
 
     def before_instantiate_classes(self) -> None:
         """Checks before any model loads. The data module (a subclass-mode argument) is instantiated before the
@@ -120,6 +153,7 @@ class SparsePOCLI(LightningCLI):
         if self.subcommand is None:
             return
         cli_support.check_before_loading(self.config[self.subcommand], self.subcommand)
+        self._identity = identity_settings(self.config[self.subcommand])
         lightning_instantiator = _InstantiatorFn(cli=self, key="data")
         subcommand = self.subcommand
 
@@ -134,15 +168,24 @@ class SparsePOCLI(LightningCLI):
         self.parser.add_instantiator(instantiate_and_check, LightningDataModule, subclasses=True, prepend=True)
 
     def instantiate_trainer(self, **kwargs: Any):  # noqa: ANN201
-        """Lightning's trainer, with :class:`StepProgressBar` as the progress bar unless the config has one or
-        turns it off."""
+        """Lightning's trainer, with :class:`StepProgressBar` as the progress bar on a terminal and
+        :class:`~sparsepo_lightning.progress.PlainProgress` (a plain line every few steps) otherwise, unless the config
+        has one or turns it off."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(kwargs.pop("callbacks", None) or config.get("callbacks") or [])
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            callbacks.append(cli_support.StepProgressBar())
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+            callbacks.append(cli_support.StepProgressBar() if sys.stdout.isatty() else PlainProgress())
+        if getattr(self, "_identity", None) is not None:
+            callbacks.append(RunIdentity(self._identity))
+        callbacks.append(GracefulStop())
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        if not cli_support.mentions("default_hp_metric", cli_support.ARGV):  # no `hp_metric -1` placeholder tag
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger._default_hp_metric = False
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -156,6 +199,9 @@ class SparsePOCLI(LightningCLI):
             lines.append(f"checkpoint:  {checkpoint}")
         if lines:
             rank_zero_info("Training finished.\n  " + "\n  ".join(lines))
+        status = exit_status(trainer)
+        if status is not None:
+            sys.exit(status)
 
 
 def _tokenizer_name(model: str, tokenizer: str | None) -> str:
@@ -169,7 +215,10 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # Our data module resumes mid-epoch exactly (its state_dict); RunCheckpoint says what resumes instead.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # A first run bounded by --trainer.max_time has a Timer callback; its resume need not be (limits may change).
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.* callbacks: \['Timer'\]\.")
     cli_support.quiet_lightning()
+    cli_support.plain_own_warnings()
     return SparsePOCLI(
         PreferenceModule,
         PreferenceDataModule,
@@ -212,7 +261,7 @@ def main() -> None:
         else:
             run()
     except Exception as e:
-        user_error = _user_error(e)
+        user_error = _user_error(e) or cli_support.plugin_error(e)
         if debug or user_error is None:
             raise
         sys.stderr.write(f"sparsepo{' ' + command if command else ''}: error: {user_error}\n"

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
+from sparsepo_lightning.run_identity import check_resume, choose_last, identity_settings
 
 ARGV: list[str] = []
 """The arguments being parsed (set by the CLI before parsing), to find the config files an error comes from."""
@@ -67,11 +69,82 @@ def explain(message: str, parser: Any, argv: list[str]) -> str:
         group, class_path, key = nested.groups()
         return _unknown_key(f"{group}.init_args.{key}", _init_parameters(class_path, f"{group}.init_args."), argv,
                             "key ", f" (not a parameter of {class_path})")  # fmt: skip
+    bad_class = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", message)
+    if bad_class:
+        key = re.search(r'Parser key "([^"]+)"', message)
+        return class_path_error(bad_class.group(1), bad_class.group(2).strip(), key.group(1) if key else None)
     if "Problems parsing config" in message and "<unicode string>" in message:
         broken = next((f for f in config_files(argv) if not _parses(f)), None)
         if broken is not None:
             return message.replace('"<unicode string>"', broken) + f"\nFix: correct the YAML syntax of {broken}."
     return message
+
+
+def class_path_error(class_path: str, reason: str, key: str | None) -> str:
+    """A ``class_path`` that does not import, as one message: why, "did you mean" (classes of that name, or close
+    names, in the package's source files, found without importing them) and the ``PYTHONPATH`` fix."""
+    import importlib.util
+
+    module, _, name = class_path.rpartition(".")
+    top = class_path.split(".")[0]
+    text = f"{key or 'class_path'}: cannot use class_path {class_path!r} ({reason.splitlines()[0]})."
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return (text + f" Fix: the module {module!r} must be importable from {START_DIR[0]}: run from the folder that "
+                f"holds {top}/ (or {top}.py), or add that folder to PYTHONPATH (PYTHONPATH=/path/to/it sparsepo ...).")
+    classes = _classes_in(Path(next(iter(spec.submodule_search_locations))), top)
+    same = sorted(c for c in classes if c.rsplit(".", 1)[1] == name)
+    close = same or difflib.get_close_matches(class_path, classes, n=2, cutoff=0.75)
+    if close:
+        return text + f" Did you mean {' or '.join(repr(c) for c in close)}? Fix: use the full module path."
+    return text + " Fix: check the module and class name (see --help for the classes each option accepts)."
+
+
+def _classes_in(folder: Path, package: str) -> list[str]:
+    """``package.module.Class`` for every top-level ``class`` statement in the package's source files."""
+    found = []
+    for file in folder.rglob("*.py"):
+        parts = file.relative_to(folder).with_suffix("").parts
+        module = ".".join((package, *(p for p in parts if p != "__init__")))
+        try:
+            names = re.findall(r"^class (\w+)\b", file.read_text(errors="replace"), flags=re.M)
+        except OSError:
+            continue
+        found += [f"{module}.{n}" for n in names if not n.startswith("_")]
+    return found
+
+
+def plugin_error(error: BaseException) -> str | None:
+    """A configured class's own argument check (a ``ValueError``/``TypeError`` raised by its ``__init__`` while the CLI
+    builds it, which jsonargparse wraps in "Does not validate ...") as one message with the option to change."""
+    for _ in range(20):
+        if error is None:
+            return None
+        cause = error.__cause__
+        if "Does not validate" in str(error) and isinstance(cause, ValueError | TypeError):
+            given = re.search(r"class_path='([^']+)'", str(error))
+            class_path = given.group(1) if given else "a configured class"
+            where = _class_path_location(class_path)
+            told = str(cause).rstrip()
+            return (f"{class_path} refused its arguments: {told}" + ("" if told.endswith(".") else ".")
+                    + (" Change" if "Fix:" in told else " Fix: change") + f" its init_args"
+                    f"{' (' + where + ')' if where else ''}: in the config file, or --<option>.init_args.NAME VALUE.")
+        error = cause or error.__context__
+    return None
+
+
+def _class_path_location(class_path: str) -> str | None:
+    """Where ``class_path`` is chosen: a command-line option, or ``file:line`` of a config file."""
+    for i, arg in enumerate(ARGV[:-1]):
+        if arg.startswith("--") and ARGV[i + 1] == class_path:
+            return f"{arg[2:].removesuffix('.class_path')}, chosen on the command line"
+    for file, number, line in _config_lines(ARGV):
+        if re.search(rf"class_path:\s*{re.escape(class_path)}\s*(#.*)?$", line):
+            return f"chosen at {file}:{number}"
+    return None
 
 
 def _parses(file: str) -> bool:
@@ -127,22 +200,36 @@ def _path(file: str) -> Path:
 def _locate(leaf: str, argv: list[str]) -> str | None:
     """``file:line`` of the last config file in ``argv`` that has ``leaf:`` as a YAML key, if any."""
     pattern = re.compile(rf"^\s*(-\s+)?{re.escape(leaf)}\s*:")
-    found = None
+    found, done = None, set()
+    for file, number, line in _config_lines(argv):
+        if file not in done and pattern.match(line):
+            found = f"{file}:{number}"
+            done.add(file)  # the first match in each file; the last file wins
+    return found
+
+
+def mentions(key: str, argv: list[str]) -> bool:
+    """Whether ``key`` is set on the command line or in one of its ``--config`` files."""
+    return any(key in a for a in argv) or any(re.match(rf"^\s*{re.escape(key)}\s*:", line)
+                                              for _, _, line in _config_lines(argv))
+
+
+def _config_lines(argv: list[str]):  # noqa: ANN202 (a generator of (file, line number, line))
+    """``(file, line number, line)`` of every line of the ``--config`` files in ``argv`` that can be read."""
     for file in config_files(argv):
         try:
             lines = _path(file).read_text().splitlines()
         except OSError:
             continue
         for number, line in enumerate(lines, 1):
-            if pattern.match(line):
-                found = f"{file}:{number}"
-                break
-    return found
+            yield file, number, line
 
 
 def check_before_loading(config: Namespace, subcommand: str) -> None:
-    """Checks that need no model: ``--ckpt_path`` exists (or ``last`` resolves), the log folder is writable and a
-    checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
+    """Checks that need no model: ``--ckpt_path`` exists and, for ``fit``, belongs to this run identity (or
+    ``--resume_anyway``); ``last`` is resolved here to the newest checkpoint of this run identity
+    (:func:`~sparsepo_lightning.run_identity.choose_last`) and written back into ``config``; the log folder is
+    writable and a checkpoint folder of its own (``RunCheckpoint`` ``dirpath``) holds no other run's files."""
     logger = config.get("trainer", {}).get("logger")
     run_dir = None
     if isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
@@ -162,29 +249,37 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
         return
     own_dirs = [Path(str(c.init_args.dirpath)) for c in callbacks if isinstance(c, Namespace)
                 and str(c.get("class_path")).endswith("Checkpoint") and (c.get("init_args") or {}).get("dirpath")]
+    settings = identity_settings(config)
+    resume_anyway = bool(config.get("resume_anyway"))
     if ckpt_path == "last":
         if own_dirs:  # a checkpoint callback with its own folder resumes from there only
             where = " or ".join(f"{d}/last*.ckpt" for d in own_dirs)
-            found = any(p.exists() for d in own_dirs for p in d.glob("last*.ckpt"))
+            found = sorted((str(p) for d in own_dirs for p in d.glob("last*.ckpt") if p.exists()),
+                           key=os.path.getmtime)
         else:
             where = f"{run_dir}/version_*/checkpoints/last*.ckpt" if run_dir is not None else ""
-            found = run_dir is None or bool(_last_checkpoints(run_dir))
-        if not found:
-            links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
-                     else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
-            broken = sorted(str(p) for p in links if not p.exists())
-            raise MissingFileError(
-                f"--ckpt_path last: no last checkpoint at {where}"
-                + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
-                "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
-                "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
-            )
-        return
+            found = _last_checkpoints(run_dir) if run_dir is not None else []
+        if run_dir is None and not own_dirs:  # another logger: RunCheckpoint looks for `last` itself
+            return
+        if found:  # resolved here, to the newest checkpoint of this run identity
+            config["ckpt_path"] = choose_last(found, settings, resume_anyway)
+            return
+        links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
+                 else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
+        broken = sorted(str(p) for p in links if not p.exists())
+        raise MissingFileError(
+            f"--ckpt_path last: no last checkpoint at {where}"
+            + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
+            "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
+            "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."
+        )
     if not Path(ckpt_path).exists():
         runs = _last_checkpoints(run_dir) if run_dir is not None else []
         hint = f" The newest last checkpoint of this run is {runs[-1]} (--ckpt_path last)." if runs else ""
         raise MissingFileError(f"--ckpt_path {ckpt_path}: no such file or folder (working directory {os.getcwd()})."
                                f"{hint} Fix: give an existing .ckpt file or checkpoint folder, or --ckpt_path last.")
+    if subcommand == "fit":
+        check_resume(ckpt_path, settings, resume_anyway)
 
 
 def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
@@ -205,6 +300,36 @@ def _check_checkpoint_dirs(callbacks: list[Any], ckpt_path: str | None) -> None:
                 "run; this run would overwrite them. Fix: resume that run with --ckpt_path last, choose another "
                 "dirpath, or set RunCheckpoint overwrite: true to replace them."
             )
+
+
+def composed_log_name(config: Namespace, argv: list[str]) -> None:
+    """Give a composed config its own TensorBoard folder: the first config's logger name plus the file stem of every
+    later ``--config`` that changes the method or the data (sets ``model.objective``, ``model.masker`` or ``data``),
+    e.g. ``quickstart`` + ``configs/methods/confpo.yaml`` -> ``runs/quickstart-confpo``. A name set on the command
+    line, or by that later file itself, is kept as it is."""
+    import yaml
+
+    logger = config.get("trainer", {}).get("logger")
+    if not isinstance(logger, Namespace) or not isinstance(logger.get("init_args"), Namespace):
+        return
+    if any(a.startswith(("--trainer.logger.init_args.name", "--trainer.logger.name")) for a in argv):
+        return
+    stems = []
+    for file in config_files(argv)[1:]:
+        try:
+            content = yaml.safe_load(_path(file).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        model, trainer = content.get("model") or {}, content.get("trainer") or {}
+        names_itself = "name" in ((trainer.get("logger") or {}).get("init_args") or {}) if isinstance(
+            trainer.get("logger"), dict) else False
+        if names_itself:
+            stems = []
+        elif "data" in content or isinstance(model, dict) and ("objective" in model or "masker" in model):
+            stems.append(Path(file).stem)
+    name = logger.init_args.get("name")
+    if stems and name:
+        logger.init_args["name"] = "-".join([str(name), *stems])
 
 
 def _last_checkpoints(run_dir: Path) -> list[str]:
@@ -244,6 +369,23 @@ class StepProgressBar(RichProgressBar):
         self._update_metrics(trainer, pl_module)
         self.refresh()
         return None
+
+
+def plain_own_warnings() -> None:
+    """Print the warnings raised by this package as their message only: they name the file, row or option
+    themselves, and the package's own source line (``.../data/splits.py:45:``) would only confuse."""
+    previous = warnings.formatwarning
+    if getattr(previous, "sparsepo", False):
+        return
+    package = str(Path(__file__).resolve().parent)
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+        if str(filename).startswith(package):
+            return f"{message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning.sparsepo = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
 
 
 class _DropAdvertisement(logging.Filter):

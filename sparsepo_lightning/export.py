@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
+from sparsepo_lightning.checkpointing import umask_mode
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 from sparsepo_lightning.masks.base import TokenMasker
 from sparsepo_lightning.model_sources import load_tokenizer
@@ -100,7 +101,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     tokenizer = load_tokenizer(trained.tokenizer_name, trust_remote_code=bool(trained.hparams.get("trust_remote_code")))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
+    staging.chmod(umask_mode(0o777))  # mkdtemp makes it owner-only; an export is meant to be shared
     try:
         policy.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))

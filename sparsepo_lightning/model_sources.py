@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsepo_lightning.checkpointing import umask_mode
 from sparsepo_lightning.errors import ConfigError
 
 CACHE_ENV_VAR = "SPARSEPO_CACHE"
@@ -185,7 +186,7 @@ def _ensure_converted(alias: str, source: GgufSource | TinyRandomSource) -> Path
             rank_zero_info(f"Removing leftover of an interrupted conversion: {stale}")
             shutil.rmtree(stale, ignore_errors=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{alias}{_PARTIAL_PREFIX}", dir=target.parent))
-        partial.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        partial.chmod(umask_mode(0o777))  # mkdtemp makes it owner-only; the cache may be shared
         rank_zero_info(f"Building '{alias}' ({source.license}) into {target} (once) ...")
         start = time.perf_counter()
         try:

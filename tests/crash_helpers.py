@@ -61,3 +61,18 @@ class InternalError(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:  # noqa: ANN001
         raise RuntimeError("an internal error")
+
+
+class PauseAtStep(Callback):
+    """Before the batch of optimizer step ``step + 1`` starts, write ``marker`` and wait (at most 120 s) until the
+    test removes it: the test sends its signal in between, so the step the run is in when signalled is known."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(batch_idx))
+            deadline = time.monotonic() + 120
+            while Path(self.marker).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)

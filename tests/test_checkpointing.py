@@ -274,3 +274,17 @@ def test_link_is_repointed_before_the_old_checkpoint_is_deleted(tiny_model_dir, 
     names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
     assert names == ["epoch=0-step=3.ckpt", "last.ckpt"], names
     assert os.readlink(tmp_path / "ckpts" / "last.ckpt") == "epoch=0-step=3.ckpt" and callback.losses
+
+
+def test_checkpoints_are_as_readable_as_the_umask_allows(tmp_path):
+    """mkstemp creates owner-only files; a checkpoint gets the mode a plain open() would give under the umask."""
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        for umask, expected in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(umask)
+            AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / f"{umask:o}.ckpt")
+            assert stat.S_IMODE((tmp_path / f"{umask:o}.ckpt").stat().st_mode) == expected
+    finally:
+        os.umask(previous)

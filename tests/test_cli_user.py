@@ -87,8 +87,17 @@ def bad_rows(tmp_path_factory) -> str:
      ["--ckpt_path last: no last checkpoint at", "Fix:"]),
     (["--model.warmup_ratio", "1.5"], ["model.warmup_ratio=1.5: must be in [0, 1)"]),
     (["--trainer.logger.init_args.save_dir", "FILE"], ["is not a writable folder", "Fix:"]),
+    (["--model.masker", "sparsepo_lightning.masks.RandomMasker", "--model.masker.init_args.keep_rate", "1.5"],
+     ["sparsepo_lightning.masks.RandomMasker refused its arguments: RandomMasker: keep_rate must be in (0, 1], got "
+      "1.5.", "its init_args (model.masker, chosen on the command line)"]),
+    (["--data.class_path", "sparsepo_lightning.data.HHDataModule"],
+     ["data: cannot use class_path 'sparsepo_lightning.data.HHDataModule' (module 'sparsepo_lightning.data' has no "
+      "attribute 'HHDataModule'). Did you mean 'sparsepo_lightning.data.hh.HHDataModule'?"]),
+    (["--model.masker", "my_weights.LowReferenceProbability"],
+     ["model.masker: cannot use class_path 'my_weights.LowReferenceProbability' (No module named 'my_weights')",
+      "must be importable", "PYTHONPATH"]),
 ], ids=["missing-data", "only-bad-rows", "masker-objective", "missing-ckpt", "last-resolves-nothing", "option",
-        "log-folder"])
+        "log-folder", "plugin-argument", "class-path-did-you-mean", "class-path-not-importable"])
 def test_user_errors_are_one_message_before_any_model_loads(args, phrases, bad_rows, tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     places = {"BAD": bad_rows, "TMP": str(tmp_path / "runs"), "FILE": str(tmp_path / "a-file" / "runs")}
@@ -192,7 +201,11 @@ def test_console_shows_steps_of_the_real_total_and_no_advertisement(first_run):
     _, done = first_run
     output = done.stdout + done.stderr
     assert "litlogger" not in output and "Tip:" not in output
-    assert "Epoch 0/-2" not in output and "Epoch 0, steps" in output and "3/3" in output
+    assert "Epoch 0/-2" not in output and "\r" not in done.stdout  # not a terminal: plain lines, no redrawn bar
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 1/3 (33%) | loss ") and lines[-1].startswith("step 3/3 (100%) | loss "), lines
+    for label in ("accuracy ", "margin ", "mask zeros ", " s/step | ETA "):
+        assert label in lines[-1], (label, lines)
 
 
 def test_resume_says_what_resumes_exactly(first_run, tiny_model_dir, pairs_file):

@@ -124,7 +124,7 @@ def test_datamodule_counts_responses_without_tokens(no_eos_tokenizer, tmp_path):
         '{"prompt": "a", "chosen": "b", "rejected": "a"}\n{"prompt": "a", "chosen": "\\u200b", "rejected": "b"}\n'
     )
     dm = _datamodule(no_eos_tokenizer, train_file=str(path))
-    with pytest.warns(UserWarning, match="skipped 1 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
         dm.setup("fit")
     assert dm.report["train"].counts == {"empty_response": 1}
     assert dm.report["train"].first["empty_response"].location == f"{path}:2"

@@ -364,7 +364,7 @@ def test_datamodule_counts_spans_the_chat_template_hides_and_uses_custom_columns
     dm = PreferenceDataModule(train_file=path, chosen_field="good", rejected_field="bad", chosen_spans_field="good_w",
                               use_chat_template=True, chat_template=upper, max_length=64, max_prompt_length=32)
     dm.tokenizer = copy.deepcopy(tiny_tokenizer)
-    with pytest.warns(UserWarning, match="skipped 1 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
         dm.setup("fit")
     assert dm.report["train"].counts == {"bad_spans": 1}
     assert dm.report["train"].first["bad_spans"].message.startswith(f"{path}:1: the chosen response's text")

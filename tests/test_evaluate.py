@@ -288,3 +288,23 @@ def test_generation_config_allows_greedy_single_samples_and_names_the_flag():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match=r"--temperature=-1.0 is invalid"):
         GenerationConfig(temperature=-1.0)
+
+
+def test_a_negative_sampled_kl_is_explained():
+    from sparsepo_lightning.evaluate.sentiment import kl_note
+
+    assert kl_note(0.0) == "" and kl_note(0.3) == ""
+    assert "sampled estimate of a KL that is >= 0" in kl_note(-0.01) and "--num-samples" in kl_note(-0.01)
+
+
+def test_prompt_rows_are_named_by_file_line_and_the_field_can_be_chosen(tmp_path):
+    from sparsepo_lightning.errors import ConfigError
+    from sparsepo_lightning.evaluate.options import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a", "query": "q1"}\n\n{"text": "b"}\n')
+    expected = rf"{path}:3: line 3 has no string 'prompt' \(it has: text\)\. .*--prompt-field"
+    with pytest.raises(ConfigError, match=expected):
+        load_prompts(path)
+    path.write_text('{"query": "q1"}\n{"query": "q2"}\n{"query": "q1"}\n')
+    assert load_prompts(path, field="query") == ["q1", "q2"]

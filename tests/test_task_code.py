@@ -146,7 +146,7 @@ def test_pairs_copying_a_humaneval_solution_are_dropped(tiny_tokenizer, tmp_path
     assert humaneval_overlap(leaked) == ("HumanEval/0", "canonical solution")
     assert humaneval_overlap(clean["chosen"]) is None  # "return x + y" is HumanEval/53's body, but too short
     dm = _datamodule(tiny_tokenizer, train_file=path)
-    with pytest.warns(UserWarning, match="skipped 1 bad rows"):
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
         dm.setup("fit")
     report = dm.report["train"]
     assert report.counts == {"humaneval_overlap": 1} and len(dm.datasets["train"]) == 1

@@ -150,7 +150,7 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
     masked = any("mask_mean" in row for row in rows)
     header = f"  {'validation at step':>18}  {'loss':>7}  {'accuracy':>8}  {'margin':>8}"
     header += f"  {'mask mean':>9}  {'mask zeros':>10}" if masked else ""
-    lines.append(header)
+    lines.append(header if rows else "  no validation ran (data.val_file / val_check_interval: none reached)")
     for row in rows:
         line = (f"  {row['step']:>18}  {row.get('loss', float('nan')):>7.4f}  {row.get('accuracy', float('nan')):>8.3f}"
                 f"  {row.get('margin', float('nan')):>8.4f}")
@@ -180,5 +180,5 @@ def format_summary(summary: dict[str, Any], log_dir: str | None = None) -> str:
                      f"{mean['gini']:.3f}, effective-token ratio {mean['effective_token_ratio']:.3f},")
         lines.append(f"    within-response CV {mean['within_cv']:.3f}, between-response variance share "
                      f"{mean['between_variance_share']:.3f}")
-    lines.append(f"  {summary['global_step']} optimizer steps")
+    lines.append(f"  {summary['global_step']} optimizer step{'' if summary['global_step'] == 1 else 's'}")
     return "\n".join(lines)

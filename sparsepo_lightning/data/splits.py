@@ -42,6 +42,7 @@ def hold_out(items: list[_Item], fraction: float, seed: int) -> tuple[list[_Item
 def log_report(split: str, report: DataReport) -> None:
     """Log a split's data report: a warning when rows were skipped, else an info line."""
     if report.rows_rejected:
-        rank_zero_warn(f"data ({split}): skipped {report.rows_rejected} bad rows.\n{report.summary()}")
+        rows = "row" if report.rows_rejected == 1 else "rows"
+        rank_zero_warn(f"data ({split}): skipped {report.rows_rejected} bad {rows}.\n{report.summary()}")
     else:
         rank_zero_info(f"data ({split}): {report.summary()}")

@@ -51,6 +51,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sparsepo_lightning.checkpointing import umask_mode
 from sparsepo_lightning.data.arrow_features import read_features, write_features
 from sparsepo_lightning.data.readers import load_hub_split
 from sparsepo_lightning.data.rows import DataReport, RowIssue
@@ -294,6 +295,7 @@ def _write(folder: Path, parts: dict[str, Any], dm: Any, splits: tuple[str, ...]
     """Write ``splits`` of ``dm`` into ``folder`` atomically; return its meta (the other process's if it won)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    building.chmod(umask_mode(0o777))  # mkdtemp makes it owner-only; the cache may be shared
     try:
         meta: dict[str, Any] = {"format": FORMAT, "key": parts, "splits": {}}
         for split in (s for s in splits if s in dm.datasets):

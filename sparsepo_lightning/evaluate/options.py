@@ -35,6 +35,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     """``--prompts`` (required) and ``--num-prompts``; read them back with `load_prompts`."""
     p.add_argument("--prompts", required=True, help="Prompts: .txt (one per line) or .jsonl/.json with 'prompt'.")
     p.add_argument("--num-prompts", type=int, default=None, help="Use only the first N distinct prompts.")
+    p.add_argument("--prompt-field", default="prompt", help="The prompt's field in .jsonl/.json rows (default prompt).")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,25 +74,32 @@ def generation_config(args: argparse.Namespace, temperature: float | None = None
     )
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Distinct prompts, in file order: a text file (one per line) or JSON lines / a JSON list with ``prompt``.
+def load_prompts(path: str | Path, limit: int | None = None, field: str = "prompt") -> list[str]:
+    """Distinct prompts, in file order: a text file (one per line) or JSON lines / a JSON list with ``field``.
 
     Works with the quickstart ``prompts.txt``, the IMDB SFT samples (``data/samples/imdb/imdb-sft-test.jsonl``)
-    and any pairs file whose ``prompt`` is a string.
+    and any pairs file whose ``prompt`` (or ``field``) is a string.
 
     Raises:
-        ValueError: no prompt found, or a row without a string ``prompt``.
+        ValueError: no prompt found, or a row without a string ``field`` (named as ``file:line``; the element's
+            index, from 1, in a .json list).
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".jsonl", ".json"):
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
-                                                                if line.strip()]  # fmt: skip
+        if path.suffix == ".json":
+            rows = list(enumerate(json.loads(text), 1))
+            where = "element"
+        else:
+            rows = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            where = "line"
         prompts = []
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"{path}: row {i} has no string 'prompt'. Fix: give a prompts file or pairs file.")
-            prompts.append(row["prompt"])
+        for number, row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                fields = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                raise ConfigError(f"{path}:{number}: {where} {number} has no string {field!r} (it has: {fields}). "
+                                  "Fix: give a prompts file or pairs file, or name the field with --prompt-field.")
+            prompts.append(row[field])
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     prompts = list(dict.fromkeys(prompts))[:limit]

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every policy; returns the JSON summary."""
     labels = policy_labels(args)
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(args.prompts, args.num_prompts, args.prompt_field)
     generation_config(args)  # checks the sampling options before any model loads
     label = args.scorer_positive_label
     scorer = make_scorer(args.scorer, int(label) if label and label.isdigit() else label, device=args.device)
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report.scalars({"reward": result["reward_mean"], "kl": result["kl_mean"]}, step)
         report.text(f"samples/{name}", "\n\n".join(f"**{r['prompt']}**{r['completion']}" for r in rows[:8]))
         samples += rows
-        log.info("%s: reward %.4f, KL %.4f", name, result["reward_mean"], result["kl_mean"])
+        kl = result["kl_mean"]
+        log.info("%s: reward %.4f, KL %.4f%s", name, result["reward_mean"], kl, kl_note(kl))
         if spec == ref_name:  # the reference itself was evaluated: its point is the anchor
             anchors[ref_name] = {**result, "label": f"reference {ref_name}"}
         elif ref_name not in anchors:  # the reference's own samples, scored the same way; KL 0 by definition
@@ -148,3 +149,11 @@ def frontier_plot(results: list[dict[str, Any]], references: list[dict[str, Any]
               for label, rows in (("reference (KL = 0)", references), ("policies", results)) if rows]
     return Plot("Reward-KL frontier", "sequence KL(policy || reference), nats", "expected reward", series,
                 lines=False)  # fmt: skip
+
+
+def kl_note(kl: float) -> str:
+    """A word on a negative sampled KL: the true KL is >= 0, the sample estimate is not."""
+    if kl >= 0:
+        return ""
+    return (" (negative: a sampled estimate of a KL that is >= 0; the policy is within sampling noise of the reference."
+            " More samples (--num-samples, --num-prompts) narrow it)")

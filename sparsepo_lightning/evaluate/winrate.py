@@ -142,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compare every policy with its opponent; returns the JSON summary."""
     labels = policy_labels(args)
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    prompts = load_prompts(args.prompts, args.num_prompts, args.prompt_field)
     judge = make_judge(args.judge, args.judge_type, args.judge_chat_template, args.device)
     report = Report(args.out, "winrate")
     results, rows, cache = [], [], {}
