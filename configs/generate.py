@@ -187,7 +187,7 @@ def recipe(task: Task, variant: str) -> dict[str, Any]:
     if masker is not None:
         model["masker"] = masker
     model.update(lr=task.lr_by_variant.get(variant, task.lr), mask_weight_decay=0.01, warmup_ratio=0.1,
-                 schedule="cosine", gradient_checkpointing=True)
+                 schedule="cosine", activation_checkpointing=True)
     if task.dtype != "float32":
         model["dtype"] = task.dtype
     if task.lora is not None:

@@ -40,6 +40,8 @@ def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> 
         raise ConfigError(f"masker={type(masker).__name__} reads the reference model, which the reference-free "
                          f"objective {type(objective).__name__} does not load. Fix: a masker that needs no reference, "
                          "or an objective with a reference.")
+    if masker is not None:
+        masker.use_objective(objective)
 
 
 def check_frozen_models(masker: TokenMasker | None, frozen_models: dict[str, str] | None) -> None:
@@ -81,6 +83,15 @@ def check_precision(precision: str, parameters: Iterable[tuple[str, nn.Parameter
                 f"float16 trainable weights (model.dtype={dtype}; e.g. {fp16[0]}). Fix: "
                 "model.dtype: float32 with precision 16-mixed, or bf16-mixed, or model.lora (fp32 adapters)."
             )
+
+
+def check_attention_device(attn_implementation: str | None, device_type: str) -> None:
+    """FlexAttention cannot train on CPU: torch has no CPU backward for it (and a second batch shape fails to
+    compile). Refused before the first step instead of failing inside it."""
+    if attn_implementation == "flex_attention" and device_type == "cpu":
+        raise ConfigError(
+            "model.attn_implementation=flex_attention cannot train on CPU (torch has no CPU backward for "
+            "FlexAttention). Fix: model.attn_implementation: sdpa (the packed layout takes it too), or train on a GPU.")
 
 
 def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: nn.ModuleDict | None) -> bool:

@@ -162,6 +162,11 @@ def test_misspelt_yaml_keys_name_the_file_line_and_the_likely_key(tmp_path):
                 "Did you mean 'model.objective.init_args.beta'?")
     _user_error(sparsepo(*TINY, "--trainer.max_stepz", "3", "--model.model", NO_MODEL),
                 "unknown option --trainer.max_stepz on the command line", "Did you mean 'trainer.max_steps'?")
+    renamed = tmp_path / "renamed.yaml"  # a config written before the two checkpointing options became one
+    renamed.write_text("model:\n  gradient_checkpointing: true\n")
+    _user_error(sparsepo(*TINY, "--config", str(renamed), "--model.model", NO_MODEL),
+                f"unknown key model.gradient_checkpointing in {renamed}:2", "now 'model.activation_checkpointing'",
+                f"Fix: rename it to 'activation_checkpointing' in {renamed}:2.")
     relative = os.path.relpath(typo, ROOT)  # jsonargparse reads a config file from inside its folder
     _user_error(sparsepo(*TINY, "--config", relative, "--model.model", NO_MODEL), f"in {relative}:3")
 
