@@ -107,7 +107,7 @@ def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: 
         ConfigError: the model's attention implementation cannot take the mask, or its outputs differ; the message
             names the model and the fix (``data.layout: padded``).
     """
-    from sparsepo_lightning.data.packing import collate_packed
+    from sparsepo_lightning.data.collate_packed import collate_packed
     from sparsepo_lightning.logprobs import final_hidden_states
     from sparsepo_lightning.packing import check_attention
 

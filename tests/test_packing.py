@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from sparsepo_lightning.checks import check_packed_layout
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.batching import log_budget_batches
-from sparsepo_lightning.data.packing import collate_packed, packed_cost, padded_cost, segment_length
+from sparsepo_lightning.data.collate_packed import collate_packed, packed_cost, padded_cost, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.logprobs import final_hidden_states
 from sparsepo_lightning.masks import ActivationMasker, LearnedMasker

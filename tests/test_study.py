@@ -87,7 +87,7 @@ class LengthScorer:
 
 @pytest.mark.slow
 def test_driver_runs_trains_evaluates_resumes_and_reports(cli_zygote, tiny_model_dir, tmp_path, monkeypatch):
-    from sparsepo_lightning.data import sentiment
+    from sparsepo_lightning.builders import sentiment
 
     # each `sparsepo` command of the driver is forked from the zygote instead of starting Python
     monkeypatch.setattr(driver, "subprocess", SimpleNamespace(run=cli_zygote.subprocess_run, STDOUT=subprocess.STDOUT))
@@ -200,7 +200,7 @@ def test_sparsepo_study_plan_lists_every_run(cli_zygote, tmp_path):
 
 
 def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
-    from sparsepo_lightning.data.scorers import make_scorer
+    from sparsepo_lightning.builders.scorers import make_scorer
 
     great, dull, neutral = make_scorer("textblob")([" a great, wonderful film", " a terrible, boring film", " it"])
     assert great > 0.5 and dull < -0.5 and neutral == 0.0
@@ -221,7 +221,7 @@ def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
 
 
 def great_of(text):
-    from sparsepo_lightning.data.scorers import TextBlobScorer
+    from sparsepo_lightning.builders.scorers import TextBlobScorer
 
     return TextBlobScorer()([text])[0]
 
