@@ -32,10 +32,10 @@ clean-venv:
 
 # The documentation site (mkdocs.yml): built into site/, strictly (a broken link, anchor or API reference fails).
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 docs-serve: $(STAMP)
-	$(PY) -m mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 .PHONY: bench
 # Side-by-side step time / peak memory vs TRL's DPOTrainer (benchmarks/README.md); CPU: ~10-15 min on 2 cores.
