@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test install clean-venv
+.PHONY: quickstart test install clean-venv docs docs-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The documentation site (mkdocs.yml): built into site/, strictly (a broken link, anchor or API reference fails).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 .PHONY: bench bench-full
 # Side-by-side step time / peak memory vs TRL's DPOTrainer (benchmarks/README.md); CPU: ~10-15 min on 2 cores.

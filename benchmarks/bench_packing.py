@@ -118,7 +118,7 @@ def micro_batches(features: list, pairs_per_batch: int) -> list[list]:
 
 def positions(config: str, batch: list, pack_length: int | None) -> int:
     """Positions the models run on for one micro-batch in ``config``'s layout."""
-    from sparsepo_lightning.data.packing import packed_cost, padded_cost
+    from sparsepo_lightning.data.collate_packed import packed_cost, padded_cost
 
     if config == "packed":
         return packed_cost(batch)
@@ -136,7 +136,7 @@ def positions(config: str, batch: list, pack_length: int | None) -> int:
 def _ours(config: str, device, model: str, pack_length: int | None):
     import torch
 
-    from sparsepo_lightning.data.packing import collate_packed
+    from sparsepo_lightning.data.collate_packed import collate_packed
     from sparsepo_lightning.module import PreferenceModule
     from sparsepo_lightning.objectives import DPO
     from sparsepo_lightning.optim import parameter_groups

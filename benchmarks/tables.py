@@ -1,10 +1,11 @@
-"""Render the README's measurement tables from ``benchmarks/results/*.json``.
+"""Render the documentation's measurement tables from ``benchmarks/results/*.json``.
 
-The README holds each table between ``<!-- table: <name> -->`` and ``<!-- end table -->``; this script rewrites
-those blocks from the result files (every row of each file), so the README never carries a number by hand.
+A page (``README.md``, ``benchmarks/README.md``, ``docs/*.md``) holds each table between ``<!-- table: <name> -->``
+and ``<!-- end table -->``; this script rewrites those blocks from the result files (every row of each file), so no
+page ever carries a number by hand.
 
-    python benchmarks/tables.py           # rewrite the tables in README.md
-    python benchmarks/tables.py --check   # exit 1 if README.md differs from what the results give
+    python benchmarks/tables.py           # rewrite the tables in every page that holds one
+    python benchmarks/tables.py --check   # exit 1 if a page differs from what the results give
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+
+
+def pages() -> list[Path]:
+    """The Markdown pages that hold at least one table block."""
+    candidates = [README, ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [p for p in candidates if p.is_file() and "<!-- table: " in p.read_text()]
 
 CONFIG_NAMES = {"trl": "TRL DPOTrainer", "floor": "floor (no loss)", "dpo": "DPO", "tdpo1": "TDPO1", "mapo": "MaPO",
                 "sparsepo_common": "SparsePO (common)", "sparsepo_indep": "SparsePO (indep.)"}
@@ -119,23 +126,28 @@ def render(text: str) -> str:
     def replace(match: re.Match) -> str:
         name = match.group(2)
         if name not in TABLES:
-            raise KeyError(f"README names an unknown table {name!r}; known: {sorted(TABLES)}")
+            raise KeyError(f"a page names an unknown table {name!r}; known: {sorted(TABLES)}")
         return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
     return _BLOCK.sub(replace, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
+    parser.add_argument("--check", action="store_true", help="fail if a page's tables are out of date")
     args = parser.parse_args(argv)
-    text = README.read_text()
-    fresh = render(text)
-    if args.check:
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        fresh = render(text)
         if fresh != text:
-            print("README.md tables differ from benchmarks/results/; run python benchmarks/tables.py", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(fresh)
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(fresh)
+    if args.check and stale:
+        pages_named = ", ".join(map(str, stale))
+        print(f"tables in {pages_named} differ from benchmarks/results/; run python benchmarks/tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -58,12 +58,12 @@ TASKS = [
     Task(
         name="imdb", title="IMDB sentiment control", model="insub/gpt2-large-imdb-fine-tuned", tokenizer="gpt2-large",
         beta=0.8, lr=1e-6, epochs=3, devices=4, batch_size=1, accumulate=16,
-        data={"class_path": "sparsepo_lightning.data.imdb.IMDBDataModule",
+        data={"class_path": "sparsepo_lightning.tasks.imdb.IMDBDataModule",
               "init_args": {"format": "odpo", "pairing": "first_two",
                             "train_file": "data/imdb/imdb-sft-train.jsonl", "val_file": "data/imdb/imdb-sft-test.jsonl",
                             **ZEPHYR, "max_length": 512, "max_prompt_length": 256}},
         notes=("Data: ODPO's imdb-sft-{train,test}.jsonl (github.com/rycolab/odpo, data/) copied to data/imdb/,",
-               "or pairs built by `python -m sparsepo_lightning.data.sentiment --imdb stanfordnlp/imdb ...`",
+               "or pairs built by `python -m sparsepo_lightning.builders.sentiment --imdb stanfordnlp/imdb ...`",
                "(then format: pairs).",
                "max_length 512: reviews are short and GPT-2 has 1024 positions (the released 2048 cannot apply)."),
     ),
@@ -71,7 +71,7 @@ TASKS = [
         name="hh", title="Anthropic HH dialogue", model="EleutherAI/pythia-1.4b-deduped", tokenizer=None,
         beta=0.1, lr=5e-7, lr_by_variant={"mapo": 1e-6}, epochs=3, devices=4, batch_size=2, accumulate=16,
         l1_common=0.001,
-        data={"class_path": "sparsepo_lightning.data.hh.HHDataModule",
+        data={"class_path": "sparsepo_lightning.tasks.hh.HHDataModule",
               "init_args": {**ZEPHYR, "system_prompt": "", "max_length": 2048, "max_prompt_length": 1024,
                             "layout": "auto"}},
         notes=("Policy/reference: the paper first fine-tunes Pythia-1.4B on HH chosen dialogues (SFT, lr 1e-5,",
@@ -81,7 +81,7 @@ TASKS = [
     Task(
         name="tldr", title="TL;DR summarisation", model="CarperAI/openai_summarize_tldr_sft",
         tokenizer="EleutherAI/gpt-j-6b", beta=0.8, lr=1e-4, epochs=1, devices=4, batch_size=1, accumulate=64,
-        data={"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
+        data={"class_path": "sparsepo_lightning.tasks.tldr.TLDRDataModule",
               "init_args": {"subset": "comparisons", **ZEPHYR, "system_prompt": "", "max_length": 2048,
                             "max_prompt_length": 1024, "layout": "auto"}},
         lora={"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]},
@@ -94,10 +94,10 @@ TASKS = [
     Task(
         name="code", title="Text-to-code (MBPP)", model="bigcode/starcoderbase-1b", tokenizer=None,
         beta=0.8, beta_by_variant={"mapo": 0.1}, lr=5e-7, epochs=3, devices=2, batch_size=2, accumulate=8,
-        data={"class_path": "sparsepo_lightning.data.code.CodeDataModule",
+        data={"class_path": "sparsepo_lightning.tasks.code.CodeDataModule",
               "init_args": {"train_file": "data/code/train.jsonl", "val_file": "data/code/val.jsonl",
                             "max_length": 2048, "max_prompt_length": 1024}},
-        notes=("Data: pairs built with `python -m sparsepo_lightning.data.code_builder` (sandboxed MBPP tests,",
+        notes=("Data: pairs built with `python -m sparsepo_lightning.builders.code` (sandboxed MBPP tests,",
                "Code-Optimise pairing); raw text, no chat template, no BOS (docs/method.md §6.5). mapo beta 0.1: the",
                "released config default; the paper and the released scripts give no value for this task",
                "(docs/method.md §4.1)."),
@@ -146,18 +146,18 @@ EXTRA_VARIANTS = {"hh": ("ipo", "simpo"), "tldr": ("ipo", "simpo")}
 CORE_VARIANTS = ("dpo", "tdpo1", "tdpo2", "mapo", "sparsepo_common", "sparsepo_indep")
 
 SMALL_DATA = {
-    "imdb": {"class_path": "sparsepo_lightning.data.imdb.IMDBDataModule",
+    "imdb": {"class_path": "sparsepo_lightning.tasks.imdb.IMDBDataModule",
              "init_args": {"format": "odpo", "pairing": "first_two",
                            "train_file": "data/samples/imdb/imdb-sft-train.jsonl",
                            "val_file": "data/samples/imdb/imdb-sft-test.jsonl", "max_length": 64,
                            "max_prompt_length": 24}},
-    "hh": {"class_path": "sparsepo_lightning.data.hh.HHDataModule",
+    "hh": {"class_path": "sparsepo_lightning.tasks.hh.HHDataModule",
            "init_args": {"hub_dataset": "data/samples/hh", "max_length": 256, "max_prompt_length": 192,
                          "layout": "packed", "pack_length": 512}},
-    "tldr": {"class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
+    "tldr": {"class_path": "sparsepo_lightning.tasks.tldr.TLDRDataModule",
              "init_args": {"subset": "comparisons", "hub_dataset": "data/samples/tldr", "max_length": 256,
                            "max_prompt_length": 192, "layout": "packed", "pack_length": 512}},
-    "code": {"class_path": "sparsepo_lightning.data.code.CodeDataModule",
+    "code": {"class_path": "sparsepo_lightning.tasks.code.CodeDataModule",
              "init_args": {"train_file": "data/samples/code/train.jsonl", "val_file": "data/samples/code/val.jsonl",
                            "max_length": 256, "max_prompt_length": 160}},
 }
@@ -187,7 +187,7 @@ def recipe(task: Task, variant: str) -> dict[str, Any]:
     if masker is not None:
         model["masker"] = masker
     model.update(lr=task.lr_by_variant.get(variant, task.lr), mask_weight_decay=0.01, warmup_ratio=0.1,
-                 schedule="cosine", gradient_checkpointing=True)
+                 schedule="cosine", activation_checkpointing=True)
     if task.dtype != "float32":
         model["dtype"] = task.dtype
     if task.lora is not None:

@@ -41,6 +41,8 @@ def check_masker_objective(masker: TokenMasker | None, objective: Objective) -> 
         raise ConfigError(f"masker={type(masker).__name__} reads the reference model, which the reference-free "
                          f"objective {type(objective).__name__} does not load. Fix: a masker that needs no reference, "
                          "or an objective with a reference.")
+    if masker is not None:
+        masker.use_objective(objective)
 
 
 def reference_cache(objective: Objective, masker: TokenMasker | None, enabled: bool) -> Any:
@@ -101,6 +103,15 @@ def check_precision(precision: str, parameters: Iterable[tuple[str, nn.Parameter
             )
 
 
+def check_attention_device(attn_implementation: str | None, device_type: str) -> None:
+    """FlexAttention cannot train on CPU: torch has no CPU backward for it (and a second batch shape fails to
+    compile). Refused before the first step instead of failing inside it."""
+    if attn_implementation == "flex_attention" and device_type == "cpu":
+        raise ConfigError(
+            "model.attn_implementation=flex_attention cannot train on CPU (torch has no CPU backward for "
+            "FlexAttention). Fix: model.attn_implementation: sdpa (the packed layout takes it too), or train on a GPU.")
+
+
 def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: nn.ModuleDict | None) -> bool:
     """Before the first packed batch (``data.layout: packed``): each model's attention takes the 4D block mask and
     it honours position ids. One tiny pair runs through each model in both layouts; hidden states that differ
@@ -114,7 +125,7 @@ def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: 
         ConfigError: the model's attention implementation cannot take the mask, or its outputs differ; the message
             names the model and the fix (``data.layout: padded``).
     """
-    from sparsepo_lightning.data.packing import collate_packed
+    from sparsepo_lightning.data.collate_packed import collate_packed
     from sparsepo_lightning.logprobs import final_hidden_states
     from sparsepo_lightning.packing import check_attention
 

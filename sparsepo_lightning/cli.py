@@ -12,7 +12,7 @@ Examples::
 The model name is given once (``model.model``) and linked to the data module's tokenizer (or
 ``model.tokenizer_name`` when the checkpoint ships none, e.g. ``gpt2-large`` for the IMDB GPT-2 SFT model). The
 ``data`` section names its DataModule by ``class_path`` (``PreferenceDataModule`` for plain pair files, or a task
-loader such as ``sparsepo_lightning.data.hh.HHDataModule``). TensorBoard is the
+loader such as ``sparsepo_lightning.tasks.hh.HHDataModule``). TensorBoard is the
 default logger (``runs/<name>/version_N``); each run gets a new version directory, nothing is overwritten.
 
 User errors (configuration, options, data, checkpoints, paths: :mod:`sparsepo_lightning.errors`, parse errors, a
@@ -40,18 +40,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support
-from sparsepo_lightning.data import (  # the task loaders are imported so that `fit --help` lists them
-    PreferenceDataModule,
-    code,  # noqa: F401
-    hh,  # noqa: F401
-    imdb,  # noqa: F401
-    tldr,  # noqa: F401
-)
+from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.progress import PlainProgress
 from sparsepo_lightning.run_identity import RunIdentity, identity_settings
+from sparsepo_lightning.tasks import (  # the task loaders are imported so that `fit --help` lists them
+    code,  # noqa: F401
+    hh,  # noqa: F401
+    imdb,  # noqa: F401
+    tldr,  # noqa: F401
+)
 
 DESCRIPTION = (
     "Preference alignment (SparsePO, DPO, IPO, SimPO, TDPO, MaPO) with PyTorch Lightning. Start with `sparsepo fit "

@@ -157,9 +157,17 @@ def _parses(file: str) -> bool:
     return True
 
 
+RENAMED = {"model.gradient_checkpointing": "model.activation_checkpointing"}
+"""Options that were renamed: old key → new key (an old config gets the new name in its error)."""
+
+
 def _unknown_key(key: str, candidates: list[str], argv: list[str], kind: str, why: str = "") -> str:
     where = _locate(key.split(".")[-1], argv)
     text = f"unknown {kind}{key}{why}" + (f" in {where}" if where else " on the command line")
+    if key in RENAMED:
+        leaf = RENAMED[key].split(".")[-1]
+        return text + (f": it is now {RENAMED[key]!r} (one checkpointing option). Fix: rename it to {leaf!r}"
+                       + (f" in {where}." if where else "."))
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if match:
         leaf = match[0].split(".")[-1]

@@ -21,7 +21,6 @@ def load_policy_and_reference(
     lora: dict[str, Any] | None = None,
     meta_init: bool = False,
     disable_dropout: bool = True,
-    gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """The policy to train (in train mode) and its frozen reference (eval mode, no gradients), as
@@ -60,8 +59,6 @@ def load_policy_and_reference(
         if meta_init:
             meta_init_lib.materialize_lora_adapters(policy)
     policy.train()  # from_pretrained returns eval mode; Lightning keeps modules in the mode they have
-    if gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, frozen
 
 

@@ -46,7 +46,6 @@ class PreferenceModule(LightningModule):
         dtype: str = "float32",
         chunk_size: int = 1024,
         disable_dropout: bool = True,
-        gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         lora: dict[str, Any] | None = None,
         max_consecutive_nonfinite: int = 10,
@@ -79,7 +78,6 @@ class PreferenceModule(LightningModule):
             dtype: weight dtype of both models (``float32``, ``bfloat16``, ``float16``); statistics stay fp32.
             chunk_size: response tokens per LM-head call in the log-prob/KL computation.
             disable_dropout: set the dropout of policy and reference to 0 (mask dropout is kept as configured).
-            gradient_checkpointing: recompute policy activations in backward to save memory.
             trust_remote_code: allow model code from the checkpoint (off: never run downloaded code by default).
             lora: train LoRA adapters (``peft.LoraConfig`` arguments, e.g. ``{r: 64, lora_alpha: 16,
                 lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}``) instead of all weights. The
@@ -89,9 +87,10 @@ class PreferenceModule(LightningModule):
                 optimizer state unchanged) and logged; this many in a row stop the run (``NonFiniteGuard``).
             mask_collapse_steps: warn when the learned reward mask is (almost) entirely 0 for this many training
                 batches in a row (``NonFiniteGuard``).
-            activation_checkpointing: wrap each policy decoder block in an activation-checkpoint wrapper in
-                ``configure_model`` (before FSDP sharding; any strategy). Prefer it to ``gradient_checkpointing``
-                under ``ModelParallelStrategy``.
+            activation_checkpointing: recompute each policy decoder block's activations in backward to save
+                memory: every block is wrapped in a non-reentrant activation-checkpoint wrapper in
+                ``configure_model`` (before FSDP2 sharding; any strategy, LoRA included). The one checkpointing
+                option (it replaces ``gradient_checkpointing``, which did the same through transformers).
             fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2), compute dtype of the sharded policy and
                 reference (e.g. ``bfloat16``) with float32 gradient reduction; None computes in ``dtype``. Mask
                 networks and per-token statistics stay float32.
@@ -113,7 +112,7 @@ class PreferenceModule(LightningModule):
         self.policy, self.reference = load_policy_and_reference(
             model, reference, self.objective.needs_reference, dtype=dtype, trust_remote_code=trust_remote_code,
             lora=lora, meta_init=meta_init, disable_dropout=disable_dropout,
-            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+            attn_implementation=attn_implementation)
         self.masker = masker
         self.frozen_models = load_frozen_models(frozen_models, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 meta_init=meta_init, disable_dropout=disable_dropout,
@@ -236,9 +235,10 @@ class PreferenceModule(LightningModule):
                 RunSummary(), self._cache]
 
     def setup(self, stage: str) -> None:
-        """Check options that depend on the trainer (precision) before any step runs."""
+        """Check options that depend on the trainer (precision, device) before any step runs."""
         if stage == "fit":
             checks.check_precision(str(self.trainer.precision), self.named_parameters(), self.hparams.dtype)
+            checks.check_attention_device(self.hparams.attn_implementation, self.trainer.strategy.root_device.type)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def bad_rows(tmp_path_factory) -> str:
       "1.5.", "its init_args (model.masker, chosen on the command line)"]),
     (["--data.class_path", "sparsepo_lightning.data.HHDataModule"],
      ["data: cannot use class_path 'sparsepo_lightning.data.HHDataModule' (module 'sparsepo_lightning.data' has no "
-      "attribute 'HHDataModule'). Did you mean 'sparsepo_lightning.data.hh.HHDataModule'?"]),
+      "attribute 'HHDataModule'). Did you mean 'sparsepo_lightning.tasks.hh.HHDataModule'?"]),
     (["--model.masker", "my_weights.LowReferenceProbability"],
      ["model.masker: cannot use class_path 'my_weights.LowReferenceProbability' (No module named 'my_weights')",
       "must be importable", "PYTHONPATH"]),
@@ -171,6 +171,11 @@ def test_misspelt_yaml_keys_name_the_file_line_and_the_likely_key(tmp_path):
                 "Did you mean 'model.objective.init_args.beta'?")
     _user_error(sparsepo(*TINY, "--trainer.max_stepz", "3", "--model.model", NO_MODEL),
                 "unknown option --trainer.max_stepz on the command line", "Did you mean 'trainer.max_steps'?")
+    renamed = tmp_path / "renamed.yaml"  # a config written before the two checkpointing options became one
+    renamed.write_text("model:\n  gradient_checkpointing: true\n")
+    _user_error(sparsepo(*TINY, "--config", str(renamed), "--model.model", NO_MODEL),
+                f"unknown key model.gradient_checkpointing in {renamed}:2", "now 'model.activation_checkpointing'",
+                f"Fix: rename it to 'activation_checkpointing' in {renamed}:2.")
     relative = os.path.relpath(typo, ROOT)  # jsonargparse reads a config file from inside its folder
     _user_error(sparsepo(*TINY, "--config", relative, "--model.model", NO_MODEL), f"in {relative}:3")
 

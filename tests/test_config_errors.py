@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
 from sparsepo_lightning.checks import check_masker_reference
@@ -67,14 +68,30 @@ def test_lora_with_a_separate_reference(tiny_model_dir):
 def test_fp16_mixed_precision_with_float16_trainable_weights(tiny_model_dir):
     """GradScaler cannot unscale fp16 gradients; the error comes at setup, before any step, with the fix."""
     module = PreferenceModule(tiny_model_dir, dtype="float16")
-    module._trainer = SimpleNamespace(precision="16-mixed")
+    module._trainer = _trainer("16-mixed")
     with pytest.raises(ValueError, match=r"trainer.precision=16-mixed .*\(model.dtype=float16; .*Fix: model.dtype"):
         module.setup("fit")
-    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    module._trainer = _trainer("bf16-mixed")
     module.setup("fit")
     fp32 = PreferenceModule(tiny_model_dir, dtype="float32")
-    fp32._trainer = SimpleNamespace(precision="16-mixed")
+    fp32._trainer = _trainer("16-mixed")
     fp32.setup("fit")
+
+
+def _trainer(precision: str = "32-true", device: str = "cpu") -> SimpleNamespace:
+    return SimpleNamespace(precision=precision, strategy=SimpleNamespace(root_device=torch.device(device)))
+
+
+def test_flex_attention_training_on_cpu_is_refused_at_setup(tiny_model_dir):
+    """torch has no CPU backward for FlexAttention: refused before any step, with the fix; other stages and
+    other devices pass (the check reads only the option and the device)."""
+    module = PreferenceModule(tiny_model_dir, attn_implementation="flex_attention")
+    module._trainer = _trainer()
+    with pytest.raises(ValueError, match=r"flex_attention cannot train on CPU .*Fix: model.attn_implementation: sdpa"):
+        module.setup("fit")
+    module.setup("validate")
+    module._trainer = _trainer(device="meta")  # stands for a GPU here
+    module.setup("fit")
 
 
 def test_cli_reports_the_option_of_a_contradiction(tiny_model_dir, monkeypatch):

@@ -376,10 +376,10 @@ def test_datamodule_counts_spans_the_chat_template_hides_and_uses_custom_columns
         strict.setup("fit")
 
 
-def test_readme_span_example_reads_and_weights_its_words(tiny_tokenizer, tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (row,) = [block for block in re.findall(r"```json\n(.*?)```", readme, flags=re.S) if "chosen_spans" in block]
-    path = tmp_path / "readme.jsonl"
+def test_docs_span_example_reads_and_weights_its_words(tiny_tokenizer, tmp_path):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    (row,) = [block for block in re.findall(r"```json\n(.*?)```", page, flags=re.S) if "chosen_spans" in block]
+    path = tmp_path / "docs.jsonl"
     path.write_text(row)
     pairs, report = load_pairs(path)
     assert report.rows_rejected == 0 and pairs[0].chosen_spans == ((1, 6, 2.0), (14, 19, 1.0))

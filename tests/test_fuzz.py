@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.hh import TranscriptError, hh_row_to_pair, parse_hh_transcript
-from sparsepo_lightning.data.imdb import odpo_pairs
 from sparsepo_lightning.data.readers import iter_json, iter_jsonl
 from sparsepo_lightning.data.rows import FieldNames, PreferencePair, RawRow, Rejection
-from sparsepo_lightning.data.tldr import BadRow, axis_rows_to_pairs, comparison_to_pair
 from sparsepo_lightning.data.validate import validate_rows
+from sparsepo_lightning.tasks.hh import TranscriptError, hh_row_to_pair, parse_hh_transcript
+from sparsepo_lightning.tasks.imdb import odpo_pairs
+from sparsepo_lightning.tasks.tldr import BadRow, axis_rows_to_pairs, comparison_to_pair
 from sparsepo_lightning.types import IGNORE_INDEX
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

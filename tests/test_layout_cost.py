@@ -10,6 +10,7 @@ import pytest
 from transformers import LlamaConfig
 
 from sparsepo_lightning.data.batching import check_batching
+from sparsepo_lightning.data.collate_packed import collate_packed
 from sparsepo_lightning.data.layout_cost import (
     BOUNDS,
     PADDED,
@@ -20,7 +21,6 @@ from sparsepo_lightning.data.layout_cost import (
     packed_work,
     padded_work,
 )
-from sparsepo_lightning.data.packing import collate_packed
 from sparsepo_lightning.errors import ConfigError
 
 R = SMOLLM2_RATIO

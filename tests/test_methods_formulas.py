@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.losses import masked_simpo_loss, simpo_loss, weighted_dpo_loss
 from sparsepo_lightning.masks.base import FrozenModelOutputs, TokenContext
 from sparsepo_lightning.methods.cdpo import CriticalTokenWeights
@@ -46,7 +47,7 @@ def test_tisdpo_paper_weights_and_loss_by_hand():
     rho, mask = _pair([0.2, -0.1, 0.4, 0.0], [-0.3, 0.1, -0.5])
     d, _ = _pair([1.0, -1.0, 2.0, 0.0], [-2.0, 0.5, -0.2])
     context = TokenContext(mask, frozen={"positive": _frozen(d), "negative": _frozen(torch.zeros_like(d))})
-    masks = ContrastiveImportance()(None, mask, context)
+    masks = ContrastiveImportance(eos_weight=None)(None, mask, context)  # the paper's formula on every token
     # w = exp(μ·clamp(d, −0.5, 1.5)), μ = +1 chosen, −1 rejected
     expected_w = [math.exp(1.0), math.exp(-0.5), math.exp(1.5), 1.0]
     expected_l = [math.exp(0.5), math.exp(-0.5), math.exp(0.2)]
@@ -62,14 +63,43 @@ def test_tisdpo_paper_weights_and_loss_by_hand():
 
 
 def test_tisdpo_rank_weights_match_the_released_rank_map():
+    """The last token of each row stands for the appended EOS: weight 0 and out of the ranking (released code)."""
     d, mask = _pair([1.0, -1.0, 2.0, 0.0], [-2.0, 0.5, -0.2])
     context = TokenContext(mask, frozen={"positive": _frozen(d), "negative": _frozen(torch.zeros_like(d))})
     masks = ContrastiveImportance(weights="rank")(None, mask, context)
-    assert_close(masks.reward[0], torch.tensor([1.1, 0.7, 1.3, 0.9]))
-    assert_close(masks.reward[1, :3], torch.tensor([1.3, 0.7, 1.0]))  # scores −d = [2.0, −0.5, 0.2]
-    one, one_mask = _pair([0.3], [0.1, 0.2])
+    assert_close(masks.reward[0], torch.tensor([1.0, 0.7, 1.3, 0.0]))  # ranks of [1, −1, 2]; EOS 0
+    assert_close(masks.reward[1, :3], torch.tensor([1.3, 0.7, 0.0]))  # scores −d = [2.0, −0.5], EOS 0
+    every = ContrastiveImportance(weights="rank", eos_weight=None)(None, mask, context)
+    assert_close(every.reward[0], torch.tensor([1.1, 0.7, 1.3, 0.9]))
+    assert_close(every.reward[1, :3], torch.tensor([1.3, 0.7, 1.0]))
+    one, one_mask = _pair([0.3, 0.5], [0.1, 0.2, 0.4])  # one token before the EOS: 1.0
     context = TokenContext(one_mask, frozen={"positive": _frozen(one), "negative": _frozen(torch.zeros_like(one))})
-    assert ContrastiveImportance(weights="rank")(None, one_mask, context).reward[0, 0] == 1.0
+    assert_close(ContrastiveImportance(weights="rank")(None, one_mask, context).reward[0], torch.tensor([1.0, 0, 0]))
+
+
+def _released_rank_based_transform(nums: list[float], low: float = 0.7, high: float = 1.3) -> list[float]:
+    """The released ``rank_based_transform`` (per row, a stable ascending sort: equal scores, the earlier lower)."""
+    order = sorted(range(len(nums)), key=lambda k: nums[k])
+    out = [0.0] * len(nums)
+    for i, idx in enumerate(order):
+        out[idx] = 1.0 if len(nums) == 1 else low + i / (len(nums) - 1) * (high - low)
+    return out
+
+
+def test_tisdpo_rank_ties_and_eos_match_the_released_code_row_by_row():
+    """Scores with many ties (integers), ragged rows: each row equals the released transform of its scores without
+    the last token, + 0 for that token (``[0]*prompt + weight[:len-1] + [0]`` in ``tokenize_batch_element``)."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [6, 1, 4, 7, 2, 5]
+    d = torch.randint(-2, 3, (6, 8), generator=g).float()
+    mask = torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]
+    context = TokenContext(mask, frozen={"positive": _frozen(d), "negative": _frozen(torch.zeros_like(d))})
+    weights = ContrastiveImportance(weights="rank")(None, mask, context).reward
+    for row, n in enumerate(lengths):
+        sign = -1.0 if row >= 3 else 1.0
+        expected = _released_rank_based_transform([sign * v for v in d[row, : n - 1].tolist()]) + [0.0]
+        assert_close(weights[row, :n], torch.tensor(expected), msg=f"row {row}")
+        assert weights[row, n:].abs().sum() == 0
 
 
 def test_tisdpo_names_its_models_and_refuses_a_missing_one():
@@ -92,15 +122,34 @@ def test_cdpo_contrastive_estimate_by_hand():
     positive = FrozenModelOutputs(torch.zeros(2, 2), torch.zeros(2, 3, 1), _ConstantHead(log_p))
     negative = FrozenModelOutputs(torch.zeros(2, 2), torch.zeros(2, 3, 1), _ConstantHead(log_n))
     context = TokenContext(mask, batch=batch, frozen={"positive": positive, "negative": negative})
-    masks = CriticalTokenWeights()(None, mask, context)
+    masks = CriticalTokenWeights(eos_weight=None)(None, mask, context)  # the one token is also the last
     z = [2 * math.log(p) - math.log(n) for p, n in ((0.6, 0.2), (0.3, 0.7), (0.1, 0.1))]
     s = math.exp(z[1]) / sum(math.exp(v) for v in z)
     assert s == pytest.approx(0.063, abs=1e-3)
     assert masks.reward[0, 1].item() == pytest.approx(1.0)  # chosen: weight 1
     assert masks.reward[1, 1].item() == pytest.approx(1 - s, abs=1e-6)  # rejected: 1 − s
-    both = CriticalTokenWeights(only_rejected=False)(None, mask, context)
+    both = CriticalTokenWeights(only_rejected=False, eos_weight=None)(None, mask, context)
     assert both.reward[0, 1].item() == pytest.approx(s, abs=1e-6)
     assert masks.reward[:, 0].abs().sum() == 0
+
+
+def test_cdpo_gives_the_last_token_weight_one_like_the_released_code():
+    """Released ``dpo_loss``: chosen estimates + [1], rejected 1 − (estimates + [0]): the EOS weighs 1 on both sides
+    (the chosen side matters with ``only_rejected: false``); the tokens before it are unchanged."""
+    log_p = torch.log(torch.tensor([0.6, 0.3, 0.1]))
+    log_n = torch.log(torch.tensor([0.2, 0.7, 0.1]))
+    mask = torch.tensor([[False, True, True], [False, True, True]])
+    ids = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]])
+    batch = PreferenceBatch(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            labels=torch.tensor([[-100, -100, 1, 1], [-100, -100, 1, 1]]))
+    positive = FrozenModelOutputs(torch.zeros(2, 3), torch.zeros(2, 4, 1), _ConstantHead(log_p))
+    negative = FrozenModelOutputs(torch.zeros(2, 3), torch.zeros(2, 4, 1), _ConstantHead(log_n))
+    context = TokenContext(mask, batch=batch, frozen={"positive": positive, "negative": negative})
+    s = (0.3**2 / 0.7) / (0.6**2 / 0.2 + 0.3**2 / 0.7 + 0.1**2 / 0.1)  # softmax(2 log P_p − log P_n)[1] = 0.0634
+    rejected_only = CriticalTokenWeights()(None, mask, context).reward
+    assert_close(rejected_only, torch.tensor([[0, 1, 1], [0, 1 - s, 1]]), atol=1e-4, rtol=0)
+    both = CriticalTokenWeights(only_rejected=False)(None, mask, context).reward
+    assert_close(both, torch.tensor([[0, s, 1], [0, 1 - s, 1]]), atol=1e-4, rtol=0)
 
 
 class _ConstantHead(nn.Module):
@@ -180,7 +229,9 @@ def test_tgdpo_per_token_beta_by_hand():
     reference = torch.zeros_like(rho)
     stats = TokenStats(policy_logps=rho, reference_logps=reference, response_mask=mask)
     context = TokenContext(mask, stats=stats, frozen={"reward": _frozen(ratio)})
-    masks = TokenRewardBeta(alpha=0.5, beta=0.1)(None, mask, context)
+    masker = TokenRewardBeta(alpha=0.5)
+    masker.use_objective(WeightedDPO(beta=0.1))  # the β inside r̂ is the objective's
+    masks = masker(None, mask, context)
     beta_w = [0.1 * (1 + 0.5 * 0.1 * r) for r in (0.5, -0.3, 0.2, 0.0)]
     beta_l = [0.1 * (1 - 0.5 * 0.1 * r) for r in (-0.4, 0.1, 0.3)]
     assert_close(0.1 * masks.reward[0], torch.tensor(beta_w))
@@ -190,6 +241,15 @@ def test_tgdpo_per_token_beta_by_hand():
            - sum(b * r for b, r in zip(beta_l, [-0.3, 0.1, -0.5], strict=True)))
     assert arg == pytest.approx(0.12095, abs=1e-5)
     assert out.loss.item() == pytest.approx(0.6345, abs=1e-4)
+
+
+def test_tgdpo_beta_comes_from_the_objective_and_a_mismatch_is_refused():
+    masker = TokenRewardBeta()
+    masker.use_objective(WeightedDPO(beta=0.3))
+    assert masker.beta == 0.3
+    TokenRewardBeta(beta=0.3).use_objective(WeightedDPO(beta=0.3))  # equal: accepted
+    with pytest.raises(ConfigError, match=r"beta=0.2 differs from the objective's beta=0.1.*remove the masker's beta"):
+        TokenRewardBeta(beta=0.2).use_objective(WeightedDPO(beta=0.1))
 
 
 def test_weighted_dpo_naive_loop():

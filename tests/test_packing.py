@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from sparsepo_lightning.checks import check_packed_layout
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.batching import log_budget_batches
-from sparsepo_lightning.data.packing import collate_packed, packed_cost, padded_cost, segment_length
+from sparsepo_lightning.data.collate_packed import collate_packed, packed_cost, padded_cost, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.logprobs import final_hidden_states
 from sparsepo_lightning.masks import ActivationMasker, LearnedMasker
@@ -108,6 +108,7 @@ def _step(model_dir, batch, **options):
     """Statistics, masks and loss of one training step, then one SGD step; returns them and the new weights."""
     seed_everything(0)
     module = PreferenceModule(model=model_dir, optimizer=torch.optim.SGD, lr=0.5, warmup_ratio=0.0, **options)
+    module.configure_model()  # activation checkpointing wraps the blocks here
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
     before = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
     loss = module._shared_step(batch, "train")
@@ -123,7 +124,8 @@ ARMS = {
                                          masker=LearnedMasker(independent=True, init="released")),
     "mapo_activation": dict(objective=SparsePO(), masker=ActivationMasker()),
     "tdpo2": dict(objective=TDPO2()),
-    "sparsepo_gradient_checkpointing": dict(objective=SparsePO(), masker=LearnedMasker(), gradient_checkpointing=True),
+    "sparsepo_activation_checkpointing": dict(objective=SparsePO(), masker=LearnedMasker(),
+                                              activation_checkpointing=True),
     "dpo": dict(objective=DPO()),
 }
 

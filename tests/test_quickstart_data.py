@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from sparsepo_lightning.data.sentiment import split_prompts
+from sparsepo_lightning.builders.sentiment import split_prompts
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "quickstart"
 

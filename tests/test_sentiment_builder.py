@@ -11,10 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sparsepo_lightning.data import sentiment
+from sparsepo_lightning.builders import sentiment
+from sparsepo_lightning.builders.continuations import SamplingConfig
+from sparsepo_lightning.builders.sentiment import build_pairs, skipped_path, split_prompts
 from sparsepo_lightning.data.pairing import PAIR_KEYS, SKIP_EMPTY, SKIP_IDENTICAL, SKIP_TIED, pair_samples
-from sparsepo_lightning.data.sampling import SamplingConfig
-from sparsepo_lightning.data.sentiment import build_pairs, skipped_path, split_prompts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -125,3 +125,69 @@ def test_every_cited_section_of_the_method_page_exists():
             cited.add(ref)
     missing = sorted(ref for ref in cited if ref not in headings | items)
     assert cited and missing == []
+
+
+# ---- the layout tells the architecture ------------------------------------------------------------------------
+TASK_NAMES = {"imdb", "sentiment", "hh", "tldr", "summarization", "code", "mbpp"}
+"""The paper's tasks under their data and evaluation names: a task's own modules may share its name across the
+parallel packages ``tasks/`` (loaders), ``builders/`` (pair builders) and ``evaluate/`` (evaluations)."""
+PARALLEL = {"tasks", "builders", "evaluate"}
+
+
+def _duplicate_names(paths: list[Path]) -> dict[str, list[str]]:
+    """File names used more than once, except ``__init__``/``__main__`` and a task's modules in the parallel
+    packages."""
+    by_name: dict[str, list[Path]] = {}
+    for path in paths:
+        if path.stem not in ("__init__", "__main__"):
+            by_name.setdefault(path.name, []).append(path)
+    return {name: sorted(str(p.relative_to(PACKAGE)) for p in found) for name, found in by_name.items()
+            if len(found) > 1 and not (name.removesuffix(".py") in TASK_NAMES
+                                       and all(p.parent.name in PARALLEL for p in found)
+                                       and len({p.parent for p in found}) == len(found))}
+
+
+def test_no_file_name_is_used_twice_in_the_package():
+    assert _duplicate_names(sorted(PACKAGE.rglob("*.py"))) == {}
+
+
+def test_the_duplicate_rule_allows_only_parallel_task_modules():
+    pkg = PACKAGE
+    parallel = [pkg / "tasks/code.py", pkg / "builders/code.py", pkg / "evaluate/code.py"]
+    assert _duplicate_names(parallel) == {}
+    assert _duplicate_names([pkg / "losses.py", pkg / "data/losses.py"]) == {
+        "losses.py": ["data/losses.py", "losses.py"]}
+    assert "code.py" in _duplicate_names([pkg / "tasks/code.py", pkg / "tasks/code.py"])  # data/ is not parallel
+
+
+MODEL_RUNNING = ("sparsepo_lightning.sandbox", "sparsepo_lightning.generation", "sparsepo_lightning.builders",
+                 "sparsepo_lightning.evaluate", "sparsepo_lightning.tasks", "sparsepo_lightning.module")
+"""What the data pipeline may not import: code that runs models or the sandbox, and the packages built on it."""
+
+
+def _model_running_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [n for n in names if n.startswith(MODEL_RUNNING)]
+            if node.module.startswith("transformers"):  # model classes; tokenizers are data
+                found += [f"{node.module}.{a.name}" for a in node.names if "Model" in a.name or "pipeline" in a.name]
+            if node.module == "sparsepo_lightning.model_sources":
+                found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("load_causal_lm")]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith(MODEL_RUNNING)]
+        elif isinstance(node, ast.Attribute) and node.attr == "generate":
+            found.append(f"line {node.lineno}: .{node.attr}(")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "data").glob("*.py")), ids=lambda p: p.name)
+def test_the_data_pipeline_runs_no_model(path):
+    """``data/`` reads, validates, tokenises, caches, batches and collates; sampling, scoring and the sandbox live in
+    ``builders/``, dataset-specific loaders in ``tasks/``."""
+    assert _model_running_imports(path) == []
+
+
+def test_the_model_running_check_sees_a_builder():
+    assert _model_running_imports(PACKAGE / "builders" / "sentiment.py")

@@ -124,7 +124,7 @@ def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_repor
                                                                                    tmp_path, monkeypatch):
     import yaml
 
-    from sparsepo_lightning.data import sentiment
+    from sparsepo_lightning.builders import sentiment
     from sparsepo_lightning.study.planfile import load_plan
 
     # each `sparsepo` command of the driver is forked from the zygote instead of starting Python
@@ -244,7 +244,7 @@ def test_sparsepo_study_plan_lists_every_run(cli_zygote, tmp_path):
 
 
 def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
-    from sparsepo_lightning.data.scorers import make_scorer
+    from sparsepo_lightning.builders.scorers import make_scorer
 
     great, dull, neutral = make_scorer("textblob")([" a great, wonderful film", " a terrible, boring film", " it"])
     assert great > 0.5 and dull < -0.5 and neutral == 0.0
@@ -265,7 +265,7 @@ def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):
 
 
 def great_of(text):
-    from sparsepo_lightning.data.scorers import TextBlobScorer
+    from sparsepo_lightning.builders.scorers import TextBlobScorer
 
     return TextBlobScorer()([text])[0]
 

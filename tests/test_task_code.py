@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sparsepo_lightning.data.code import CodeDataModule, humaneval_overlap
-from sparsepo_lightning.data.code_builder import build_samples, main, make_pairs
-from sparsepo_lightning.data.jsonl import read_jsonl
-from sparsepo_lightning.data.mbpp import CodeProblem, format_prompt, load_mbpp, truncate_completion
-from sparsepo_lightning.data.sampling import SamplingConfig
+from sparsepo_lightning.builders.code import build_samples, main, make_pairs
+from sparsepo_lightning.builders.continuations import SamplingConfig
+from sparsepo_lightning.builders.jsonl import read_jsonl
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
+from sparsepo_lightning.tasks.code import CodeDataModule, humaneval_overlap
+from sparsepo_lightning.tasks.mbpp import CodeProblem, format_prompt, load_mbpp, truncate_completion
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -171,7 +171,7 @@ def test_yaml_class_path_sees_the_parent_options():
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     config = {
-        "class_path": "sparsepo_lightning.data.code.CodeDataModule",
+        "class_path": "sparsepo_lightning.tasks.code.CodeDataModule",
         "init_args": {"max_length": 1024, "max_prompt_length": 512, "train_file": "t.jsonl", "decontaminate": False},
     }
     dm = parser.instantiate(parser.parse_args([f"--data={json.dumps(config)}"])).data

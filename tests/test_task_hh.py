@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsepo_lightning.data.hh import HHDataModule, TranscriptError, hh_row_to_pair, parse_hh_transcript
 from sparsepo_lightning.data.readers import iter_file
 from sparsepo_lightning.data.rows import Rejection
+from sparsepo_lightning.tasks.hh import HHDataModule, TranscriptError, hh_row_to_pair, parse_hh_transcript
 from sparsepo_lightning.types import IGNORE_INDEX
 
 HUB = Path(__file__).parent / "fixtures" / "hub" / "hh-rlhf"
@@ -233,7 +233,7 @@ def test_yaml_class_path_sees_the_parent_options():
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     config = {
-        "class_path": "sparsepo_lightning.data.hh.HHDataModule",
+        "class_path": "sparsepo_lightning.tasks.hh.HHDataModule",
         "init_args": {"max_length": 1024, "max_prompt_length": 512, "hub_kwargs": {"data_dir": "helpful-base"}},
     }
     cfg = parser.parse_args([f"--data={json.dumps(config)}"])

@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-from sparsepo_lightning.data import sentiment
-from sparsepo_lightning.data.imdb import IMDBDataModule, join_continuation
-from sparsepo_lightning.data.imdb_prompts import clean_review, imdb_prompts, prefixes, review_prefix
+from sparsepo_lightning.builders import sentiment
+from sparsepo_lightning.builders.scorers import ClassifierScorer, VaderScorer, make_scorer, positive_index
+from sparsepo_lightning.builders.sentiment import skipped_path
 from sparsepo_lightning.data.pairing import SKIP_EMPTY, SKIP_TIED, pair_samples
 from sparsepo_lightning.data.readers import iter_jsonl
 from sparsepo_lightning.data.rows import FieldNames
-from sparsepo_lightning.data.scorers import ClassifierScorer, VaderScorer, make_scorer, positive_index
-from sparsepo_lightning.data.sentiment import skipped_path
 from sparsepo_lightning.data.validate import validate_rows
+from sparsepo_lightning.tasks.imdb import IMDBDataModule, join_continuation
+from sparsepo_lightning.tasks.imdb_prompts import clean_review, imdb_prompts, prefixes, review_prefix
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -195,7 +195,7 @@ def test_lightning_cli_parser_sees_parent_options_through_kwargs(tmp_path):
 
     config = tmp_path / "data.yaml"
     config.write_text(
-        "data:\n  class_path: sparsepo_lightning.data.imdb.IMDBDataModule\n  init_args:\n"
+        "data:\n  class_path: sparsepo_lightning.tasks.imdb.IMDBDataModule\n  init_args:\n"
         f"    format: odpo\n    pairing: best_worst\n    train_file: {ODPO_FILE}\n    max_length: 77\n"
         "    max_prompt_length: 33\n"
     )

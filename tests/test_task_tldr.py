@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sparsepo_lightning.data.rows import RawRow
-from sparsepo_lightning.data.tldr import (
+from sparsepo_lightning.tasks.tldr import (
     TLDR_HUB_ID,
     BadRow,
     TLDRDataModule,
@@ -229,7 +229,7 @@ def test_yaml_class_path_sees_the_parent_options():
     parser = ArgumentParser()
     parser.add_subclass_arguments(LightningDataModule, "data")
     config = {
-        "class_path": "sparsepo_lightning.data.tldr.TLDRDataModule",
+        "class_path": "sparsepo_lightning.tasks.tldr.TLDRDataModule",
         "init_args": {"subset": "axis", "train_split": "validation", "val_split": "test", "max_length": 640},
     }
     dm = parser.instantiate(parser.parse_args([f"--data={json.dumps(config)}"])).data

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.batching import budget_batches
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.packing import padded_cost
+from sparsepo_lightning.data.collate_packed import padded_cost
 from sparsepo_lightning.data.rows import DataReport, PreferencePair
 from sparsepo_lightning.data.token_cache import cache_key
 from sparsepo_lightning.data.tokenize import tokenize_pair
@@ -78,7 +78,7 @@ def test_chat_rows_get_the_instruction_in_their_last_user_message(tiny_tokenizer
 def test_the_data_module_adopts_the_methods_variants_and_the_step_needs_them(tiny_tokenizer, pairs_file):
     from types import SimpleNamespace
 
-    from sparsepo_lightning.data.options import adopt_prompt_variants
+    from sparsepo_lightning.data.datamodule_options import adopt_prompt_variants
     from sparsepo_lightning.distribution_step import variant_logps
 
     dm = PreferenceDataModule(train_file=pairs_file)

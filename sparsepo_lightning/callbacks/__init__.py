@@ -4,7 +4,7 @@ Presets composing them live in the top-level ``callbacks/`` folder (``default.ya
 second config: ``sparsepo fit --config <recipe> --config callbacks/analysis.yaml``.
 """
 
-from sparsepo_lightning.callbacks.generation import GenerationSamples
+from sparsepo_lightning.callbacks.generation_samples import GenerationSamples
 from sparsepo_lightning.callbacks.heatmaps import TokenHeatmaps
 from sparsepo_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from sparsepo_lightning.callbacks.statistics import MaskStatistics, RewardStatistics, WeightedStats

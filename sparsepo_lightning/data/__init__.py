@@ -2,7 +2,7 @@
 (N, T) batches with labels, for BCO)."""
 
 from sparsepo_lightning.data.collate import collate_examples, collate_pairs
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.rows import DataReport, PreferencePair, RawRow, Rejection, UnpairedExample
 from sparsepo_lightning.data.tokenize import tokenize_example, tokenize_pair
 from sparsepo_lightning.data.unpaired import UnpairedDataModule

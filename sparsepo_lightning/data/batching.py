@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from sparsepo_lightning.data.packing import collate_packed, first_fit, padded_row_lengths, segment_length
+from sparsepo_lightning.data.collate_packed import collate_packed, first_fit, padded_row_lengths, segment_length
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import PreferenceBatch
 
@@ -159,7 +159,7 @@ def log_budget_batches(split: str, layout: Layout, max_tokens: int, pack_length:
     """Log (rank 0) and return how a split was grouped: micro-batches, pairs per micro-batch, budget used."""
     from lightning.pytorch.utilities import rank_zero_info
 
-    from sparsepo_lightning.data.packing import packed_cost, padded_cost
+    from sparsepo_lightning.data.collate_packed import packed_cost, padded_cost
 
     sizes = [len(b) for b in batches.batches]
     cost = functools.partial(packed_cost, pack_length=pack_length) if layout == "packed" else padded_cost

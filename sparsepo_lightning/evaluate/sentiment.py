@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sparsepo_lightning.data.scorers import make_scorer
+from sparsepo_lightning.builders.scorers import make_scorer
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,

@@ -95,7 +95,7 @@ def load_references(data: str, subset: str, split: str, limit: int | None) -> di
     ``chosen``; a folder is read as a hub dataset (``subset``, ``split``), a file by its suffix.
     """
     from sparsepo_lightning.data.readers import iter_file, load_hub_split
-    from sparsepo_lightning.data.tldr import TLDR_HUB_ID, TLDR_PARQUET_REVISION, comparison_to_pair
+    from sparsepo_lightning.tasks.tldr import TLDR_HUB_ID, TLDR_PARQUET_REVISION, comparison_to_pair
 
     if Path(data).is_file():
         rows = (row.value for row in iter_file(data))

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsepo_lightning.data.scorers import Scorer, make_scorer
+from sparsepo_lightning.builders.scorers import Scorer, make_scorer
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,

@@ -6,10 +6,14 @@ import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from sparsepo_lightning.types import PreferenceBatch, TokenMasks, TokenStats
+
+if TYPE_CHECKING:
+    from sparsepo_lightning.objectives import Objective
 
 
 @dataclass
@@ -108,6 +112,10 @@ class TokenMasker(nn.Module):
         """Full-distribution statistics the masker reads from ``context.stats.distribution`` (detached), by name:
         ``{name: distributions.DistributionStatistic}`` (docs/full-distribution.md). Default: none."""
         return {}
+
+    def use_objective(self, objective: Objective) -> None:
+        """Read (or check against) the objective's parameters, e.g. its β. Called once by the module at
+        construction, before ``bind``; raise ``ConfigError`` naming both options on a contradiction."""
 
     def bind(self, reference: nn.Module) -> None:
         """Attach to the reference model (size parameters, register hooks). Called once by the module."""

@@ -11,6 +11,10 @@ where a low ``s^t`` marks a critical token. The rejected response's per-token lo
 ``1 − s^t`` and the chosen response's by 1 (the paper's loss; the released default ``only_neg``), or by ``s^t``
 with ``only_rejected: false`` (the code's other option). With ``WeightedDPO``:
 ``−log σ(γ[Σ ρ_w − Σ (1 − s_l) ρ_l])`` (paper γ = 1.0; the released config uses 0.1).
+
+The last token of each response (the EOS the tokenizer appends) gets weight ``eos_weight`` = 1 on both sides, as in
+the released code (``dpo_loss`` pads the estimates with ``[1]`` on the chosen and ``1 − [0]`` on the rejected
+side); ``eos_weight: null`` computes it from ``s^t`` like any other token.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.logprobs import chunk_starts
 from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
-from sparsepo_lightning.methods.topk import rejected_rows
+from sparsepo_lightning.methods.topk import last_response_token, rejected_rows
 from sparsepo_lightning.types import TokenMasks, scatter_response
 
 
@@ -33,17 +37,19 @@ class CriticalTokenWeights(TokenMasker):
         beta_ce: β of the contrastive estimate (paper and code: 1.0).
         only_rejected: chosen tokens get weight 1 (default); False weights them by ``s^t``.
         chunk_size: response tokens per LM-head call (memory ``O(chunk_size · V)``).
+        eos_weight: weight of each response's last token (1: the released code); None computes it from ``s^t``.
     """
 
     needs_reference = False
 
     def __init__(self, positive: str = "positive", negative: str = "negative", beta_ce: float = 1.0,
-                 only_rejected: bool = True, chunk_size: int = 1024) -> None:
+                 only_rejected: bool = True, chunk_size: int = 1024, eos_weight: float | None = 1.0) -> None:
         super().__init__()
         if beta_ce < 0:
             raise ConfigError(f"CriticalTokenWeights: beta_ce must be >= 0, got {beta_ce}.")
         self.positive, self.negative = positive, negative
         self.beta_ce, self.only_rejected, self.chunk_size = beta_ce, only_rejected, chunk_size
+        self.eos_weight = eos_weight
 
     def frozen_model_names(self) -> tuple[str, ...]:
         return (self.positive, self.negative)
@@ -57,7 +63,10 @@ class CriticalTokenWeights(TokenMasker):
         s = contrastive_probability(context.frozen[self.positive], context.frozen[self.negative], labels,
                                     response_mask, self.beta_ce, self.chunk_size)
         chosen_weight = torch.ones_like(s) if self.only_rejected else s
-        w = torch.where(rejected_rows(s), 1.0 - s, chosen_weight) * response_mask
+        w = torch.where(rejected_rows(s), 1.0 - s, chosen_weight)
+        if self.eos_weight is not None:
+            w = torch.where(last_response_token(response_mask), self.eos_weight, w)
+        w = w * response_mask
         return TokenMasks(reward=w, kl=w)
 
 

@@ -47,6 +47,13 @@ def top_fraction(scores: Tensor, mask: Tensor, fraction: float, scope: Scope = "
     return ((flat_rank < keep) & mask).float()
 
 
+def last_response_token(mask: Tensor) -> Tensor:
+    """``(N, T)`` bool, True on the last masked entry of each row (the response's final label: the appended EOS, or
+    the last kept token of a truncated response). Rows hold one contiguous response (padded layout)."""
+    following = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=-1)
+    return mask & ~following
+
+
 def rejected_rows(values: Tensor) -> Tensor:
     """``(2B, 1)`` bool, True on the rejected rows (the last B) of a 2B-row tensor (chosen rows first)."""
     rows = values.shape[0]

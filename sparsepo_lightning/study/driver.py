@@ -81,7 +81,7 @@ def read_reviews_csv(path: Path, source: str = "imdb") -> list[str]:
 
 def write_prompts(settings: StudySettings, paths: Paths) -> tuple[Path, Path]:
     """Held-out and training review openings (disjoint reviews), one per line; returns (train, held-out) files."""
-    from sparsepo_lightning.data.imdb_prompts import prefixes
+    from sparsepo_lightning.tasks.imdb_prompts import prefixes
 
     prompts = prefixes(review_texts(), settings.min_words, settings.max_words, seed=0)
     total = settings.train_prompts + settings.heldout_prompts
@@ -98,7 +98,7 @@ def write_prompts(settings: StudySettings, paths: Paths) -> tuple[Path, Path]:
 
 def build_data(settings: StudySettings, paths: Paths, device: str = "cpu") -> dict[str, Any]:
     """Prompts, then training and held-out pairs with the sentiment pair builder (resumable); returns the record."""
-    from sparsepo_lightning.data import sentiment
+    from sparsepo_lightning.builders import sentiment
 
     record_path = paths.data / "data.json"
     wanted = settings.data_key()
@@ -258,12 +258,12 @@ def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, 
 
 
 SECOND_SCORER = "textblob"
-"""The second offline scorer of the held-out samples (``data.scorers.TextBlobScorer``)."""
+"""The second offline scorer of the held-out samples (``builders.scorers.TextBlobScorer``)."""
 
 
 def second_scores(samples: list[dict[str, Any]], prompts: list[str], scorer: str = SECOND_SCORER) -> dict[str, Any]:
     """Per-prompt mean and overall mean of a second scorer's score of the samples the first scorer scored."""
-    from sparsepo_lightning.data.scorers import make_scorer
+    from sparsepo_lightning.builders.scorers import make_scorer
 
     scores = make_scorer(scorer)([s["completion"] for s in samples])
     by_prompt: dict[str, list[float]] = {p: [] for p in prompts}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsepo_lightning.data.code_builder import make_pairs
-from sparsepo_lightning.data.mbpp import CodeProblem
+from sparsepo_lightning.builders.code import make_pairs
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
+from sparsepo_lightning.tasks.mbpp import CodeProblem
 
 HERE = Path(__file__).parent
 PAIR_SEED = 42

@@ -1,5 +1,5 @@
 """Text-to-code preference pairs for training: :class:`CodeDataModule` reads the ``{prompt, chosen, rejected}`` JSONL
-that ``python -m sparsepo_lightning.data.code_builder`` writes, raw text, no BOS (docs/method.md §6.5).
+that ``python -m sparsepo_lightning.builders.code`` writes, raw text, no BOS (docs/method.md §6.5).
 
 **HumanEval decontamination** (:class:`CodeDataModule`, ``decontaminate: true``): a pair is dropped (reason
 ``humaneval_overlap``) when its chosen text contains, after collapsing all whitespace runs to one space, a
@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.rows import RawRow, Rejection
 
 HUMANEVAL_MIN_CHARS = 40
@@ -64,13 +64,13 @@ def humaneval_overlap(text: str, min_chars: int = HUMANEVAL_MIN_CHARS) -> tuple[
 
 
 class CodeDataModule(PreferenceDataModule):
-    """Text-to-code pairs (``{prompt, chosen, rejected}`` JSONL from :mod:`~sparsepo_lightning.data.code_builder`),
+    """Text-to-code pairs (``{prompt, chosen, rejected}`` JSONL from :mod:`~sparsepo_lightning.builders.code`),
     raw text, no BOS.
 
     ::
 
         data:
-          class_path: sparsepo_lightning.data.code.CodeDataModule
+          class_path: sparsepo_lightning.tasks.code.CodeDataModule
           init_args:
             train_file: data/samples/code/train.jsonl
             val_file: data/samples/code/val.jsonl

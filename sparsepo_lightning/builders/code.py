@@ -1,7 +1,7 @@
 """Text-to-code preference pairs (MBPP, docs/method.md §6.5): sample solutions, run their tests, pair pass vs fail.
 
-The problems and prompts are in :mod:`sparsepo_lightning.data.mbpp`; the pairs are read by
-:class:`sparsepo_lightning.data.code.CodeDataModule`.
+The problems and prompts are in :mod:`sparsepo_lightning.tasks.mbpp`; the pairs are read by
+:class:`sparsepo_lightning.tasks.code.CodeDataModule`.
 
 Follows Code-Optimise (Gee et al., arXiv 2406.12502): for every MBPP problem a causal LM writes ``k`` solutions,
 each is run against the problem's tests in the sandbox (:mod:`sparsepo_lightning.sandbox`), and
@@ -15,15 +15,15 @@ counted once, solutions the sandbox could not run (``sandbox_error``) are ignore
 or no failing solution give no pair and are counted (``PairReport.no_pass`` / ``no_fail``).
 
 Files (JSON lines): samples ``{task_id, sample, origin, prompt, completion, passed, status}``; pairs
-``{task_id, prompt, chosen, rejected}``, read by :class:`~sparsepo_lightning.data.code.CodeDataModule`. Building
-is resumable like :mod:`sparsepo_lightning.data.sentiment`: problems already in the samples file are skipped, and
+``{task_id, prompt, chosen, rejected}``, read by :class:`~sparsepo_lightning.tasks.code.CodeDataModule`. Building
+is resumable like :mod:`sparsepo_lightning.builders.sentiment`: problems already in the samples file are skipped, and
 batch ``i`` of the problem list is always sampled under seed ``seed + i``. Run::
 
-    python -m sparsepo_lightning.data.code_builder build --model smollm2-135m --split train \\
+    python -m sparsepo_lightning.builders.code build --model smollm2-135m --split train \\
         --samples data/cache/code/mbpp-train.samples.jsonl --out data/cache/code/mbpp-train.jsonl
-    python -m sparsepo_lightning.data.code_builder build --model smollm2-135m --split validation --mode one \\
+    python -m sparsepo_lightning.builders.code build --model smollm2-135m --split validation --mode one \\
         --samples data/cache/code/mbpp-val.samples.jsonl --out data/cache/code/mbpp-val.jsonl
-    python -m sparsepo_lightning.data.code_builder pair --samples data/cache/code/mbpp-train.samples.jsonl --out x.jsonl
+    python -m sparsepo_lightning.builders.code pair --samples data/cache/code/mbpp-train.samples.jsonl --out x.jsonl
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sparsepo_lightning.data.jsonl import append_jsonl, read_jsonl
-from sparsepo_lightning.data.mbpp import MBPP_HUB_ID, STOP_STRINGS, CodeProblem, load_mbpp, truncate_completion
-from sparsepo_lightning.data.sampling import SamplingConfig, sample_continuations
+from sparsepo_lightning.builders.continuations import SamplingConfig, sample_continuations
+from sparsepo_lightning.builders.jsonl import append_jsonl, read_jsonl
 from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
 from sparsepo_lightning.sandbox import SANDBOX_ERROR, SandboxConfig, run_programs
+from sparsepo_lightning.tasks.mbpp import MBPP_HUB_ID, STOP_STRINGS, CodeProblem, load_mbpp, truncate_completion
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def _distinct_outcomes(rows: list[dict[str, Any]], report: PairReport) -> tuple[
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sparsepo_lightning.data.code_builder",
+        prog="python -m sparsepo_lightning.builders.code",
         description="Build text-to-code preference pairs from MBPP (sample, execute, pair pass vs fail).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,5 +1,5 @@
 """MBPP problems for the text-to-code task (docs/method.md §6.5): loading, the prompt, where a sampled solution
-ends, and the program run against the tests. Used by the pair builder (``data.code_builder``) and by
+ends, and the program run against the tests. Used by the pair builder (``builders.code``) and by
 ``sparsepo evaluate code``.
 
 **Prompt** (raw text, no chat template, no BOS at training time; see :func:`format_prompt`)::

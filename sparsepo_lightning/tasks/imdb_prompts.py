@@ -1,4 +1,4 @@
-"""IMDB review-prefix prompts for the sentiment pair builder (``python -m sparsepo_lightning.data.sentiment --imdb``).
+"""IMDB review-prefix prompts for the sentiment builder (``python -m sparsepo_lightning.builders.sentiment --imdb``).
 
 Reviews of the hub dataset ``stanfordnlp/imdb`` (columns ``text``, ``label``; splits ``train``/``test``/
 ``unsupervised``; config ``plain_text``) become short prompts: HTML line breaks (``<br />``) become spaces, and the

@@ -38,14 +38,14 @@ from sparsepo_lightning.data.batching import (
     log_budget_batches,
 )
 from sparsepo_lightning.data.collate import WithRowIds, collate_pairs
-from sparsepo_lightning.data.options import adopt_prompt_variants, check_options
+from sparsepo_lightning.data.datamodule_options import adopt_prompt_variants, check_options
 from sparsepo_lightning.data.readers import iter_file, iter_hub, load_hub_split
 from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair, RawRow
 from sparsepo_lightning.data.sampler import PassShuffleSampler
 from sparsepo_lightning.data.splits import hold_out, log_report, tokenizer_pad_id
 from sparsepo_lightning.data.token_cache import cached_setup, checked_before, remember_checked
 from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, tokenize_pair
-from sparsepo_lightning.data.tokenize_map import tokenize_items
+from sparsepo_lightning.data.tokenize_split import tokenize_items
 from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError
 from sparsepo_lightning.model_sources import load_tokenizer

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.rows import RawRow, Rejection
 
 TLDR_HUB_ID = "openai/summarize_from_feedback"
@@ -177,7 +177,7 @@ class TLDRDataModule(PreferenceDataModule):
     ``axis`` has ``validation``/``test``::
 
         data:
-          class_path: sparsepo_lightning.data.tldr.TLDRDataModule
+          class_path: sparsepo_lightning.tasks.tldr.TLDRDataModule
           init_args: {subset: axis, train_split: validation, val_split: test}
 
     The pairs are plain text (``prompt + " " + summary``), trained without a chat template by default; set

@@ -20,12 +20,12 @@ an uninterrupted one. An output that was not built from this prompt list is neve
 
 Run (the quickstart data, see data/quickstart/README.md)::
 
-    python -m sparsepo_lightning.data.sentiment --model smollm2-135m \\
+    python -m sparsepo_lightning.builders.sentiment --model smollm2-135m \\
         --prompts data/quickstart/prompts.txt --out data/quickstart/train.jsonl --split train --val-size 64
 
-IMDB review prefixes as prompts (docs/method.md §6.2; see `sparsepo_lightning.data.imdb_prompts.imdb_prompts`)::
+IMDB review prefixes as prompts (docs/method.md §6.2; see `sparsepo_lightning.tasks.imdb_prompts.imdb_prompts`)::
 
-    python -m sparsepo_lightning.data.sentiment --model <imdb sft model> --imdb stanfordnlp/imdb \\
+    python -m sparsepo_lightning.builders.sentiment --model <imdb sft model> --imdb stanfordnlp/imdb \\
         --num-prompts 1000 --scorer lvwerra/distilbert-imdb --pairing first_two --out data/cache/imdb/train.jsonl
 """
 
@@ -43,12 +43,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsepo_lightning.data.imdb_prompts import imdb_prompts
-from sparsepo_lightning.data.jsonl import append_jsonl
+from sparsepo_lightning.builders.continuations import SamplingConfig, sample_continuations
+from sparsepo_lightning.builders.jsonl import append_jsonl
+from sparsepo_lightning.builders.scorers import Scorer, VaderScorer, make_scorer
 from sparsepo_lightning.data.pairing import PAIR_KEYS, PAIRINGS, pair_samples
-from sparsepo_lightning.data.sampling import SamplingConfig, sample_continuations
-from sparsepo_lightning.data.scorers import Scorer, VaderScorer, make_scorer
 from sparsepo_lightning.model_sources import load_causal_lm, load_tokenizer
+from sparsepo_lightning.tasks.imdb_prompts import imdb_prompts
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def split_prompts(prompts: Sequence[str], val_size: int, seed: int = 0) -> tuple
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sparsepo_lightning.data.sentiment",
+        prog="python -m sparsepo_lightning.builders.sentiment",
         description="Build sentiment preference pairs (chosen = most positive continuation) as JSONL.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -257,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
         "--imdb",
         metavar="DATASET",
         help="Review prefixes as prompts, from this IMDB hub id or local folder in the hub layout "
-        "(e.g. stanfordnlp/imdb); see sparsepo_lightning.data.imdb_prompts.imdb_prompts.",
+        "(e.g. stanfordnlp/imdb); see sparsepo_lightning.tasks.imdb_prompts.imdb_prompts.",
     )
     p.add_argument("--out", required=True, type=Path, help="Output JSONL; resumed if it exists.")
     p.add_argument("--imdb-split", default="train", help="--imdb: dataset split (train, test or unsupervised).")

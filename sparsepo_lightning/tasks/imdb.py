@@ -1,7 +1,7 @@
 """IMDB sentiment control (docs/method.md §6.2): ODPO's sampled-continuation files and builder pairs.
 
-- review-prefix prompts for the sentiment pair builder live in :mod:`sparsepo_lightning.data.imdb_prompts`
-  (``python -m sparsepo_lightning.data.sentiment --imdb stanfordnlp/imdb --num-prompts 1000 ...``).
+- review-prefix prompts for the sentiment pair builder live in :mod:`sparsepo_lightning.tasks.imdb_prompts`
+  (``python -m sparsepo_lightning.builders.sentiment --imdb stanfordnlp/imdb --num-prompts 1000 ...``).
 - :class:`IMDBDataModule` trains on either plain ``{prompt, chosen, rejected}`` rows (``format: pairs``, e.g.
   the builder's output) or ODPO's released ``imdb-sft-{split}.jsonl`` files (``format: odpo``): one line per
   sample ``{"prompt": str, "text": str, "reward": float}``, about 10 samples per prompt. Samples are grouped by
@@ -20,7 +20,7 @@ Plain text, no chat template by default (the IMDB SFT models never saw one; docs
 reference code applies one anyway). Example ``data:`` section::
 
     data:
-      class_path: sparsepo_lightning.data.imdb.IMDBDataModule
+      class_path: sparsepo_lightning.tasks.imdb.IMDBDataModule
       init_args:
         format: odpo
         pairing: first_two
@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.pairing import PAIRINGS, SKIP_EMPTY, SKIP_IDENTICAL, SKIP_TIED, pair_samples
 from sparsepo_lightning.data.rows import FieldNames, RawRow, Rejection
 

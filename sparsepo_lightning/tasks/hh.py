@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sparsepo_lightning.data.module import PreferenceDataModule
+from sparsepo_lightning.data.datamodule import PreferenceDataModule
 from sparsepo_lightning.data.rows import Messages, RawRow, Rejection
 
 HH_HUB_ID = "Anthropic/hh-rlhf"
@@ -110,7 +110,7 @@ class HHDataModule(PreferenceDataModule):
     is not loaded. One subset::
 
         data:
-          class_path: sparsepo_lightning.data.hh.HHDataModule
+          class_path: sparsepo_lightning.tasks.hh.HHDataModule
           init_args:
             hub_kwargs: {data_dir: helpful-base}
             max_length: 2048
