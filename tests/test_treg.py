@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.batching import budget_batches
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.packing import packed_cost, padded_cost
+from sparsepo_lightning.data.packing import collate_packed, packed_cost, padded_cost
 from sparsepo_lightning.data.rows import DataReport, PreferencePair
 from sparsepo_lightning.data.token_cache import cache_key
 from sparsepo_lightning.data.tokenize import tokenize_pair
@@ -42,13 +42,15 @@ def test_render_prompt_plain_and_chat():
 def test_variant_rows_are_the_variant_prompt_plus_the_same_response_tokens(tiny_tokenizer):
     """Each variant row equals tokenising the rendered pair directly; it scores exactly the tokens the original row
     scores (same count, same ids, same order); an empty prompt keeps that alignment."""
-    pairs = [PreferencePair("review one: good", " a fine film", " bad bad"), PreferencePair("", " x y z", " w")]
-    features = [tokenize_pair(p, tiny_tokenizer, max_length=64, max_prompt_length=32, prompt_variants=TEMPLATES)
-                for p in pairs]
+    pairs = [PreferencePair("review one: good", " a fine film", " bad bad"), PreferencePair("", "x y z", "w")]
+    features = [tokenize_pair(p, tiny_tokenizer, max_length=64, max_prompt_length=32, prompt_variants=TEMPLATES,
+                              add_bos=bool(p.prompt)) for p in pairs]  # the second row starts with its response
+    assert features[1]["chosen_labels"][0] != IGNORE_INDEX
     assert [f.pop("variant_prompt_truncated") for f in features] == [0, 0]
-    batch = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    batch = collate_packed(features, tiny_tokenizer.pad_token_id)  # the padded batch, and each variant packed
     labels, mask = batch.shifted_labels()
     assert sorted(batch.prompt_variants) == ["bad", "good"]
+    assert all(rows.packed is not None for rows in batch.prompt_variants.values())
     for name, template in TEMPLATES.items():
         rows = batch.prompt_variants[name]
         v_labels, v_mask = rows.shifted_labels()
