@@ -100,7 +100,7 @@ def variant_logps(policy: Any, batch: PreferenceBatch, names: Mapping[str, str],
         for name in names:
             rows = batch.prompt_variants[name]
             labels, mask = rows.shifted_labels()
-            hidden, _ = final_hidden_states(policy, rows.input_ids, rows.attention_mask)
+            hidden, _ = final_hidden_states(policy, rows.input_ids, rows.attention_mask, packed=rows.packed)
             logps = token_stats(hidden, labels, mask, output_head(policy), with_kl=False,
                                 chunk_size=chunk_size).policy_logps
             out[name] = scatter_response(logps[mask], response_mask)

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.batching import budget_batches
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.collate_packed import padded_cost
+from sparsepo_lightning.data.collate_packed import collate_packed, packed_cost, padded_cost
 from sparsepo_lightning.data.rows import DataReport, PreferencePair
 from sparsepo_lightning.data.token_cache import cache_key
 from sparsepo_lightning.data.tokenize import tokenize_pair
@@ -42,13 +42,15 @@ def test_render_prompt_plain_and_chat():
 def test_variant_rows_are_the_variant_prompt_plus_the_same_response_tokens(tiny_tokenizer):
     """Each variant row equals tokenising the rendered pair directly; it scores exactly the tokens the original row
     scores (same count, same ids, same order); an empty prompt keeps that alignment."""
-    pairs = [PreferencePair("review one: good", " a fine film", " bad bad"), PreferencePair("", " x y z", " w")]
-    features = [tokenize_pair(p, tiny_tokenizer, max_length=64, max_prompt_length=32, prompt_variants=TEMPLATES)
-                for p in pairs]
+    pairs = [PreferencePair("review one: good", " a fine film", " bad bad"), PreferencePair("", "x y z", "w")]
+    features = [tokenize_pair(p, tiny_tokenizer, max_length=64, max_prompt_length=32, prompt_variants=TEMPLATES,
+                              add_bos=bool(p.prompt)) for p in pairs]  # the second row starts with its response
+    assert features[1]["chosen_labels"][0] != IGNORE_INDEX
     assert [f.pop("variant_prompt_truncated") for f in features] == [0, 0]
-    batch = collate_pairs(features, tiny_tokenizer.pad_token_id)
+    batch = collate_packed(features, tiny_tokenizer.pad_token_id)  # the padded batch, and each variant packed
     labels, mask = batch.shifted_labels()
     assert sorted(batch.prompt_variants) == ["bad", "good"]
+    assert all(rows.packed is not None for rows in batch.prompt_variants.values())
     for name, template in TEMPLATES.items():
         rows = batch.prompt_variants[name]
         v_labels, v_mask = rows.shifted_labels()
@@ -116,17 +118,18 @@ def test_the_padded_token_budget_counts_variant_rows():
     # by token budget: one pair costs 22, two 44; without the variant rows two would cost 16 and share a batch
     assert budget_batches([feature] * 3, 30, "padded", None, [0, 1, 2]) == [[0], [1], [2]]
     assert budget_batches([feature] * 3, 44, "padded", None, [0, 1, 2]) == [[0, 1], [2]]
+    # packed: the pair's segment [1 5 | 6 7 | 8] is 5 tokens, the variant's [1 9 9 9 5 | 6 7 | 8] 8; one row each
+    assert packed_cost([feature]) == 5 + 8 and packed_cost([feature] * 2) == 10 + 16
+    assert budget_batches([feature] * 3, 26, "packed", None, [0, 1, 2]) == [[0, 1], [2]]
 
 
-def test_the_cache_key_covers_the_templates_and_packed_is_refused(tiny_tokenizer, pairs_file):
+def test_the_cache_key_covers_the_templates(tiny_tokenizer, pairs_file):
     def key(**kwargs):
         dm = PreferenceDataModule(train_file=pairs_file, **kwargs)
         dm.tokenizer = tiny_tokenizer
         return cache_key(dm, ("train", "val"))[0]
 
     assert len({key(), key(prompt_variants=TEMPLATES), key(prompt_variants={**TEMPLATES, "bad": "No.\n{prompt}"})}) == 3
-    with pytest.raises(ConfigError, match="data.layout: packed does not carry prompt variants"):
-        PreferenceDataModule(train_file=pairs_file, layout="packed", prompt_variants=TEMPLATES)
     with pytest.raises(ConfigError, match="exactly one \\{prompt\\}"):
         TREG(better_template="no placeholder")
     with pytest.raises(ConfigError, match="different templates"):
@@ -187,14 +190,17 @@ def test_treg_loss_equals_a_per_row_loop():
 
 
 # ---- training through the CLI (tiny recipe) ------------------------------------------------------------------------
-def test_treg_trains_the_tiny_recipe_and_its_step_is_the_naive_one(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    """2 steps through `sparsepo fit` with configs/methods/treg.yaml; the data module adds T-REG's prompts by itself
-    (reported in the log and counted in the cache key); the last (validation) step's variant log-probs are the
-    policy's on the variant rows from full logits, and its loss the per-row T-REG loss of full-logit statistics."""
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_treg_trains_the_tiny_recipe_and_its_step_is_the_naive_one(layout, tiny_model_dir, pairs_file, tmp_path,
+                                                                   monkeypatch):
+    """2 steps through `sparsepo fit` with configs/methods/treg.yaml, in both layouts (packed: each variant packed on
+    its own, its prompt the shared prefix); the data module adds T-REG's prompts by itself (named in the data report);
+    the last (validation) step's variant log-probs are the policy's on the padded variant rows from full logits, and
+    its loss the per-row T-REG loss of full-logit statistics."""
     from tests.test_methods_fit import _fit
 
     monkeypatch.chdir(ROOT)
-    cli = _fit("treg", tiny_model_dir, tiny_model_dir, pairs_file, tmp_path)
+    cli = _fit("treg", tiny_model_dir, tiny_model_dir, pairs_file, tmp_path, "--data.layout", layout)
     module = cli.model
     assert cli.trainer.global_step == 2
     assert cli.datamodule.prompt_variants == module.objective.prompt_variants()
@@ -206,6 +212,7 @@ def test_treg_trains_the_tiny_recipe_and_its_step_is_the_naive_one(tiny_model_di
     assert record.stage == "val"
     batch = record.batch
     labels, mask = batch.shifted_labels()
+    assert all((rows.packed is not None) == (layout == "packed") for rows in batch.prompt_variants.values())
 
     def label_logps(model, rows):
         row_labels, row_mask = rows.shifted_labels()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
-from sparsepo_lightning.data.collate_packed import collate_packed, first_fit, padded_row_lengths, segment_length
+from sparsepo_lightning.data.collate_packed import collate_packed, first_fit, padded_row_lengths, segment_lengths
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.types import PreferenceBatch
 
@@ -67,15 +67,16 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
     as ``packing.packed_cost``), else starts the next one. Each pair's lengths are computed once."""
     batches: list[list[int]] = []
     current: list[int] = []
-    fills: list[int] = []  # packed: tokens in each packed row of the current micro-batch (first-fit)
+    fills: list[list[int]] = []  # packed: per packing (the pairs', each variant's) tokens in each of its rows
     longest: list[int] = []  # padded: longest row of the current micro-batch (and of each prompt variant)
     for index in order:
         feature = features[index]
         if layout == "packed":
-            size = segment_length(feature)
-            trial = list(fills)
-            first_fit(trial, size, pack_length)
-            cost = len(trial) * max(trial)
+            size = segment_lengths(feature)  # the pair's segment, then each prompt variant's
+            trial = [list(f) for f in fills] or [[] for _ in size]
+            for group, n in zip(trial, size, strict=True):
+                first_fit(group, n, pack_length)
+            cost = sum(len(group) * max(group) for group in trial)
         else:
             size = padded_row_lengths(feature)  # the pair's rows, then each prompt variant's
             longest_rows = [max(a, b) for a, b in zip(longest or size, size, strict=True)]
@@ -83,7 +84,7 @@ def budget_batches(features: Sequence[Features], max_tokens: int, layout: Layout
         if current and cost > max_tokens:
             batches.append(current)
             current, fills, longest = [], [], []
-            trial = [size]
+            trial = [[n] for n in size]
         current.append(index)
         fills, longest = (trial, []) if layout == "packed" else ([], longest_rows if current[1:] else size)
     if current:

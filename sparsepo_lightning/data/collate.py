@@ -85,32 +85,39 @@ def collate_pairs(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id:
         token_weighted = pad_sequence(covered, batch_first=True, padding_value=False)  # (2B, T) bool
     return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids,
                            token_weights=token_weights, token_weighted=token_weighted,
-                           prompt_variants=variant_rows(features, ids, labels, pad_token_id), row_ids=row_ids(features))
+                           prompt_variants=variant_rows(features, pad_token_id), row_ids=row_ids(features))
 
 
-def variant_rows(features: Sequence[Mapping[str, Sequence[int]]], ids: list[torch.Tensor], labels: list[torch.Tensor],
+def variant_rows(features: Sequence[Mapping[str, Sequence[int]]],
                  pad_token_id: int) -> dict[str, PreferenceBatch] | None:
-    """The prompt-variant rows of a batch (None without variants): for variant ``v`` and row ``r`` (2B rows in batch
-    order), ``variant_v_prompt_ids + response(r)``, labelled on the response. A response that starts at position 0
-    (empty prompt) has no prediction for its first token in its own row, so its first label is ignored here too:
-    each variant row scores exactly the tokens its original row scores, in the same order."""
-    names = sorted(k[len("variant_"):-len("_prompt_ids")] for k in features[0]
-                   if k.startswith("variant_") and k.endswith("_prompt_ids"))
-    if not names:
+    """The prompt-variant rows of a batch (None without variants): per variant, ``collate_pairs`` of the pairs
+    ``variant_features`` makes."""
+    variants = [variant_features(f) for f in features]
+    if not variants[0]:
         return None
+    return {name: collate_pairs([v[name] for v in variants], pad_token_id) for name in variants[0]}
+
+
+def variant_features(feature: Mapping[str, Sequence[int]]) -> dict[str, dict[str, list[int]]]:
+    """Per prompt variant (``variant_<name>_prompt_ids``, by name), the tokenised pair ``[variant prompt | chosen
+    response]``, ``[variant prompt | rejected response]``, labelled on the responses. A response that starts at
+    position 0 (empty prompt) has no prediction for its first token in its own row, so its first label is ignored
+    here too: each variant row scores exactly the tokens its original row scores, in the same order."""
+    names = sorted(k[len("variant_"):-len("_prompt_ids")] for k in feature
+                   if k.startswith("variant_") and k.endswith("_prompt_ids"))
+    # per side: a tokenizer may merge the prompt's last characters into the response's first token on one side only
+    prompts = {side: sum(label == IGNORE_INDEX for label in feature[f"{side}_labels"]) for side in _SIDES}
     out = {}
     for name in names:
-        rows, row_labels = [], []
-        for row, feature in enumerate(feature for _ in _SIDES for feature in features):
-            prompt = torch.as_tensor(feature[f"variant_{name}_prompt_ids"], dtype=torch.long)
-            start = int((labels[row] == IGNORE_INDEX).sum())  # labels: IGNORE_INDEX on the prompt only
-            response = labels[row][start:].clone()
-            rows.append(torch.cat([prompt, ids[row][start:]]))
-            if start == 0:
+        variant_prompt = list(feature[f"variant_{name}_prompt_ids"])
+        pair = {}
+        for side, prompt in prompts.items():
+            response = list(feature[f"{side}_labels"][prompt:])
+            if prompt == 0:
                 response[0] = IGNORE_INDEX
-            row_labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), response]))
-        input_ids, attention_mask, label_ids = _pad(rows, row_labels, pad_token_id, "collate_pairs")
-        out[name] = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+            pair[f"{side}_input_ids"] = variant_prompt + list(feature[f"{side}_input_ids"][prompt:])
+            pair[f"{side}_labels"] = [IGNORE_INDEX] * len(variant_prompt) + response
+        out[name] = pair
     return out
 
 

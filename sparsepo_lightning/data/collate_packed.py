@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from sparsepo_lightning.data.collate import collate_pairs
+from sparsepo_lightning.data.collate import collate_pairs, variant_features
 from sparsepo_lightning.data.tokenize import common_prefix_length
 from sparsepo_lightning.packing import CHOSEN, REJECTED, SHARED, PackedRows
 from sparsepo_lightning.types import PreferenceBatch
@@ -27,20 +27,26 @@ def padded_cost(features: Sequence[Mapping[str, Sequence[int]]]) -> int:
 
 
 def padded_row_lengths(feature: Mapping[str, Sequence[int]]) -> list[int]:
-    """The longer of a pair's two rows, then per prompt variant (``variant_<name>_prompt_ids``, sorted by name) the
-    longer of its two variant rows ``[variant prompt | response]``."""
-    rows = [len(feature["chosen_input_ids"]), len(feature["rejected_input_ids"])]
-    out = [max(rows)]
-    prompt = rows[0] - sum(label == -100 for label in feature["chosen_labels"])  # both sides share the prompt
-    for key in sorted(k for k in feature if k.startswith("variant_") and k.endswith("_prompt_ids")):
-        out.append(len(feature[key]) + max(rows) - prompt)
-    return out
+    """The longer of a pair's two rows, then per prompt variant (``collate.variant_features``, by name) the longer of
+    its two variant rows ``[variant prompt | response]``."""
+    pairs = [feature, *variant_features(feature).values()]
+    return [max(len(p["chosen_input_ids"]), len(p["rejected_input_ids"])) for p in pairs]
+
+
+def segment_lengths(feature: Mapping[str, Sequence[int]]) -> list[int]:
+    """``segment_length`` of a pair, then of each of its prompt variants (packed separately, one forward each)."""
+    return [segment_length(p) for p in (feature, *variant_features(feature).values())]
 
 
 def packed_cost(features: Sequence[Mapping[str, Sequence[int]]], pack_length: int | None = None) -> int:
-    """Positions a batch costs in the packed layout (``R × L``, padding between rows included)."""
-    rows = _pack_rows([segment_length(f) for f in features], pack_length)
-    return len(rows) * max(sum(lengths for _, lengths in row) for row in rows)
+    """Positions a batch costs in the packed layout (``R × L``, padding between rows included), summed over the
+    pairs' own packing and each prompt variant's."""
+    groups = zip(*(segment_lengths(f) for f in features), strict=True)
+    total = 0
+    for lengths in groups:
+        rows = _pack_rows(list(lengths), pack_length)
+        total += len(rows) * max(sum(n for _, n in row) for row in rows)
+    return total
 
 
 def collate_packed(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int,
@@ -60,7 +66,8 @@ def collate_packed(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id
             ``pack_length`` gets a row of its own). None puts all pairs of the batch in one row: no padding at all.
 
     Returns:
-        The padded ``PreferenceBatch`` of ``collate_pairs`` with ``packed`` set.
+        The padded ``PreferenceBatch`` of ``collate_pairs`` with ``packed`` set; its ``prompt_variants`` (if any) are
+        packed the same way, each variant on its own (its rows share the variant prompt as their prefix).
     """
     batch = collate_pairs(features, pad_token_id)
     num_pairs, width = len(features), batch.input_ids.shape[1]
@@ -96,6 +103,10 @@ def collate_packed(features: Sequence[Mapping[str, Sequence[int]]], pad_token_id
             start += n
     batch.packed = PackedRows(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
                               branch=branch_ids, index=index)
+    if batch.prompt_variants:  # each variant packed on its own: its prompt is the shared prefix of its two rows
+        variants = [variant_features(f) for f in features]
+        batch.prompt_variants = {name: collate_packed([v[name] for v in variants], pad_token_id, pack_length)
+                                 for name in batch.prompt_variants}
     return batch
 
 

@@ -106,7 +106,7 @@ class PreferenceDataModule(LightningDataModule):
         prompt_variants: extra renderings of each row's prompt, ``{name: template}`` with one ``{prompt}`` placeholder
             (``prompt_variants.py``); batches then carry ``[variant prompt | response]`` rows per variant. Under a
             trainer, ``setup`` adds the variants the method declares (T-REG's contrastive prompts), so this is rarely
-            set by hand. Padded layout only.
+            set by hand. Both layouts (packed: each variant packed on its own).
         cache_tokenised: keep the tokenised splits with their data reports as Arrow files under
             ``<cache dir>/tokenised/<key>/`` (``token_cache.py``: the key covers the data, the options but the
             batching ones, the tokenizer and the code), so the next start reads them instead of tokenising again.

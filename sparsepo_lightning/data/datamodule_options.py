@@ -43,8 +43,7 @@ def check_options(dm: Any) -> None:
 
 
 def check_prompt_variants(dm: Any) -> None:
-    """Prompt variants (``prompt_variants.py``) need paired data in the padded layout: raise a ``ConfigError``
-    otherwise."""
+    """Prompt variants (``prompt_variants.py``) need paired data: raise a ``ConfigError`` otherwise."""
     variants = getattr(dm, "prompt_variants", None)
     if not variants:
         return
@@ -52,19 +51,15 @@ def check_prompt_variants(dm: Any) -> None:
         raise ConfigError(f"data.prompt_variants ({', '.join(variants)}) are built for preference pairs, but "
                           f"{type(dm).__name__} serves other rows. Fix: use sparsepo_lightning.data."
                           "PreferenceDataModule, or a method that declares no prompt variants.")
-    if dm.layout == "packed":
-        raise ConfigError(f"data.layout: packed does not carry prompt variants yet, and the run needs "
-                          f"{', '.join(variants)} (declared by the method, e.g. T-REG's contrastive prompts). "
-                          "Fix: data.layout: padded (data.max_tokens budgets the variant rows too).")
 
 
 def adopt_prompt_variants(dm: Any) -> None:
     """Add the prompt variants the trainer's method declares (``prompt_variants.declared_variants``) to
-    ``dm.prompt_variants`` (part of the tokenised-cache key), then check them and the layout.
+    ``dm.prompt_variants`` (part of the tokenised-cache key), then check them.
 
     Raises:
         ConfigError: ``data.prompt_variants`` gives one of the method's names another template, a template without
-            one ``{prompt}``, or variants the data module or layout cannot carry.
+            one ``{prompt}``, or variants a data module of unpaired rows cannot carry.
     """
     from sparsepo_lightning.prompt_variants import check_templates, declared_variants
 

@@ -25,7 +25,7 @@ docs/treg.md):
   / ``worse_template``. Chat rows get the instruction inside their last user message (``prompt_variants.py``).
 
 The two variant prompts cost two extra no-grad policy forward passes over 2B rows per step (counted in
-``data.max_tokens``); ``data.layout: packed`` refuses prompt variants for now.
+``data.max_tokens``), in either layout (packed: each variant packed on its own, its prompt the shared prefix).
 """
 
 from __future__ import annotations
