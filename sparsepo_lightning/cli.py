@@ -44,7 +44,7 @@ from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
-from sparsepo_lightning.progress import PlainProgress
+from sparsepo_lightning.progress import PlainProgress, StepProgressBar
 from sparsepo_lightning.run_identity import RunIdentity, identity_settings
 from sparsepo_lightning.tasks import (  # the task loaders are imported so that `fit --help` lists them
     code,  # noqa: F401
@@ -176,7 +176,7 @@ class SparsePOCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
-            callbacks.append(cli_support.StepProgressBar() if sys.stdout.isatty() else PlainProgress())
+            callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
         callbacks.append(GracefulStop())

@@ -1,6 +1,6 @@
 """What the ``sparsepo`` command adds to LightningCLI: one-paragraph parse errors (which file and line, "did you
 mean"), checks that run before any model loads (``--ckpt_path``, output folders), a progress bar that counts steps
-for step-bounded runs, and quieter Lightning console output."""
+for step-bounded runs (``progress``), and quieter Lightning console output."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser
 
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
@@ -343,40 +342,6 @@ def composed_log_name(config: Namespace, argv: list[str]) -> None:
 def _last_checkpoints(run_dir: Path) -> list[str]:
     found = [p for p in run_dir.glob("*/checkpoints/last*.ckpt") if p.exists()]  # skips broken links
     return [str(p) for p in sorted(found, key=os.path.getmtime)]
-
-
-class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar; when ``trainer.max_steps`` bounds the run it counts optimizer steps out of
-    the real total (``trainer.estimated_stepping_batches``) instead of showing ``Epoch 0/-2``."""
-
-    def _steps_total(self) -> int | None:
-        trainer = self.trainer
-        if trainer.max_steps is None or trainer.max_steps < 0:
-            return None
-        total = trainer.estimated_stepping_batches
-        return int(total) if total != float("inf") else None
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self._steps_total() is None:
-            return super()._get_train_description(current_epoch)
-        return f"Epoch {current_epoch}, steps"
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        total = self._steps_total()
-        if total is not None and self.progress is not None and self.train_progress_bar_id is not None:
-            self.progress.reset(self.train_progress_bar_id, total=total, completed=trainer.global_step,
-                                description=self._get_train_description(trainer.current_epoch))  # fmt: skip
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._steps_total() is None:
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
-        return None
 
 
 def plain_own_warnings() -> None:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 SHOWN = (("loss", "train/loss", "{:.4f}"), ("accuracy", "train/rewards/accuracy", "{:.3f}"),
          ("margin", "train/rewards/margin", "{:.4f}"), ("mask zeros", "train/masks/sparsity_reward_chosen", "{:.1%}"))
@@ -85,3 +85,37 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar; when ``trainer.max_steps`` bounds the run it counts optimizer steps out of
+    the real total (``trainer.estimated_stepping_batches``) instead of showing ``Epoch 0/-2``."""
+
+    def _steps_total(self) -> int | None:
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return None
+        total = trainer.estimated_stepping_batches
+        return int(total) if total != float("inf") else None
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._steps_total() is None:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}, steps"
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        total = self._steps_total()
+        if total is not None and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.reset(self.train_progress_bar_id, total=total, completed=trainer.global_step,
+                                description=self._get_train_description(trainer.current_epoch))  # fmt: skip
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._steps_total() is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+        return None

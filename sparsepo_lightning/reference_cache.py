@@ -100,19 +100,12 @@ def check_cacheable(objective: Objective, masker: TokenMasker | None) -> tuple[s
 
 
 def _live_reads(part: Objective | TokenMasker | None) -> str:
-    """What ``part`` computes from live model outputs beyond label log-probs ("" when nothing): full-distribution
-    statistics (``distribution_statistics()``, e.g. AlignDistil's teacher) or extra prompt renderings
-    (``prompt_variants()``, e.g. T-REG's contrastive prompts)."""
-    if part is None:
-        return ""
-    reads = []
-    if part.distribution_statistics():
-        reads.append("full next-token distributions (distribution_statistics: "
-                     f"{', '.join(sorted(part.distribution_statistics()))})")
-    variants = getattr(part, "prompt_variants", None)
-    if callable(variants) and variants():
-        reads.append(f"log-probs under extra prompt renderings (prompt_variants: {', '.join(sorted(variants()))})")
-    return " and ".join(reads)
+    """What ``part`` reads from live models beyond label log-probs: full distributions or extra prompt renderings."""
+    statistics = sorted(part.distribution_statistics()) if part is not None else []
+    variants = sorted(part.prompt_variants()) if callable(getattr(part, "prompt_variants", None)) else []
+    return " and ".join([f"full next-token distributions (distribution_statistics: {', '.join(statistics)})"] *
+                        bool(statistics) + [f"log-probs under extra prompt renderings (prompt_variants: "
+                                            f"{', '.join(variants)})"] * bool(variants))
 
 
 class ReferenceCache:

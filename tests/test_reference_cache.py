@@ -33,6 +33,7 @@ from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.masks import ActivationMasker, LearnedMasker, UniformMasker
 from sparsepo_lightning.methods.aligndistil import AlignDistil
 from sparsepo_lightning.methods.rho1 import ExcessLossSelection
+from sparsepo_lightning.methods.treg import TREG
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import BCO, DPO, DPOP, IPO, TDPO1, TDPO2, SimPO, SparsePO, WeightedDPO
 from sparsepo_lightning.types import PreferenceBatch
@@ -55,6 +56,7 @@ def test_objectives_reading_label_log_probs_are_cacheable(objective, masker):
     (WeightedDPO(), LearnedMasker(), r"masker LearnedMasker reads its block outputs.*reference_cache: false"),
     (WeightedDPO(), ActivationMasker(), r"masker ActivationMasker reads its live outputs"),
     (AlignDistil(), None, r"AlignDistil reads full next-token distributions \(distribution_statistics: "),
+    (TREG(), None, r"TREG reads log-probs under extra prompt renderings \(prompt_variants: "),
 ])
 def test_objectives_and_maskers_needing_the_live_reference_are_refused_with_the_reason(objective, masker, reason):
     with pytest.raises(ConfigError, match=reason):

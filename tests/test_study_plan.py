@@ -186,7 +186,8 @@ def test_the_docs_plan_examples_parse(tmp_path):
 
 
 def test_the_cli_finds_the_plan_recorded_with_the_runs_and_applies_flags(tmp_path):
-    from sparsepo_lightning.study.__main__ import DEFAULT_PLAN, _parser, study_from
+    from sparsepo_lightning.study.__main__ import _parser, study_from
+    from sparsepo_lightning.study.planfile import DEFAULT_PLAN
 
     out = tmp_path / "out"
     study, where = study_from(_parser().parse_args(["sentiment", "run", "--out", str(out)]))

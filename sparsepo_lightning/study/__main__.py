@@ -21,10 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparsepo_lightning.study.plan import StudySettings
-from sparsepo_lightning.study.planfile import PlanError, StudyPlan, load_plan, plan_from_record
-
-DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "configs" / "study" / "sentiment.yaml"
-"""The first study's plan (42 runs, ``reports/sentiment``), in the repository's ``configs/study/``."""
+from sparsepo_lightning.study.planfile import DEFAULT_PLAN, PlanError, StudyPlan, load_plan, plan_from_record
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from sparsepo_lightning.study.plan import StudySettings, substitute
+from sparsepo_lightning.study.settings import StudySettings, substitute
 
 OBJECTIVES = "sparsepo_lightning.objectives"
 MASKS = "sparsepo_lightning.masks"
@@ -51,6 +51,10 @@ COMPARISON_KEYS = ("a", "b", "question", "kl_max")
 
 class PlanError(ValueError):
     """A plan file that cannot be used; the message names the file, line, key and fix."""
+
+
+DEFAULT_PLAN = Path(__file__).resolve().parents[2] / "configs" / "study" / "sentiment.yaml"
+"""The first study's plan (42 runs, ``reports/sentiment``), in the repository's ``configs/study/``."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from sparsepo_lightning.study import inference, stats, verdicts
 from sparsepo_lightning.study.figures import frontier_figure, heatmap_figures, sparsity_figure
 from sparsepo_lightning.study.logs import RunLog, by_method, load_runs, read_json, zeros_curve
-from sparsepo_lightning.study.planfile import StudyPlan, load_plan, plan_from_record
+from sparsepo_lightning.study.planfile import DEFAULT_PLAN, StudyPlan, load_plan, plan_from_record
 
 TIMES_NOTE = ("`train s` and `eval s` are wall-clock seconds as measured, including any time a run waited for the "
               "CPU: runs made while other jobs shared the machine (or while the study was paused and resumed) show "
@@ -228,8 +228,6 @@ def cost_line(runs: list[RunLog], planned: int) -> list[str]:
 
 def recorded_plan(out: Path) -> StudyPlan:
     """The plan recorded in ``out/study.json`` with the settings the runs were made with (else the first study's)."""
-    from sparsepo_lightning.study.__main__ import DEFAULT_PLAN
-
     record = read_json(out / "study.json") or {}
     plan = plan_from_record(record["plan"], str(out / "study.json")) if "plan" in record else load_plan(DEFAULT_PLAN)
     settings = record.get("settings")
