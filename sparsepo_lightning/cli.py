@@ -39,7 +39,7 @@ from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparsepo_lightning import cli_support
+from sparsepo_lightning import cli_support, data_inputs
 from sparsepo_lightning.data import (  # the task loaders are imported so that `fit --help` lists them
     PreferenceDataModule,
     code,  # noqa: F401
@@ -127,6 +127,14 @@ class SparsePOCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         cli_support.START_DIR[:] = [os.getcwd()]
+        if not isinstance(args, dict):  # a changed data.class_path does not inherit the earlier data inputs
+            extra, notes = data_inputs.settle(cli_support.ARGV, os.getcwd())
+            for note in notes:
+                rank_zero_info(note)
+            if extra and args is None:  # LightningCLI warns when given both sys.argv and args
+                sys.argv[1:] = [*cli_support.ARGV, *extra]
+            elif extra:
+                args = [*cli_support.ARGV, *extra]
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):
             cli_support.composed_log_name(self.config[self.config.subcommand], cli_support.ARGV)
