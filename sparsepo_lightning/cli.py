@@ -40,6 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support, data_inputs
+from sparsepo_lightning.dashboard import DashboardLayout, without_internal_hparams
 from sparsepo_lightning.data import (  # the task loaders are imported so that `fit --help` lists them
     PreferenceDataModule,
     code,  # noqa: F401
@@ -187,12 +188,14 @@ class SparsePOCLI(LightningCLI):
             callbacks.append(cli_support.StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
-        callbacks.append(GracefulStop())
+        callbacks += [GracefulStop(), DashboardLayout()]
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
-        if not cli_support.mentions("default_hp_metric", cli_support.ARGV):  # no `hp_metric -1` placeholder tag
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
+        placeholder = cli_support.mentions("default_hp_metric", cli_support.ARGV)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                if not placeholder:  # no `hp_metric -1` placeholder tag unless asked for
                     logger._default_hp_metric = False
+                without_internal_hparams(logger)
         return trainer
 
     def after_fit(self) -> None:
