@@ -39,7 +39,8 @@ from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparsepo_lightning import cli_support
+from sparsepo_lightning import cli_support, data_inputs
+from sparsepo_lightning.dashboard import DashboardLayout, without_internal_hparams
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.interrupt import GracefulStop, exit_status
@@ -127,6 +128,14 @@ class SparsePOCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
         cli_support.START_DIR[:] = [os.getcwd()]
+        if not isinstance(args, dict):  # a changed data.class_path does not inherit the earlier data inputs
+            extra, notes = data_inputs.settle(cli_support.ARGV, os.getcwd())
+            for note in notes:
+                rank_zero_info(note)
+            if extra and args is None:  # LightningCLI warns when given both sys.argv and args
+                sys.argv[1:] = [*cli_support.ARGV, *extra]
+            elif extra:
+                args = [*cli_support.ARGV, *extra]
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):
             cli_support.composed_log_name(self.config[self.config.subcommand], cli_support.ARGV)
@@ -179,12 +188,14 @@ class SparsePOCLI(LightningCLI):
             callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
-        callbacks.append(GracefulStop())
+        callbacks += [GracefulStop(), DashboardLayout()]
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
-        if not cli_support.mentions("default_hp_metric", cli_support.ARGV):  # no `hp_metric -1` placeholder tag
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
+        placeholder = cli_support.mentions("default_hp_metric", cli_support.ARGV)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                if not placeholder:  # no `hp_metric -1` placeholder tag unless asked for
                     logger._default_hp_metric = False
+                without_internal_hparams(logger)
         return trainer
 
     def after_fit(self) -> None:

@@ -274,8 +274,7 @@ def check_before_loading(config: Namespace, subcommand: str) -> None:
         links = ([p for d in own_dirs for p in d.glob("last*.ckpt")] if own_dirs
                  else list(run_dir.glob("*/checkpoints/last*.ckpt")))  # fmt: skip
         broken = sorted(str(p) for p in links if not p.exists())
-        raise MissingFileError(
-            f"--ckpt_path last: no last checkpoint at {where}"
+        raise MissingFileError(f"--ckpt_path last: no last checkpoint at {where}"
             + (f" (broken links: {', '.join(broken)})" if broken else "") + ". Fix: check the run to resume "
             "(trainer.logger save_dir/name, or the checkpoint callback's dirpath), give a checkpoint file with "
             "--ckpt_path PATH, or drop --ckpt_path (fit: start from scratch)."

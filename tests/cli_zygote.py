@@ -37,6 +37,9 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        for entry in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):  # as a new interpreter would
+            if entry and os.path.abspath(entry) not in sys.path:
+                sys.path.insert(1, os.path.abspath(entry))
         if os.environ.get("OMP_NUM_THREADS"):  # read by torch at start-up, which this process is past
             import torch
 

@@ -53,8 +53,10 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
     assert first.wait() == 0, first.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(runs / "debug" / "version_0")).Reload().Tags()["scalars"]
+    accumulator = EventAccumulator(str(runs / "debug" / "version_0")).Reload()
+    events = accumulator.Tags()["scalars"]
     assert "train/loss" in events and "hp_metric" not in events  # no `hp_metric -1` placeholder
+    _check_dashboard(accumulator, runs / "debug" / "version_0")
     summary = first.stdout + first.stderr  # a 1-step run without validation: an honest, short summary
     assert "data (train): skipped 1 bad row.\n" in first.stderr and "splits.py" not in first.stderr
     assert "  1 optimizer step\n" in summary and "no validation ran" in summary and "validation at step" not in summary
@@ -94,3 +96,24 @@ def test_fit_help_describes_ckpt_path_as_this_tool_resolves_it(cli_zygote):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "'last': the newest runs/<name>/version_*/checkpoints/last*.ckpt written by this same run identity" in \
         done.stdout and "--resume_anyway" in done.stdout
+
+
+def _check_dashboard(accumulator, log_dir: Path) -> None:
+    """The custom-scalars layout is the one of ``dashboard.LAYOUT`` and its charts find the run's tags (mask sparsity
+    and margins of the tiny SparsePO run); the logged hyper-parameters have the model's settings and no
+    ``_instantiator``."""
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from sparsepo_lightning.dashboard import LAYOUT
+
+    layout = layout_pb2.Layout.FromString(accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert [c.title for c in layout.category] == list(LAYOUT) and len(charts) == sum(map(len, LAYOUT.values()))
+    tags = accumulator.Tags()["scalars"]
+    for title in ("reward-mask zeros (% of response tokens)", "margin", "accuracy", "sequence KL"):
+        found = [tag for tag in tags if any(re.search(pattern, tag) for pattern in charts[title])]
+        assert found and all(tag.startswith("train") for tag in found), (title, found)
+    written = b"".join(path.read_bytes() for path in log_dir.glob("events.out.tfevents.*"))
+    assert b"l1_reward" in written and b"_instantiator" not in written  # hyper-parameters, without the internals
