@@ -27,6 +27,7 @@ log folder.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import warnings
@@ -230,7 +231,10 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.* callbacks: \['Timer'\]\.")
     cli_support.quiet_lightning()
     cli_support.plain_own_warnings()
-    return SparsePOCLI(
+    # In a copy of the current context: jsonargparse sets a context variable to its parser and never resets it, and
+    # the parser's instantiators reach this CLI, so the trainer and the models would outlive the run in the process.
+    return contextvars.copy_context().run(
+        SparsePOCLI,
         PreferenceModule,
         PreferenceDataModule,
         subclass_mode_data=True,  # task loaders (HHDataModule, ...) are chosen by class_path

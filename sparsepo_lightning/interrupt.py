@@ -76,9 +76,13 @@ class GracefulStop(Callback):
         self._restore()
 
     def _restore(self) -> None:
+        """Put back the handler found at install time, only where ours is still installed: Lightning's own teardown
+        may already have restored the handlers from before the fit (and re-installing its handler then would keep it,
+        and through it the trainer and the models, alive for the rest of the process)."""
         if threading.current_thread() is threading.main_thread():
             for signum, handler in self._previous.items():
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                if signal.getsignal(signum) == self._handle:
+                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
 

@@ -163,18 +163,3 @@ def cli_zygote():
     zygote = CliZygote(cli_environment())
     yield zygote
     zygote.close()
-
-
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    """After a test that loads the real SmolLM2 (``slow``), collect the cyclic garbage a Lightning run leaves (trainer
-    ↔ module ↔ callbacks) and hand freed heap back to the system, so a pytest-xdist worker that runs many of them in a
-    row does not grow until the machine runs out of memory."""
-    if item.get_closest_marker("slow") is None:
-        return
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -95,3 +95,30 @@ def test_resume_keeps_the_epoch_label_and_validation_schedule(cli_zygote, tiny_m
     assert steps[0] == [3, 6] and steps[1] == [3, 6]  # the resumed run's summary keeps the first run's rows
     for folder in (tmp_path / "full" / "debug" / "version_0", tmp_path / "runs" / "debug" / "version_1"):
         assert (folder / "checkpoints" / "epoch=1-step=10.ckpt").is_file(), list((folder / "checkpoints").iterdir())
+
+
+def test_an_in_process_fit_leaves_the_signal_handlers_as_it_found_them(tiny_model_dir, pairs_file, tmp_path,
+                                                                       monkeypatch):
+    """After ``fit`` returns, SIGINT/SIGTERM/SIGUSR1 have the handlers they had before (Lightning restores its own
+    at teardown; re-installing Lightning's handler afterwards kept the trainer and its models alive for the rest of
+    the process: every in-process fit of a notebook or a test worker leaked them), and the model is collectable (the
+    CLI runs in a copy of the context: jsonargparse leaves a context variable pointing at its parser, which reaches
+    the CLI)."""
+    import gc
+    import weakref
+
+    from sparsepo_lightning.cli import run as main
+    from sparsepo_lightning.interrupt import SIGNALS
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    before = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    cli = main(["fit", "--config", "configs/debug/tiny.yaml", "--model.model", tiny_model_dir,
+                "--data.train_file", pairs_file, "--data.val_file", pairs_file, "--trainer.max_steps", "1",
+                "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 1
+    assert {signum: signal.getsignal(signum) for signum in SIGNALS} == before
+    model = weakref.ref(cli.model)
+    del cli
+    gc.collect()
+    assert model() is None
