@@ -59,7 +59,8 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
                         chunk_size=chunk_size, implementation="fused")
     loss = stats.policy_logps.sum() + stats.kl.sum()
     if method == "aligndistil":
-        teacher = TeacherDivergence("dpo", "reverse_dpo", adaptive=True, gamma=0.1, alpha_max=4.0, alpha=1.0)
+        teacher = TeacherDivergence("dpo", "reverse_dpo", beta=0.1, adaptive=True, tv_scale=10.0, epsilon=1e-3,
+                                    alpha=1.0)
         values = distribution_stats({"d": teacher}, hidden, labels, mask, head, others, chunk_size, "fused")
         loss = loss + values["d"].sum()
     loss.backward()

@@ -137,7 +137,7 @@ def aligndistil_options(model_dir: str, dpo_dir: str) -> dict[str, Any]:
     """AlignDistil with two different frozen models (so the teacher differs from the reference) and 2-token chunks."""
     from sparsepo_lightning.methods.aligndistil import AlignDistil
 
-    return {"objective": AlignDistil(gamma=0.05), "masker": None, "chunk_size": 2,
+    return {"objective": AlignDistil(responses="both"), "masker": None, "chunk_size": 2,
             "frozen_models": {"dpo": dpo_dir, "reverse_dpo": model_dir}}
 
 

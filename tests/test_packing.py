@@ -350,7 +350,7 @@ def test_full_distribution_statistics_equal_padded(arm, family_dirs, tiny_tokeni
     from sparsepo_lightning.methods import AlignDistil, HighEntropySelection
     from sparsepo_lightning.objectives import WeightedDPO
 
-    options = {"aligndistil": dict(objective=AlignDistil(gamma=0.05),
+    options = {"aligndistil": dict(objective=AlignDistil(responses="both"),
                                    frozen_models={"dpo": family_dirs["gpt2"], "reverse_dpo": family_dirs["neox"]}),
                "entropy": dict(objective=WeightedDPO(), masker=HighEntropySelection(keep_ratio=0.5))}[arm]
     features = _features(tiny_tokenizer, pairs_file)
