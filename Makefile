@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/sparsepo fit --config configs/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --durations=25   # one worker per core; the 25 slowest tests, to keep the suite's time in view
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=25   # one worker per core, idle workers take queued tests; the 25 slowest, to keep the time in view
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,7 +53,8 @@ def run_quickstart(save_dir: Path, extra: list[str] | None = None) -> dict:
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"quickstart failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    summary_file = next(save_dir.glob("quickstart/version_*/summary.json"))
+    # The log name is the recipe's plus each later --config that changes the method or data (quickstart-learned, ...)
+    summary_file = next(save_dir.glob("quickstart*/version_*/summary.json"))
     summary = json.loads(summary_file.read_text())
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)
     summary["train_loss"] = train_losses(summary_file.parent)

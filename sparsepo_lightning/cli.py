@@ -41,6 +41,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support, data_inputs
+from sparsepo_lightning.commands import DESCRIPTION, OTHER_COMMANDS, SUBCOMMAND_HELP, listed_help
 from sparsepo_lightning.dashboard import DashboardLayout, without_internal_hparams
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.errors import UserError
@@ -54,26 +55,6 @@ from sparsepo_lightning.tasks import (  # the task loaders are imported so that 
     imdb,  # noqa: F401
     tldr,  # noqa: F401
 )
-
-DESCRIPTION = (
-    "Preference alignment (SparsePO, DPO, IPO, SimPO, TDPO, MaPO) with PyTorch Lightning. Start with `sparsepo fit "
-    "--config configs/quickstart.yaml`; `sparsepo <command> --help` lists a command's options; --debug shows the "
-    "traceback of an error."
-)
-
-SUBCOMMAND_HELP = {
-    "fit": "Train a policy from a config (--config); --ckpt_path last resumes the newest checkpoint of this run.",
-    "validate": "Run the validation split once on a model or checkpoint (--ckpt_path).",
-    "test": "Run the test split (data.test_file) once on a model or checkpoint (--ckpt_path).",
-}
-"""The LightningCLI subcommands offered (``predict`` is not: a preference model has no forward to predict with)."""
-
-OTHER_COMMANDS = {
-    "evaluate": "Evaluate trained checkpoints: sentiment, summarization, code (pass@k), winrate.",
-    "export": "Write a checkpoint's policy as a Hugging Face model folder, plus its masks.",
-    "study": "Controlled studies: `sparsepo study sentiment run|report|plan` (resumable).",
-}
-"""Commands that ``main`` dispatches before LightningCLI (listed in ``sparsepo --help`` all the same)."""
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -124,7 +105,7 @@ class SparsePOCLI(LightningCLI):
                     action.help = CKPT_PATH_HELP
         for name, help_line in OTHER_COMMANDS.items():  # listed only: main() runs them before LightningCLI
             listed = ArgumentParser(prog=f"sparsepo {name}", description=help_line)
-            parser._subcommands_action.add_subcommand(name, listed, help=f"{help_line} (sparsepo {name} --help)")
+            parser._subcommands_action.add_subcommand(name, listed, help=listed_help(name))
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001
         cli_support.ARGV[:] = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 
+from sparsepo_lightning.commands import plain_text
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 from sparsepo_lightning.run_identity import check_resume, choose_last, identity_settings
 
@@ -38,6 +39,22 @@ class SparsePOArgumentParser(LightningArgumentParser):
 
     ``JSONARGPARSE_DEBUG=1`` (set by ``--debug``) keeps jsonargparse's own behaviour: raise with the traceback.
     """
+
+    def format_help(self) -> str:
+        """A subcommand's help with the project's own options first: the ``model`` and ``data`` groups and the
+        subcommand's own (``--ckpt_path``) before Lightning's ``trainer`` group, a usage line that names the groups
+        instead of listing every trainer flag, and no reST markup (double backquotes, roles) in the text."""
+        trainer = getattr(self, "groups", {}).get("trainer")
+        if trainer is None:
+            return plain_text(super().format_help())
+        groups, usage = self._action_groups, self.usage
+        self._action_groups = [g for g in groups if g is not trainer] + [trainer]
+        self.usage = "%(prog)s [-c CONFIG] [--model.* ...] [--data CLASS_PATH] [--data.* ...]\n" + " " * (
+            len(self.prog) + 8) + "[--ckpt_path CKPT_PATH] [--trainer.* ...]"
+        try:
+            return plain_text(super().format_help())
+        finally:
+            self._action_groups, self.usage = groups, usage
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         from jsonargparse._common import debug_mode_active  # the switch jsonargparse itself reads

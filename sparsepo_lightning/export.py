@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
 from sparsepo_lightning.checkpointing import umask_mode
+from sparsepo_lightning.commands import PlainRawFormatter
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
 from sparsepo_lightning.masks.base import TokenMasker
 from sparsepo_lightning.model_sources import load_tokenizer
@@ -217,7 +218,7 @@ def _masker_class(class_path: str | None) -> type[TokenMasker]:
 def parser() -> argparse.ArgumentParser:
     """The ``sparsepo export`` parser."""
     p = argparse.ArgumentParser(prog="sparsepo export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=PlainRawFormatter)  # fmt: skip
     p.add_argument("checkpoint", help="A .ckpt file written by `sparsepo fit`, or the checkpoint folder of an FSDP2 "
                                       "run (ModelParallelStrategy).")  # fmt: skip
     p.add_argument("out_dir", help="Output folder; must not exist yet, or be empty.")

@@ -120,9 +120,9 @@ class _Losses(RunCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-def _fit(model_dir, pairs, dirpath, max_steps, ckpt_path=None, **ckpt_kwargs) -> _Losses:
+def _fit(model_dir, pairs, dirpath, max_steps, ckpt_path=None, masker=LearnedMasker, **ckpt_kwargs) -> _Losses:
     seed_everything(0)
-    module = PreferenceModule(model=model_dir, masker=LearnedMasker(), lr=1e-3, warmup_ratio=0.25)
+    module = PreferenceModule(model=model_dir, masker=masker(), lr=1e-3, warmup_ratio=0.25)
     callback = _Losses(dirpath=dirpath, **ckpt_kwargs)
     trainer = Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, callbacks=[callback],
@@ -138,6 +138,23 @@ def test_resume_from_step_checkpoints_is_exact_in_process(save_step, tiny_model_
     resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "resumed", 13, ckpt_path=str(ckpt))
     assert sorted(resumed.losses) == list(range(save_step + 1, 14))
     assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(save_step + 1, 14)]
+
+
+@pytest.mark.parametrize("control", ["PermutedControl", "BernoulliControl"])
+def test_a_control_around_a_sparse_learned_mask_resumes_exactly_in_process(control, tiny_model_dir, pairs_file,
+                                                                          tmp_path):
+    """A control (its own draw counter) around a learned mask at target sparsity 0.5 (its gate and magnitude nets):
+    resumed from the step-5 checkpoint, steps 6-9 repeat the uninterrupted run's losses bit for bit."""
+    from sparsepo_lightning.masks import controls
+
+    def masker():
+        return getattr(controls, control)(LearnedMasker(target_sparsity=0.5), seed=1)
+
+    full = _fit(tiny_model_dir, pairs_file, tmp_path / "full", 9, masker=masker, every_n_train_steps=5, save_top_k=-1)
+    (ckpt,) = (tmp_path / "full").glob("*step=5.ckpt")
+    resumed = _fit(tiny_model_dir, pairs_file, tmp_path / "resumed", 9, ckpt_path=str(ckpt), masker=masker)
+    assert sorted(resumed.losses) == list(range(6, 10))
+    assert [resumed.losses[s] for s in sorted(resumed.losses)] == [full.losses[s] for s in range(6, 10)]
 
 
 def test_resume_from_an_epoch_end_checkpoint_is_exact_in_process(tiny_model_dir, pairs_file, tmp_path):

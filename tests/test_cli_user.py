@@ -48,9 +48,15 @@ def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
 
 
 def test_help_describes_this_tool():
-    done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", "--help"], cwd=ROOT, env=cli_environment(),
-                          capture_output=True, text=True, timeout=300)  # the entry point itself, not forked
+    """``sparsepo --help`` from the console script's module itself (not forked): the commands, nothing of
+    Lightning's, and neither torch nor Lightning imported to say it."""
+    probe = ("import runpy, sys; sys.argv = ['sparsepo', '--help']\n"
+             "runpy.run_module('sparsepo_lightning', run_name='__main__')\n"
+             "print('heavy imports:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=cli_environment(), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("heavy imports: []")
     assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout
     for command in ("fit", "validate", "test", "evaluate", "export", "study"):
         assert f"\n    {command} " in done.stdout, command
@@ -61,8 +67,16 @@ def test_help_describes_this_tool():
 
 
 def test_fit_help_lists_the_task_loaders_and_one_optimizer():
+    """Also: the project's own options come first (model, data, --ckpt_path; Lightning's trainer group last), the
+    usage names the groups, and no reST markup shows; nor in evaluate's and export's help."""
     done = sparsepo("fit", "--help")
     assert done.returncode == 0, done.stderr
+    text = done.stdout
+    places = [text.index(f"\n  --{option}") for option in ("model.model", "data.", "ckpt_path", "trainer.max_steps")]
+    assert places == sorted(places), places
+    assert len(text.split("\n\n")[0].splitlines()) == 2 and "[--trainer.* ...]" in text.split("\n\n")[0]
+    for help_text in (text, sparsepo("evaluate", "sentiment", "--help").stdout, sparsepo("export", "--help").stdout):
+        assert "``" not in help_text and ":class:" not in help_text and len(help_text) > 500
     for loader in ("HHDataModule", "IMDBDataModule", "TLDRDataModule", "CodeDataModule"):
         assert loader in done.stdout, loader
     assert "--model.optimizer" in done.stdout

@@ -191,6 +191,8 @@ def test_aligndistil_options_are_checked():
         AlignDistil(tv_scale=-1.0)
     with pytest.raises(Exception, match="divides β"):
         AlignDistil(adaptive=False, alpha=0.0)
+    with pytest.raises(Exception, match="divides β"):
+        AlignDistil(epsilon=0.0)  # α_t = 0 where the two models agree
     with pytest.raises(Exception, match="responses"):
         AlignDistil(responses="rejected")
     assert set(AlignDistil().distribution_statistics()[STATISTIC].frozen_model_names()) == {"dpo", "reverse_dpo"}

@@ -12,14 +12,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from sparsepo_lightning.commands import PlainRawFormatter
 from sparsepo_lightning.evaluate import code, sentiment, summarization, winrate
 
 COMMANDS = {"sentiment": sentiment, "summarization": summarization, "code": code, "winrate": winrate}
 """Command name -> module with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict``."""
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstrings' layout and shows defaults."""
+class _Formatter(PlainRawFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstrings' layout (without reST markup) and shows defaults."""
 
 
 def parser() -> argparse.ArgumentParser:

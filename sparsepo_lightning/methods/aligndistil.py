@@ -139,9 +139,9 @@ class AlignDistil(Objective):
         for name in ("tv_scale", "epsilon"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"AlignDistil: {name} must be >= 0, got {getattr(self, name)}.")
-        if not self.alpha > 0 or (self.adaptive and self.epsilon == 0 and self.tv_scale == 0):
-            raise ConfigError(f"AlignDistil: the extrapolation weight must be > 0 (it divides β): alpha = {self.alpha}, "
-                              f"tv_scale = {self.tv_scale}, epsilon = {self.epsilon}. Fix: alpha > 0, epsilon > 0.")
+        if not self.alpha > 0 or (self.adaptive and not self.epsilon > 0):
+            raise ConfigError(f"AlignDistil: the extrapolation weight divides β, so it must be > 0 at every token: "
+                              f"alpha = {self.alpha}, epsilon = {self.epsilon}. Fix: alpha > 0 and epsilon > 0.")
         if self.responses not in ("chosen", "both"):
             raise ConfigError(f"AlignDistil: responses must be 'chosen' or 'both', got {self.responses!r}.")
         if self.dpo == self.reverse_dpo:
