@@ -3,9 +3,11 @@
 A masker or an objective declares ``prompt_variants() -> {name: template}``; a template is text with one ``{prompt}``
 placeholder. The data module renders each variant prompt, tokenises it once with the rest of the row (cached; the
 templates are part of the cache key) and each batch then carries, per variant, the 2B rows
-``[variant prompt | same response tokens]`` (``PreferenceBatch.prompt_variants``). The module's step runs the policy on
+``[variant prompt | same response tokens]`` (``PreferenceBatch.prompt_variants``). The module's step runs a model on
 them without gradient and gives the method the per-token label log-probs aligned with the original response tokens
-(``TokenStats.variant_logps``, shifted like every statistic). docs/treg.md shows the whole path.
+(``TokenStats.variant_logps``, shifted like every statistic). Which model scores them: the owner's
+``prompt_variant_scorer()`` (``"reference"``: the frozen reference, T-REG's default; ``"policy"``: the current policy;
+an owner without the method: the policy), see :func:`declared_scorers`. docs/treg.md shows the whole path.
 
 Rendering: a plain-text prompt becomes ``template.replace("{prompt}", prompt)``; in a chat prompt the template is
 applied to the content of the last user message (other messages unchanged), and the chat template renders the result.
@@ -19,6 +21,8 @@ from typing import Any
 from sparsepo_lightning.errors import ConfigError
 
 PLACEHOLDER = "{prompt}"
+SCORERS = ("reference", "policy")
+"""The models that can score a prompt variant's rows (no gradient in either case)."""
 
 
 def check_templates(templates: Mapping[str, str], owner: str) -> None:
@@ -44,6 +48,29 @@ def declared_variants(*owners: Any) -> dict[str, str]:
                 raise ConfigError(f"two parts of the run declare the prompt variant {name!r} with different "
                                   "templates; rename one.")
             merged[name] = template
+    return merged
+
+
+def declared_scorers(*owners: Any) -> dict[str, str]:
+    """Per declared prompt variant, the model that scores its rows: the owner's ``prompt_variant_scorer()`` (one of
+    :data:`SCORERS`), ``"policy"`` for an owner without that method.
+
+    Raises:
+        ConfigError: a scorer outside :data:`SCORERS`, or two owners declaring one name with different scorers.
+    """
+    merged: dict[str, str] = {}
+    for owner in owners:
+        declare = getattr(owner, "prompt_variants", None)
+        choose = getattr(owner, "prompt_variant_scorer", None)
+        scorer = choose() if callable(choose) else "policy"
+        if scorer not in SCORERS:
+            raise ConfigError(f"{type(owner).__name__}: prompt variants are scored by {scorer!r}; the choices are "
+                              f"{', '.join(SCORERS)}. Fix: scorer: reference (or policy).")
+        for name in (declare() if callable(declare) else {}):
+            if merged.get(name, scorer) != scorer:
+                raise ConfigError(f"two parts of the run score the prompt variant {name!r} with different models; "
+                                  "rename one.")
+            merged[name] = scorer
     return merged
 
 

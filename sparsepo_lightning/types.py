@@ -109,8 +109,9 @@ class TokenStats:
         distribution: the full-distribution statistics the objective and masker declared
             (``distributions.DistributionStatistic``), by name, each ``(2B, T-1)``; keyword-only, empty by default.
         variant_logps: per prompt variant the method declared (``prompt_variants.py``),
-            ``log π_θ(y^t | x_variant, y^<t)`` of the same label token, without gradient, ``(2B, T-1)`` aligned
-            with ``policy_logps``; keyword-only, empty by default.
+            ``log π(y^t | x_variant, y^<t)`` of the same label token under the model the method names (the frozen
+            reference or the policy), without gradient, ``(2B, T-1)`` aligned with ``policy_logps``; keyword-only,
+            empty by default.
     """
 
     policy_logps: Tensor

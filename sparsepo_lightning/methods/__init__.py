@@ -15,12 +15,13 @@ span weights        ``spans.SpanWeights``            ``WeightedDPO``     none (d
 SamPO               ``sampo.DownSampledTokens``      ``WeightedDPO``     none
 high-entropy        ``entropy.HighEntropySelection`` ``WeightedDPO``     none (reads the entropy)
 AlignDistil         none                             ``AlignDistil``     dpo, reverse_dpo
-T-REG               none                             ``TREG``            none (the policy, prompt variants)
+T-REG               none                             ``TREG``            none (prompt variants, ref.-scored)
 ==================  ===============================  ==================  =============================
 
 High-entropy selection and AlignDistil read full-vocabulary statistics (``distributions.py``,
 docs/full-distribution.md); AlignDistil is an objective (``aligndistil.AlignDistil``), not a masker. T-REG is an
-objective too (``treg.TREG``); it asks the data for contrastive prompt variants (``prompt_variants.py``, docs/treg.md).
+objective too (``treg.TREG``); it asks the data for contrastive prompt variants, which the reference scores
+(``prompt_variants.py``, docs/treg.md).
 """
 
 from sparsepo_lightning.methods.aligndistil import AlignDistil
