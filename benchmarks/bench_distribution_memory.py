@@ -11,22 +11,18 @@ measurement in a fresh subprocess, peak above the memory held before the call (C
   KL(π_θ‖π*) to the teacher built from the reference, a DPO and a reverse-DPO head
   (``distribution_stats`` with ``methods.aligndistil.TeacherDivergence``, fused, closed-form gradient).
 
-Run: ``python benchmarks/bench_distribution_memory.py`` (``--lengths 512,1024,2048``, ``--repeats 2`` by default;
-each cell is the largest peak of its repeats: CPU RSS peaks move by tens of MiB between runs). Target (issue 27):
+Run: ``python benchmarks/bench_distribution_memory.py`` (``--lengths 512,1024,2048``, ``--repeats 3`` by default;
+each cell is the largest peak of its repeats: CPU RSS peaks move by tens of MiB between runs). Target:
 ``aligndistil / fused_kl ≤ 1.5`` at T = 1024.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from bench_memory import HIDDEN, VOCAB  # benchmarks/ is on sys.path when a script here runs
-from proc_status import peak_since_start, start_peak
+from proc_status import measure_in_fresh_process, memory_parser, peak_since_start, start_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fused_kl", "aligndistil")
@@ -69,29 +65,20 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="512,1024,2048")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="response tokens per chunk (module default)")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser = memory_parser(__doc__.split("\n\n")[0], "512,1024,2048",
+                           ROOT / "benchmarks/results/distribution_memory.json")
+    parser.add_argument("--repeats", type=int, default=3,
                         help="fresh processes per cell; the table shows the largest peak (CPU RSS peaks vary by run)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/distribution_memory.json"))
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.worker:
         print(json.dumps(measure(args.worker, lengths[0], args.chunk_size)))
         return
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rows = []
     for length in lengths:
         for method in METHODS:
-            runs = []
-            for _ in range(args.repeats):
-                cmd = [sys.executable, __file__, "--worker", method, "--lengths", str(length),
-                       "--chunk-size", str(args.chunk_size)]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                runs.append(json.loads(lines[-1]) if lines else {"peak_extra_mib": None, "error": done.stderr[-500:]})
+            runs = [measure_in_fresh_process(__file__, method, length, args.chunk_size, ROOT)
+                    for _ in range(args.repeats)]
             peaks = [r["peak_extra_mib"] for r in runs]
             rows.append({"method": method, "length": length, "device": runs[0].get("device"), "runs_mib": peaks,
                          "peak_extra_mib": None if None in peaks else max(peaks)})

@@ -15,14 +15,15 @@ Run: ``python benchmarks/bench_memory.py`` (``--lengths 128,512`` for fewer poin
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from proc_status import peak_since_start, start_peak  # benchmarks/ is on sys.path when a script here runs
+from proc_status import (  # benchmarks/ is on sys.path when a script here runs
+    measure_in_fresh_process,
+    memory_parser,
+    peak_since_start,
+    start_peak,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN = 49152, 576
@@ -70,25 +71,17 @@ def measure(method: str, length: int, chunk_size: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="128,256,512,1024,2048")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="response tokens per chunk (module default)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/memory.json"))
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser = memory_parser(__doc__.split("\n\n")[0], "128,256,512,1024,2048", ROOT / "benchmarks/results/memory.json")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.worker:
         print(json.dumps(measure(args.worker, lengths[0], args.chunk_size)))
         return
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     results: dict[tuple[str, int], float | None] = {}
     for length in lengths:
         for method in METHODS:
-            cmd = [sys.executable, __file__, "--worker", method, "--lengths", str(length),
-                   "--chunk-size", str(args.chunk_size)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            results[method, length] = json.loads(lines[-1])["peak_extra_mib"] if lines else None
+            results[method, length] = measure_in_fresh_process(__file__, method, length, args.chunk_size,
+                                                               ROOT)["peak_extra_mib"]
     print(f"Peak extra memory (MiB) of label log-probs + full-vocab KL, fwd+bwd, 1 pair, V={VOCAB}, d={HIDDEN}, "
           f"chunk_size={args.chunk_size}")
     print("| T | " + " | ".join(METHODS) + " | naive / fused |")

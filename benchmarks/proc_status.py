@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +45,23 @@ def peak_since_start(device: Any) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     return status_kib("VmHWM") * 1024
+
+
+def memory_parser(description: str, lengths: str, out: Path) -> argparse.ArgumentParser:
+    """The options shared by the memory benchmarks (``bench_memory.py``, ``bench_distribution_memory.py``): the
+    lengths, the chunk size, the results file, and the hidden ``--worker`` of a fresh measuring process."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--lengths", default=lengths)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="response tokens per chunk (module default)")
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def measure_in_fresh_process(script: str, method: str, length: int, chunk_size: int, root: Path) -> dict:
+    """Run ``script --worker method`` in a fresh interpreter (its own peak counters) and return the JSON line it
+    prints, or ``{"peak_extra_mib": None, "error": <end of stderr>}``."""
+    cmd = [sys.executable, script, "--worker", method, "--lengths", str(length), "--chunk-size", str(chunk_size)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, cwd=root)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"peak_extra_mib": None, "error": done.stderr[-500:]}

@@ -71,6 +71,38 @@ def memory_table() -> str:
     return "\n".join(lines)
 
 
+def distribution_memory_table() -> str:
+    """Every length of ``distribution_memory.json`` (``bench_distribution_memory.py``): AlignDistil against the
+    fused KL path, with their ratio."""
+    data = _load("distribution_memory.json")
+    value = {(r["length"], r["method"]): r["peak_extra_mib"] for r in data["results"]}
+    lines = [f"Source: `benchmarks/results/distribution_memory.json` (V = {data['vocab']}, d = {data['hidden']}, "
+             f"chunk_size {data['chunk_size']}; extra peak memory, the largest of the fresh processes per cell).", "",
+             "| T | fused KL (baseline) | AlignDistil | ratio |", "|---|---|---|---|"]
+    for length in sorted({r["length"] for r in data["results"]}):
+        base, ours = value[(length, "fused_kl")], value[(length, "aligndistil")]
+        lines.append(f"| {length} | {base:.0f} MiB | {ours:.0f} MiB | {ours / base:.2f}× |")
+    return "\n".join(lines)
+
+
+def sparsity_table() -> str:
+    """Every target of ``sparsity.json`` (``sparsity.py``): the quickstart with a learned mask at a set share of exact
+    zeros, at its last validation, with the criteria the script checks."""
+    data = _load("sparsity.json")
+    lines = ["Source: `benchmarks/results/sparsity.json` (the quickstart recipe with `configs/sparsity/learned.yaml`; "
+             "validation responses at the last step).", "",
+             "| target | exact zeros | mean kept weight | accuracy | margin at step 16 → end | criteria met |",
+             "|---|---|---|---|---|---|"]
+    for entry in sorted(data.values(), key=lambda e: e["target_sparsity"]):
+        met = [name for name, ok in entry["checks"].items() if ok]
+        lines.append(f"| {entry['target_sparsity']:.1f} | {entry['zeros_percent']:.1f} % | "
+                     f"{entry['mean_kept_weight']:.3f} | {entry['accuracy']:.3f} | "
+                     f"{entry['margin_step_16']:.4f} → {entry['margin_final']:.4f} | {len(met)} of "
+                     f"{len(entry['checks'])}" + ("" if len(met) == len(entry["checks"]) else
+                     " (not: " + ", ".join(n for n in entry["checks"] if n not in met) + ")") + " |")
+    return "\n".join(lines)
+
+
 def loading_table() -> str:
     """Every rank of every run of ``loading.json`` (``bench_loading.py``)."""
     data = _load("loading.json")
@@ -117,6 +149,7 @@ def packing_table(data: dict | None = None) -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
+                                        "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
                                         "packing": packing_table}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
