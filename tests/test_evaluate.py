@@ -207,7 +207,7 @@ def test_code_command_canonical_solutions_give_pass_at_k_one(tmp_path):
 def test_code_command_samples_smollm2_on_mbpp(tmp_path):
     summary = evaluate(["code", "--policies", "smollm2-135m", "--benchmark", "mbpp", "--mbpp-source",
                         str(MBPP_SAMPLE), "--limit", "2", "--num-samples", "2", "--k", "1", "2",
-                        "--max-new-tokens", "24", "--timeout", "3", "--out", str(tmp_path), *QUIET])  # fmt: skip
+                        "--max-new-tokens", "24", "--timeout", "1", "--out", str(tmp_path), *QUIET])  # fmt: skip
     result = summary["results"][0]
     assert result["label"] == "smollm2-135m" and 0.0 <= result["pass@1"] <= result["pass@2"] <= 1.0
     samples = [json.loads(line) for line in (tmp_path / "code_samples.jsonl").read_text().splitlines()]
