@@ -20,7 +20,7 @@ match at equal settings (:data:`MATCH`, ratios ``time_vs_match`` / ``dynamic_vs_
 - ``dpo_cached``: DPO with ``reference_cache`` (``reference_cache.prepare`` over the batch's pairs before the timer,
   as a fit does before training), against ``trl_precompute`` (``precompute_ref_log_probs=True``: TRL computes the
   reference log-probs before the timer too, and then keeps no reference model);
-- ``*_gc``: the same with gradient checkpointing (ours ``gradient_checkpointing``, TRL's its default
+- ``*_gc``: the same with gradient checkpointing (ours ``activation_checkpointing``, TRL's its default
   ``gradient_checkpointing=True``, enabled as its ``Trainer.train`` would); ``dpo`` / ``dpo_gc`` against ``trl`` /
   ``trl_gc`` (live references).
 
@@ -141,7 +141,7 @@ def _ours(name: str, device, model: str):
         "mapo": (SparsePO(), ActivationMasker()), "sparsepo_common": (SparsePO(), LearnedMasker()),
         "sparsepo_indep": (SparsePO(), LearnedMasker(True)),
     }[base]
-    module = PreferenceModule(model, objective=objective, masker=masker, gradient_checkpointing=checkpointing,
+    module = PreferenceModule(model, objective=objective, masker=masker, activation_checkpointing=checkpointing,
                               reference_cache=base == "dpo_cached").to(device)
     optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
 

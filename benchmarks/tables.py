@@ -28,7 +28,11 @@ def pages() -> list[Path]:
     return [p for p in candidates if p.is_file() and "<!-- table: " in p.read_text()]
 
 CONFIG_NAMES = {"trl": "TRL DPOTrainer", "floor": "floor (no loss)", "dpo": "DPO", "tdpo1": "TDPO1", "mapo": "MaPO",
-                "sparsepo_common": "SparsePO (common)", "sparsepo_indep": "SparsePO (indep.)"}
+                "sparsepo_common": "SparsePO (common)", "sparsepo_indep": "SparsePO (indep.)",
+                "dpo_gc": "DPO, checkpointing", "trl_gc": "TRL, checkpointing", "dpo_cached": "DPO, cached reference",
+                "trl_precompute": "TRL, precompute_ref_log_probs",
+                "dpo_cached_gc": "DPO, cached reference, checkpointing",
+                "trl_precompute_gc": "TRL, precompute_ref_log_probs, checkpointing"}
 
 
 def _load(name: str) -> dict:
@@ -51,6 +55,28 @@ def step_table() -> str:
         lines.append(f"| {r['length']} | {CONFIG_NAMES.get(r['config'], r['config'])} | {r['cpu_s']:.2f} | "
                      f"{r['time_vs_trl']:.2f} | {r['time_vs_floor']:.2f} | {r['step_mem_mib']:.0f} | "
                      f"{r['mem_vs_trl']:.2f} | {r['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def cached_table() -> str:
+    """Our DPO against TRL's ``DPOTrainer`` at equal settings (``cached.json``, ``bench_dpo.py --cached``): the live
+    reference, the reference cache against TRL's ``precompute_ref_log_probs``, each with and without gradient
+    checkpointing; throughput = TRL's CPU seconds per step / ours."""
+    data = _load("cached.json")
+    meta = data["meta"]
+    by_config = {r["config"]: r for r in data["results"] if "error" not in r}
+    lines = [f"Source: `benchmarks/results/cached.json` ({meta['date'][:10]}, {meta['device']}, {meta['cpu_count']} "
+             f"cores, torch {meta['torch']}, TRL {meta['trl']}; {meta['model']}, {meta['layers']} blocks, "
+             f"T = {data['results'][0]['length']}, {meta['pairs']} pairs, {meta['steps']} measured steps).", "",
+             "| ours | TRL at equal settings | ours CPU s | TRL CPU s | throughput ×TRL | dynamic memory ×TRL |",
+             "|---|---|---|---|---|---|"]
+    for ours, theirs in (("dpo", "trl"), ("dpo_gc", "trl_gc"), ("dpo_cached", "trl_precompute"),
+                         ("dpo_cached_gc", "trl_precompute_gc")):
+        if ours in by_config and theirs in by_config:
+            a, b = by_config[ours], by_config[theirs]
+            lines.append(f"| {CONFIG_NAMES.get(ours, ours)} | {CONFIG_NAMES.get(theirs, theirs)} | {a['cpu_s']:.1f} | "
+                         f"{b['cpu_s']:.1f} | {b['cpu_s'] / a['cpu_s']:.2f} | "
+                         f"{a['dynamic_mib'] / b['dynamic_mib']:.2f} |")
     return "\n".join(lines)
 
 

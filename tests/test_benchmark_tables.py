@@ -44,3 +44,20 @@ def test_a_stale_table_is_detected():
     (text,) = [p.read_text() for p in tables.pages() if "<!-- table: step -->" in p.read_text()]
     stale = text.replace("| 128 | DPO |", "| 128 | DPO (edited) |", 1)
     assert stale != text and tables.render(stale) != stale
+
+
+@pytest.mark.parametrize("config", ["dpo", "dpo_gc", "dpo_cached", "dpo_cached_gc", "tdpo1", "mapo",
+                                    "sparsepo_common", "sparsepo_indep"])
+def test_the_step_benchmark_builds_and_steps_each_of_our_configurations(config, tiny_model_dir, monkeypatch):
+    """``bench_dpo.py``'s own configurations on the tiny model, one optimizer step each: the benchmark keeps up with
+    the module's options (a renamed option once broke every one of its rows at full depth)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: its sibling modules import
+    spec = importlib.util.spec_from_file_location("bench_dpo", ROOT / "benchmarks" / "bench_dpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    step, batch_of, (models, _) = bench._ours(config, torch.device("cpu"), tiny_model_dir)
+    before = [p.detach().clone() for p in models[0].parameters()]
+    step(batch_of([([5, 6, 7], [8, 9], [10, 11]), ([5, 6], [13, 14, 15], [16, 17, 18])]))  # rows of equal length
+    assert any(not torch.equal(a, b) for a, b in zip(before, models[0].parameters(), strict=True))
