@@ -143,6 +143,7 @@ def _ours(name: str, device, model: str):
     }[base]
     module = PreferenceModule(model, objective=objective, masker=masker, activation_checkpointing=checkpointing,
                               reference_cache=base == "dpo_cached").to(device)
+    module.configure_model()  # as Lightning does before configure_optimizers: wraps the blocks for checkpointing
     optimizer = torch.optim.AdamW(parameter_groups(module.policy, module.masker, LR, 0.0, 0.01, None))
 
     def step(batch):

@@ -50,14 +50,19 @@ def test_a_stale_table_is_detected():
                                     "sparsepo_common", "sparsepo_indep"])
 def test_the_step_benchmark_builds_and_steps_each_of_our_configurations(config, tiny_model_dir, monkeypatch):
     """``bench_dpo.py``'s own configurations on the tiny model, one optimizer step each: the benchmark keeps up with
-    the module's options (a renamed option once broke every one of its rows at full depth)."""
+    the module's options (a renamed option once broke every one of its rows at full depth), and its ``*_gc`` rows
+    really checkpoint (the option acts in ``configure_model``, which Lightning calls and the benchmark must too)."""
     import torch
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when the script runs: its sibling modules import
     spec = importlib.util.spec_from_file_location("bench_dpo", ROOT / "benchmarks" / "bench_dpo.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     step, batch_of, (models, _) = bench._ours(config, torch.device("cpu"), tiny_model_dir)
+    wrapped = sum(isinstance(m, CheckpointWrapper) for m in models[0].modules())
+    assert wrapped == (2 if config.endswith("_gc") else 0)  # the tiny Llama's 2 blocks, checkpointed in *_gc only
     before = [p.detach().clone() for p in models[0].parameters()]
     step(batch_of([([5, 6, 7], [8, 9], [10, 11]), ([5, 6], [13, 14, 15], [16, 17, 18])]))  # rows of equal length
     assert any(not torch.equal(a, b) for a, b in zip(before, models[0].parameters(), strict=True))
