@@ -176,6 +176,7 @@ def packing_table(data: dict | None = None) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
                                         "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
+                                        "cached": cached_table,
                                         "packing": packing_table}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
