@@ -170,6 +170,7 @@ def test_method_config_composes_with_the_sentiment_quickstart_on_smollm2(method,
     cli = main(["fit", "--config", "configs/quickstart.yaml", "--config", f"configs/methods/{method}.yaml",
                 *(data if method == "spans" else []), *(frozen if method in FROZEN else []),
                 "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                "--data.init_args.batch_size", "2",  # 2 pairs: the composition is the point, not the batch
                 "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",  # a SmolLM2 checkpoint: 1.6 GB
                 "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == 1
