@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from sparsepo_lightning.fused_head import HeadGradients, head_logits
 from sparsepo_lightning.logprobs import (
     Head,
     Implementation,
@@ -91,11 +92,6 @@ class DistributionStatistic:
         """``Σ_t grad_t · ∂ value_t / ∂ z_policy`` for one chunk, ``(c, V)`` float32, or None to let autograd
         differentiate :meth:`__call__` (the default). ``grad``: ``(c,)`` incoming gradient of the values."""
         return None
-
-
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``(c, d) → (c, V)`` float32 logits: the matmul in the weights' dtype (as the model does), upcast per chunk."""
-    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
 
 
 Models = dict[str, tuple[Tensor, Head]]
@@ -203,26 +199,15 @@ class FusedDistributionStats(torch.autograd.Function):
         hidden, weight, bias, labels, *others = ctx.saved_tensors
         names = ctx.names
         other_hidden, other_params = others[:len(names)], others[len(names):]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grads = HeadGradients(ctx.needs_input_grad, hidden, weight)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
             logits = _chunk_logits(chunk, hidden, weight, bias, labels, names, other_hidden, other_params)
             grad_z = _policy_logit_grad(ctx.statistics, logits, grad_values[:, chunk].float())
             if grad_z is None:
                 continue
-            grad_z = grad_z.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[chunk] = (grad_z @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad_z.t().float(), hidden[chunk].float())
-            if grad_b is not None:
-                grad_b += grad_z.float().sum(0)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return (grad_h, grad_w, grad_b, None, None, None, None, *(None for _ in others))
+            grads.add(chunk, grad_z.to(weight.dtype), hidden, weight)
+        return (*grads.result(weight, bias), None, None, None, None, *(None for _ in others))
 
 
 def _chunk_logits(chunk: slice, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
@@ -231,7 +216,7 @@ def _chunk_logits(chunk: slice, hidden: Tensor, weight: Tensor, bias: Tensor | N
     def build(h: Tensor, w: Tensor, b: Tensor | None) -> Callable[[], Tensor]:
         def logits() -> Tensor:
             with torch.no_grad():  # constants, also while backward differentiates a statistic
-                return _logits(h[chunk], w, b)
+                return head_logits(h[chunk], w, b)
         return logits
 
     others = [build(h, other_params[2 * i], other_params[2 * i + 1]) for i, h in enumerate(other_hidden)]

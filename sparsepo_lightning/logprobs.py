@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sparsepo_lightning.fused_head import HeadGradients, head_logits
 from sparsepo_lightning.masks.base import FrozenModelOutputs, ReferenceOutputs, TokenContext, TokenMasker
 from sparsepo_lightning.packing import PackedRows
 from sparsepo_lightning.types import PreferenceBatch, TokenMasks, TokenStats, detached, scatter_response
@@ -166,11 +167,6 @@ def linear_head_params(head: Head, hidden_size: int) -> tuple[Tensor, Tensor | N
     return weight, bias
 
 
-def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``(c, d) → (c, V)`` float32 logits: the matmul in the weights' dtype (as the model does), upcast per chunk."""
-    return F.linear(hidden.to(weight.dtype), weight, bias).float()
-
-
 def _log_normaliser(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1)  # (c,)
 
@@ -212,12 +208,12 @@ class FusedTokenStats(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             chunk = slice(start, start + chunk_size)
             label = labels[chunk, None]
-            logits = _logits(hidden[chunk], weight, bias)  # (c, V)
+            logits = head_logits(hidden[chunk], weight, bias)  # (c, V)
             lse[chunk] = _log_normaliser(logits)
             policy_lp[chunk] = logits.gather(-1, label).squeeze(-1) - lse[chunk]
             if not with_ref:
                 continue
-            ref_logits = _logits(ref_hidden[chunk], ref_weight, ref_bias)  # (c, V)
+            ref_logits = head_logits(ref_hidden[chunk], ref_weight, ref_bias)  # (c, V)
             ref_lse[chunk] = _log_normaliser(ref_logits)
             reference_lp[chunk] = ref_logits.gather(-1, label).squeeze(-1) - ref_lse[chunk]
             if with_kl:  # in place on the two (c, V) buffers: no third one
@@ -236,31 +232,19 @@ class FusedTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_lp: Tensor, _grad_ref: Tensor, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grads = HeadGradients(ctx.needs_input_grad, hidden, weight)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
             g, k = grad_lp[chunk, None].float(), grad_kl[chunk, None].float()  # (c, 1)
-            grad_z = _logits(hidden[chunk], weight, bias).sub_(lse[chunk, None]).exp_()  # p, (c, V)
+            grad_z = head_logits(hidden[chunk], weight, bias).sub_(lse[chunk, None]).exp_()  # p, (c, V)
             grad_z.mul_(k - g if ctx.with_kl else -g)  # (k − g)·p
             grad_z.scatter_add_(-1, labels[chunk, None], g)  # + g·e_y
             if ctx.with_kl:
-                ref_p = _logits(ref_hidden[chunk], ref_weight, ref_bias).sub_(ref_lse[chunk, None]).exp_()
+                ref_p = head_logits(ref_hidden[chunk], ref_weight, ref_bias).sub_(ref_lse[chunk, None]).exp_()
                 grad_z.addcmul_(ref_p, k, value=-1.0)  # − k·q
                 del ref_p
-            grad_z = grad_z.to(weight.dtype)
-            h = hidden[chunk].to(weight.dtype)
-            if grad_h is not None:
-                grad_h[chunk] = (grad_z @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(grad_z.t().float(), h.float())  # no-op casts in float32
-            if grad_b is not None:
-                grad_b += grad_z.float().sum(0)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+            grads.add(chunk, grad_z.to(weight.dtype), hidden, weight)
+        return *grads.result(weight, bias), None, None, None, None, None, None
 
 
 def _chunk_stats(
