@@ -38,10 +38,10 @@ met; no sanity validation, no 1.6 GB checkpoint): the same first steps as the fu
 
 
 def train_losses(log_dir: Path) -> list[float]:
-    """``train/loss`` of every training step, in step order, from the run's TensorBoard events."""
+    """``train_step/loss`` (the exact loss of each optimizer step) in step order, from the run's TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload().Scalars("train/loss")
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload().Scalars("train_step/loss")
     return [event.value for event in sorted(events, key=lambda event: event.step)]
 
 

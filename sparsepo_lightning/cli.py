@@ -22,7 +22,9 @@ shows it. SIGINT, SIGTERM and SIGUSR1 end training after the current optimizer s
 summary, exit status 128 + signal (130, 143, 138; :mod:`sparsepo_lightning.interrupt`). ``--ckpt_path last`` resumes
 the newest checkpoint of the same run identity (:mod:`sparsepo_lightning.run_identity`). Everything that needs no
 model is checked before the models load: the data files (exist, at least one valid pair), ``--ckpt_path`` and the
-log folder.
+log folder. The exact per-optimizer-step statistics, mask histograms and learning rates are logged by default
+(``--exact_statistics``, :mod:`sparsepo_lightning.callbacks.statistics`), with TensorBoard's custom-scalars layout
+(:mod:`sparsepo_lightning.dashboard`).
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import warnings
 from typing import Any
 
 from jsonargparse import ActionYesNo, ArgumentParser
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch import Callback, LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from sparsepo_lightning import cli_support, data_inputs
+from sparsepo_lightning.callbacks.statistics import MaskStatistics, RewardStatistics
 from sparsepo_lightning.commands import DESCRIPTION, OTHER_COMMANDS, SUBCOMMAND_HELP, listed_help
 from sparsepo_lightning.dashboard import DashboardLayout, without_internal_hparams
 from sparsepo_lightning.data import PreferenceDataModule
@@ -133,6 +136,12 @@ class SparsePOCLI(LightningCLI):
         sources = ("model.model", "model.tokenizer_name")
         parser.link_arguments(sources, "data.init_args.tokenizer", compute_fn=_tokenizer_name)
         parser.set_defaults({"trainer.callbacks": CALLBACK_DEFAULTS})
+        parser.add_argument("--exact_statistics", type=bool, default=True,
+                            help="Log the exact statistics of every optimizer step and validation run (train_step/*, "
+                                 "val_epoch/*: masks, rewards, KL over all micro-batches and GPUs), mask histograms "
+                                 "every 50 steps and the learning rates, unless trainer.callbacks configures its own "
+                                 "MaskStatistics / RewardStatistics / LearningRateMonitor. The per-batch values then "
+                                 "stay out of the loggers (one series per quantity).")
         parser.add_argument("--resume_anyway", action=ActionYesNo, default=False,
                             help="Resume --ckpt_path although it was written by another run identity (a different "
                                  "model, objective, masker, data or optimisation setting); without it that is an error "
@@ -170,6 +179,8 @@ class SparsePOCLI(LightningCLI):
             callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if getattr(self, "_identity", None) is not None:
             callbacks.append(RunIdentity(self._identity))
+        if self._get(self.config, "exact_statistics", default=True):
+            callbacks += missing_statistics(callbacks, with_logger=config.get("logger") not in (False, None))
         callbacks += [GracefulStop(), DashboardLayout()]
         trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
         placeholder = cli_support.mentions("default_hp_metric", cli_support.ARGV)
@@ -195,6 +206,15 @@ class SparsePOCLI(LightningCLI):
         status = exit_status(trainer)
         if status is not None:
             sys.exit(status)
+
+
+def missing_statistics(callbacks: list[Callback], with_logger: bool) -> list[Callback]:
+    """The default statistics callbacks that ``callbacks`` lacks: ``MaskStatistics`` (histograms every 50 optimizer
+    steps), ``RewardStatistics`` and, when the run has a logger, a step-wise ``LearningRateMonitor``."""
+    defaults = [MaskStatistics(histogram_every_n_steps=50), RewardStatistics()]
+    if with_logger:
+        defaults.append(LearningRateMonitor(logging_interval="step"))
+    return [d for d in defaults if not any(isinstance(c, type(d)) for c in callbacks)]
 
 
 def _tokenizer_name(model: str, tokenizer: str | None) -> str:

@@ -26,6 +26,7 @@ over the examples of each label), per example.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -157,9 +158,15 @@ PROGRESS_BAR_METRICS = ("loss", "rewards/margin", "masks/sparsity_reward_chosen"
 """Metrics shown in the progress bar (all are logged)."""
 
 
-def log_metrics(module: LightningModule, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-    """Log ``stage/name`` for every metric: per step in training, epoch means (synchronised) in validation/test."""
+def log_metrics(module: LightningModule, stage: str, metrics: dict[str, Tensor], batch_size: int,
+                exact: Callable[[str], bool] | None = None) -> None:
+    """Log ``stage/name`` for every metric: per step in training, epoch means (synchronised) in validation/test.
+
+    A training or validation metric for which ``exact(name)`` holds (a statistics callback logs it exactly, as
+    ``train_step/name`` / ``val_epoch/name``) is kept out of the loggers: it stays in ``trainer.callback_metrics``
+    (progress bar, run summary, checkpoint and early-stopping monitors) without a second series in TensorBoard."""
     train = stage == "train"
     for name, value in metrics.items():
-        module.log(f"{stage}/{name}", value, prog_bar=name in PROGRESS_BAR_METRICS, on_step=train,
+        logger = exact is None or stage not in ("train", "val") or not exact(name)
+        module.log(f"{stage}/{name}", value, prog_bar=name in PROGRESS_BAR_METRICS, logger=logger, on_step=train,
                    on_epoch=not train, sync_dist=not train, batch_size=batch_size)

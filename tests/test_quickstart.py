@@ -71,8 +71,11 @@ def test_the_real_quickstart_reproduces_the_recorded_first_steps(tmp_path):
     assert summary["train_loss"][0] == pytest.approx(0.693147, abs=1e-5)  # step 0: policy = reference
     assert summary["train_loss"][-1] < summary["train_loss"][0] - 0.01, "the loss did not fall in the first steps"
     log_dir = next(tmp_path.glob("quickstart/version_*"))  # TensorBoard logs of the real model's run
-    tags = set(EventAccumulator(str(log_dir)).Reload().Tags()["scalars"])
-    assert {"train/loss", "val/loss", "train/masks/sparsity_reward_chosen", "val/masks/mean_reward"} <= tags
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
+    for tag in ("train_step/masks/sparsity_reward_chosen", "train_step/rewards/margin", "train_step/loss"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(steps)), tag  # every optimizer step
+    assert {"val_epoch/loss", "val_epoch/masks/mean_reward", "lr-AdamW/policy"} <= set(events.Tags()["scalars"])
+    assert events.Tensors("custom_scalars__config__"), "no custom-scalars layout"  # charts: test_run_identity.py
     assert abs(summary["validations"][0]["mask_mean"] - 1.0) > 0.01, "the masks did not move from their start"
 
 

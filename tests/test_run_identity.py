@@ -55,7 +55,7 @@ def test_ckpt_path_last_resumes_this_run_not_another_one(cli_zygote, tiny_model_
 
     accumulator = EventAccumulator(str(runs / "debug" / "version_0")).Reload()
     events = accumulator.Tags()["scalars"]
-    assert "train/loss" in events and "hp_metric" not in events  # no `hp_metric -1` placeholder
+    assert "train_step/loss" in events and "hp_metric" not in events  # no `hp_metric -1` placeholder
     _check_dashboard(accumulator, runs / "debug" / "version_0")
     summary = first.stdout + first.stderr  # a 1-step run without validation: an honest, short summary
     assert "data (train): skipped 1 bad row.\n" in first.stderr and "splits.py" not in first.stderr

@@ -15,15 +15,19 @@ definitions per batch). Prefix ``train_step/`` for training, ``val_epoch/`` for 
   tokens;
 - ``RewardStatistics``: ``metrics.loss_stats`` and ``metrics.token_metrics`` (``loss``, ``logit``, ``penalty``,
   ``rewards/*``, ``logps/*``, ``kl/seq_*``, ``kl/token_*``, ``kl/masked_*``); for unpaired examples (BCO)
-  ``metrics.unpaired_stats`` instead.
+  ``metrics.unpaired_stats`` instead; and every other scalar metric the objective reports for a batch (a plug-in's
+  own, e.g. ``treg/*``, ``rewards/delta``), as the window's mean of its batch values weighted by the batch's pairs.
 
-The progress bar already shows ``loss``, ``rewards/margin`` and ``masks/sparsity_reward_chosen`` of each batch
-(``metrics.PROGRESS_BAR_METRICS``); these callbacks do not change it.
+``sparsepo fit`` adds both (and a step-wise ``LearningRateMonitor``) unless the configured callbacks have them or
+``--exact_statistics false``. A quantity one of them logs is then logged to the loggers only under its prefix: the
+module keeps its per-batch value for the progress bar, the run summary and monitors (``trainer.callback_metrics``:
+``train/loss``, ``val/rewards/accuracy``, ...) but does not write it as a second, near-duplicate series
+(:func:`exactly_logged`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -179,6 +183,13 @@ def tensorboard_writers(trainer: Trainer) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def exactly_logged(callbacks: list[Callback]) -> Callable[[str], bool]:
+    """Whether a metric (its name without the stage prefix) of the training or validation stage is logged exactly by
+    one of ``callbacks`` (the module then leaves its per-batch series out of the loggers)."""
+    own = [callback for callback in callbacks if isinstance(callback, _StepStatistics)]
+    return lambda name: any(callback.covers(name) for callback in own)
+
+
 class _StepStatistics(Callback):
     """Shared window logic: accumulate every batch, compute/log/reset at optimizer-step (or validation) ends."""
 
@@ -194,6 +205,10 @@ class _StepStatistics(Callback):
         self._last_global_step = 0
 
     def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
+        raise NotImplementedError
+
+    def covers(self, name: str) -> bool:
+        """Whether this callback logs the metric ``name`` (without its stage prefix)."""
         raise NotImplementedError
 
     def _histograms_due(self) -> bool:
@@ -283,6 +298,9 @@ class MaskStatistics(_StepStatistics):
         super().__init__(log_every_n_steps, histogram_every_n_steps)
         self._units: UnitActivity | None = None
 
+    def covers(self, name: str) -> bool:
+        return name.startswith("masks/")
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._units is None:
             self._units = UnitActivity(getattr(pl_module, "masker", None))
@@ -315,7 +333,16 @@ class RewardStatistics(_StepStatistics):
         """
         super().__init__(log_every_n_steps, histogram_every_n_steps=0)
 
+    def covers(self, name: str) -> bool:
+        return not name.startswith("masks/")
+
     def _collect(self, record: StepRecord, pl_module: LightningModule, histograms: bool) -> Stats:
         if record.batch.desirable is not None:  # BCO on unpaired examples: no chosen/rejected halves
-            return unpaired_stats(record.stats, record.out, record.batch.desirable)
-        return loss_stats(record.out).merge(token_metrics(record.stats, record.masks))
+            stats = unpaired_stats(record.stats, record.out, record.batch.desirable)
+        else:
+            stats = loss_stats(record.out).merge(token_metrics(record.stats, record.masks))
+        pairs = torch.full((1,), float(record.out.loss.shape[0]), device=record.out.loss.device)
+        for name, value in record.metrics.items():  # the objective's own metrics: batch values weighted by pairs
+            if self.covers(name) and name not in stats.means and name not in stats.maxima:
+                stats.means[name] = (value.detach().float().reshape(1), pairs)
+        return stats

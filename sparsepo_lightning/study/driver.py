@@ -42,7 +42,8 @@ TRAIN_TAGS = ("train/loss", "train/rewards/accuracy", "train/rewards/margin", "t
               "train/masks/sparsity_reward_chosen", "train/masks/sparsity_reward_rejected",
               "train/masks/sparsity_kl_chosen", "train/masks/sparsity_kl_rejected", "train/masks/mean_reward",
               "train/masks/mean_kl")
-"""Per-step training scalars kept in ``metrics.json``."""
+"""Per-step training scalars kept in ``metrics.json`` (read from ``train_step/*``, the statistics callbacks' exact value
+of each optimizer step, which a study run of one micro-batch per step logs as the module's ``train/*``)."""
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -153,7 +154,12 @@ def _scalars(log_dir: Path) -> dict[str, list[list[float]]]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    return {tag: [[e.step, round(e.value, 6)] for e in events.Scalars(tag)] for tag in TRAIN_TAGS if tag in tags}
+    out = {}
+    for tag in TRAIN_TAGS:  # the exact per-step series (train_step/*) where logged, else the per-batch one (train/*)
+        logged = next((name for name in ("train_step/" + tag.removeprefix("train/"), tag) if name in tags), None)
+        if logged is not None:
+            out[tag] = [[e.step, round(e.value, 6)] for e in events.Scalars(logged)]
+    return out
 
 
 def matched_masks(metrics: dict[str, Any]) -> dict[str, float]:
