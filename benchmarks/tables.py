@@ -145,6 +145,21 @@ def loading_table() -> str:
     return "\n".join(lines)
 
 
+def statistics_table() -> str:
+    """``statistics.json`` (``bench_statistics.py``): the quickstart's step time with and without the default exact
+    statistics."""
+    data = _load("statistics.json")
+    median = data["median_seconds_per_step"]
+    return "\n".join([
+        f"Source: `benchmarks/results/statistics.json` ({data['recipe']}, {data['steps']} optimizer steps per run, "
+        f"the first {data['skip']} left out, {data['repeats']} runs per arm alternating; medians over all measured "
+        "steps).", "",
+        "| s / step with the statistics | without | overhead | overhead per repeat (min to max) |",
+        "|---|---|---|---|",
+        f"| {median['with_statistics']:.3f} | {median['without']:.3f} | {data['overhead']:+.1%} | "
+        f"{data['overhead_min']:+.1%} to {data['overhead_max']:+.1%} |"])
+
+
 LAYOUT_NAMES = {"trl": "TRL DPOTrainer", "padded": "padded", "packed": "packed (one row)",
                 "packed_rows": "packed (rows ≤ pack_length)"}
 
@@ -176,7 +191,7 @@ def packing_table(data: dict | None = None) -> str:
 
 TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
                                         "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
-                                        "cached": cached_table,
+                                        "cached": cached_table, "statistics": statistics_table,
                                         "packing": packing_table}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 

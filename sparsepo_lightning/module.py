@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from sparsepo_lightning import checkpointing, checks, sharding
 from sparsepo_lightning import meta_init as meta_init_lib
+from sparsepo_lightning.callbacks.statistics import exactly_logged
 from sparsepo_lightning.distribution_step import step_masks_and_statistics
 from sparsepo_lightning.logprobs import final_hidden_states, output_head, reference_outputs, token_stats
 from sparsepo_lightning.masks.base import ReferenceOutputs, TokenMasker
@@ -124,7 +124,6 @@ class PreferenceModule(LightningModule):
         self._packed_checked = False  # models checked on the packed layout (checks.check_packed_layout)
         self.last_step: StepRecord | None = None
         """Detached tensors of the latest batch (see ``StepRecord``), for callbacks."""
-        self._exact: Callable[[str], bool] | None = None  # metrics a statistics callback logs exactly (setup)
         if self.objective.uses_masks and self.masker is not None:
             bound = self.reference if self.reference is not None else self._causal_lm
             checks.check_masker_reference(self.masker, bound)
@@ -144,9 +143,8 @@ class PreferenceModule(LightningModule):
     def train(self, mode: bool = True) -> PreferenceModule:
         """Keep the frozen reference in eval mode whatever Lightning asks of the rest."""
         super().train(mode)
-        for frozen in (self.reference, self.frozen_models):
-            if frozen is not None:
-                frozen.eval()
+        for frozen in (model for model in (self.reference, self.frozen_models) if model is not None):
+            frozen.eval()
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -215,7 +213,7 @@ class PreferenceModule(LightningModule):
         out = self.objective.step(stats, masks, batch, training=stage == "train")  # pairs, or BCO's unpaired rows
         effective = self.objective.effective_masks(masks, response_mask)
         metrics = self.objective.metrics(stats, effective, out, batch)
-        log_metrics(self, stage, metrics, out.loss.shape[0], self._exact)  # batch size: pairs (or unpaired examples)
+        log_metrics(self, stage, metrics, out.loss.shape[0], exactly_logged(getattr(self._trainer, "callbacks", [])))
         self.last_step = StepRecord(stage, batch, detached(stats), detached(effective), detached(out), metrics)
         return out.loss.mean()
 
@@ -237,11 +235,7 @@ class PreferenceModule(LightningModule):
                 RunSummary(), self._cache]
 
     def setup(self, stage: str) -> None:
-        """Check options that depend on the trainer (precision, device) before any step runs; note which metrics the
-        trainer's statistics callbacks log exactly (:func:`~sparsepo_lightning.callbacks.statistics.exactly_logged`)."""
-        from sparsepo_lightning.callbacks.statistics import exactly_logged
-
-        self._exact = exactly_logged(self.trainer.callbacks)
+        """Check options that depend on the trainer (precision, device) before any step runs."""
         if stage == "fit":
             checks.check_precision(str(self.trainer.precision), self.named_parameters(), self.hparams.dtype)
             checks.check_attention_device(self.hparams.attn_implementation, self.trainer.strategy.root_device.type)
