@@ -1,13 +1,16 @@
 """The ``sparsepo`` console script (also ``python -m sparsepo_lightning``).
 
-``sparsepo --help`` (or ``-h``) is answered from :mod:`sparsepo_lightning.commands` with the standard library
-alone, in a fraction of a second (importing torch and Lightning takes several); every other command line goes to
-:func:`sparsepo_lightning.cli.main`.
+``sparsepo --help`` (or ``-h``) is answered from :mod:`sparsepo_lightning.commands` and the commands with parsers
+of their own (``evaluate``, ``export``, ``study``, their ``--help`` included) run from
+:mod:`sparsepo_lightning.dispatch`, with no import of torch or Lightning before a command runs (importing them takes
+several seconds); ``fit``, ``validate`` and ``test`` go to LightningCLI (:func:`sparsepo_lightning.cli.run`).
 """
 
 from __future__ import annotations
 
 import sys
+
+from sparsepo_lightning import dispatch
 
 
 def main() -> None:
@@ -17,9 +20,14 @@ def main() -> None:
 
         top_level_parser().print_help()
         return
-    from sparsepo_lightning.cli import main as cli_main
+    dispatch.main(_lightning)
 
-    cli_main()
+
+def _lightning() -> None:
+    """LightningCLI on the command line (imports torch and Lightning)."""
+    from sparsepo_lightning.cli import run
+
+    run()
 
 
 if __name__ == "__main__":

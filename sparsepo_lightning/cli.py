@@ -42,12 +42,11 @@ from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparsepo_lightning import cli_support, data_inputs
+from sparsepo_lightning import cli_support, data_inputs, dispatch
 from sparsepo_lightning.callbacks.statistics import MaskStatistics, RewardStatistics
 from sparsepo_lightning.commands import DESCRIPTION, OTHER_COMMANDS, SUBCOMMAND_HELP, listed_help
 from sparsepo_lightning.dashboard import DashboardLayout, without_internal_hparams
 from sparsepo_lightning.data import PreferenceDataModule
-from sparsepo_lightning.errors import UserError
 from sparsepo_lightning.interrupt import GracefulStop, exit_status
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.progress import PlainProgress, StepProgressBar
@@ -106,7 +105,7 @@ class SparsePOCLI(LightningCLI):
             for action in parser._subcommands_action._name_parser_map[name]._actions:
                 if action.dest == "ckpt_path":
                     action.help = CKPT_PATH_HELP
-        for name, help_line in OTHER_COMMANDS.items():  # listed only: main() runs them before LightningCLI
+        for name, help_line in OTHER_COMMANDS.items():  # listed only: dispatch.main runs them, not LightningCLI
             listed = ArgumentParser(prog=f"sparsepo {name}", description=help_line)
             parser._subcommands_action.add_subcommand(name, listed, help=listed_help(name))
 
@@ -249,50 +248,14 @@ def run(args: list[str] | None = None) -> SparsePOCLI:
 
 
 def main() -> None:
-    """Entry point of the ``sparsepo`` console script (returns nothing, so the exit status is 0 on success).
+    """Entry point of ``python -m sparsepo_lightning.cli`` (returns nothing, so the exit status is 0 on success).
 
-    ``sparsepo evaluate <command> ...`` and ``sparsepo export ...`` are dispatched to
-    :mod:`sparsepo_lightning.evaluate` and :mod:`sparsepo_lightning.export` before LightningCLI. A
+    :func:`sparsepo_lightning.dispatch.main` with :func:`run`: ``sparsepo evaluate <command> ...``, ``sparsepo export
+    ...`` and ``sparsepo study ...`` go to their own parsers, everything else to LightningCLI; a
     :class:`~sparsepo_lightning.errors.UserError` is printed as one message (exit status 2) unless ``--debug`` is on
     the command line or ``SPARSEPO_DEBUG`` is set (then: the traceback).
     """
-    debug = "--debug" in sys.argv[1:] or os.environ.get("SPARSEPO_DEBUG", "") not in ("", "0")
-    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--debug"]
-    if debug:
-        os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise with their traceback too
-    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in (*OTHER_COMMANDS, *SUBCOMMAND_HELP) else ""
-    try:
-        if command == "evaluate":
-            from sparsepo_lightning.evaluate import main as evaluate_main
-
-            evaluate_main(sys.argv[2:])
-        elif command == "export":
-            from sparsepo_lightning.export import main as export_main
-
-            export_main(sys.argv[2:])
-        elif command == "study":
-            from sparsepo_lightning.study.__main__ import main as study_main
-
-            sys.exit(study_main(sys.argv[2:]))
-        else:
-            run()
-    except Exception as e:
-        user_error = _user_error(e) or cli_support.plugin_error(e)
-        if debug or user_error is None:
-            raise
-        sys.stderr.write(f"sparsepo{' ' + command if command else ''}: error: {user_error}\n"
-                         "(--debug or SPARSEPO_DEBUG=1 shows the traceback)\n")  # fmt: skip
-        sys.exit(2)
-
-
-def _user_error(error: BaseException | None) -> UserError | None:
-    """The :class:`UserError` behind ``error``: itself, or its cause (jsonargparse wraps what a class's
-    ``__init__`` raises in its own "does not validate" error)."""
-    for _ in range(20):
-        if error is None or isinstance(error, UserError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    dispatch.main(run)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ OTHER_COMMANDS = {
     "export": "Write a checkpoint's policy as a Hugging Face model folder, plus its masks.",
     "study": "Controlled studies: `sparsepo study sentiment run|report|plan` (resumable).",
 }
-"""Commands that ``cli.main`` dispatches before LightningCLI (listed in ``sparsepo --help`` all the same)."""
+"""Commands that ``dispatch.main`` runs instead of LightningCLI (listed in ``sparsepo --help`` all the same)."""
 
 SUBCOMMANDS_DESCRIPTION = "For more details of each subcommand, add it as an argument followed by --help."
 

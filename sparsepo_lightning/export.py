@@ -28,19 +28,18 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
 
-from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX, TrainedCheckpoint, build_policy, read_checkpoint
-from sparsepo_lightning.checkpointing import umask_mode
 from sparsepo_lightning.commands import PlainRawFormatter
 from sparsepo_lightning.errors import ConfigError, MissingFileError, OutputExistsError
-from sparsepo_lightning.masks.base import TokenMasker
-from sparsepo_lightning.model_sources import load_tokenizer
+
+if TYPE_CHECKING:  # imported where used: `sparsepo export --help` imports neither torch nor transformers
+    from torch import Tensor, nn
+
+    from sparsepo_lightning.checkpoint_reading import TrainedCheckpoint
+    from sparsepo_lightning.masks.base import TokenMasker
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ _OPTION = "the <checkpoint> argument of `sparsepo export`"
 class ExportedMasks:
     """Mask-network weights written by ``sparsepo export``, with what is needed to rebuild the masker."""
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, Tensor]
     """The masker's ``state_dict`` (keys without the ``masker.`` prefix)."""
     class_path: str | None
     """Import path of the masker class, e.g. ``sparsepo_lightning.masks.LearnedMasker``; None if unknown."""
@@ -92,6 +91,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
         ValueError: not a PreferenceModule checkpoint, weights that do not fit the base model, or
             ``lora="adapter"`` for a checkpoint trained without LoRA.
     """
+    from sparsepo_lightning.checkpoint_reading import build_policy, read_checkpoint
+    from sparsepo_lightning.checkpointing import umask_mode
+    from sparsepo_lightning.model_sources import load_tokenizer
+
     out = Path(out_dir)
     _check_out_dir(out)
     trained = read_checkpoint(checkpoint, option=_OPTION)
@@ -124,6 +127,8 @@ def load_masks(out_dir: str | Path) -> ExportedMasks:
     Raises:
         FileNotFoundError: ``out_dir`` holds no ``masks.safetensors`` (the checkpoint had no mask weights).
     """
+    from safetensors.torch import load_file
+
     out = Path(out_dir)
     if not (out / MASKS_FILE).is_file():
         raise MissingFileError(f"{out / MASKS_FILE} does not exist: {out} is not a `sparsepo export` folder, or "
@@ -144,6 +149,11 @@ def _write_masks(trained: TrainedCheckpoint, out: Path) -> bool:
     """``masks.safetensors`` + ``masks.json`` when the checkpoint has ``masker.*`` tensors; returns whether it had.
     A masker's extra state (``_extra_state``, e.g. the draw counter of random maskers) is training progress, not
     weights: it is not exported."""
+    from safetensors.torch import save_file
+    from torch import Tensor
+
+    from sparsepo_lightning.checkpoint_reading import MASKER_PREFIX
+
     state = {k: v.detach().contiguous() for k, v in trained.tensors(MASKER_PREFIX).items() if isinstance(v, Tensor)}
     if not state:
         return False
@@ -161,7 +171,7 @@ def _write_masks(trained: TrainedCheckpoint, out: Path) -> bool:
     return True
 
 
-def _masker_config(trained: TrainedCheckpoint, state: dict[str, torch.Tensor]) -> tuple[dict | None, str | None]:
+def _masker_config(trained: TrainedCheckpoint, state: dict[str, Tensor]) -> tuple[dict | None, str | None]:
     """The masker's ``{class_path, init_args}`` and where it was found.
 
     ``PreferenceModule`` does not save the masker among its hyper-parameters, so the source is the ``config.yaml``
@@ -205,6 +215,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def _masker_class(class_path: str | None) -> type[TokenMasker]:
+    from sparsepo_lightning.masks.base import TokenMasker
+
     if not class_path or "." not in class_path:
         raise ValueError(f"masks.json names no masker class ({class_path!r}). Fix: set masker.class_path to the "
                          "masker the run used, e.g. sparsepo_lightning.masks.LearnedMasker.")  # fmt: skip

@@ -25,7 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ("sparsepo_lightning.cli", "sparsepo_lightning.evaluate", "sparsepo_lightning.export",
-           "sparsepo_lightning.study.__main__", "transformers.models.llama.modeling_llama")
+           "sparsepo_lightning.study.__main__", "transformers.models.llama.modeling_llama",
+           # what the evaluate commands import once they run (their parsers import no model code)
+           "sparsepo_lightning.evaluate.policies", "sparsepo_lightning.evaluate.sampling",
+           "sparsepo_lightning.builders.scorers")
 
 
 def _child(request: dict) -> None:

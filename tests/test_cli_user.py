@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsepo_lightning.evaluate import COMMANDS as EVALUATE_COMMANDS
 from tests.cli_zygote import CliZygote, cli_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,36 +48,79 @@ def _user_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
     assert NO_MODEL not in done.stderr  # the model was never loaded
 
 
-def test_help_describes_this_tool():
-    """``sparsepo --help`` from the console script's module itself (not forked): the commands, nothing of
-    Lightning's, and neither torch nor Lightning imported to say it."""
-    probe = ("import runpy, sys; sys.argv = ['sparsepo', '--help']\n"
-             "runpy.run_module('sparsepo_lightning', run_name='__main__')\n"
-             "print('heavy imports:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=cli_environment(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+HELP_SCREENS = (("--help",), ("evaluate", "--help"), *(("evaluate", name, "--help") for name in EVALUATE_COMMANDS),
+                ("export", "--help"))
+"""The help screens printed without importing model code (one interpreter prints them all, see `help_screens`)."""
+HEAVY = ("torch", "transformers", "lightning", "datasets", "matplotlib")
+
+
+@pytest.fixture(scope="module")
+def help_screens() -> tuple[dict[tuple[str, ...], tuple[int, str]], list[str]]:
+    """Each of `HELP_SCREENS` run by the console script's module itself (not forked: a fresh interpreter, one for
+    all), as ``{command line: (exit status, stdout)}``, and the `HEAVY` modules imported once all were printed."""
+    probe = ("import contextlib, io, json, runpy, sys\n"
+             "screens = []\n"
+             "for args in json.loads(sys.argv[1]):\n"
+             "    sys.argv, status, out = ['sparsepo', *args], 0, io.StringIO()\n"
+             "    with contextlib.redirect_stdout(out):\n"
+             "        try:\n"
+             "            runpy.run_module('sparsepo_lightning', run_name='__main__')\n"
+             "        except SystemExit as e:\n"
+             "            status = e.code\n"
+             "    screens.append([args, status, out.getvalue()])\n"
+             f"print(json.dumps([screens, sorted(m for m in {HEAVY!r} if m in sys.modules)]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(HELP_SCREENS)], cwd=ROOT, env=cli_environment(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.rstrip().endswith("heavy imports: []")
-    assert "usage: sparsepo" in done.stdout and "Preference alignment" in done.stdout
+    screens, heavy = json.loads(done.stdout)
+    return {tuple(args): (status, text) for args, status, text in screens}, heavy
+
+
+def test_help_describes_this_tool(help_screens):
+    """``sparsepo --help``: the commands, nothing of Lightning's, and neither torch nor Lightning imported to say it."""
+    screens, heavy = help_screens
+    status, text = screens["--help",]
+    assert status == 0 and heavy == []
+    assert "usage: sparsepo" in text and "Preference alignment" in text
     for command in ("fit", "validate", "test", "evaluate", "export", "study"):
-        assert f"\n    {command} " in done.stdout, command
-    assert "predict" not in done.stdout and "Lightning Trainer command line tool" not in done.stdout
+        assert f"\n    {command} " in text, command
+    assert "predict" not in text and "Lightning Trainer command line tool" not in text
     refused = sparsepo("predict")
     assert refused.returncode == 2 and "invalid choice: 'predict'" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
+def test_evaluate_and_export_help_import_no_model_code(help_screens):
+    """``sparsepo evaluate --help``, ``sparsepo evaluate <command> --help`` (each command) and ``sparsepo export
+    --help`` print every option with its default and choices, as plain text (no reST markup), without importing
+    torch, transformers, Lightning, datasets or matplotlib (which take several seconds)."""
+    screens, heavy = help_screens
+    assert heavy == []
+    status, text = screens["evaluate", "--help"]
+    assert status == 0 and text.startswith("usage: sparsepo evaluate [-h] {" + ",".join(EVALUATE_COMMANDS) + "}")
+    for name, module in EVALUATE_COMMANDS.items():
+        assert f"\n    {name} " in text and module.HELP in " ".join(text.split()), name
+        status, command_text = screens["evaluate", name, "--help"]
+        assert status == 0 and command_text.startswith(f"usage: sparsepo evaluate {name} "), name
+        assert f"`sparsepo evaluate {name}`:" in command_text and "--out OUT" in command_text
+        assert "--chat-template {none,model,zephyr}" in command_text  # the built-in templates, by name
+        assert "``" not in command_text and ":class:" not in command_text and len(command_text) > 2000
+    assert "(default: google-research-datasets/mbpp)" in " ".join(screens["evaluate", "code", "--help"][1].split())
+    status, text = screens["export", "--help"]
+    assert status == 0 and text.startswith("usage: sparsepo export ") and "--lora {merged,adapter}" in text
+    assert "masks.safetensors" in text and "``" not in text and ":class:" not in text
+
+
 def test_fit_help_lists_the_task_loaders_and_one_optimizer():
     """Also: the project's own options come first (model, data, --ckpt_path; Lightning's trainer group last), the
-    usage names the groups, and no reST markup shows; nor in evaluate's and export's help."""
+    usage names the groups, and no reST markup shows."""
     done = sparsepo("fit", "--help")
     assert done.returncode == 0, done.stderr
     text = done.stdout
     places = [text.index(f"\n  --{option}") for option in ("model.model", "data.", "ckpt_path", "trainer.max_steps")]
     assert places == sorted(places), places
     assert len(text.split("\n\n")[0].splitlines()) == 2 and "[--trainer.* ...]" in text.split("\n\n")[0]
-    for help_text in (text, sparsepo("evaluate", "sentiment", "--help").stdout, sparsepo("export", "--help").stdout):
-        assert "``" not in help_text and ":class:" not in help_text and len(help_text) > 500
+    assert "``" not in text and ":class:" not in text
     for loader in ("HHDataModule", "IMDBDataModule", "TLDRDataModule", "CodeDataModule"):
         assert loader in done.stdout, loader
     assert "--model.optimizer" in done.stdout

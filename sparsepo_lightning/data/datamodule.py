@@ -30,6 +30,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
+from sparsepo_lightning.chat_templates import CHAT_TEMPLATES
 from sparsepo_lightning.data.batching import (
     BatchOrderSampler,
     Layout,
@@ -44,7 +45,7 @@ from sparsepo_lightning.data.rows import DataReport, FieldNames, PreferencePair,
 from sparsepo_lightning.data.sampler import PassShuffleSampler
 from sparsepo_lightning.data.splits import hold_out, log_report, tokenizer_pad_id
 from sparsepo_lightning.data.token_cache import cached_setup, checked_before, remember_checked
-from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES, tokenize_pair
+from sparsepo_lightning.data.tokenize import tokenize_pair
 from sparsepo_lightning.data.tokenize_split import tokenize_items
 from sparsepo_lightning.data.validate import validate_rows
 from sparsepo_lightning.errors import ConfigError, DataError, MissingFileError

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsepo_lightning.chat_templates import CHAT_TEMPLATES
 from sparsepo_lightning.data.batching import check_batching
 from sparsepo_lightning.data.collate import collate_pairs
-from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
 from sparsepo_lightning.errors import ConfigError
 
 

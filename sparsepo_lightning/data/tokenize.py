@@ -25,20 +25,6 @@ from sparsepo_lightning.types import IGNORE_INDEX
 
 _SIDES = ("chosen", "rejected")
 
-ZEPHYR_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] in ('system', 'user', 'assistant') %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-    "{% endfor %}"
-)
-"""The Zephyr-style template the released code renders every non-code example with (docs/method.md §6.1):
-``<|system|>``, ``<|user|>``, ``<|assistant|>`` blocks, each content followed by the EOS token."""
-
-CHAT_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE}
-"""Built-in chat templates by name, for base/SFT models that ship none (Pythia, GPT-J, GPT-2)."""
-
 
 class EmptyResponseError(DataError):
     """A response has no token left to train on (e.g. it tokenised to nothing and the tokenizer has no EOS)."""

@@ -30,15 +30,8 @@ from typing import Any
 import numpy as np
 
 from sparsepo_lightning.errors import ConfigError
-from sparsepo_lightning.evaluate.options import (
-    add_generation_arguments,
-    add_model_arguments,
-    generation_config,
-    options_record,
-)
-from sparsepo_lightning.evaluate.policies import label_of, load_policy
+from sparsepo_lightning.evaluate.options import add_generation_arguments, add_model_arguments, options_record
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
-from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 from sparsepo_lightning.sandbox import SandboxConfig, run_programs
 from sparsepo_lightning.tasks.mbpp import MBPP_HUB_ID, STOP_STRINGS, load_mbpp, truncate_completion
 
@@ -113,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sample (or take the canonical solutions), execute, estimate pass@k per policy; returns the JSON summary."""
+    from sparsepo_lightning.evaluate.policies import label_of
+
     if bool(args.policies) == args.canonical:
         raise ConfigError("Give either --policies (models to sample from) or --canonical (reference solutions).")
     bad_k = [k for k in args.k if not 1 <= k <= args.num_samples]
@@ -157,6 +152,9 @@ def _canonical(problems: list[Problem], n: int) -> list[list[str]]:
 
 def _sample(spec: str, problems: list[Problem], args: argparse.Namespace) -> list[list[str]]:
     """Sampled completions, cut where the benchmark's solution ends."""
+    from sparsepo_lightning.evaluate.policies import load_policy
+    from sparsepo_lightning.evaluate.sampling import generate, generation_config, render_prompts
+
     policy = load_policy(spec, args.dtype, args.device)
     humaneval = args.benchmark == "humaneval"
     stops = HUMANEVAL_STOP_STRINGS if humaneval else STOP_STRINGS

@@ -1,4 +1,8 @@
-"""Command-line options and inputs shared by the evaluation commands."""
+"""Command-line options and inputs shared by the evaluation commands.
+
+Building the parsers imports neither torch nor transformers (``sparsepo evaluate <command> --help`` is fast): what
+loads or samples models is imported by the functions that use it, once a command runs.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sparsepo_lightning.chat_templates import CHAT_TEMPLATES
 from sparsepo_lightning.errors import ConfigError
-from sparsepo_lightning.evaluate.policies import label_of
-from sparsepo_lightning.evaluate.sampling import CHAT_TEMPLATE_CHOICES, GenerationConfig
+
+CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
+"""``none``: raw prompt text; ``model``: the tokenizer's own template; or a built-in template by name."""
 
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +31,8 @@ def policy_labels(args: argparse.Namespace) -> list[str]:
     Raises:
         ValueError: ``--labels`` has another count than ``--policies``.
     """
+    from sparsepo_lightning.evaluate.policies import label_of
+
     labels = args.labels or [label_of(p) for p in args.policies]
     if len(labels) != len(args.policies):
         raise ConfigError(f"--labels: got {len(labels)} names for {len(args.policies)} --policies; give one each.")
@@ -63,15 +71,6 @@ def add_generation_arguments(
                    help="Render each prompt as a chat user message: the tokenizer's template ('model') or a "
                    "built-in one; 'none' feeds raw text. Use what the policy was trained with.")  # fmt: skip
     p.add_argument("--system-prompt", default=None, help="With a chat template: a system message first ('' = empty).")
-
-
-def generation_config(args: argparse.Namespace, temperature: float | None = None) -> GenerationConfig:
-    """The `GenerationConfig` of parsed options (``temperature`` overrides ``--temperature``)."""
-    return GenerationConfig(
-        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature if temperature is None else temperature, top_p=args.top_p, top_k=args.top_k,
-        batch_size=args.batch_size, seed=args.seed,
-    )
 
 
 def load_prompts(path: str | Path, limit: int | None = None, field: str = "prompt") -> list[str]:

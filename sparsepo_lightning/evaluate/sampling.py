@@ -7,6 +7,7 @@ a model compared with itself produces identical samples.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,12 +15,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsepo_lightning.data.tokenize import CHAT_TEMPLATES
+from sparsepo_lightning.chat_templates import CHAT_TEMPLATES
 from sparsepo_lightning.errors import ConfigError
+from sparsepo_lightning.evaluate.options import CHAT_TEMPLATE_CHOICES
 from sparsepo_lightning.generation import SamplingOptions, decode_until_special, seeded_generate, stop_ids
-
-CHAT_TEMPLATE_CHOICES = ("none", "model", *CHAT_TEMPLATES)
-"""``none``: raw prompt text; ``model``: the tokenizer's own template; or a built-in template by name."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,15 @@ class GenerationConfig(SamplingOptions):
 
     def option_name(self, field_name: str) -> str:
         return f"--{field_name.replace('_', '-')}"
+
+
+def generation_config(args: argparse.Namespace, temperature: float | None = None) -> GenerationConfig:
+    """The `GenerationConfig` of parsed options (``temperature`` overrides ``--temperature``)."""
+    return GenerationConfig(
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature if temperature is None else temperature, top_p=args.top_p, top_k=args.top_k,
+        batch_size=args.batch_size, seed=args.seed,
+    )
 
 
 def render_prompts(

@@ -21,26 +21,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from sparsepo_lightning.builders.scorers import make_scorer
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
     add_policy_arguments,
     add_prompt_arguments,
-    generation_config,
     load_prompts,
     options_record,
     policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import load_policy, reference_name
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
-from sparsepo_lightning.evaluate.sampling import Completion, generate, render_prompts, sequence_logprobs
-from sparsepo_lightning.model_sources import load_causal_lm
+
+if TYPE_CHECKING:
+    import torch
+
+    from sparsepo_lightning.evaluate.sampling import Completion
 
 log = logging.getLogger(__name__)
 HELP = "Expected sentiment reward and sampled KL(policy||reference) per checkpoint; reward-KL frontier plot."
@@ -59,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every policy; returns the JSON summary."""
+    from sparsepo_lightning.builders.scorers import make_scorer
+    from sparsepo_lightning.evaluate.policies import load_policy
+    from sparsepo_lightning.evaluate.sampling import generation_config
+    from sparsepo_lightning.model_sources import load_causal_lm
+
     labels = policy_labels(args)
     prompts = load_prompts(args.prompts, args.num_prompts, args.prompt_field)
     generation_config(args)  # checks the sampling options before any model loads
@@ -101,6 +104,10 @@ def _score(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, ref
            prompts: list[str], scorer: Any, name: str) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sample ``model``, score the samples and estimate the KL to ``reference`` (0 when ``None``: the reference
     itself); returns the summary and one row per sample."""
+    import torch
+
+    from sparsepo_lightning.evaluate.sampling import generate, generation_config, render_prompts
+
     config = generation_config(args)
     rendered = render_prompts(tokenizer, prompts, args.chat_template, args.system_prompt)
     completions = generate(model, tokenizer, rendered, config, progress=not args.no_progress, desc=f"sampling {name}")
@@ -114,6 +121,8 @@ def _score(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, ref
 
 
 def _reference_for(spec: str, reference: str | None) -> str:
+    from sparsepo_lightning.evaluate.policies import reference_name
+
     name = reference or reference_name(spec)
     if name is None:
         raise ConfigError(f"--policies {spec}: a plain model name has no known reference. Fix: pass --reference "
@@ -126,6 +135,8 @@ def sequence_kl(
     progress: bool = False,
 ) -> torch.Tensor:
     """Per-sample ``Σ_t log π_θ(y_t|…) − log π_ref(y_t|…)`` over sampled tokens, float32, shape ``(N,)``."""
+    from sparsepo_lightning.evaluate.sampling import sequence_logprobs
+
     policy_logps = sequence_logprobs(policy, completions, batch_size, progress, desc="policy log-probs")
     reference_logps = sequence_logprobs(reference, completions, batch_size, progress, desc="reference log-probs")
     return policy_logps - reference_logps

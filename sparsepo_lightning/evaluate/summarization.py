@@ -30,13 +30,10 @@ from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
     add_policy_arguments,
-    generation_config,
     options_record,
     policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import load_policy
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
-from sparsepo_lightning.evaluate.sampling import generate, render_prompts
 
 log = logging.getLogger(__name__)
 HELP = "ROUGE vs reference summaries and self-BLEU diversity over a temperature sweep."
@@ -59,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sweep temperatures for each policy; returns the JSON summary."""
+    from sparsepo_lightning.evaluate.policies import load_policy
+    from sparsepo_lightning.evaluate.sampling import generate, generation_config, render_prompts
+
     labels = policy_labels(args)
     references = load_references(args.data, args.subset, args.split, args.num_prompts)
     prompts = list(references)

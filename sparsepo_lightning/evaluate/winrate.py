@@ -27,26 +27,24 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from sparsepo_lightning.builders.scorers import Scorer, make_scorer
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.evaluate.options import (
     add_generation_arguments,
     add_model_arguments,
     add_policy_arguments,
     add_prompt_arguments,
-    generation_config,
     load_prompts,
     options_record,
     policy_labels,
 )
-from sparsepo_lightning.evaluate.policies import load_policy, reference_name
 from sparsepo_lightning.evaluate.reporting import Plot, Report, Series
-from sparsepo_lightning.evaluate.sampling import generate, render_prompts
+
+if TYPE_CHECKING:
+    from sparsepo_lightning.builders.scorers import Scorer
 
 log = logging.getLogger(__name__)
 HELP = "Win rate of policies vs the reference or another checkpoint, judged by a scorer or reward model."
@@ -78,14 +76,16 @@ class RewardModelJudge:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.chat_template, self.batch_size, self.max_length = chat_template, batch_size, max_length
 
-    @torch.inference_mode()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        import torch
+
         texts = [self._render(p, c) for p, c in zip(prompts, completions, strict=True)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.model.device)  # fmt: skip
-            scores += self.model(**batch).logits.float()[:, 0].tolist()  # (batch,)
+            with torch.inference_mode():
+                scores += self.model(**batch).logits.float()[:, 0].tolist()  # (batch,)
         return scores
 
     def _render(self, prompt: str, completion: str) -> str:
@@ -97,6 +97,8 @@ class RewardModelJudge:
 
 def make_judge(name: str, judge_type: str = "classifier", chat_template: bool = False, device: str = "cpu"):
     """A callable ``(prompts, completions) -> scores``: vader, a sentiment classifier, or a reward model."""
+    from sparsepo_lightning.builders.scorers import make_scorer
+
     if judge_type not in JUDGE_TYPES:
         raise ConfigError(f"--judge-type={judge_type!r}: use one of {', '.join(JUDGE_TYPES)}.")
     if judge_type == "reward" and name.lower() != "vader":
@@ -141,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compare every policy with its opponent; returns the JSON summary."""
+    from sparsepo_lightning.evaluate.policies import reference_name
+
     labels = policy_labels(args)
     prompts = load_prompts(args.prompts, args.num_prompts, args.prompt_field)
     judge = make_judge(args.judge, args.judge_type, args.judge_chat_template, args.device)
@@ -183,6 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _scored_samples(spec: str, prompts: list[str], judge: Any, args: argparse.Namespace,
                     label: str | None = None) -> tuple[list[str], list[float]]:  # fmt: skip
     """Flat completions (prompt-major) of one model and their judge scores."""
+    from sparsepo_lightning.evaluate.policies import load_policy
+    from sparsepo_lightning.evaluate.sampling import generate, generation_config, render_prompts
+
     policy = load_policy(spec, args.dtype, args.device, label=label)
     rendered = render_prompts(policy.tokenizer, prompts, args.chat_template, args.system_prompt)
     groups = generate(policy.model, policy.tokenizer, rendered, generation_config(args),

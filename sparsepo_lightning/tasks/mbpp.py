@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsepo_lightning.data.readers import iter_file, load_hub_split
-
 MBPP_HUB_ID = "google-research-datasets/mbpp"
 PROMPT_TEMPLATE = '"""\n{text}\n{example}\n"""\n'
 """MBPP prompt: the task text and the first test inside a module docstring, then a newline."""
@@ -90,6 +88,9 @@ def load_mbpp(
         split: ``train``, ``test``, ``validation`` or ``prompt`` (ignored for a file).
         **hub_kwargs: passed on to ``datasets.load_dataset``.
     """
+    # here, not at the top: `sparsepo evaluate code --help` shows MBPP_HUB_ID without importing the data pipeline
+    from sparsepo_lightning.data.readers import iter_file, load_hub_split
+
     if Path(source).is_file():
         rows: Iterable[Any] = (row.value for row in iter_file(source))
     else:
