@@ -122,3 +122,73 @@ def test_an_in_process_fit_leaves_the_signal_handlers_as_it_found_them(tiny_mode
     del cli
     gc.collect()
     assert model() is None
+
+
+def _wait_for(paths: list[Path], proc, deadline: float) -> None:
+    """Until every path exists; fails if the run ends first or at ``deadline`` (``time.monotonic``)."""
+    while not all(p.exists() for p in paths):
+        assert proc.poll() is None, proc.stderr[-6000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {[str(p) for p in paths]}\n{proc.stderr[-6000:]}"
+        time.sleep(0.05)
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie awaiting its parent counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_signals_stop_both_ddp_ranks_and_resume_step_exact(cli_zygote, tiny_model_dir, pairs_file, tmp_path):
+    """``sparsepo fit`` on 2 CPU processes (DDP, gloo), 6 steps of 4 pairs (4 steps per epoch). SIGTERM sent to the
+    launcher (rank 0) alone before step 2, then, in the resumed run, SIGUSR1 sent to rank 1 alone before step 5: each
+    time both ranks finish that step and stop there (the ranks agree through one all-reduce per step), the launcher
+    exits 143 / 138 (the signal rank 1 received, not a generic one) only once rank 1 has ended, leaving last.ckpt and
+    summary.json at that step; a last resume runs to step 6. Every rank's per-step losses and the final weights equal
+    those of an uninterrupted 2-process run bit for bit (exact comparison, no tolerance)."""
+    from tests.distributed_launch import rank_env
+
+    def command(runs: Path, config: Path, *extra: str) -> list[str]:
+        return [*_fit_cmd(tiny_model_dir, pairs_file, runs, config, "--trainer.max_steps", "6", *extra),
+                "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+    full_log, runs = str(tmp_path / "full{rank}.jsonl"), tmp_path / "runs"
+    full = cli_zygote.start(*command(tmp_path / "full", _callbacks(tmp_path / "full.yaml", full_log)),
+                            env=rank_env(), timeout=300)
+    logs = []
+    for version, (signum, target, before) in enumerate(((signal.SIGTERM, 0, 1), (signal.SIGUSR1, 1, 4))):
+        log, marker = str(tmp_path / f"piece{version}-{{rank}}.jsonl"), str(tmp_path / f"pause{version}-{{rank}}")
+        config = _callbacks(tmp_path / f"piece{version}.yaml", log, (before, marker))
+        proc = cli_zygote.start(*command(runs, config, *(["--ckpt_path", "last"] if version else [])),
+                                env=rank_env(), timeout=300)
+        markers = [Path(marker.format(rank=r)) for r in range(2)]
+        _wait_for(markers, proc, time.monotonic() + 240)
+        pids = [int(m.read_text()) for m in markers]
+        os.kill(pids[target], signum)  # one rank only; the other learns of it at the end of the step
+        for m in markers:
+            m.unlink()
+        assert proc.wait() == 128 + signum, proc.stderr[-6000:]
+        assert _ended(pids[1]), "the launcher exited before rank 1"
+        name, stopped = signal.Signals(signum).name, before + 1
+        assert f"Received {name}: finishing the current optimizer step" in proc.stderr
+        assert f"Interrupted by {name} at step {stopped}" in proc.stderr, proc.stderr[-6000:]
+        version_dir = runs / "debug" / f"version_{version}"
+        assert torch.load(version_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped
+        assert json.loads((version_dir / "summary.json").read_text())["global_step"] == stopped
+        logs.append(log)
+    last_log = str(tmp_path / "last{rank}.jsonl")
+    done = cli_zygote.run(*command(runs, _callbacks(tmp_path / "last.yaml", last_log), "--ckpt_path", "last"),
+                          env=rank_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert full.wait() == 0, full.stderr[-6000:]
+    for rank in range(2):
+        pieces = [row for log in (*logs, last_log) for row in _losses(Path(log.format(rank=rank)))]
+        assert [r["step"] for r in pieces] == list(range(1, 7))
+        assert [r["loss"] for r in pieces] == [r["loss"] for r in _losses(Path(full_log.format(rank=rank)))]
+    final, expected = (torch.load(folder / "debug" / version / "checkpoints" / "last.ckpt", weights_only=True)
+                       for folder, version in ((runs, "version_2"), (tmp_path / "full", "version_0")))
+    assert final["global_step"] == expected["global_step"] == 6
+    assert final["state_dict"].keys() == expected["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(final["state_dict"][key], value), key
