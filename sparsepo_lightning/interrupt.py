@@ -69,13 +69,13 @@ class GracefulStop(Callback):
             return
         received = self.received or 0
         if trainer.world_size > 1:  # every rank stops at the same step, whichever received the signal
-            flag = torch.tensor(received, device=trainer.strategy.root_device)
-            received = int(trainer.strategy.reduce(flag, reduce_op="max"))
+            number = torch.tensor(received, device=trainer.strategy.root_device)
+            received = int(trainer.strategy.reduce(number, reduce_op="max"))
         if received:
             self.received = received
             trainer.should_stop = True
             self.stopped_at = trainer.global_step
-            self.children = _take_children(trainer)
+            self.children += _take_children(trainer)  # again (under min_steps): none left
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
