@@ -166,13 +166,9 @@ class RunCheckpoint(ModelCheckpoint):
         restored = "weights, masks, optimizer, learning-rate schedule and loop counters are restored"
         if not data or data.get("train_pass_complete", True):
             where = "at an epoch boundary; the next pass starts as in an uninterrupted run"
-        elif trainer.world_size == 1:
-            where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
-                     "the pass continues with the next batch of the same order, exactly as an uninterrupted run")
         else:
             where = (f"mid-epoch, after {data.get('train_batches_done')} batches of pass {data.get('train_passes')}; "
-                     f"under DDP ({trainer.world_size} processes) Lightning's DistributedSampler restarts this pass "
-                     "from its beginning, so its first batches are trained on again")
+                     "the pass continues with the next batch of the same order, exactly as an uninterrupted run")
         rank_zero_info(f"Resuming at step {step}: {restored}; {where}.")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -79,7 +79,31 @@ def test_datamodule_train_order_depends_on_seed_and_pass_and_resumes_from_state(
     assert next_pass(resumed.train_dataloader()) == pass1
     assert next_pass(datamodule(1).train_dataloader()) == pass0
     assert next_pass(datamodule(2).train_dataloader()) != pass0
-    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)  # Lightning swaps it under DDP
+    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)  # so Lightning keeps it under DDP
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_pass_sampler_deals_each_pass_to_the_ranks_as_distributed_sampler(size):
+    """On W ranks pass k is PyTorch's ``DistributedSampler`` at epoch k with the same seed (padded by repeating
+    the first indices when W does not divide the size, rank r takes every W-th from r): one process gets the whole
+    permutation; ``skip`` leaves out the first indices of this rank's share and keeps the length of a full pass."""
+    from torch.utils.data import DistributedSampler
+
+    from sparsepo_lightning.data.sampler import PassShuffleSampler
+
+    data = list(range(size))
+    for passes in (0, 3):
+        for rank in (0, 1):
+            sampler = PassShuffleSampler(data, seed=7, passes=passes)
+            sampler.num_replicas, sampler.rank = 2, rank  # as on rank `rank` of 2
+            reference = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=7)
+            reference.set_epoch(passes)
+            assert list(sampler) == list(reference) and len(sampler) == len(reference) == 4
+            resumed = PassShuffleSampler(data, seed=7, passes=passes, skip=3)
+            resumed.num_replicas, resumed.rank = 2, rank
+            assert list(resumed) == list(reference)[3:] and len(resumed) == 4
+        alone = PassShuffleSampler(data, seed=7, passes=passes)
+        assert list(alone) == torch.randperm(size, generator=torch.Generator().manual_seed(7 + passes)).tolist()
 
 
 def test_datamodule_val_fraction_holds_out_seeded_pairs(tiny_tokenizer):

@@ -10,7 +10,12 @@ GPU-only paths (FSDP1 ``FSDPStrategy``, ``bf16-mixed``) are at the end and skip 
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -225,30 +230,93 @@ PRESET_ON_CPU = {  # the only changes to the shipped presets: CPU, 2 processes
 }
 
 
+INTERRUPT = {"fsdp1": (signal.SIGUSR1, 1), "fsdp2": (signal.SIGTERM, 0)}
+"""Per preset: the signal that stops its first run, and the one rank it is sent to."""
+COMPARED = "fsdp2"
+"""The preset whose interrupted and resumed run is compared with an uninterrupted one (a third 2-process launch)."""
+
+
 @pytest.mark.parametrize("preset", sorted(PRESET_ON_CPU))
-def test_distributed_preset_runs_as_shipped_on_cpu_and_resumes_with_ckpt_path_last(preset, cli_zygote, tiny_model_dir,
-                                                                                     pairs_file, tmp_path):
+def test_distributed_preset_runs_as_shipped_on_cpu_stops_on_a_signal_and_resumes_step_exact(
+        preset, cli_zygote, tiny_model_dir, pairs_file, tmp_path):  # fmt: skip
     """``configs/distributed/<preset>.yaml`` on top of a recipe, as the README launches it, on 2 CPU processes.
 
     fsdp1: auto-wrap + activation checkpointing on the block class, sharded state dict, ``bf16-mixed`` (FSDP1
     keeps bf16 parameter copies, so the fp32 mask networks see bf16 weights); the strategy is its CPU subclass.
     fsdp2: bf16 compute with fp32 reduction, activation checkpointing, ``meta_init`` (each rank loads its shards).
-    Each trains, writes a sharded ``last.ckpt`` folder, and ``--ckpt_path last`` resumes it to the next steps."""
-    runs = tmp_path / "runs"
-    command = ["fit", "--config", "configs/debug/tiny.yaml",
-               "--config", f"configs/distributed/{preset}.yaml", "--trainer.accelerator", "cpu",
-               "--trainer.devices", "2", *PRESET_ON_CPU[preset], "--model.model", tiny_model_dir,
-               "--data.train_file", pairs_file, "--data.val_file", pairs_file,
-               "--trainer.logger.init_args.save_dir", str(runs), "--trainer.enable_progress_bar", "false"]
-    for steps, extra in ((2, []), (4, ["--ckpt_path", "last"])):
-        # rank 0 is forked from the zygote; Lightning starts rank 1 as `python -m sparsepo_lightning.cli ...`
-        proc = cli_zygote.run(*command, "--trainer.max_steps", str(steps), *extra, env=rank_env())
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    first, resumed = runs / "debug" / "version_0" / "checkpoints", runs / "debug" / "version_1" / "checkpoints"
-    assert (first / "last.ckpt").is_dir() and (first / "last.ckpt" / "meta.pt").is_file()  # sharded: a folder
-    assert "resuming from" in proc.stderr + proc.stdout and str(first / "last.ckpt") in proc.stderr + proc.stdout
-    meta = torch.load(resumed / "last.ckpt" / "meta.pt", weights_only=True)
-    assert meta["global_step"] == 4  # continued from step 2, not restarted
+
+    The first run gets a signal before step 2, sent to one rank alone (fsdp2: SIGTERM to the launcher, rank 0;
+    fsdp1: SIGUSR1 to rank 1, which Lightning started): both ranks finish step 2 and stop there, the launcher exits
+    143 / 138 (the signal rank 1 received) once rank 1 has ended, leaving a sharded ``last.ckpt`` folder and
+    ``summary.json`` at step 2. ``--ckpt_path last`` resumes it to step 6, mid-epoch and across the epoch end (16
+    pairs, 2 per rank: 4 steps per epoch). fsdp2: every rank's per-step losses and the final checkpoint (weights,
+    masks, optimizer state) equal those of an uninterrupted 6-step run bit for bit (exact comparison, no tolerance).
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tests.test_checkpointing import _losses
+    from tests.test_interrupt import _callbacks, _ended, _wait_for
+
+    def command(runs: Path, config: Path, *extra: str) -> list[str]:
+        return ["fit", "--config", "configs/debug/tiny.yaml", "--config", f"configs/distributed/{preset}.yaml",
+                "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                *PRESET_ON_CPU[preset], "--model.model", tiny_model_dir, "--data.train_file", pairs_file,
+                "--data.val_file", pairs_file, "--trainer.logger.init_args.save_dir", str(runs),
+                "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "6", *extra]
+
+    # rank 0 is forked from the zygote; Lightning starts rank 1 as `python -m sparsepo_lightning.cli ...`
+    logs = {name: str(tmp_path / f"{name}{{rank}}.jsonl") for name in ("full", "first", "resumed")}
+    if preset == COMPARED:
+        full = cli_zygote.start(*command(tmp_path / "full", _callbacks(tmp_path / "full.yaml", logs["full"])),
+                                env=rank_env(), timeout=300)
+    signum, target = INTERRUPT[preset]
+    runs, marker = tmp_path / "runs", str(tmp_path / "pause{rank}")
+    first = cli_zygote.start(*command(runs, _callbacks(tmp_path / "first.yaml", logs["first"], (1, marker))),
+                             env={**rank_env(), "SLURM_JOB_ID": ""}, timeout=300)  # never requeue a job around pytest
+    markers = [Path(marker.format(rank=r)) for r in range(2)]
+    _wait_for(markers, first, time.monotonic() + 240)  # both ranks before step 2
+    pids = [int(m.read_text()) for m in markers]
+    os.kill(pids[target], signum)
+    for m in markers:
+        m.unlink()
+    name, out = signal.Signals(signum).name, lambda proc: f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert first.wait() == 128 + signum, out(first)
+    assert _ended(pids[1]), "the launcher exited before rank 1"
+    assert f"Interrupted by {name} at step 2" in first.stderr, out(first)
+    checkpoints = runs / "debug" / "version_0" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_dir() and (checkpoints / "last.ckpt" / "meta.pt").is_file()  # sharded
+    assert torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
+    assert json.loads((checkpoints.parent / "summary.json").read_text())["global_step"] == 2
+
+    resumed = cli_zygote.run(*command(runs, _callbacks(tmp_path / "resumed.yaml", logs["resumed"]),
+                                      "--ckpt_path", "last"), env=rank_env(), timeout=300)
+    assert resumed.returncode == 0, out(resumed)
+    assert f"resuming from {checkpoints / 'last.ckpt'}" in resumed.stderr + resumed.stdout
+    final = runs / "debug" / "version_1" / "checkpoints" / "last.ckpt" / "meta.pt"
+    assert torch.load(final, weights_only=True)["global_step"] == 6
+    pieces = [[row for log in (logs["first"], logs["resumed"]) for row in _losses(Path(log.format(rank=rank)))]
+              for rank in range(2)]
+    assert [[r["step"] for r in rows] for rows in pieces] == [list(range(1, 7))] * 2
+    if preset != COMPARED:
+        return
+    assert full.wait() == 0, out(full)
+    for rank in range(2):
+        assert [r["loss"] for r in pieces[rank]] == [r["loss"] for r in _losses(Path(logs["full"].format(rank=rank)))]
+    states = []
+    for folder, version in ((runs, "version_1"), (tmp_path / "full", "version_0")):
+        dcp_to_torch_save(folder / "debug" / version / "checkpoints" / "last.ckpt", tmp_path / f"{version}.pt")
+        states.append(_tensors(torch.load(tmp_path / f"{version}.pt", weights_only=True)))
+    assert states[0].keys() == states[1].keys() and any(".masker." in k for k in states[0])
+    for key, value in states[1].items():
+        assert torch.equal(states[0][key], value), key
+
+
+def _tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested checkpoint dict, by their dotted path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list | tuple) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
 # ---- GPU-only paths: FSDP1 (FSDPStrategy) and bf16-mixed; skipped without CUDA ---------------------------------

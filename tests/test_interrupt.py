@@ -122,3 +122,19 @@ def test_an_in_process_fit_leaves_the_signal_handlers_as_it_found_them(tiny_mode
     del cli
     gc.collect()
     assert model() is None
+
+
+def _wait_for(paths: list[Path], proc, deadline: float) -> None:
+    """Until every path exists; fails if the run ends first or at ``deadline`` (``time.monotonic``)."""
+    while not all(p.exists() for p in paths):
+        assert proc.poll() is None, proc.stderr[-6000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {[str(p) for p in paths]}\n{proc.stderr[-6000:]}"
+        time.sleep(0.05)
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie awaiting its parent counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Literal
 
 import torch
@@ -113,7 +113,8 @@ class BatchList(Dataset):
 
 
 class BatchOrderSampler(DistributedSampler):
-    """Order of the micro-batches in each pass, and their share per rank.
+    """Order of the micro-batches in each pass, and their share per rank (for the pairs of a fixed batch size, its
+    subclass ``sampler.PassShuffleSampler``).
 
     Pass ``k`` visits the micro-batches in ``randperm(seed + k)`` order (``shuffle``) or in order; with W ranks the
     order is padded to a multiple of W by repeating its first micro-batches (as ``DistributedSampler`` pads) and
@@ -121,14 +122,14 @@ class BatchOrderSampler(DistributedSampler):
     length stays that of a full pass.
 
     Args:
-        data_source: the ``BatchList``.
+        data_source: the ``BatchList`` (any sized dataset).
         seed: base seed of the per-pass shuffle.
         shuffle: reshuffle each pass (training) or keep the order (validation).
         passes: passes already started (from a checkpoint).
         skip: micro-batches of this rank's first pass already done.
     """
 
-    def __init__(self, data_source: BatchList, seed: int, shuffle: bool, passes: int = 0, skip: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int, shuffle: bool, passes: int = 0, skip: int = 0) -> None:
         initialized = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
         super().__init__(data_source, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)

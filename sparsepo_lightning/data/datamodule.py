@@ -231,7 +231,8 @@ class PreferenceDataModule(LightningDataModule):
             raise ConfigError("data: testing needs data.test_file.")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k``."""
+        """Shuffled by a ``PassShuffleSampler``: the order of the k-th pass depends only on ``seed + k`` (and, under
+        DDP/FSDP, the rank's share of it on the rank)."""
         if self.max_tokens is not None:
             return self._budget_loader("train", shuffle=True)
         self._train_sampler = PassShuffleSampler(self._split("train"), self.seed, passes=self._train_passes,
@@ -263,11 +264,11 @@ class PreferenceDataModule(LightningDataModule):
 
     def train_batch_sources(self, batch_idx: int) -> list[str] | None:
         """Row locations (``file:line``) of training batch ``batch_idx`` of the current pass (single process only;
-        ``None`` when unknown, e.g. under DDP where Lightning replaces the sampler)."""
+        ``None`` when unknown, e.g. under DDP/FSDP, where each rank trains on other rows)."""
         sampler = self._train_sampler
         if sampler is None or not sampler.order or (self.trainer is not None and self.trainer.world_size > 1):
             return None
-        if isinstance(sampler, BatchOrderSampler):
+        if not isinstance(sampler, PassShuffleSampler):  # micro-batches by token budget
             indices = sampler.dataset.batches[sampler.order[batch_idx]] if batch_idx < len(sampler.order) else []
         else:
             indices = sampler.order[batch_idx * self.batch_size : (batch_idx + 1) * self.batch_size]
