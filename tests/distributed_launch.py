@@ -49,5 +49,6 @@ def load_ranks(out: Path, modes: list[str]) -> dict[str, list[dict]]:
 SHARED_MODES = ["ddp", "fsdp2", "fsdp1", "fsdp2_meta", "fsdp2_lora", "fsdp2_lora_meta", "fsdp2_clip", "fsdp2_chunks",
                 "fsdp2_frozen", "fsdp2_bf16_ac", "ddp_packed", "fsdp2_packed", "ddp_budget", "fsdp2_resume",
                 "fsdp1_resume", "fsdp2_export", "fsdp1_export", "ddp_statistics", "fsdp2_tied", "fsdp2_meta_tied",
-                "fsdp2_sparse", "fsdp2_aligndistil", "ddp_reference_cache", "fsdp2_reference_cache"]
+                "fsdp2_sparse", "fsdp2_aligndistil", "ddp_reference_cache", "fsdp2_reference_cache", "ddp_treg",
+                "fsdp2_treg", "ddp_treg_packed", "fsdp2_treg_packed", "fsdp2_treg_policy"]
 """The 2-rank runs on the tiny model that every session makes once, in one launch (``ranks_by_mode``)."""

@@ -16,6 +16,10 @@ Usage: ``python tests/distributed_run.py MODES OUT_DIR MODEL_DIR PAIRS_FILE`` wi
 - ``fsdp2_aligndistil``: AlignDistil (full-distribution statistic over four models: policy, reference and the
   DPO / reverse-DPO frozen models, here the tied tiny Llama and the tiny model) under FSDP2 with ``chunk_size=2``,
   so the ranks make different numbers of chunks and the statistic's head calls must follow the agreed count;
+- ``ddp_treg`` / ``fsdp2_treg`` / ``ddp_treg_packed`` / ``fsdp2_treg_packed``: T-REG as ``configs/methods/treg.yaml``
+  on the row lengths of ``configs/debug/tiny.yaml`` (``treg_options``): each batch carries two prompt variants per
+  pair that the reference scores, in 2-token chunks (ranks make different numbers of head calls on them), in the
+  padded and in the packed layout; ``fsdp2_treg_policy``: the policy scores them (``scorer: policy``);
 - ``fsdp2_export`` / ``fsdp1_export``: two AdamW steps, then a sharded checkpoint ``OUT_DIR/sharded`` (one
   shard per rank + ``meta.pt``) and the full (gathered) policy and mask weights at that point
   (``tests/test_export.py`` exports the folder and compares);
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
@@ -56,6 +61,7 @@ from sparsepo_lightning.masks import LearnedMasker
 from sparsepo_lightning.module import PreferenceModule
 from sparsepo_lightning.objectives import SparsePO
 
+REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 CLIP = 0.01
 """Small enough that the global gradient norm is clipped (so clipping under FSDP2 is actually exercised)."""
@@ -141,9 +147,29 @@ def aligndistil_options(model_dir: str, dpo_dir: str) -> dict[str, Any]:
             "frozen_models": {"dpo": dpo_dir, "reverse_dpo": model_dir}}
 
 
-def make_data(model_dir: str, pairs: str, batch_size: int, layout: str = "padded") -> InOrderData:
-    return InOrderData(tokenizer=model_dir, train_file=pairs, val_file=pairs, batch_size=batch_size, max_length=32,
-                       max_prompt_length=16, layout=layout)
+def treg_options(scorer: str | None = None) -> dict[str, Any]:
+    """T-REG as ``configs/methods/treg.yaml`` composes it on ``configs/debug/tiny.yaml``: its objective (with another
+    ``scorer`` if given) and masker, and the recipe's row lengths (at the harness's 32 tokens both contrastive prompts
+    are cut to the same tokens, so every token reward would be 0); 2-token chunks, so ranks make different numbers of
+    head calls on the variant rows."""
+    import dataclasses
+
+    from lightning.pytorch.cli import instantiate_class
+
+    method = yaml.safe_load((REPO / "configs" / "methods" / "treg.yaml").read_text())["model"]
+    tiny = yaml.safe_load((REPO / "configs" / "debug" / "tiny.yaml").read_text())["data"]["init_args"]
+    built = {part: None if method[part] is None else instantiate_class((), method[part])
+             for part in ("objective", "masker")}
+    lengths = {key: tiny[key] for key in ("max_length", "max_prompt_length")}
+    if scorer is not None:
+        built["objective"] = dataclasses.replace(built["objective"], scorer=scorer)
+    return {**built, "chunk_size": 2, "data_options": lengths}
+
+
+def make_data(model_dir: str, pairs: str, batch_size: int, layout: str = "padded", max_length: int = 32,
+              max_prompt_length: int = 16) -> InOrderData:
+    return InOrderData(tokenizer=model_dir, train_file=pairs, val_file=pairs, batch_size=batch_size,
+                       max_length=max_length, max_prompt_length=max_prompt_length, layout=layout)
 
 
 def make_trainer(strategy: str, devices: int, root: Path, max_steps: int, callbacks: list[Callback],
@@ -205,16 +231,18 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path,
              gradient_clip_val: float | None = None, **options: Any) -> dict[str, Any]:
     """One optimizer step (SGD: the update is ``-lr * gradient``) on 4 pairs in all; returns loss and weights."""
-    layout = options.pop("layout", "padded")
+    layout, data_options = options.pop("layout", "padded"), options.pop("data_options", {})
     module = make_module(model_dir, **options)
     recorder, before = LossRecorder(), Snapshot()
     trainer = make_trainer(strategy, devices, root, max_steps=1, callbacks=[recorder, before],
                            gradient_clip_val=gradient_clip_val)
-    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices, layout=layout))
+    trainer.fit(module, datamodule=make_data(model_dir, pairs, batch_size=4 // devices, layout=layout,
+                                             **data_options))
     frozen = module.frozen_models
     sharded = None if frozen is None else all(isinstance(p, DTensor) for p in frozen.parameters())
     return {"loss": recorder.losses, "rows": recorder.rows, "before": before.before, "after": snapshot(module),
             "frozen_sharded": sharded,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank,
             "reference_training": module.reference.training if module.reference is not None else False,
@@ -364,6 +392,10 @@ def run_mode(mode: str, out: Path, model_dir: str, pairs: str) -> None:
     elif mode == "fsdp2_aligndistil":
         dpo = tied_model(model_dir, out)
         result = one_step("fsdp2", 2, model_dir, pairs, out, **aligndistil_options(model_dir, dpo)) | {"dpo_dir": dpo}
+    elif "_treg" in mode:
+        layout = "packed" if mode.endswith("_packed") else "padded"
+        scorer = "policy" if mode.endswith("_policy") else None
+        result = one_step(mode.split("_")[0], 2, model_dir, pairs, out, layout=layout, **treg_options(scorer))
     elif mode.endswith("_reference_cache"):
         result = cached_reference_step(mode.split("_")[0], model_dir, pairs, out)
     elif mode == "ddp_budget":

@@ -32,7 +32,8 @@ def single(tiny_model_dir, pairs_file, tmp_path_factory) -> dict:
     return one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path_factory.mktemp("single"))
 
 
-def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float, min_move: float = 1e-4) -> None:
+def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float, min_move: float = 1e-4,
+                      parts: tuple[str, ...] = ("policy", "masker")) -> None:
     loss = sum(r["loss"][0] for r in ranks) / len(ranks)
     assert loss == pytest.approx(single["loss"][0], rel=1e-5)
     for r in ranks:
@@ -40,13 +41,13 @@ def _assert_same_step(ranks: list[dict], single: dict, rtol: float, atol: float,
         for name, value in r["after"]["reference"].items():  # frozen: bit-identical, and equal to the baseline's
             assert torch.equal(value, r["before"]["reference"][name]), f"reference changed: {name}"
             assert torch.equal(value, single["after"]["reference"][name])
-        for part in ("policy", "masker"):
+        for part in parts:
             for name, value in r["after"][part].items():
                 torch.testing.assert_close(value, single["after"][part][name], rtol=rtol, atol=atol,
                                            msg=lambda m, n=f"{part}.{name}": f"{n}: {m}")
     for name, value in ranks[0]["after"]["masker"].items():  # no rank drifted
         assert torch.equal(value, ranks[1]["after"]["masker"][name]), f"masker differs across ranks: {name}"
-    for part in ("policy", "masker"):  # the step did something measurable (else equality would be vacuous)
+    for part in parts:  # the step did something measurable (else equality would be vacuous)
         moved = max((v - single["before"][part][k]).abs().max().item() for k, v in single["after"][part].items())
         assert moved > min_move, f"{part} did not move"
 
@@ -386,3 +387,42 @@ def test_fsdp2_target_sparsity_matches_single_process(ranks_by_mode, tiny_model_
                       masker=LearnedMasker(target_sparsity=0.5))
     assert "reward_gate" in single["after"]["masker"]
     _assert_same_step(ranks_by_mode["fsdp2_sparse"], single, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def treg_single(tiny_model_dir, pairs_file, tmp_path_factory) -> dict[str, dict]:
+    """T-REG's single-process baseline per layout: one SGD step on the first 4 pairs (``treg_options``)."""
+    from tests.distributed_run import treg_options
+
+    return {layout: one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path_factory.mktemp(f"treg-{layout}"),
+                             layout=layout, **treg_options()) for layout in ("padded", "packed")}
+
+
+@pytest.mark.parametrize("mode", ["ddp_treg", "fsdp2_treg", "ddp_treg_packed", "fsdp2_treg_packed",
+                                  "fsdp2_treg_policy"])
+def test_treg_prompt_variants_on_two_ranks_match_single_process(mode, treg_single, ranks_by_mode):
+    """T-REG (``configs/methods/treg.yaml`` on the tiny recipe's row lengths) under DDP and FSDP2, padded and packed:
+    each rank's batch carries its own pairs' two contrastive prompt variants, scored by the (sharded) reference in
+    2-token chunks (the ranks hold different numbers of response tokens, so they must agree on the number of head
+    calls). ``fsdp2_treg_policy``: ``scorer: policy``, the sharded policy runs a second, gradient-free forward on the
+    variant rows before backward (at the first step it equals the reference, so the baseline is the same).
+
+    Loss and SGD-updated policy equal one process on the same 4 pairs in the same layout (float32; loss rel 1e-5,
+    weights rtol 1e-4 / atol 1e-6, as the other one-step checks), the reference stays frozen, and so do the T-REG
+    metrics that are per-pair means (the ranks' average is the global mean): rel 2e-4, as ``r̂ = σ(a − b) − ½`` of two
+    nearly equal log-probs (a − b ~ 1e-3 on the random tiny model) keeps only ~4 digits of float32 rounding (the
+    sharded head's chunked path differs from the fused one by ~3e-5). Variant rows dealt to the wrong pairs on the
+    ranks move the loss by ~6e-4 and the regulariser by ~40%."""
+    from tests.distributed_run import treg_options
+
+    single = treg_single["packed" if mode.endswith("_packed") else "padded"]
+    ranks = ranks_by_mode[mode]
+    assert all(r["after"]["masker"] == {} for r in (*ranks, single))  # treg.yaml: no masker
+    _assert_same_step(ranks, single, rtol=1e-4, atol=1e-6, parts=("policy",))
+    for name in ("regulariser", "sequence_weight"):
+        key = f"train/treg/{name}"
+        assert sum(r["metrics"][key] for r in ranks) / 2 == pytest.approx(single["metrics"][key], rel=2e-4), key
+    # the contrastive prompts score the responses differently (else T-REG is DPO and the checks above would not see
+    # variant rows dealt to the wrong pairs): α·regulariser moves the loss ~100 times its tolerance
+    alpha = treg_options()["objective"].alpha
+    assert abs(alpha * single["metrics"]["train/treg/regulariser"]) > 50 * 1e-5 * single["loss"][0]
