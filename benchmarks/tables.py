@@ -146,18 +146,19 @@ def loading_table() -> str:
 
 
 def statistics_table() -> str:
-    """``statistics.json`` (``bench_statistics.py``): the quickstart's step time with and without the default exact
-    statistics."""
+    """``statistics.json`` (``bench_statistics.py``): what the default exact statistics cost on the quickstart, timed
+    inside the run (their hooks) and end to end (paired runs with and without them)."""
     data = _load("statistics.json")
     median = data["median_seconds_per_step"]
     return "\n".join([
         f"Source: `benchmarks/results/statistics.json` ({data['recipe']}, {data['steps']} optimizer steps per run, "
-        f"the first {data['skip']} left out, {data['repeats']} runs per arm alternating; medians over all measured "
-        "steps).", "",
-        "| s / step with the statistics | without | overhead | overhead per repeat (min to max) |",
-        "|---|---|---|---|",
-        f"| {median['with_statistics']:.3f} | {median['without']:.3f} | {data['overhead']:+.1%} | "
-        f"{data['overhead_min']:+.1%} to {data['overhead_max']:+.1%} |"])
+        f"the first {data['skip']} left out, {data['repeats']} runs per arm alternating).", "",
+        "| s / step with the statistics | in their hooks | share of the step | without | end to end: median "
+        "paired overhead (min to max) |",
+        "|---|---|---|---|---|",
+        f"| {median['with_statistics']:.3f} | {data['hook_seconds_per_step']:.3f} | {data['hook_share']:.1%} "
+        f"(max {data['hook_share_max']:.1%}) | {median['without']:.3f} | {data['overhead']:+.1%} "
+        f"({data['overhead_min']:+.1%} to {data['overhead_max']:+.1%}) |"])
 
 
 LAYOUT_NAMES = {"trl": "TRL DPOTrainer", "padded": "padded", "packed": "packed (one row)",

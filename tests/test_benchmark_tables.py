@@ -66,3 +66,18 @@ def test_the_step_benchmark_builds_and_steps_each_of_our_configurations(config, 
     before = [p.detach().clone() for p in models[0].parameters()]
     step(batch_of([([5, 6, 7], [8, 9], [10, 11]), ([5, 6], [13, 14, 15], [16, 17, 18])]))  # rows of equal length
     assert any(not torch.equal(a, b) for a, b in zip(before, models[0].parameters(), strict=True))
+
+
+def test_the_statistics_benchmark_pairs_repeats_and_times_the_hooks():
+    """``bench_statistics.summarise`` on hand numbers. Step times (first interval skipped): with the statistics
+    [2.0, 2.0] then [3.0, 3.0], without [2.0, 2.0] then [2.5, 2.5]; paired ratios 0 % and +20 %, median +10 %.
+    Hooks: 0.2 s and 0.3 s over 2 steps -> 0.1 and 0.15 s/step, shares 0.1/2 = 5 % and 0.15/3 = 5 %."""
+    spec = importlib.util.spec_from_file_location("bench_statistics", ROOT / "benchmarks" / "bench_statistics.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = {"true": [[9.0, 2.0, 2.0], [9.0, 3.0, 3.0]], "false": [[9.0, 2.0, 2.0], [9.0, 2.5, 2.5]]}
+    out = bench.summarise(times, hooks=[0.2, 0.3], steps=2, skip=1)
+    assert out["overhead_per_repeat"] == pytest.approx([0.0, 0.2])
+    assert out["overhead"] == pytest.approx(0.1) and out["overhead_max"] == pytest.approx(0.2)
+    assert out["median_seconds_per_step"] == pytest.approx({"with_statistics": 2.5, "without": 2.25})
+    assert out["hook_seconds_per_step"] == pytest.approx(0.125) and out["hook_share"] == pytest.approx(0.05)
