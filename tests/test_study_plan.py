@@ -52,7 +52,27 @@ def test_the_controls_plan_is_the_issue_design():
                         "rho1_bernoulli": ("BernoulliControl", "rho1")}
     assert study.arms["sparse50"].masker["init_args"]["target_sparsity"] == 0.5
     assert study.eval_steps() == [study.settings.steps // 2, study.settings.steps]
-    assert "pilot" in study.record and "PROVISIONAL" in (ROOT / "configs/study/sentiment_controls.yaml").read_text()
+    assert "pilot" in study.record
+
+
+def test_the_plans_settings_are_the_ones_its_committed_pilot_ran_and_passed():
+    """The plan's lr, steps and low β are those of the committed pilot (reports/pilot), whose highest-KL evaluation
+    of every arm it ran reaches >= 1 nat (the issue's criterion); the high β is 10x the low one."""
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    pilot = ROOT / "reports" / "pilot"
+    settings = json.loads((pilot / "study.json").read_text())["settings"]
+    low, high = study.settings.betas
+    assert (study.settings.lr, study.settings.steps, [low]) == (settings["lr"], settings["steps"], settings["betas"])
+    assert high == pytest.approx(10 * low)
+    reach: dict[str, float] = {}
+    for run_dir in (pilot / "runs").iterdir():
+        config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+        if config is None:
+            continue  # the reference's evaluation
+        arm = run_dir.name.split("_b")[0]
+        kls = [json.loads(f.read_text())["kl_mean"] for f in run_dir.glob("eval*.json")]
+        reach[arm] = max(kls)
+    assert set(reach) == {"tdpo1", "dense", "sparse50", "rho1"} and min(reach.values()) >= 1.0, reach
 
 
 def test_the_first_plan_reproduces_the_committed_runs_keys():
