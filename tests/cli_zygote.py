@@ -53,10 +53,17 @@ def _child(request: dict) -> None:
         else:
             for fd, name in ((1, "stdout"), (2, "stderr")):
                 os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = [str(ROOT / "sparsepo_lightning" / "cli.py"), *request["args"]]
-        # as under `python -m`: Lightning starts the other ranks of a DDP/FSDP run as `python -m <this spec>`
-        sys.modules["__main__"].__spec__ = importlib.util.find_spec("sparsepo_lightning.cli")
-        from sparsepo_lightning.cli import main
+        if "code" in request:  # as `python -c CODE`: argv ['-c'], the working folder first on sys.path
+            sys.argv, sys.path[0] = ["-c"], ""
+            namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+
+            def main() -> None:
+                exec(compile(request["code"], "<string>", "exec"), namespace)
+        else:
+            sys.argv = [str(ROOT / "sparsepo_lightning" / "cli.py"), *request["args"]]
+            # as under `python -m`: Lightning starts the other ranks of a DDP/FSDP run as `python -m <this spec>`
+            sys.modules["__main__"].__spec__ = importlib.util.find_spec("sparsepo_lightning.cli")
+            from sparsepo_lightning.cli import main
 
         try:
             main()
@@ -162,16 +169,24 @@ class CliZygote:
     def start(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300,
               output: Path | None = None) -> ForkedCommand:
         """Fork ``sparsepo *args``; its stdout and stderr go to files of the zygote, or both to ``output``."""
+        return self._fork({"args": list(args)}, list(args), env, timeout, output)
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        return self.start(*args, env=env, timeout=timeout).result()
+
+    def python(self, code: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+        """``python -c code`` in the repository root, forked like a command (its modules are already imported)."""
+        return self._fork({"code": code}, ["-c", code], env, timeout, None).result()
+
+    def _fork(self, what: dict, args: list[str], env: dict[str, str] | None, timeout: int,
+              output: Path | None) -> ForkedCommand:
         self.count += 1
         out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
         if output is not None:
             out = err = Path(output)
-        pid = self.ask({"op": "start", "args": list(args), "cwd": str(ROOT), "env": {**self.env, **(env or {})},
+        pid = self.ask({"op": "start", **what, "cwd": str(ROOT), "env": {**self.env, **(env or {})},
                         "stdout": str(out), "stderr": str(err), "timeout": timeout})["pid"]
-        return ForkedCommand(self, pid, list(args), out, err)
-
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-        return self.start(*args, env=env, timeout=timeout).result()
+        return ForkedCommand(self, pid, args, out, err)
 
     def subprocess_run(self, command: list[str], stdout=None, stderr=None, check: bool = False, **kwargs):
         """Stands in for :func:`subprocess.run` in code that runs ``[python, -m, sparsepo_lightning.cli, ...]`` with

@@ -108,9 +108,9 @@ def test_the_rule_has_runnable_blocks_and_catches_a_bare_one(tmp_path):
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=str)
-def test_python_block_runs_from_the_repository_root(block):
-    done = subprocess.run([sys.executable, "-c", block.code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_python_block_runs_from_the_repository_root(block, cli_zygote):
+    """As ``python -c`` from the repository root (forked from the zygote: no interpreter start-up per block)."""
+    done = cli_zygote.python(block.code)
     assert done.returncode == 0, f"{block} failed:\n{done.stderr[-3000:]}"
     if block.output is not None:
         assert done.stdout.strip() == block.output.strip(), f"{block}: the ```text block after it is not what it prints"
