@@ -44,8 +44,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dpo.py
 
 # Full depth (all 30 blocks, T = 512, 4 pairs), then DPO with the reference cache vs TRL precompute_ref_log_probs
-# (with and without gradient checkpointing): slow on a CPU, roughly 40 + 45 min on 2 quiet cores (an estimate;
-# docs/performance.md).
+# (with and without gradient checkpointing), 3 rounds each (medians, paired ratios): slow on a CPU, roughly
+# 2 + 2.5 h on 2 quiet cores (an estimate; docs/performance.md).
 bench-full: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) benchmarks/bench_dpo.py --full-depth --out benchmarks/results/full_depth.json

@@ -36,6 +36,11 @@ is that peak minus the resident memory before the step (activations, logits, gra
 resident part (weights of both models + AdamW state, identical for all configurations) is reported as
 ``resident``. Without ``clear_refs`` the worker falls back to ``getrusage`` max RSS of the process.
 
+Repeats: ``--repeats R`` runs every configuration in R rounds of fresh processes (each round starting one
+configuration later); every value is the median over the rounds, every ratio the median of the ratios paired within
+a round, with the range of the rounds beside it (:func:`combine`). On a shared or drifting machine a single round
+can move a ratio by 20 %; ``--full-depth`` defaults to 3 rounds.
+
 Run: ``python benchmarks/bench_dpo.py`` (full, lengths 128/512/1024) or ``--quick`` (a smoke run); ``--full-depth``
 for all 30 blocks at T = 512 with 4 pairs (slow on a CPU: ``docs/performance.md`` says how slow).
 """
@@ -344,7 +349,8 @@ def run_config(name: str, lengths: list[int], num_pairs: int, warmup: int, steps
 
 
 def add_ratios(results: list[dict]) -> None:
-    """Step time and step memory of every row as ratios to TRL's and to the floor's at the same length.
+    """Step time and step memory of every row as ratios to TRL's and to the floor's at the same length, and to its
+    match (:data:`MATCH`), all within one round of fresh processes.
 
     Time ratios use process CPU seconds on CPU (robust to other jobs on a shared machine; wall seconds are
     kept in the results) and wall seconds on CUDA.
@@ -364,6 +370,35 @@ def add_ratios(results: list[dict]) -> None:
             key = "cpu_s" if r["device"] == "cpu" else "step_s"
             r["time_vs_match"], r["dynamic_vs_match"] = r[key] / match[key], r["dynamic_mib"] / match["dynamic_mib"]
             r["peak_vs_match"] = r["peak_mib"] / match["peak_mib"]
+
+
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (configuration, length) from repeated rounds (each with its ratios from :func:`add_ratios`).
+
+    Every measured value and every ratio is the median over the rounds where the row ran without error; a ratio is
+    paired, taken within a round (both processes ran back to back) before the median, so a machine that drifts
+    between rounds moves both sides of it. ``<key>_range`` holds the smallest and largest round's value and
+    ``repeats`` the number of rounds behind the medians. A row that failed in every round keeps its last error.
+    """
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for results in rounds:
+        for r in results:
+            rows.setdefault((r["config"], r["length"]), []).append(r)
+    combined = []
+    for repeats in rows.values():
+        good = [r for r in repeats if "error" not in r]
+        if not good:
+            combined.append(repeats[-1])
+            continue
+        row = {k: v for k, v in good[0].items() if not isinstance(v, float)}
+        for key in (k for k, v in good[0].items() if isinstance(v, float)):
+            values = [r[key] for r in good if key in r]
+            row[key] = statistics.median(values)
+            if len(good) > 1:
+                row[f"{key}_range"] = [min(values), max(values)]
+        row["repeats"] = len(good)
+        combined.append(row)
+    return combined
 
 
 def table(results: list[dict]) -> str:
@@ -395,6 +430,9 @@ def main() -> None:
                         help=f"reference cache vs TRL precompute_ref_log_probs: {','.join(CACHED_CONFIGS)}")
     parser.add_argument("--full-depth", action="store_true",
                         help="all 30 blocks, T = 512, 4 pairs (slow on a CPU; docs/performance.md)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="rounds of fresh processes per configuration; medians of paired ratios, with their "
+                             "range (default 3 with --full-depth, else 1)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/latest.json"))
     parser.add_argument("--layers", type=int, default=None,
                         help="cut SmolLM2-135M to its first N blocks (default: 30 on CUDA, 2 on CPU, 1 with --quick)")
@@ -415,12 +453,17 @@ def main() -> None:
     steps = args.steps or (1 if args.quick else 5 if cuda else 3)
     layers = args.layers or (1 if args.quick else 30 if args.full_depth else None if cuda else 2)
     configs = args.configs or ",".join(CACHED_CONFIGS if args.cached else CONFIGS)
+    repeats = args.repeats or (3 if args.full_depth else 1)
     model = model_path(layers if layers != 30 else None)
-    results = []
-    for name in configs.split(","):
-        results += run_config(name, lengths, num_pairs, args.warmup, steps, model, timeout=900)
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    add_ratios(results)
+    names, rounds = configs.split(","), []
+    for round_index in range(repeats):
+        results = []  # each round starts one configuration later, so no configuration always runs first or last
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            results += run_config(name, lengths, num_pairs, args.warmup, steps, model, timeout=900)
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        add_ratios(results)
+        rounds.append(results)
+    results = combine(rounds)
     import trl
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
@@ -428,7 +471,7 @@ def main() -> None:
             "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
             "trl": trl.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "pairs": num_pairs, "steps": steps,
-            "warmup": args.warmup, "warmup_length": WARMUP_LENGTH,
+            "warmup": args.warmup, "warmup_length": WARMUP_LENGTH, "repeats": repeats,
             "model": MODEL, "layers": layers or 30}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

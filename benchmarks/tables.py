@@ -70,12 +70,19 @@ def cached_table() -> str:
              f"T = {data['results'][0]['length']}, {meta['pairs']} pairs, {meta['steps']} measured steps).", "",
              "| ours | TRL at equal settings | ours CPU s | TRL CPU s | throughput ×TRL | dynamic memory ×TRL |",
              "|---|---|---|---|---|---|"]
+    repeats = meta.get("repeats", 1)
+    if repeats > 1:
+        lines[0] = lines[0][:-2] + f"; medians of {repeats} rounds, throughput from ratios paired within a round, " \
+                                   "[range of the rounds])."
     for ours, theirs in (("dpo", "trl"), ("dpo_gc", "trl_gc"), ("dpo_cached", "trl_precompute"),
                          ("dpo_cached_gc", "trl_precompute_gc")):
         if ours in by_config and theirs in by_config:
             a, b = by_config[ours], by_config[theirs]
+            ratio = a.get("time_vs_match", a["cpu_s"] / b["cpu_s"])  # ours / TRL's, paired per round
+            spread = (f" [{1 / a['time_vs_match_range'][1]:.2f}–{1 / a['time_vs_match_range'][0]:.2f}]"
+                      if "time_vs_match_range" in a else "")
             lines.append(f"| {CONFIG_NAMES.get(ours, ours)} | {CONFIG_NAMES.get(theirs, theirs)} | {a['cpu_s']:.1f} | "
-                         f"{b['cpu_s']:.1f} | {b['cpu_s'] / a['cpu_s']:.2f} | "
+                         f"{b['cpu_s']:.1f} | {1 / ratio:.2f}{spread} | "
                          f"{a['dynamic_mib'] / b['dynamic_mib']:.2f} |")
     return "\n".join(lines)
 

@@ -81,3 +81,39 @@ def test_the_statistics_benchmark_pairs_repeats_and_times_the_hooks():
     assert out["overhead"] == pytest.approx(0.1) and out["overhead_max"] == pytest.approx(0.2)
     assert out["median_seconds_per_step"] == pytest.approx({"with_statistics": 2.5, "without": 2.25})
     assert out["hook_seconds_per_step"] == pytest.approx(0.125) and out["hook_share"] == pytest.approx(0.05)
+
+
+def test_the_step_benchmark_pairs_ratios_within_rounds_and_takes_medians():
+    """``bench_dpo.combine`` on hand numbers, 3 rounds of ``dpo`` against its match ``trl`` (CPU seconds):
+    dpo 10, 12, 20 and trl 20, 20, 25 -> paired ratios 0.5, 0.6, 0.8 (median 0.6, range 0.5-0.8). A 4th round
+    where dpo failed (trl 30) is left out of dpo's medians (the ratio of the medians, 12 / 22.5 = 0.53, would mix in
+    the round that has no pair); a row that failed in every round keeps its error."""
+    spec = importlib.util.spec_from_file_location("bench_dpo", ROOT / "benchmarks" / "bench_dpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(config, cpu, mem=100.0):
+        return {"config": config, "length": 512, "device": "cpu", "cpu_s": cpu, "step_s": cpu / 2,
+                "step_mem_mib": mem, "peak_mib": mem + 50, "dynamic_mib": mem - 10, "static_mib": {"grads_mib": 10}}
+
+    rounds = []
+    for dpo, trl in ((10.0, 20.0), (12.0, 20.0), (20.0, 25.0), (None, 30.0)):
+        results = [row("trl", trl), {"config": "dpo", "length": 512, "error": "timeout"} if dpo is None
+                   else row("dpo", dpo), {"config": "floor", "length": 512, "error": "oom"}]
+        bench.add_ratios(results)
+        rounds.append(results)
+    combined = {r["config"]: r for r in bench.combine(rounds)}
+    dpo, trl = combined["dpo"], combined["trl"]
+    assert dpo["repeats"] == 3 and trl["repeats"] == 4
+    assert dpo["time_vs_match"] == pytest.approx(0.6) and dpo["time_vs_match_range"] == pytest.approx([0.5, 0.8])
+    assert dpo["time_vs_trl"] == pytest.approx(0.6)
+    assert dpo["cpu_s"] == 12.0 and dpo["cpu_s_range"] == [10.0, 20.0]
+    assert trl["cpu_s"] == 22.5 and trl["cpu_s_range"] == [20.0, 30.0]  # median of 20, 20, 25, 30
+    assert dpo["static_mib"] == {"grads_mib": 10} and dpo["length"] == 512
+    assert combined["floor"] == {"config": "floor", "length": 512, "error": "oom"}
