@@ -6,7 +6,9 @@ to exact lengths (prompt ``T/4`` tokens, chosen and rejected ``3T/4`` tokens eac
 ``T`` tokens and nobody pads. One measured step = forward + backward + AdamW step (lr 1e-6, no clipping).
 On CPU the time ratios use the process's CPU
 seconds (``time.process_time``, idle OpenMP threads sleep), which other jobs on a shared machine disturb far
-less than wall seconds; wall seconds are reported too.
+less than wall seconds; wall seconds are reported too, and the kernel's share of the CPU seconds (``sys_s``) with
+the minor page faults per step (``page_faults``): on a CPU, every large tensor that the allocator returns to the
+system is faulted in and zeroed again at its next allocation, so a configuration's memory also costs it time.
 
 - ``trl``: ``DPOTrainer.training_step`` (its defaults: sigmoid loss, β=0.1, fused LM head, metrics) + optimizer;
 - ``floor``: the policy's own forward (all logits) + backward of ``logits.mean()`` + the reference forward
@@ -279,14 +281,17 @@ def _measure(step, batch, steps: int, device) -> dict:
             cpu_hwm = True
         except OSError:
             pass
-    times, cpu_times = [], []
+    times, cpu_times, sys_times, faults = [], [], [], []
     for _ in range(steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        sys_times.append(after.ru_stime - usage.ru_stime)  # kernel time: mostly zeroing freshly faulted pages
+        faults.append(after.ru_minflt - usage.ru_minflt)
     if device.type == "cuda":
         peak, source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
     elif cpu_hwm:
@@ -295,6 +300,7 @@ def _measure(step, batch, steps: int, device) -> dict:
         peak, source = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
     mib = 2**20
     return {"step_s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+            "sys_s": statistics.median(sys_times), "page_faults": float(statistics.median(faults)),
             "step_mem_mib": (peak - resident) / mib, "peak_mib": peak / mib,
             "resident_mib": resident / mib, "memory_source": source}
 
