@@ -9,6 +9,9 @@ seconds (``time.process_time``, idle OpenMP threads sleep), which other jobs on 
 less than wall seconds; wall seconds are reported too, and the kernel's share of the CPU seconds (``sys_s``) with
 the minor page faults per step (``page_faults``): on a CPU, every large tensor that the allocator returns to the
 system is faulted in and zeroed again at its next allocation, so a configuration's memory also costs it time.
+Every worker first keeps freed memory in its process as ``sparsepo`` does (``sparsepo_lightning/cpu_memory.py``),
+TRL's too, so that nobody pays that cost; ``SPARSEPO_CPU_MEMORY=system`` measures glibc's defaults instead
+(``benchmarks/bench_cpu_memory.py`` compares the two).
 
 - ``trl``: ``DPOTrainer.training_step`` (its defaults: sigmoid loss, β=0.1, fused LM head, metrics) + optimizer;
 - ``floor``: the policy's own forward (all logits) + backward of ``logits.mean()`` + the reference forward
@@ -313,6 +316,9 @@ def worker(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: in
     """
     import torch
 
+    from sparsepo_lightning.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as `sparsepo` does at start; for every configuration, TRL's too (SPARSEPO_CPU_MEMORY)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("trl"):
         step, batch_of, parts = _trl(device, num_pairs, model, name.endswith("_gc"), "precompute" in name)
@@ -334,11 +340,12 @@ def worker(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: in
 
 # ---- driver ----------------------------------------------------------------------------------------------
 def run_config(name: str, lengths: list[int], num_pairs: int, warmup: int, steps: int, model: str,
-               timeout: float) -> list[dict]:
+               timeout: float, env: dict[str, str] | None = None) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", name, "--lengths", ",".join(map(str, lengths)),
            "--pairs", str(num_pairs), "--warmup", str(warmup), "--steps", str(steps), "--model", model]
     # PASSIVE: idle OpenMP threads sleep instead of spinning, so process CPU time counts work, not waiting.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE",
+           **(env or {})}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
@@ -478,7 +485,7 @@ def main() -> None:
             "trl": trl.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "pairs": num_pairs, "steps": steps,
             "warmup": args.warmup, "warmup_length": WARMUP_LENGTH, "repeats": repeats,
-            "model": MODEL, "layers": layers or 30}
+            "model": MODEL, "layers": layers or 30, "cpu_memory": os.environ.get("SPARSEPO_CPU_MEMORY", "keep")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

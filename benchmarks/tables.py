@@ -67,7 +67,8 @@ def cached_table() -> str:
     by_config = {r["config"]: r for r in data["results"] if "error" not in r}
     lines = [f"Source: `benchmarks/results/cached.json` ({meta['date'][:10]}, {meta['device']}, {meta['cpu_count']} "
              f"cores, torch {meta['torch']}, TRL {meta['trl']}; {meta['model']}, {meta['layers']} blocks, "
-             f"T = {data['results'][0]['length']}, {meta['pairs']} pairs, {meta['steps']} measured steps).", "",
+             f"T = {data['results'][0]['length']}, {meta['pairs']} pairs, {meta['steps']} measured steps; "
+             f"{_allocator(meta)}).", "",
              "| ours | TRL at equal settings | ours CPU s | TRL CPU s | throughput ×TRL | dynamic memory ×TRL |",
              "|---|---|---|---|---|---|"]
     repeats = meta.get("repeats", 1)
@@ -84,6 +85,40 @@ def cached_table() -> str:
             lines.append(f"| {CONFIG_NAMES.get(ours, ours)} | {CONFIG_NAMES.get(theirs, theirs)} | {a['cpu_s']:.1f} | "
                          f"{b['cpu_s']:.1f} | {1 / ratio:.2f}{spread} | "
                          f"{a['dynamic_mib'] / b['dynamic_mib']:.2f} |")
+    return "\n".join(lines)
+
+
+def _allocator(meta: dict) -> str:
+    """How the run's processes allocated CPU memory (``bench_dpo.py`` records ``cpu_memory`` since it sets it)."""
+    if meta.get("device", "cpu") != "cpu":
+        return "CUDA caching allocator"
+    if meta.get("cpu_memory", "system") == "keep":
+        return "every process keeps freed memory (SPARSEPO_CPU_MEMORY=keep)"
+    return "glibc's default allocator in every process, under which large temporaries cost kernel time every step"
+
+
+def cpu_memory_table() -> str:
+    """``cpu_memory.json`` (``bench_cpu_memory.py``): one step with freed memory kept against glibc's defaults."""
+    data = _load("cpu_memory.json")
+    meta = data["meta"]
+    lines = [f"Source: `benchmarks/results/cpu_memory.json` ({meta['date'][:10]}, cpu, {meta['cpu_count']} cores, "
+             f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']}, {meta['layers']} blocks, "
+             f"T = {meta['length']}, "
+             f"{meta['pairs']} pairs, {meta['steps']} measured steps; medians of {meta['repeats']} rounds, the ratio "
+             "paired within a round [range of the rounds]).", "",
+             "| step | CPU s, glibc defaults | CPU s, kept | × CPU s | kernel s, defaults → kept "
+             "| page faults / step, defaults → kept | peak MiB, defaults → kept |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if r["cpu_keep_vs_system"] is None:
+            lines.append(f"| {CONFIG_NAMES.get(r['config'], r['config'])} | no pair of cells ran | | | | | |")
+            continue
+        low, high = r["cpu_keep_vs_system_range"]
+        lines.append(f"| {CONFIG_NAMES.get(r['config'], r['config'])} | {r['cpu_s_system']:.2f} "
+                     f"| {r['cpu_s_keep']:.2f} | {r['cpu_keep_vs_system']:.2f} [{low:.2f}–{high:.2f}] "
+                     f"| {r['sys_s_system']:.2f} → {r['sys_s_keep']:.2f} "
+                     f"| {r['page_faults_system']:,.0f} → {r['page_faults_keep']:,.0f} "
+                     f"| {r['peak_mib_system']:.0f} → {r['peak_mib_keep']:.0f} |")
     return "\n".join(lines)
 
 
@@ -200,7 +235,7 @@ def packing_table(data: dict | None = None) -> str:
 TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
                                         "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
                                         "cached": cached_table, "statistics": statistics_table,
-                                        "packing": packing_table}
+                                        "packing": packing_table, "cpu_memory": cpu_memory_table}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from sparsepo_lightning.commands import OTHER_COMMANDS, SUBCOMMAND_HELP
+from sparsepo_lightning.cpu_memory import keep_freed_memory
 from sparsepo_lightning.errors import UserError
 
 
@@ -30,6 +31,7 @@ def main(lightning: Callable[[], object]) -> None:
         os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise with their traceback too
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in (*OTHER_COMMANDS, *SUBCOMMAND_HELP) else ""
     try:
+        keep_freed_memory()  # before the first large allocation: CPU steps reuse freed memory (cpu_memory.py)
         if command == "evaluate":
             from sparsepo_lightning.evaluate import main as evaluate_main
 

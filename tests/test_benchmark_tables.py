@@ -117,3 +117,30 @@ def test_the_step_benchmark_pairs_ratios_within_rounds_and_takes_medians():
     assert trl["cpu_s"] == 22.5 and trl["cpu_s_range"] == [20.0, 30.0]  # median of 20, 20, 25, 30
     assert dpo["static_mib"] == {"grads_mib": 10} and dpo["length"] == 512
     assert combined["floor"] == {"config": "floor", "length": 512, "error": "oom"}
+
+
+def test_the_cpu_memory_benchmark_pairs_keep_and_system_within_rounds():
+    """``bench_cpu_memory.summarise`` on hand numbers: dpo keep/system CPU seconds 6/8 and 9/10 in rounds 0 and 1
+    (ratios 0.75 and 0.9: median 0.825, range 0.75-0.9); round 2 lost its ``keep`` cell, so it gives no ratio but its
+    ``system`` cell counts in that setting's median (8, 10, 12 -> 10)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_cpu_memory", ROOT / "benchmarks" / "bench_cpu_memory.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def cell(round_index, choice, cpu):
+        return {"config": "dpo", "round": round_index, "choice": choice, "cpu_s": cpu, "step_s": cpu / 2,
+                "sys_s": cpu / 4, "page_faults": 1000.0 * cpu, "peak_mib": 100.0 + cpu}
+
+    cells = [cell(0, "system", 8.0), cell(0, "keep", 6.0), cell(1, "keep", 9.0), cell(1, "system", 10.0),
+             cell(2, "system", 12.0), {"config": "dpo", "round": 2, "choice": "keep", "error": "timeout"}]
+    (row,) = bench.summarise(cells)
+    assert row["rounds"] == 2
+    assert row["cpu_keep_vs_system"] == pytest.approx(0.825)
+    assert row["cpu_keep_vs_system_range"] == pytest.approx([0.75, 0.9])
+    assert row["cpu_s_system"] == 10.0 and row["cpu_s_keep"] == 7.5 and row["page_faults_keep"] == 7500.0

@@ -270,20 +270,25 @@ def great_of(text):
     return TextBlobScorer()([text])[0]
 
 
-def test_the_committed_report_is_what_its_committed_logs_regenerate(tmp_path):
-    """`make study-report` on the committed logs alone writes the committed README.md, to the character.
+@pytest.mark.parametrize("name", ["sentiment", "pilot"])
+def test_the_committed_report_is_what_its_committed_logs_regenerate(name, tmp_path, monkeypatch):
+    """`make study-report` on the committed logs alone writes the committed README.md, to the character: the first
+    study and the controls study's pilot (regenerated as ``reports/<name>`` relative to the working folder, as the
+    command that wrote it ran, since the README quotes that command).
 
     Only evaluated runs are committed; a run the study is making in this work tree (no ``eval.json`` yet) is left out.
     """
-    committed = ROOT / "reports" / "sentiment"
-    for name in ("study.json", "data.json"):
-        (tmp_path / name).write_bytes((committed / name).read_bytes())
+    committed, out = ROOT / "reports" / name, tmp_path / "reports" / name
+    out.mkdir(parents=True)
+    for file in ("study.json", "data.json"):
+        (out / file).write_bytes((committed / file).read_bytes())
     for run_dir in (committed / "runs").iterdir():
         if (run_dir / "eval.json").is_file():
-            shutil.copytree(run_dir, tmp_path / "runs" / run_dir.name)
-    regenerated = report.write_report(tmp_path).read_text(encoding="utf-8")
+            shutil.copytree(run_dir, out / "runs" / run_dir.name)
+    monkeypatch.chdir(tmp_path)
+    regenerated = report.write_report(Path("reports") / name).read_text(encoding="utf-8")
     assert regenerated == (committed / "README.md").read_text(encoding="utf-8"), \
-        "reports/sentiment/README.md is stale: run `make study-report` and commit it"
+        f"reports/{name}/README.md is stale: run `sparsepo study sentiment report --out reports/{name}` and commit it"
 
 
 HIERARCHICAL_PLAN = {
