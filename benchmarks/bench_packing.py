@@ -183,6 +183,9 @@ def _trl_step(device, num_pairs: int, model: str):
 def worker(config: str, mix: str, num_pairs: int, batches: int, model: str, pack_length: int) -> dict:
     import torch
 
+    from sparsepo_lightning.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as `sparsepo` does at start, in every configuration's process (TRL's too)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step, batch_of = (_trl_step(device, num_pairs, model) if config == "trl"
                       else _ours(config, device, model, pack_length))
@@ -278,7 +281,8 @@ def main() -> None:
             "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
             "trl": trl.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "model": MODEL,
             "layers": layers, "pairs_per_batch": args.pairs, "measured_batches": args.batches,
-            "pack_length": args.pack_length, "mixes": mixes}
+            "pack_length": args.pack_length, "mixes": mixes,
+            "cpu_memory": os.environ.get("SPARSEPO_CPU_MEMORY", "keep")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -47,7 +47,7 @@ def step_table() -> str:
     lines = [f"Source: `benchmarks/results/latest.json` ({meta['date'][:10]}, {meta['device']}, "
              f"{meta['cpu_count']} cores, load {load(meta['load_avg_before'])} → {load(meta['load_avg_after'])}, "
              f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
-             f"{meta['pairs']} pair, {meta['steps']} measured steps).", "",
+             f"{meta['pairs']} pair, {meta['steps']} measured steps; {_allocator(meta)}).", "",
              "| T | config | CPU s | ×TRL time | ×floor time | step MiB | ×TRL step memory | peak MiB |",
              "|---|---|---|---|---|---|---|---|"]
     rows = sorted(data["results"], key=lambda r: r["length"])  # stable: keeps the file's config order
@@ -217,7 +217,7 @@ def packing_table(data: dict | None = None) -> str:
              f"{meta['cpu_count']} cores, load {meta['load_avg_before'][0]:.1f} → {meta['load_avg_after'][0]:.1f}, "
              f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
              f"DPO β 0.1, {meta['pairs_per_batch']} pairs per micro-batch, median of {meta['measured_batches']} "
-             f"micro-batches; pack_length {meta['pack_length']}). Mixes: {mixes}.", "",
+             f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}). Mixes: {mixes}.", "",
              "| mix | layout | positions / pair | × padded | CPU s / step | × padded | step MiB | × padded |",
              "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
