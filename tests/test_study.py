@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from sparsepo_lightning.study import driver, report
+from sparsepo_lightning.study.machine import claim
 from sparsepo_lightning.study.plan import Paths, Run, config_key, plan, training_config
 from sparsepo_lightning.study.planfile import load_plan
 
@@ -142,8 +143,11 @@ def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_repor
     study = load_plan(tmp_path / "plan.yaml").with_settings(**{**TINY, "model": tiny_model_dir})
     assert study.eval_steps() == [1, 2]  # two evaluations per run: half-way and final
     paths = Paths(tmp_path / "out", tmp_path / "work")
-    done = driver.run_study(study, paths, only=list(USER_ARMS))
-    assert done == ["my_rule_b0.5_s0", "my_rule_permuted_b0.5_s0"]
+    permuted = next(r for r in plan(study) if r.method == "my_rule_permuted")
+    with claim(paths.work, config_key(driver.run_config(study, paths, permuted))) as mine:  # another driver's run
+        assert mine
+        assert driver.run_study(study, paths, only=list(USER_ARMS)) == ["my_rule_b0.5_s0"]
+    assert driver.run_study(study, paths, only=list(USER_ARMS)) == ["my_rule_permuted_b0.5_s0"]
     for run_dir in (paths.out / "runs").glob("my_rule*"):
         assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.json", "eval_step1.json", "eval.json",
                                                        "masks.json"}
@@ -231,6 +235,17 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     for figure in ("frontier.png", "sparsity.png", "heatmap_0.png", "heatmap_2.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert report.write_report(tmp_path).read_text() == text
+
+
+def test_a_claim_is_held_by_one_holder_at_a_time_and_released_after(tmp_path):
+    with claim(tmp_path, "abc") as first, claim(tmp_path, "abc") as second, claim(tmp_path, "other") as third:
+        assert first and not second and third
+    with claim(tmp_path, "abc") as again:
+        assert again
+    with pytest.raises(RuntimeError), claim(tmp_path, "abc"):
+        raise RuntimeError("a run that fails releases its claim")
+    with claim(tmp_path, "abc") as after_failure:
+        assert after_failure
 
 
 def test_sparsepo_study_plan_lists_every_run(cli_zygote, tmp_path):

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from sparsepo_lightning.study.machine import claim, exclusive, hardware
 from sparsepo_lightning.study.plan import Paths, Run, StudySettings, config_key, plan, settings_record, training_config
 from sparsepo_lightning.study.planfile import StudyPlan
 
@@ -284,36 +285,26 @@ def rescore(paths: Paths, scorer: str = SECOND_SCORER) -> list[str]:
     from the samples its evaluation kept under ``<work>/eval``; returns the evaluations rescored now."""
     done = []
     for result_file in sorted((paths.out / "runs").glob("*/eval*.json")):
-        result = json.loads(result_file.read_text())
-        samples_file = paths.work / "eval" / result_file.parent.name / "sentiment_samples.jsonl"
-        if result.get("second_scorer") == scorer or not samples_file.is_file():
-            continue
-        samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
-        if "label" in result:  # one of several evaluations of the run: its own samples
-            samples = [s for s in samples if s.get("label") == result["label"]]
-        if not samples:  # the samples file holds a later evaluation call's samples only
-            continue
-        result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples)), scorer))
-        result_file.write_text(json.dumps(result) + "\n")
-        done.append(f"{result_file.parent.name}/{result_file.name}")
+        with claim(paths.work, result_file.parent.name.rsplit("-", 1)[-1]) as mine:  # not one being written
+            if mine and _rescored(result_file, paths, scorer):
+                done.append(f"{result_file.parent.name}/{result_file.name}")
     return done
 
 
-def hardware() -> str:
-    """The machine that runs the study, in words (CPU model and cores, or the GPU; torch version)."""
-    import os
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        device = f"GPU {torch.cuda.get_device_name(0)}"
-    else:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
-            else platform.processor()
-        device = f"CPU only, {len(os.sched_getaffinity(0))} cores ({model})"
-    return f"{device}, torch {torch.__version__}, Python {platform.python_version()}"
+def _rescored(result_file: Path, paths: Paths, scorer: str) -> bool:
+    """Add ``scorer``'s rewards to one evaluation file if it lacks them and its samples are kept."""
+    result = json.loads(result_file.read_text())
+    samples_file = paths.work / "eval" / result_file.parent.name / "sentiment_samples.jsonl"
+    if result.get("second_scorer") == scorer or not samples_file.is_file():
+        return False
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line]
+    if "label" in result:  # one of several evaluations of the run: its own samples
+        samples = [s for s in samples if s.get("label") == result["label"]]
+    if not samples:  # the samples file holds a later evaluation call's samples only
+        return False
+    result.update(second_scores(samples, list(dict.fromkeys(s["prompt"] for s in samples)), scorer))
+    result_file.write_text(json.dumps(result) + "\n")
+    return True
 
 
 def reference_dir(study: StudyPlan, paths: Paths) -> Path:
@@ -340,7 +331,8 @@ def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | 
     """Build the data and run the plan (skipping finished work); returns the names of the runs done now.
 
     Every run is trained once and evaluated at each of ``study.eval_steps()`` (the checkpoints are deleted once
-    evaluated). A run whose logs lack an evaluation whose checkpoint is gone is trained again.
+    evaluated). A run whose logs lack an evaluation whose checkpoint is gone is trained again. Several drivers may
+    run the same plan at once (``study/machine.py``): each run is completed by one of them.
 
     Args:
         limit: stop after this many runs trained or evaluated in this call (for sittings of bounded length).
@@ -349,24 +341,39 @@ def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | 
     settings = study.settings
     paths.out.mkdir(parents=True, exist_ok=True)
     (paths.out / "study.json").write_text(json.dumps(study_record(study), indent=2) + "\n")
-    data = build_data(settings, paths, device)
-    (paths.out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
-    reference = reference_dir(study, paths)
-    if not (reference / "eval.json").is_file():
-        evaluate(study, paths, [(settings.model, "reference", reference / "eval.json")])
-    steps = study.eval_steps()
+    with exclusive(paths.work, "data"):  # drivers started together: one builds, the others then reuse
+        data = build_data(settings, paths, device)
+        (paths.out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
+        reference = reference_dir(study, paths)
+        if not (reference / "eval.json").is_file():
+            evaluate(study, paths, [(settings.model, "reference", reference / "eval.json")])
     done = []
     for run in plan(study):
         if only and run.method not in only:
             continue
         if limit is not None and len(done) >= limit:
             break
-        config = run_config(study, paths, run)
-        key = config_key(config)
-        run_dir = paths.run_dir(run, key)
+        if complete(study, paths, run):
+            done.append(run.name)
+            log.info("done: %s", run.name)
+    if len(study.scorers) > 1:
+        rescore(paths, study.scorers[1])
+    return done
+
+
+def complete(study: StudyPlan, paths: Paths, run: Run) -> bool:
+    """Train and evaluate ``run`` where its logs lack anything, holding its claim; False when there was nothing to
+    do here (it is finished, or another driver holds it)."""
+    steps, config = study.eval_steps(), run_config(study, paths, run)
+    key = config_key(config)
+    run_dir = paths.run_dir(run, key)
+    with claim(paths.work, key) as mine:
+        if not mine:
+            log.info("%s: another driver is running it", run.name)
+            return False
         missing = [s for s in steps if not eval_file(run_dir, s, steps[-1]).is_file()]
         if (run_dir / "metrics.json").is_file() and not missing:
-            continue
+            return False
         checkpoints = _checkpoints(paths, key)
         if not (run_dir / "metrics.json").is_file() or any(s not in checkpoints for s in missing):
             train(study, paths, run, config, key)
@@ -378,8 +385,4 @@ def run_study(study: StudyPlan, paths: Paths, device: str = "cpu", limit: int | 
         evaluate(study, paths, [(str(checkpoints[s]), run.name if s == steps[-1] else f"{run.name}@{s}",
                                  eval_file(run_dir, s, steps[-1])) for s in missing])
         shutil.rmtree(paths.work / "checkpoints" / key, ignore_errors=True)
-        done.append(run.name)
-        log.info("done: %s", run.name)
-    if len(study.scorers) > 1:
-        rescore(paths, study.scorers[1])
-    return done
+    return True
