@@ -237,6 +237,27 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert report.write_report(tmp_path).read_text() == text
 
 
+def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
+    from sparsepo_lightning.study import verdicts
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    first, second, third = study.comparisons[:3]
+    found = {"estimate": -0.0123, "holm": 0.01, "resolution": 0.02}
+    none_a, none_b = {"estimate": 0.001, "holm": 0.4, "resolution": 0.015}, {"estimate": 0.0, "holm": 1.0,
+                                                                           "resolution": 0.0304}
+    label = {c: (study.arms[c.a].label, study.arms[c.b].label) for c in (first, second, third)}
+    assert verdicts.summary_sentence(study, {"comparisons": {first: {"unscored": True}}}) == \
+        "No listed comparison can be scored yet."
+    assert verdicts.summary_sentence(study, {"comparisons": {first: none_a, second: none_b}}) == (
+        "None of the 2 listed comparisons shows a measurable difference in reward at equal KL; the design detects "
+        "true differences of 0.0150 to 0.0304 or more with 80 % power.")
+    assert verdicts.summary_sentence(study, {"comparisons": {first: found, second: none_a,
+                                                             third: {"unscored": True}}}) == (
+        f"{label[first][0]} scores lower than {label[first][1]} (-0.0123 reward at equal KL); the other 1 of 2 listed "
+        "comparisons shows no measurable difference (detectable: 0.0150 or more with 80 % power).")
+    assert verdicts.summary_sentence(study, {"comparisons": {first: found}}).endswith("at equal KL).")
+
+
 def test_a_claim_is_held_by_one_holder_at_a_time_and_released_after(tmp_path):
     with claim(tmp_path, "abc") as first, claim(tmp_path, "abc") as second, claim(tmp_path, "other") as third:
         assert first and not second and third
@@ -363,6 +384,12 @@ def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
     learned = next(line for line in lines if line.startswith("- **Does the learned choice matter?** "))
     assert "Yes: Learned scores higher than Permuted (+0.0" in learned and "p ≤ 0.02, 3 seeds)." in learned
     assert 0.04 < float(learned.split("(+")[1].split(" ")[0]) < 0.06  # the built-in 0.05
+    sentence = next(line for line in lines if line.startswith("**In one sentence:** "))
+    estimate = learned.split("(")[1].split(" ")[0]
+    resolution = next(line for line in lines if line.startswith("| TDPO1 − Permuted | ")).split("|")[9].strip()
+    assert sentence == (f"**In one sentence:** Learned scores higher than Permuted ({estimate} reward at equal KL); "
+                        f"the other 1 of 2 listed comparisons shows no measurable difference (detectable: {resolution} "
+                        "or more with 80 % power).")
     same = next(line for line in lines if line.startswith("- **Does TDPO1 differ from the permuted mask?** "))
     assert "No measurable difference between TDPO1 and Permuted; this design detects a true difference of" in same
     row = next(line for line in lines if line.startswith("| Learned − Permuted | 3 | [0, "))

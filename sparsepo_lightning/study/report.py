@@ -261,8 +261,8 @@ def _plan_sections(study: StudyPlan, runs: list[RunLog], reference: dict[str, An
     section = verdicts.compare(study, runs, reference)
     evaluated = sum(1 for r in runs if r.eval)
     head = [f"**Partial study: {evaluated} of {planned} planned runs are evaluated.** The verdicts below hold for "
-            f"those runs only; `sparsepo study {study.task} run --out {out}` continues it."] if evaluated < planned \
-        else []
+            f"those runs only; `sparsepo study {study.task} run --out {out}` continues it.", ""] \
+        if evaluated < planned else []
     second_lines, second_verdicts = [], []
     evaluations = [e for r in runs for e in r.evals.values()] + [reference]
     if all(e.get("second_reward_per_prompt") for e in evaluations):
@@ -278,7 +278,9 @@ def _plan_sections(study: StudyPlan, runs: list[RunLog], reference: dict[str, An
     diagnostics = verdicts.diagnostics_lines(study, runs)
     if diagnostics:
         body += ["## Mask diagnostics", "", *diagnostics, ""]
-    return [*head, *verdicts.verdict_lines(study, section), *second_verdicts, *sparsity_lines(study, runs)], body
+    summary = [f"**In one sentence:** {verdicts.summary_sentence(study, section)}", ""]
+    return [*head, *summary, *verdicts.verdict_lines(study, section), *second_verdicts,
+            *sparsity_lines(study, runs)], body
 
 
 def write_report(out: Path, study: StudyPlan | None = None) -> Path:

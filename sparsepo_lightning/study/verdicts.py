@@ -120,6 +120,26 @@ def verdict_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def summary_sentence(study: StudyPlan, section: dict[str, Any]) -> str:
+    """The conclusion in one sentence (the README quotes it): the comparisons with a measurable difference after the
+    Holm correction, then how many show none and the smallest difference the design could have detected for them."""
+    scored = {c: r for c, r in section["comparisons"].items() if "unscored" not in r}
+    if not scored:
+        return "No listed comparison can be scored yet."
+    found = [f"{study.arms[c.a].label} scores {'higher' if r['estimate'] > 0 else 'lower'} than "
+             f"{study.arms[c.b].label} ({r['estimate']:+.4f} reward at equal KL)"
+             for c, r in scored.items() if r["holm"] <= ALPHA]
+    none = [r["resolution"] for r in scored.values() if r["holm"] > ALPHA]
+    detectable = (f"{min(none):.4f}" if min(none) == max(none) else f"{min(none):.4f} to {max(none):.4f}") if none \
+        else ""
+    if not found:
+        return (f"None of the {len(scored)} listed comparisons shows a measurable difference in reward at equal KL; "
+                f"the design detects true differences of {detectable} or more with 80 % power.")
+    rest = (f"; the other {len(none)} of {len(scored)} listed comparisons {'shows' if len(none) == 1 else 'show'} no "
+            f"measurable difference (detectable: {detectable} or more with 80 % power)") if none else ""
+    return f"{'; '.join(found)}{rest}."
+
+
 def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
     m = sum("unscored" not in r for r in section["comparisons"].values())
     strict = NormalDist().inv_cdf(1 - ALPHA / (2 * max(m, 1))) + NormalDist().inv_cdf(0.8)
