@@ -385,18 +385,19 @@ def add_ratios(results: list[dict]) -> None:
             r["peak_vs_match"] = r["peak_mib"] / match["peak_mib"]
 
 
-def combine(rounds: list[list[dict]]) -> list[dict]:
-    """One row per (configuration, length) from repeated rounds (each with its ratios from :func:`add_ratios`).
+def combine(rounds: list[list[dict]], keys: tuple[str, ...] = ("config", "length")) -> list[dict]:
+    """One row per cell (``keys``: configuration and length) from repeated rounds, each with its ratios (from
+    :func:`add_ratios`; ``bench_packing.py`` keys its cells by configuration and mix).
 
     Every measured value and every ratio is the median over the rounds where the row ran without error; a ratio is
     paired, taken within a round (both processes ran back to back) before the median, so a machine that drifts
     between rounds moves both sides of it. ``<key>_range`` holds the smallest and largest round's value and
     ``repeats`` the number of rounds behind the medians. A row that failed in every round keeps its last error.
     """
-    rows: dict[tuple[str, int], list[dict]] = {}
+    rows: dict[tuple, list[dict]] = {}
     for results in rounds:
         for r in results:
-            rows.setdefault((r["config"], r["length"]), []).append(r)
+            rows.setdefault(tuple(r[k] for k in keys), []).append(r)
     combined = []
     for repeats in rows.values():
         good = [r for r in repeats if "error" not in r]

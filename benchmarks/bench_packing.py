@@ -46,7 +46,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_dpo import LR, MODEL, _measure, _trl, model_path, token_pairs  # benchmarks/ is on sys.path here
+from bench_dpo import LR, MODEL, _measure, _trl, combine, model_path, token_pairs  # benchmarks/ is on sys.path here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl", "padded", "packed", "packed_rows", "auto")
@@ -247,6 +247,9 @@ def main() -> None:
     parser.add_argument("--count-pairs", type=int, default=512, help="pairs over which positions per pair are counted")
     parser.add_argument("--pack-length", type=int, default=512, help="row length of packed_rows")
     parser.add_argument("--layers", type=int, default=None, help="blocks of SmolLM2-135M (default 30 CUDA, 6 CPU)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of fresh processes per cell: medians, ratios to padded paired within a round, "
+                             "with their range (use 3 at full depth on a CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/packing.json"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mix", default=None, help=argparse.SUPPRESS)
@@ -263,17 +266,24 @@ def main() -> None:
     layers = 1 if args.quick else args.layers or (30 if cuda else 6)
     model = model_path(None if layers == 30 else layers)
     load_before = os.getloadavg()
-    results, mixes = [], {}
+    mixes, counted, rounds = {}, {}, []
     for mix in args.mixes.split(","):
         features = features_of(mix, args.count_pairs)
         mixes[mix] = {"pairs": len(features), **length_summary(features)}
+        groups = micro_batches(features, args.pairs)
         for config in args.configs.split(","):
-            row = run_worker(config, mix, args, model)
-            groups = micro_batches(features, args.pairs)
-            row["positions_per_pair"] = sum(positions(config, g, args.pack_length) for g in groups) / len(features)
-            results.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    add_ratios(results)
+            counted[config, mix] = sum(positions(config, g, args.pack_length) for g in groups) / len(features)
+    configs = args.configs.split(",")
+    for round_index in range(args.repeats):  # each round starts one configuration later
+        results = []
+        for mix in args.mixes.split(","):
+            for config in configs[round_index % len(configs):] + configs[:round_index % len(configs)]:
+                row = {**run_worker(config, mix, args, model), "positions_per_pair": counted[config, mix]}
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        add_ratios(results)
+        rounds.append(results)
+    results = combine(rounds, keys=("config", "mix"))
     import trl
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
@@ -281,7 +291,7 @@ def main() -> None:
             "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "torch": torch.__version__,
             "trl": trl.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "model": MODEL,
             "layers": layers, "pairs_per_batch": args.pairs, "measured_batches": args.batches,
-            "pack_length": args.pack_length, "mixes": mixes,
+            "pack_length": args.pack_length, "mixes": mixes, "repeats": args.repeats,
             "cpu_memory": os.environ.get("SPARSEPO_CPU_MEMORY", "keep")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,12 @@ def cached_table() -> str:
     return "\n".join(lines)
 
 
+def _spread(row: dict, key: str) -> str:
+    """`` [low–high]`` over the rounds behind a median ratio, where there were several."""
+    low, high = row.get(f"{key}_range", (None, None))
+    return "" if low is None or low == high else f" [{low:.2f}–{high:.2f}]"
+
+
 def _allocator(meta: dict) -> str:
     """How the run's processes allocated CPU memory (``bench_dpo.py`` records ``cpu_memory`` since it sets it)."""
     if meta.get("device", "cpu") != "cpu":
@@ -217,7 +223,9 @@ def packing_table(data: dict | None = None) -> str:
              f"{meta['cpu_count']} cores, load {meta['load_avg_before'][0]:.1f} → {meta['load_avg_after'][0]:.1f}, "
              f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
              f"DPO β 0.1, {meta['pairs_per_batch']} pairs per micro-batch, median of {meta['measured_batches']} "
-             f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}). Mixes: {mixes}.", "",
+             f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}"
+             + (f"; medians of {meta['repeats']} rounds, time ratios paired within a round [range of the rounds]"
+                if meta.get("repeats", 1) > 1 else "") + f"). Mixes: {mixes}.", "",
              "| mix | layout | positions / pair | × padded | CPU s / step | × padded | step MiB | × padded |",
              "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
@@ -227,7 +235,8 @@ def packing_table(data: dict | None = None) -> str:
             lines.append(f"| {r['mix']} | {name} | error: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['mix']} | {name} | {r['positions_per_pair']:.0f} | {r.get('positions_vs_padded', nan):.2f} "
-                     f"| {r['cpu_s']:.2f} | {r.get('time_vs_padded', nan):.2f} | {r['step_mem_mib']:.0f} "
+                     f"| {r['cpu_s']:.2f} | {r.get('time_vs_padded', nan):.2f}{_spread(r, 'time_vs_padded')} "
+                     f"| {r['step_mem_mib']:.0f} "
                      f"| {r.get('mem_vs_padded', nan):.2f} |")
     return "\n".join(lines)
 

@@ -117,6 +117,11 @@ def test_the_step_benchmark_pairs_ratios_within_rounds_and_takes_medians():
     assert trl["cpu_s"] == 22.5 and trl["cpu_s_range"] == [20.0, 30.0]  # median of 20, 20, 25, 30
     assert dpo["static_mib"] == {"grads_mib": 10} and dpo["length"] == 512
     assert combined["floor"] == {"config": "floor", "length": 512, "error": "oom"}
+    mixes = bench.combine([[{"config": "auto", "mix": m, "cpu_s": c} for m, c in (("hh", 1.0), ("imdb", 5.0))],
+                           [{"config": "auto", "mix": m, "cpu_s": c} for m, c in (("hh", 3.0), ("imdb", 7.0))]],
+                          keys=("config", "mix"))  # bench_packing.py's cells
+    assert [(r["mix"], r["cpu_s"], r["cpu_s_range"]) for r in mixes] == [("hh", 2.0, [1.0, 3.0]),
+                                                                        ("imdb", 6.0, [5.0, 7.0])]
 
 
 def test_the_cpu_memory_benchmark_pairs_keep_and_system_within_rounds():
