@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from sparsepo_lightning.study import driver, report
 from sparsepo_lightning.study.machine import claim
@@ -256,6 +257,19 @@ def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of
         f"{label[first][0]} scores lower than {label[first][1]} (-0.0123 reward at equal KL); the other 1 of 2 listed "
         "comparisons shows no measurable difference (detectable: 0.0150 or more with 80 % power).")
     assert verdicts.summary_sentence(study, {"comparisons": {first: found}}).endswith("at equal KL).")
+
+
+def test_a_run_key_that_looks_like_a_number_stays_the_loggers_name(cli_zygote, tmp_path):
+    """6363e75978 (a real run key) is a number to jsonargparse (inf), even quoted: the driver's config names the log
+    folder by the key and gives the logger no name, so the logs land in <work>/logs/<key>/version_0."""
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    paths = Paths(tmp_path / "out", tmp_path / "work")
+    run = next(r for r in plan(study) if r.method == "dense")
+    config_file = driver.training_file(study, paths, run, driver.run_config(study, paths, run), "6363e75978")
+    done = cli_zygote.run("fit", "--config", str(config_file), "--print_config")
+    assert done.returncode == 0, done.stderr[-2000:]
+    logger = yaml.safe_load(done.stdout)["trainer"]["logger"]["init_args"]
+    assert logger["save_dir"] == str(paths.work / "logs" / "6363e75978") and logger["name"] == ""
 
 
 def test_a_claim_is_held_by_one_holder_at_a_time_and_released_after(tmp_path):

@@ -27,8 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sparsepo_lightning.study.machine import claim, exclusive, hardware
 from sparsepo_lightning.study.plan import Paths, Run, StudySettings, config_key, plan, settings_record, training_config
 from sparsepo_lightning.study.planfile import StudyPlan
@@ -193,23 +191,33 @@ def eval_file(run_dir: Path, step: int, final: int) -> Path:
     return run_dir / ("eval.json" if step == final else f"eval_step{step}.json")
 
 
+def training_file(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key: str) -> Path:
+    """Write the run's full ``sparsepo fit`` config (its logger, checkpoints and mask dump added) and return its path.
+
+    The run key names the log folder, not the logger: jsonargparse reads a key such as ``6363e75978`` as a number
+    (digits, ``e``, digits; ``inf`` here), even quoted, where the logger wants a name. The logs go to
+    ``<work>/logs/<key>/version_0`` either way."""
+    full = json.loads(json.dumps(config))
+    full["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                 "init_args": {"save_dir": str(paths.work / "logs" / key), "name": "", "version": 0}}
+    callbacks = [{"class_path": "sparsepo_lightning.study.checkpoints.StepCheckpoints",
+                  "init_args": {"dirpath": str(paths.work / "checkpoints" / key), "steps": study.eval_steps()}}]
+    if "masker" in config["model"]:
+        callbacks.append({"class_path": "sparsepo_lightning.study.maskdump.MaskDump",
+                          "init_args": {"path": str(paths.run_dir(run, key) / "masks.json")}})
+    full["trainer"]["callbacks"] = callbacks
+    config_file = paths.work / "configs" / f"{key}.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(full, indent=2) + "\n")  # JSON, which YAML reads: every string quoted
+    return config_file
+
+
 def train(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key: str) -> dict[str, Any]:
     run_dir = paths.run_dir(run, key)
     logs, checkpoints = paths.work / "logs" / key, paths.work / "checkpoints" / key
     shutil.rmtree(logs, ignore_errors=True)  # leftovers of an interrupted attempt
     shutil.rmtree(checkpoints, ignore_errors=True)
-    full = json.loads(json.dumps(config))
-    full["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                 "init_args": {"save_dir": str(paths.work / "logs"), "name": key, "version": 0}}
-    callbacks = [{"class_path": "sparsepo_lightning.study.checkpoints.StepCheckpoints",
-                  "init_args": {"dirpath": str(checkpoints), "steps": study.eval_steps()}}]
-    if "masker" in config["model"]:
-        callbacks.append({"class_path": "sparsepo_lightning.study.maskdump.MaskDump",
-                          "init_args": {"path": str(run_dir / "masks.json")}})
-    full["trainer"]["callbacks"] = callbacks
-    config_file = paths.work / "configs" / f"{key}.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(full, sort_keys=False))
+    config_file = training_file(study, paths, run, config, key)
     log.info("training %s (%s)", run.name, key)
     seconds = _cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
     summary = json.loads((logs / "version_0" / "summary.json").read_text())
