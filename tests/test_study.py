@@ -259,6 +259,24 @@ def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of
     assert verdicts.summary_sentence(study, {"comparisons": {first: found}}).endswith("at equal KL).")
 
 
+def test_the_second_scorer_changes_a_verdict_only_when_its_category_changes():
+    """Both "no measurable difference" (with different resolutions) keep the verdict, as do two differences of the
+    same sign; a sign flip or a difference that one scorer finds and the other does not change it."""
+    from sparsepo_lightning.study import verdicts
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    c = study.comparisons[0]
+    none_a, none_b = {"estimate": 0.001, "holm": 0.7, "resolution": 0.0067, "p": 0.4}, \
+        {"estimate": -0.002, "holm": 0.9, "resolution": 0.0083, "p": 0.5}
+    up, down = {"estimate": 0.02, "holm": 0.01, "p": 0.005}, {"estimate": -0.02, "holm": 0.01, "p": 0.005}
+    cases = [(none_a, none_b, "keeps its verdict"), (up, {**up, "estimate": 0.03}, "keeps its verdict"),
+             (up, down, "changes verdict"), (up, none_a, "changes verdict"), (none_a, down, "changes verdict")]
+    for first, second, words in cases:
+        (line,) = verdicts.second_scorer_lines(study, {"comparisons": {c: first}, "floor": 0.002},
+                                               {"comparisons": {c: second}, "floor": 0.002}, "textblob")
+        assert f" {words}: " in line, (first, second, line)
+
+
 def test_a_run_key_that_looks_like_a_number_stays_the_loggers_name(cli_zygote, tmp_path):
     """6363e75978 (a real run key) is a number to jsonargparse (inf), even quoted: the driver's config names the log
     folder by the key and gives the logger no name, so the logs land in <work>/logs/<key>/version_0."""

@@ -207,8 +207,8 @@ def sparsity_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
             if train.get("train/masks/mean_reward"):
                 means[r.method].append(train["train/masks/mean_reward"][-1][1])
     cells = [f"{study.arms[m].label} {_span(v, '.1f')} % zeros"
-             + (f", mean weight {_span(means[m], '.2f')}" if len(means[m]) == len(v) else "") + f" ({len(v)} runs)"
-             for m, v in zeros.items()]
+             + (f", mean weight {_span(means[m], '.2f')}" if len(means[m]) == len(v) else "")
+             + (" (1 run)" if len(v) == 1 else f" ({len(v)} runs)") for m, v in zeros.items()]
     return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."] if cells else []
 
 

@@ -85,6 +85,13 @@ def arm_table(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any]) -
     return lines
 
 
+def _verdict(r: dict[str, Any]) -> str:
+    """``higher`` or ``lower`` (arm a against arm b) where the Holm-adjusted p is at most α, else ``none``."""
+    if r["holm"] > ALPHA:
+        return "none"
+    return "higher" if r["estimate"] > 0 else "lower"
+
+
 def _answer(study: StudyPlan, c: Comparison, r: dict[str, Any]) -> str:
     a, b = study.arms[c.a].label, study.arms[c.b].label
     if r["holm"] <= ALPHA:
@@ -116,7 +123,9 @@ def verdict_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
         low, high = r["interval"]
         lines.append(f"- **{c.question}** {_upper(_answer(study, c, r))} ({r['estimate']:+.4f} reward over "
                      f"KL ≤ {r['kl_max']:.3f}, 95 % interval [{low:+.4f}, {high:+.4f}], Holm-adjusted p "
-                     f"{_holm_text(r, section['floor'])}, {r['seeds']} seeds).")
+                     f"{_holm_text(r, section['floor'])}, "
+                     + ("1 seed, so the interval holds no seed-to-seed variance" if r["seeds"] == 1
+                        else f"{r['seeds']} seeds") + ").")
     return lines
 
 
@@ -173,9 +182,8 @@ def second_scorer_lines(study: StudyPlan, first: dict[str, Any], second: dict[st
     for c, r in first["comparisons"].items():
         if c not in second["comparisons"] or "unscored" in r or "unscored" in second["comparisons"][c]:
             continue
+        same = _verdict(r) == _verdict(second["comparisons"][c])
         r2 = second["comparisons"][c]
-        same = _answer(study, c, r).split(":")[0] == _answer(study, c, r2).split(":")[0] and \
-            (r["holm"] > ALPHA or np.sign(r["estimate"]) == np.sign(r2["estimate"]))
         lines.append(f"- Under {scorer}, {study.arms[c.a].label} − {study.arms[c.b].label} "
                      f"{'keeps its verdict' if same else 'changes verdict'}: {r2['estimate']:+.4f}, Holm-adjusted "
                      f"p {_holm_text(r2, second['floor'])}.")
