@@ -9,8 +9,9 @@ on a CPU each of them is faulted in again, page by page, and zeroed by the kerne
 CUDA allocator caches what it frees.
 
 :func:`keep_freed_memory` does on the CPU what the CUDA caching allocator does: it tells glibc (``mallopt``) to serve
-large blocks from the heap (``M_MMAP_MAX = 0``) and never to give the heap's free top back (``M_TRIM_THRESHOLD`` at
-its largest), so a freed block is reused by the next step's allocation of that size. This is the effect PyTorch's
+large blocks from the heap (``M_MMAP_MAX = 0``) and never to give the heap's free top back (``M_TRIM_THRESHOLD = -1``,
+which disables trimming; the largest positive threshold, 2 GiB, still let a step that freed more give it back), so a
+freed block is reused by the next step's allocation of that size. This is the effect PyTorch's
 CPU performance guide gets from preloading jemalloc or TCMalloc, without a preload or a new dependency. Results are
 the same to the bit (where memory comes from changes no arithmetic); the resident memory stays at its high-water
 mark instead of falling back between steps, as on a GPU.
@@ -30,7 +31,8 @@ from sparsepo_lightning.errors import ConfigError
 ENV = "SPARSEPO_CPU_MEMORY"
 """``keep`` (the default) or ``system`` (glibc's own settings)."""
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
-_LARGEST_INT = 2**31 - 1
+NO_TRIM = -1
+"""``mallopt(M_TRIM_THRESHOLD, -1)``: never trim (glibc's documented value; the threshold is unsigned inside)."""
 
 
 def keep_freed_memory() -> bool:
@@ -50,4 +52,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # no C library symbols here, or not glibc
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, _LARGEST_INT))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NO_TRIM))

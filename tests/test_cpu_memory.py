@@ -33,7 +33,7 @@ def test_keep_asks_glibc_for_no_mmap_and_no_trim(monkeypatch):
     monkeypatch.setattr(cpu_memory.sys, "platform", "linux")
     monkeypatch.delenv(cpu_memory.ENV, raising=False)
     assert cpu_memory.keep_freed_memory()
-    assert libc.calls == [(-4, 0), (-1, 2**31 - 1)]  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = INT_MAX (malloc.h)
+    assert libc.calls == [(-4, 0), (-1, -1)]  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = -1: never trim (malloc.h)
 
 
 @pytest.mark.parametrize("setting", [{"env": "system"}, {"env": " System "}, {"platform": "darwin"}, {"libc": None}])
