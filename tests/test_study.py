@@ -338,11 +338,12 @@ def great_of(text):
     return TextBlobScorer()([text])[0]
 
 
-@pytest.mark.parametrize("name", ["sentiment", "pilot"])
+@pytest.mark.parametrize("name", ["sentiment", "pilot", "sentiment_controls"])
 def test_the_committed_report_is_what_its_committed_logs_regenerate(name, tmp_path, monkeypatch):
     """`make study-report` on the committed logs alone writes the committed README.md, to the character: the first
-    study and the controls study's pilot (regenerated as ``reports/<name>`` relative to the working folder, as the
-    command that wrote it ran, since the README quotes that command).
+    study, the controls study's pilot, and the controls study as far as its committed runs go (regenerated as
+    ``reports/<name>`` relative to the working folder, as the command that wrote it ran, since the README quotes that
+    command). Commit a study's new runs together with its regenerated report.
 
     Only evaluated runs are committed; a run the study is making in this work tree (no ``eval.json`` yet) is left out.
     """
