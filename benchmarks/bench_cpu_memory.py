@@ -24,8 +24,9 @@ from pathlib import Path
 
 from bench_dpo import MODEL, model_path, run_config  # benchmarks/ is on sys.path when a script here runs
 
+from sparsepo_lightning.cpu_memory import ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = "SPARSEPO_CPU_MEMORY"
 CHOICES = ("system", "keep")
 
 

@@ -385,6 +385,19 @@ def add_ratios(results: list[dict]) -> None:
             r["peak_vs_match"] = r["peak_mib"] / match["peak_mib"]
 
 
+def rotated(names: list[str], round_index: int) -> list[str]:
+    """``names`` starting ``round_index`` places later, so no configuration always runs first or last in a round."""
+    start = round_index % len(names)
+    return names[start:] + names[:start]
+
+
+def allocator_setting() -> str:
+    """What every worker's ``keep_freed_memory`` will do here (``SPARSEPO_CPU_MEMORY``, ``keep`` by default)."""
+    from sparsepo_lightning.cpu_memory import ENV
+
+    return os.environ.get(ENV, "keep")
+
+
 def combine(rounds: list[list[dict]], keys: tuple[str, ...] = ("config", "length")) -> list[dict]:
     """One row per cell (``keys``: configuration and length) from repeated rounds, each with its ratios (from
     :func:`add_ratios`; ``bench_packing.py`` keys its cells by configuration and mix).
@@ -471,8 +484,8 @@ def main() -> None:
     model = model_path(layers if layers != 30 else None)
     names, rounds = configs.split(","), []
     for round_index in range(repeats):
-        results = []  # each round starts one configuration later, so no configuration always runs first or last
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+        results = []
+        for name in rotated(names, round_index):
             results += run_config(name, lengths, num_pairs, args.warmup, steps, model, timeout=900)
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         add_ratios(results)
@@ -486,7 +499,7 @@ def main() -> None:
             "trl": trl.__version__,
             "device": torch.cuda.get_device_name() if cuda else "cpu", "pairs": num_pairs, "steps": steps,
             "warmup": args.warmup, "warmup_length": WARMUP_LENGTH, "repeats": repeats,
-            "model": MODEL, "layers": layers or 30, "cpu_memory": os.environ.get("SPARSEPO_CPU_MEMORY", "keep")}
+            "model": MODEL, "layers": layers or 30, "cpu_memory": allocator_setting()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

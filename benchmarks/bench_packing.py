@@ -46,7 +46,17 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_dpo import LR, MODEL, _measure, _trl, combine, model_path, token_pairs  # benchmarks/ is on sys.path here
+from bench_dpo import (  # benchmarks/ is on sys.path here
+    LR,
+    MODEL,
+    _measure,
+    _trl,
+    allocator_setting,
+    combine,
+    model_path,
+    rotated,
+    token_pairs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("trl", "padded", "packed", "packed_rows", "auto")
@@ -274,10 +284,10 @@ def main() -> None:
         for config in args.configs.split(","):
             counted[config, mix] = sum(positions(config, g, args.pack_length) for g in groups) / len(features)
     configs = args.configs.split(",")
-    for round_index in range(args.repeats):  # each round starts one configuration later
+    for round_index in range(args.repeats):
         results = []
         for mix in args.mixes.split(","):
-            for config in configs[round_index % len(configs):] + configs[:round_index % len(configs)]:
+            for config in rotated(configs, round_index):
                 row = {**run_worker(config, mix, args, model), "positions_per_pair": counted[config, mix]}
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
@@ -292,7 +302,7 @@ def main() -> None:
             "trl": trl.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "model": MODEL,
             "layers": layers, "pairs_per_batch": args.pairs, "measured_batches": args.batches,
             "pack_length": args.pack_length, "mixes": mixes, "repeats": args.repeats,
-            "cpu_memory": os.environ.get("SPARSEPO_CPU_MEMORY", "keep")}
+            "cpu_memory": allocator_setting()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -68,13 +68,9 @@ def cached_table() -> str:
     lines = [f"Source: `benchmarks/results/cached.json` ({meta['date'][:10]}, {meta['device']}, {meta['cpu_count']} "
              f"cores, torch {meta['torch']}, TRL {meta['trl']}; {meta['model']}, {meta['layers']} blocks, "
              f"T = {data['results'][0]['length']}, {meta['pairs']} pairs, {meta['steps']} measured steps; "
-             f"{_allocator(meta)}).", "",
+             f"{_allocator(meta)}{_rounds(meta, 'throughput from ratios')}).", "",
              "| ours | TRL at equal settings | ours CPU s | TRL CPU s | throughput ×TRL | dynamic memory ×TRL |",
              "|---|---|---|---|---|---|"]
-    repeats = meta.get("repeats", 1)
-    if repeats > 1:
-        lines[0] = lines[0][:-2] + f"; medians of {repeats} rounds, throughput from ratios paired within a round, " \
-                                   "[range of the rounds])."
     for ours, theirs in (("dpo", "trl"), ("dpo_gc", "trl_gc"), ("dpo_cached", "trl_precompute"),
                          ("dpo_cached_gc", "trl_precompute_gc")):
         if ours in by_config and theirs in by_config:
@@ -86,6 +82,12 @@ def cached_table() -> str:
                          f"{b['cpu_s']:.1f} | {1 / ratio:.2f}{spread} | "
                          f"{a['dynamic_mib'] / b['dynamic_mib']:.2f} |")
     return "\n".join(lines)
+
+
+def _rounds(meta: dict, ratios: str) -> str:
+    """The source line's words for results of several rounds (``--repeats``); nothing for one round."""
+    repeats = meta.get("repeats", 1)
+    return f"; medians of {repeats} rounds, {ratios} paired within a round [range of the rounds]" if repeats > 1 else ""
 
 
 def _spread(row: dict, key: str) -> str:
@@ -223,9 +225,8 @@ def packing_table(data: dict | None = None) -> str:
              f"{meta['cpu_count']} cores, load {meta['load_avg_before'][0]:.1f} → {meta['load_avg_after'][0]:.1f}, "
              f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
              f"DPO β 0.1, {meta['pairs_per_batch']} pairs per micro-batch, median of {meta['measured_batches']} "
-             f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}"
-             + (f"; medians of {meta['repeats']} rounds, time ratios paired within a round [range of the rounds]"
-                if meta.get("repeats", 1) > 1 else "") + f"). Mixes: {mixes}.", "",
+             f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}{_rounds(meta, 'time ratios')}). "
+             f"Mixes: {mixes}.", "",
              "| mix | layout | positions / pair | × padded | CPU s / step | × padded | step MiB | × padded |",
              "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
