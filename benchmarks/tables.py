@@ -105,6 +105,26 @@ def _allocator(meta: dict) -> str:
     return "glibc's default allocator in every process, under which large temporaries cost kernel time every step"
 
 
+STUDY = ROOT / "reports" / "sentiment_controls"
+_PARTIAL = re.compile(r"^\*\*Partial study: (\d+) of (\d+) planned runs are evaluated\.\*\*", re.M)
+_SENTENCE = re.compile(r"^\*\*In one sentence:\*\* (.+)$", re.M)
+
+
+def controls_study() -> str:
+    """The controls study's conclusion in one sentence, quoted from its generated report (``sparsepo study sentiment
+    report``, held to its logs by tests/test_study.py), with the share of its runs behind it while the study is
+    partial."""
+    text = (STUDY / "README.md").read_text()
+    sentence = _SENTENCE.search(text)
+    if sentence is None:
+        raise ValueError(f"{STUDY / 'README.md'} has no '**In one sentence:**' line; regenerate the report")
+    partial = _PARTIAL.search(text)
+    status = (f"partial, {partial.group(1)} of {partial.group(2)} planned runs evaluated so far" if partial
+              else "all planned runs")
+    return (f"The controls study ([reports/sentiment_controls](reports/sentiment_controls/README.md), {status}), "
+            f"in its report's words: *{sentence.group(1)}*")
+
+
 def cpu_memory_table() -> str:
     """``cpu_memory.json`` (``bench_cpu_memory.py``): one step with freed memory kept against glibc's defaults."""
     data = _load("cpu_memory.json")
@@ -245,7 +265,8 @@ def packing_table(data: dict | None = None) -> str:
 TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_table, "loading": loading_table,
                                         "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
                                         "cached": cached_table, "statistics": statistics_table,
-                                        "packing": packing_table, "cpu_memory": cpu_memory_table}
+                                        "packing": packing_table, "cpu_memory": cpu_memory_table,
+                                        "controls_study": controls_study}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 

@@ -250,13 +250,19 @@ def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of
     assert verdicts.summary_sentence(study, {"comparisons": {first: {"unscored": True}}}) == \
         "No listed comparison can be scored yet."
     assert verdicts.summary_sentence(study, {"comparisons": {first: none_a, second: none_b}}) == (
-        "None of the 2 listed comparisons shows a measurable difference in reward at equal KL; the design detects "
-        "true differences of 0.0150 to 0.0304 or more with 80 % power.")
+        "None of the 2 comparisons scored so far (of the 5 listed) shows a measurable difference in reward at equal "
+        "KL; the design detects true differences of 0.0150 to 0.0304 or more with 80 % power.")
     assert verdicts.summary_sentence(study, {"comparisons": {first: found, second: none_a,
                                                              third: {"unscored": True}}}) == (
-        f"{label[first][0]} scores lower than {label[first][1]} (-0.0123 reward at equal KL); the other 1 of 2 listed "
-        "comparisons shows no measurable difference (detectable: 0.0150 or more with 80 % power).")
+        f"{label[first][0]} scores lower than {label[first][1]} (-0.0123 reward at equal KL); the other 1 of the 2 "
+        "comparisons scored so far (of the 5 listed) shows no measurable difference (detectable: 0.0150 or more with "
+        "80 % power).")
+    assert verdicts.summary_sentence(study, {"comparisons": {first: none_a, second: {"unscored": True}}}) == (
+        "The 1 comparison scored so far (of the 5 listed) shows no measurable difference in reward at equal KL; the "
+        "design detects true differences of 0.0150 or more with 80 % power.")
     assert verdicts.summary_sentence(study, {"comparisons": {first: found}}).endswith("at equal KL).")
+    assert verdicts._holm_family(3, 5) == ("3 comparisons scored so far (the plan lists 5 before the runs; the "
+                                           "complete study corrects across all 5)")
 
 
 def test_the_second_scorer_changes_a_verdict_only_when_its_category_changes():
@@ -413,6 +419,7 @@ def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
     text = report.write_report(tmp_path).read_text()
     # 18 runs of 3 arms × 3 seeds × 2 β, all evaluated: no partial-study line
     assert "Partial study" not in text and "18 runs of 4 steps × 8 pairs, each evaluated at steps [2, 4]" in text
+    assert "Holm: adjusted across the 2 comparisons listed in the plan before the runs." in text
     lines = text.splitlines()
     learned = next(line for line in lines if line.startswith("- **Does the learned choice matter?** "))
     assert "Yes: Learned scores higher than Permuted (+0.0" in learned and "p ≤ 0.02, 3 seeds)." in learned
@@ -421,8 +428,8 @@ def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
     estimate = learned.split("(")[1].split(" ")[0]
     resolution = next(line for line in lines if line.startswith("| TDPO1 − Permuted | ")).split("|")[9].strip()
     assert sentence == (f"**In one sentence:** Learned scores higher than Permuted ({estimate} reward at equal KL); "
-                        f"the other 1 of 2 listed comparisons shows no measurable difference (detectable: {resolution} "
-                        "or more with 80 % power).")
+                        "the other 1 of the 2 listed comparisons shows no measurable difference (detectable: "
+                        f"{resolution} or more with 80 % power).")
     same = next(line for line in lines if line.startswith("- **Does TDPO1 differ from the permuted mask?** "))
     assert "No measurable difference between TDPO1 and Permuted; this design detects a true difference of" in same
     row = next(line for line in lines if line.startswith("| Learned − Permuted | 3 | [0, "))
@@ -437,3 +444,4 @@ def test_a_hierarchical_plan_report_states_a_verdict_per_comparison(tmp_path):
     assert diagnostics == "| Learned | 6 | 0.500 | 1.000 | 2.000 | 0.500 | 0.500 | 1.000 | 0.000 |"
     assert "| Permuted | 6 | 0.000 | 1.000 | 1.000 | 0.000 | 1.000 | 0.000 | 0.000 |" in text
     assert report.write_report(tmp_path).read_text() == text
+

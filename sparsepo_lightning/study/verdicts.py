@@ -141,15 +141,31 @@ def summary_sentence(study: StudyPlan, section: dict[str, Any]) -> str:
     none = [r["resolution"] for r in scored.values() if r["holm"] > ALPHA]
     detectable = (f"{min(none):.4f}" if min(none) == max(none) else f"{min(none):.4f} to {max(none):.4f}") if none \
         else ""
+    listed, noun = len(study.comparisons), "comparison" if len(scored) == 1 else "comparisons"
+    named = (f"the {len(scored)} listed {noun}" if len(scored) == listed
+             else f"the {len(scored)} {noun} scored so far (of the {listed} listed)")
     if not found:
-        return (f"None of the {len(scored)} listed comparisons shows a measurable difference in reward at equal KL; "
+        subject = f"{named[0].upper()}{named[1:]}" if len(scored) == 1 else f"None of {named}"
+        return (f"{subject} shows {'no' if len(scored) == 1 else 'a'} measurable difference in reward at equal KL; "
                 f"the design detects true differences of {detectable} or more with 80 % power.")
-    rest = (f"; the other {len(none)} of {len(scored)} listed comparisons {'shows' if len(none) == 1 else 'show'} no "
+    rest = (f"; the other {len(none)} of {named} {'shows' if len(none) == 1 else 'show'} no "
             f"measurable difference (detectable: {detectable} or more with 80 % power)") if none else ""
     return f"{'; '.join(found)}{rest}."
 
 
+def _holm_family(scored: int, listed: int) -> str:
+    """Which comparisons the Holm correction spans: all those listed before the runs, or, in a partial study, the
+    ones scored so far (the complete study corrects across all of them)."""
+    if scored == listed:
+        return f"{listed} comparisons listed in the plan before the runs"
+    return (f"{scored} comparisons scored so far (the plan lists {listed} before the runs; the complete study corrects "
+            f"across all {listed})")
+
+
 def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
+    if not section["comparisons"]:
+        return [f"None of the {len(study.comparisons)} listed comparisons has both its arms evaluated on a common seed "
+                "yet."]
     m = sum("unscored" not in r for r in section["comparisons"].values())
     strict = NormalDist().inv_cdf(1 - ALPHA / (2 * max(m, 1))) + NormalDist().inv_cdf(0.8)
     lines = [f"Each comparison: frontier score of the first arm minus the second's. A seed's frontier is the Pareto "
@@ -159,7 +175,7 @@ def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
              f"from {study.bootstrap:,} hierarchical bootstrap resamples (seeds with replacement, then prompts within "
              "each drawn seed; paired across arms); a resampled front that falls short of the range is extended flat "
              "from its last point (share below). p: two-sided bootstrap p-value (floor 2/(B+1)); Holm: adjusted "
-             f"across the {m} comparisons listed in the plan before the runs. Resolution = (z₀.₉₇₅ + z₀.₈) × SE = "
+             f"across the {_holm_family(m, len(study.comparisons))}. Resolution = (z₀.₉₇₅ + z₀.₈) × SE = "
              f"2.80 × SE, the smallest true difference found with 80 % power at α = 0.05 (at Holm's strictest step, "
              f"α/{m}: {strict:.2f} × SE).", "",
              "| comparison | seeds | KL range | estimate | 95 % interval | p | Holm p | SE | resolution | fronts "
