@@ -75,8 +75,10 @@ def arm_table(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any]) -
     if not kl_max > 0:
         return []
     boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
-    lines = [f"Frontier score of every arm over KL ∈ [0, {kl_max:.3f}] (the range every arm's front reaches in each "
-             f"of the {len(data[next(iter(data))])} seeds all arms ran), 95 % hierarchical bootstrap intervals:", "",
+    n = len(data[next(iter(data))])
+    seeds = "the 1 seed all arms ran" if n == 1 else f"each of the {n} seeds all arms ran"
+    lines = [f"Frontier score of every arm over KL ∈ [0, {kl_max:.3f}] (the range every arm's front reaches in "
+             f"{seeds}), 95 % hierarchical bootstrap intervals:", "",
              "| arm | evaluations | frontier score | 95 % interval |", "|---|---|---|---|"]
     for arm, per_seed in data.items():
         low, high = stats.interval(boot.samples[arm])
