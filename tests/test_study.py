@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from sparsepo_lightning.study import driver, report
-from sparsepo_lightning.study.machine import claim
+from sparsepo_lightning.study.machine import claim, held
 from sparsepo_lightning.study.plan import Paths, Run, config_key, plan, training_config
 from sparsepo_lightning.study.planfile import load_plan
 
@@ -311,10 +311,34 @@ def test_sparsepo_study_plan_lists_every_run(cli_zygote, tmp_path):
     done = cli_zygote.run("study", "sentiment", "plan", "--out", str(tmp_path / "out"), "--work",
                           str(tmp_path / "work"), "--betas", "0.5", "--seeds", "3")
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    *lines, summary = done.stdout.splitlines()
     assert len(lines) == len(METHODS)
-    assert any(line.startswith("dpo_b0.5_s3 ") and line.endswith("to do") for line in lines)
+    dpo = next(line for line in lines if line.startswith("dpo_b0.5_s3 "))
+    assert dpo.endswith("to do")
     assert any(line.startswith("random_b0.5_s3 ") and "waits for its matched run" in line for line in lines)
+    assert summary == f"{len(METHODS)} runs: {len(METHODS) - 1} to do, 1 waits for its matched run"
+    with claim(tmp_path / "work", dpo.split()[1]):  # a driver (here: this process) holds the run's claim
+        again = cli_zygote.run("study", "sentiment", "plan", "--out", str(tmp_path / "out"), "--work",
+                               str(tmp_path / "work"), "--betas", "0.5", "--seeds", "3")
+    assert f"{dpo.removesuffix('to do')}running" in again.stdout.splitlines()
+    assert again.stdout.splitlines()[-1].startswith(f"{len(METHODS)} runs: 1 running, {len(METHODS) - 2} to do, ")
+
+
+def test_held_reads_the_kernel_lock_table_without_taking_the_lock(tmp_path):
+    assert held(tmp_path, "abc") is False  # never claimed
+    with claim(tmp_path, "abc"):
+        assert held(tmp_path, "abc") is True
+        assert held(tmp_path, "abc", locks=tmp_path / "missing") is None  # no lock table (not Linux): unknown
+        with claim(tmp_path, "abc") as second:
+            assert not second  # held() took nothing: the claim is still this holder's alone
+    assert held(tmp_path, "abc") is False  # released; the lock file stays
+    inode = (tmp_path / "claims" / "abc.lock").stat().st_ino
+    table = tmp_path / "locks"
+    table.write_text(f"1: POSIX  ADVISORY  WRITE 77 fe:00:{inode} 0 EOF\n2: FLOCK  ADVISORY  WRITE 78 fe:00:9{inode} 0 "
+                     f"EOF\n3: FLOCK  ADVISORY  WRITE 79 fd:01:{inode} 0 EOF\n")
+    assert held(tmp_path, "abc", locks=table) is True  # only the FLOCK line on this inode counts
+    table.write_text(table.read_text().splitlines()[0] + "\n")
+    assert held(tmp_path, "abc", locks=table) is False
 
 
 def test_textblob_scorer_and_rescore_add_the_second_scores(tmp_path):

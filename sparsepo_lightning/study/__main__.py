@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sparsepo_lightning.study.plan import StudySettings
+from sparsepo_lightning.study.plan import Paths, StudySettings
 from sparsepo_lightning.study.planfile import DEFAULT_PLAN, PlanError, StudyPlan, load_plan, plan_from_record
 
 
@@ -77,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("sparsepo_lightning").setLevel(logging.INFO)  # progress; other libraries' INFO is noise
     from sparsepo_lightning.model_sources import cache_dir
     from sparsepo_lightning.study import driver, report
-    from sparsepo_lightning.study.plan import Paths, config_key, plan
 
     try:
         study, out = study_from(args)
@@ -102,16 +101,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rescored {len(done)} evaluations with {scorer}: {', '.join(done) or '-'}")
         report.write_report(out, study)
     else:
-        steps = study.eval_steps()
-        for run in plan(study):
-            try:
-                key = config_key(driver.run_config(study, paths, run))
-                run_dir = paths.run_dir(run, key)
-                state = "done" if all(driver.eval_file(run_dir, s, steps[-1]).is_file() for s in steps) else "to do"
-            except RuntimeError:
-                key, state = "?", "waits for its matched run"
-            print(f"{run.name:<40} {key:<10} {state}")
+        show_plan(study, paths, out)
     return 0
+
+
+def show_plan(study: StudyPlan, paths: Paths, out: Path) -> None:
+    """Each planned run's key and state (done, running: a driver holds its claim, to do), then the counts and the
+    run time left at the median cost of the runs done."""
+    from collections import Counter
+
+    from sparsepo_lightning.study import driver, report
+    from sparsepo_lightning.study.logs import load_runs
+    from sparsepo_lightning.study.machine import held
+    from sparsepo_lightning.study.plan import config_key, plan
+
+    steps, states = study.eval_steps(), Counter()
+    for run in plan(study):
+        try:
+            key = config_key(driver.run_config(study, paths, run))
+            run_dir = paths.run_dir(run, key)
+            state = "done" if all(driver.eval_file(run_dir, s, steps[-1]).is_file() for s in steps) else \
+                "running" if held(paths.work, key) else "to do"
+        except RuntimeError:
+            key, state = "?", "waits for its matched run"
+        states[state] += 1
+        print(f"{run.name:<40} {key:<10} {state}")
+    order = ("done", "running", "to do", "waits for its matched run")
+    line = f"{sum(states.values())} runs: " + ", ".join(f"{states[s]} {s}" for s in order if states[s])
+    minutes = report.run_minutes(load_runs(out, study)[0]) if out.is_dir() else None
+    if minutes is not None and states["done"] < sum(states.values()):
+        left = (sum(states.values()) - states["done"]) * (minutes[0] + minutes[1]) / 60
+        line += (f"; about {left:.1f} h of run time left at the median cost of {minutes[2]} runs done (divided among "
+                 "the drivers that run side by side)")
+    print(line)
 
 
 if __name__ == "__main__":

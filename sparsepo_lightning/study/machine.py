@@ -48,6 +48,21 @@ def exclusive(work: Path, name: str) -> Iterator[None]:
         yield
 
 
+def held(work: Path, name: str, locks: Path = Path("/proc/locks")) -> bool | None:
+    """Whether a process holds ``name``'s lock now, read from the kernel's lock table without taking the lock (taking
+    it, even briefly, could make a driver pass over the run); None where that table is not readable (not Linux)."""
+    path = Path(work) / "claims" / f"{name}.lock"
+    if not path.is_file():
+        return False
+    try:
+        table = locks.read_text()
+    except OSError:
+        return None
+    inode = str(path.stat().st_ino)  # the table names a lock by major:minor:inode of the locked file
+    return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode
+               for fields in map(str.split, table.splitlines()))
+
+
 def hardware() -> str:
     """The machine that runs the study, in words (CPU model and cores, or the GPU; torch version)."""
     import torch

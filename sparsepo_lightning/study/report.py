@@ -212,17 +212,27 @@ def sparsity_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."] if cells else []
 
 
-def cost_line(runs: list[RunLog], planned: int) -> list[str]:
-    """A run's measured cost (medians: robust to runs that shared the machine) and the whole plan's."""
+def run_minutes(runs: list[RunLog]) -> tuple[float, float, int] | None:
+    """Median minutes of training and of evaluation per run (medians: robust to runs that shared the machine), over
+    the runs whose logs time both, and how many they are; None when none does."""
     done = [r for r in runs if r.eval and r.metrics.get("wall_seconds") and
             all(e.get("wall_seconds") for e in r.evals.values())]
     if not done:
-        return []
+        return None
     times = np.array([(r.metrics["wall_seconds"], sum(e["wall_seconds"] for e in r.evals.values()))
                       for r in done]) / 60
     train, evaluation = np.median(times, axis=0)
+    return float(train), float(evaluation), len(done)
+
+
+def cost_line(runs: list[RunLog], planned: int) -> list[str]:
+    """A run's measured cost and the whole plan's."""
+    minutes = run_minutes(runs)
+    if minutes is None:
+        return []
+    train, evaluation, n = minutes
     return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation (medians over "
-            f"{len(done)} runs): about {planned * (train + evaluation) / 60:.1f} h for the {planned} runs on the "
+            f"{n} runs): about {planned * (train + evaluation) / 60:.1f} h for the {planned} runs on the "
             "hardware above, plus building the data once."]
 
 
