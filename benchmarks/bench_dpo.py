@@ -23,7 +23,7 @@ Reference cache against TRL's ``precompute_ref_log_probs`` (``--cached``: :data:
 match at equal settings (:data:`MATCH`, ratios ``time_vs_match`` / ``dynamic_vs_match``):
 
 - ``dpo_cached``: DPO with ``reference_cache`` (``reference_cache.prepare`` over the batch's pairs before the timer,
-  as a fit does before training), against ``trl_precompute`` (``precompute_ref_log_probs=True``: TRL computes the
+  then the reference's weights released, as a fit does before training), against ``trl_precompute`` (``precompute_ref_log_probs=True``: TRL computes the
   reference log-probs before the timer too, and then keeps no reference model);
 - ``*_gc``: the same with gradient checkpointing (ours ``activation_checkpointing``, TRL's its default
   ``gradient_checkpointing=True``, enabled as its ``Trainer.train`` would); ``dpo`` / ``dpo_gc`` against ``trl`` /
@@ -175,7 +175,9 @@ def _cache_of(module, pairs):
     """``reference_cache.prepare`` over ``pairs`` as the training split of a one-rank run (in a temporary folder)."""
     from types import SimpleNamespace
 
-    from sparsepo_lightning import reference_cache
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from sparsepo_lightning import reference_cache, reference_release
     from sparsepo_lightning.data.collate import collate_pairs
 
     os.environ.setdefault("SPARSEPO_TOKENISED_CACHE", tempfile.mkdtemp())
@@ -185,7 +187,10 @@ def _cache_of(module, pairs):
                            batch_size=len(pairs), cache_tokenised=False)
     trainer = SimpleNamespace(datamodule=data, global_rank=0, world_size=1,
                               strategy=SimpleNamespace(barrier=lambda *_: None))
-    return reference_cache.prepare(module, trainer, ("reference_logps",))
+    cache = reference_cache.prepare(module, trainer, ("reference_logps",))
+    single = SimpleNamespace(strategy=SingleDeviceStrategy(device=module.device), callbacks=[])
+    reference_release.release(module, single)  # as a single-device fit does once the cache serves it
+    return cache
 
 
 def _floor(device, model: str):
@@ -256,10 +261,11 @@ def _on(collated: dict, device) -> dict:
 
 
 def static_mib(models, optimizer) -> dict:
-    """Weights (all models), gradients (of the optimizer's parameters) and optimizer state, from the tensors."""
+    """Weights (all models; not a released reference's, on the meta device), gradients (of the optimizer's
+    parameters) and optimizer state, from the tensors."""
     import torch
 
-    params = {id(p): p for m in models if m is not None for p in m.parameters()}.values()
+    params = {id(p): p for m in models if m is not None for p in m.parameters() if not p.is_meta}.values()
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()

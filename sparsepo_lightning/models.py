@@ -47,13 +47,11 @@ def load_policy_and_reference(
     policy = load(model, dtype=dtype, trust_remote_code=trust_remote_code)
     frozen = None
     if needs_reference and lora is None:
-        frozen = load(reference or model, dtype=dtype, trust_remote_code=trust_remote_code)
-        frozen.requires_grad_(False).eval()
-    set_attention(attn_implementation, policy, frozen)
+        frozen = load_frozen(reference or model, dtype, trust_remote_code, meta_init, disable_dropout,
+                             attn_implementation)
+    set_attention(attn_implementation, policy)
     if disable_dropout:
-        for lm in (policy, frozen):
-            if lm is not None:
-                _disable_dropout(lm)
+        _disable_dropout(policy)
     if lora is not None:
         policy = with_lora(policy, lora)
         if meta_init:
@@ -69,17 +67,24 @@ def load_frozen_models(paths: dict[str, str] | None, dtype: str = "float32", tru
     no gradients, never checkpointed, sharded like the reference under FSDP2."""
     if not paths:
         return None
-    load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
     models = nn.ModuleDict()
     for name, path in paths.items():
         if not name.isidentifier():
             raise ConfigError(f"model.frozen_models: the name {name!r} must be a Python identifier (e.g. positive).")
-        model = load(path, dtype=dtype, trust_remote_code=trust_remote_code).requires_grad_(False).eval()
-        set_attention(attn_implementation, model)
-        if disable_dropout:
-            _disable_dropout(model)
-        models[name] = model
+        models[name] = load_frozen(path, dtype, trust_remote_code, meta_init, disable_dropout, attn_implementation)
     return models
+
+
+def load_frozen(path: str, dtype: str = "float32", trust_remote_code: bool = False, meta_init: bool = False,
+                disable_dropout: bool = True, attn_implementation: str | None = None) -> nn.Module:
+    """One frozen causal LM (the reference, an extra frozen model): eval mode, no gradients, the run's attention
+    implementation, dropout off with ``disable_dropout``; without weights (meta device) with ``meta_init``."""
+    load = meta_init_lib.empty_causal_lm if meta_init else load_causal_lm
+    model = load(path, dtype=dtype, trust_remote_code=trust_remote_code).requires_grad_(False).eval()
+    set_attention(attn_implementation, model)
+    if disable_dropout:
+        _disable_dropout(model)
+    return model
 
 
 def set_attention(implementation: str | None, *models: nn.Module | None) -> None:

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from sparsepo_lightning import checkpointing, checks, sharding
+from sparsepo_lightning import checkpointing, checks, reference_release, sharding
 from sparsepo_lightning import meta_init as meta_init_lib
 from sparsepo_lightning.callbacks.statistics import exactly_logged
 from sparsepo_lightning.distribution_step import step_masks_and_statistics
@@ -193,7 +193,7 @@ class PreferenceModule(LightningModule):
         if self.reference is None:  # LoRA: the policy with its adapters disabled
             return reference_outputs(self._causal_lm, batch.input_ids, batch.attention_mask, self.masker,
                                      inference=False, context=self.policy.disable_adapter(), packed=batch.packed)
-        return reference_outputs(self.reference, batch.input_ids, batch.attention_mask, self.masker,
+        return reference_outputs(reference_release.live(self), batch.input_ids, batch.attention_mask, self.masker,
                                  inference=not self._sharded, packed=batch.packed)
 
     def _shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:

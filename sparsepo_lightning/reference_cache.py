@@ -51,6 +51,7 @@ from sparsepo_lightning.data.token_cache import cache_root
 from sparsepo_lightning.errors import ConfigError
 from sparsepo_lightning.masks.base import TokenMasker
 from sparsepo_lightning.objectives import Objective
+from sparsepo_lightning.reference_release import release
 from sparsepo_lightning.types import PreferenceBatch, TokenStats, scatter_response
 
 CACHEABLE = {"reference_logps": "log π_ref(y^t | x, y^<t) of each response token's label"}
@@ -180,6 +181,9 @@ class CachedReference(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.fields:
             self.cache = prepare(pl_module, trainer, self.fields)
+            released = release(pl_module, trainer)  # no step of this fit runs the reference
+            if released:
+                rank_zero_info(f"reference cache: {released}")
 
     def serves(self, split: str) -> bool:
         """True when the cache holds ``split`` (``train``, ``val``): its steps do not run the reference."""

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.testing import assert_close
 
-from sparsepo_lightning import checks, reference_cache
+from sparsepo_lightning import checks, reference_cache, reference_release
 from sparsepo_lightning.data import PreferenceDataModule
 from sparsepo_lightning.data.collate import WithRowIds, collate_pairs
 from sparsepo_lightning.errors import ConfigError
@@ -245,6 +245,55 @@ def test_cached_fit_equals_the_live_reference_fit(layout, tiny_model_dir, pairs_
     moved = max((live[1][k] - v).abs().max().item() for k, v in _initial_policy(tiny_model_dir).items())
     assert moved > 1e-4  # the steps did something measurable
     _assert_same_run(cached, live, rtol=0 if layout == "padded" else 1e-5, atol=1e-6)
+    assert reference_release.released(cached[2].reference) and not reference_release.released(live[2].reference)
+    if layout == "padded":
+        _assert_a_test_stage_loads_the_released_reference_again(cached[2], live[2], tiny_model_dir, pairs_file)
+
+
+def _assert_a_test_stage_loads_the_released_reference_again(cached: PreferenceModule, live: PreferenceModule,
+                                                             model_dir: str, pairs_file: str) -> None:
+    """After the fit the cached module holds no reference weights; ``trainer.test`` (a split the cache does not
+    hold) loads them again and scores as the module whose reference stayed loaded."""
+    losses = []
+    for module in (cached, live):
+        data = PreferenceDataModule(tokenizer=model_dir, train_file=pairs_file, test_file=pairs_file, batch_size=2,
+                                    max_length=32, max_prompt_length=16)
+        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_test_batches=2)
+        losses.append(trainer.test(module, datamodule=data, verbose=False)[0])
+    assert not reference_release.released(cached.reference)
+    for name, value in live.reference.state_dict().items():
+        assert torch.equal(cached.reference.state_dict()[name], value), name
+    assert losses[0].keys() == losses[1].keys() and losses[0]
+    for name, value in losses[1].items():
+        assert losses[0][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_the_reference_weights_stay_where_a_callback_or_a_shard_needs_them():
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from sparsepo_lightning.callbacks import GenerationSamples
+    from tests.tiny_models import tiny_llama
+
+    def module(sharded: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(reference=tiny_llama(seed=0, vocab=64), _sharded=sharded)
+
+    single, ddp = SingleDeviceStrategy(device=torch.device("cpu")), DDPStrategy()
+    kept = module()
+    note = reference_release.release(kept, SimpleNamespace(strategy=single, callbacks=[GenerationSamples()]))
+    assert note == "reference weights kept: GenerationSamples reads the reference during the fit"
+    assert not reference_release.released(kept.reference)
+    sharded = module(sharded=True)
+    assert reference_release.release(sharded, SimpleNamespace(strategy=ddp, callbacks=[])) == \
+        "reference weights kept: each rank holds its shard"
+    free = module()
+    size = sum(p.numel() * p.element_size() for p in free.reference.parameters())
+    note = reference_release.release(free, SimpleNamespace(strategy=ddp, callbacks=[_Record()]))
+    assert note.startswith("reference weights released (") and reference_release.released(free.reference)
+    assert all(p.is_meta for p in free.reference.parameters()) and size > 0
+    assert not any(b.is_meta for b in free.reference.buffers())  # DDP broadcasts buffers at every step
+    assert reference_release.release(free, SimpleNamespace(strategy=ddp, callbacks=[])) == ""  # once
+    assert reference_release.release(SimpleNamespace(reference=None), SimpleNamespace(strategy=ddp)) == ""
 
 
 def _initial_policy(model_dir: str) -> dict[str, torch.Tensor]:

@@ -58,6 +58,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 class GenerationSamples(Callback):
     """Log policy vs reference completions of fixed prompts every N validation runs (module docstring)."""
 
+    reads_reference = True
+    """The reference generates during the fit: ``model.reference_cache`` keeps its weights (reference_release.py)."""
+
     def __init__(self, prompts: list[str] | None = None, num_prompts: int = 4, max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0, every_n_validations: int = 1) -> None:
         """
