@@ -57,6 +57,6 @@ def live(module: Any) -> nn.Module:
         module.reference = load_frozen(hp.get("reference") or hp["model"], hp["dtype"], hp["trust_remote_code"],
                                        disable_dropout=hp["disable_dropout"],
                                        attn_implementation=hp.get("attn_implementation")).to(module.device)
-        if module.masker is not None and module.objective.uses_masks:
-            module.masker.bind(module.reference)
+        # no masker is bound again: a masker bound to the reference's modules reads it live, and the cache refuses
+        # those (``reference_cache.check_cacheable``), so none is bound to the released one
     return module.reference
