@@ -128,11 +128,12 @@ def check_packed_layout(policy: nn.Module, reference: nn.Module | None, frozen: 
     from sparsepo_lightning.data.collate_packed import collate_packed
     from sparsepo_lightning.logprobs import final_hidden_states
     from sparsepo_lightning.packing import check_attention
+    from sparsepo_lightning.reference_release import released
 
     pair = {"chosen_input_ids": [1, 2, 3, 4, 5], "rejected_input_ids": [1, 2, 3, 6]}
     pair.update(chosen_labels=[-100, -100, -100, 4, 5], rejected_labels=[-100, -100, -100, 6])
     models = {"policy": policy, "reference": reference, **{f"frozen_models.{k}": m for k, m in (frozen or {}).items()}}
-    for name, model in ((name, model) for name, model in models.items() if model is not None):
+    for name, model in ((n, m) for n, m in models.items() if m is not None and not released(m)):  # released: unrun
         check_attention(model.config._attn_implementation, name)
         batch = collate_packed([pair], pad_token_id=0)
         device = model.get_input_embeddings().weight.device

@@ -3,9 +3,9 @@ a later stage runs the live reference.
 
 With the cache, no step of a fit runs the reference: its training and validation log-probs come from the cache.
 Its weights would still take as much memory as the policy's weights (TRL's ``precompute_ref_log_probs`` likewise
-keeps no reference model). :func:`release` moves its parameters to the meta device, which allocates nothing, in
-single-device and DDP runs (its buffers, such as rotary frequencies, are small and stay: DDP broadcasts them at every
-step). It keeps them in two cases:
+keeps no reference model). :func:`release` replaces its parameters with empty ones, in single-device and DDP runs.
+Empty, not on the meta device: Lightning moves the module to the CPU when the fit ends, which a meta tensor cannot
+do. The buffers (rotary frequencies) are small and stay: DDP broadcasts them at every step. It keeps them in two cases:
 
 - under FSDP2 or FSDP, where each rank holds only its shard and the sharded modules' hooks hold the storage;
 - when a callback reads the reference during the fit (a callback class with ``reads_reference = True``, such as
@@ -41,13 +41,14 @@ def release(module: Any, trainer: Any) -> str:
     size = sum(p.numel() * p.element_size() for p in reference.parameters())
     for module_ in reference.modules():  # parameters only: DDP broadcasts every buffer (RoPE's inv_freq) each step
         for name, param in list(module_.named_parameters(recurse=False)):
-            setattr(module_, name, nn.Parameter(param.to("meta"), requires_grad=False))
+            setattr(module_, name, nn.Parameter(param.new_empty(0), requires_grad=False))
+    reference.sparsepo_released = True
     return f"reference weights released ({size / 2**20:,.0f} MiB): the fit reads the cache"
 
 
 def released(reference: nn.Module) -> bool:
-    """True when ``reference``'s weights were moved to the meta device by :func:`release`."""
-    return any(p.is_meta for p in reference.parameters())
+    """True when :func:`release` emptied ``reference``'s parameters."""
+    return getattr(reference, "sparsepo_released", False)
 
 
 def live(module: Any) -> nn.Module:
@@ -57,6 +58,7 @@ def live(module: Any) -> nn.Module:
         module.reference = load_frozen(hp.get("reference") or hp["model"], hp["dtype"], hp["trust_remote_code"],
                                        disable_dropout=hp["disable_dropout"],
                                        attn_implementation=hp.get("attn_implementation")).to(module.device)
+        module._packed_checked = False  # the packed layout's start-up check skipped it: run it again, with it
         # no masker is bound again: a masker bound to the reference's modules reads it live, and the cache refuses
         # those (``reference_cache.check_cacheable``), so none is bound to the released one
     return module.reference

@@ -231,6 +231,8 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path,
              gradient_clip_val: float | None = None, **options: Any) -> dict[str, Any]:
     """One optimizer step (SGD: the update is ``-lr * gradient``) on 4 pairs in all; returns loss and weights."""
+    from sparsepo_lightning import reference_release
+
     layout, data_options = options.pop("layout", "padded"), options.pop("data_options", {})
     module = make_module(model_dir, **options)
     recorder, before = LossRecorder(), Snapshot()
@@ -246,6 +248,7 @@ def one_step(strategy: str, devices: int, model_dir: str, pairs: str, root: Path
             "block_dtypes": before.block_dtypes, "checkpointed_blocks": before.checkpointed,
             "rank": trainer.global_rank,
             "reference_training": module.reference.training if module.reference is not None else False,
+            "reference_released": module.reference is not None and reference_release.released(module.reference),
             "reference_rows_computed": None if module._cache.cache is None else module._cache.cache.rows_computed}
 
 

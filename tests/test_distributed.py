@@ -72,12 +72,15 @@ def test_cached_reference_on_two_ranks_matches_the_live_single_process(mode, com
     0's 24 and pads its reference calls to stay in step with the sharded reference), the step equals the
     single-process live-reference step, although under DDP rank 1 computed no training pair: it read rank 0's.
     WeightedDPO with UniformMasker (DPO); a plug-in reading the cached log-probs in its context, and a
-    later start reading without computing: tests/test_reference_cache.py."""
+    later start reading without computing: tests/test_reference_cache.py. Under DDP the ranks release the
+    reference's weights (and the next DDP step's buffer broadcast still works); under FSDP2 they keep their shards."""
     from tests.distributed_run import cache_options
 
     baseline = one_step("auto", 1, tiny_model_dir, pairs_file, tmp_path, **cache_options("uniform"))
     ranks = ranks_by_mode[mode]
     assert [r["computed"] for r in ranks] == computed
+    # DDP: every rank drops its whole reference once the cache serves the fit; FSDP2: each keeps its shard
+    assert [r["reference_released"] for r in ranks] == [mode.startswith("ddp")] * 2
     loss = sum(r["loss"][0] for r in ranks) / len(ranks)
     assert loss == pytest.approx(baseline["loss"][0], rel=1e-6)
     for r in ranks:

@@ -290,8 +290,9 @@ def test_the_reference_weights_stay_where_a_callback_or_a_shard_needs_them():
     size = sum(p.numel() * p.element_size() for p in free.reference.parameters())
     note = reference_release.release(free, SimpleNamespace(strategy=ddp, callbacks=[_Record()]))
     assert note.startswith("reference weights released (") and reference_release.released(free.reference)
-    assert all(p.is_meta for p in free.reference.parameters()) and size > 0
-    assert not any(b.is_meta for b in free.reference.buffers())  # DDP broadcasts buffers at every step
+    assert all(p.numel() == 0 for p in free.reference.parameters()) and size > 0
+    assert all(b.numel() > 0 for b in free.reference.buffers())  # DDP broadcasts buffers at every step
+    free.reference.to(torch.float64).cpu()  # Lightning moves the module at the end of a fit
     assert reference_release.release(free, SimpleNamespace(strategy=ddp, callbacks=[])) == ""  # once
     assert reference_release.release(SimpleNamespace(reference=None), SimpleNamespace(strategy=ddp)) == ""
 
