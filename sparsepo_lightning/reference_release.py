@@ -26,8 +26,8 @@ from sparsepo_lightning.models import load_frozen
 
 
 def release(module: Any, trainer: Any) -> str:
-    """Move ``module.reference``'s weights to the meta device where nothing else reads them (see the module
-    docstring); returns what was done, in words, for the log ("" when there is no separate reference)."""
+    """Empty ``module.reference``'s parameters where nothing else reads them (see the module docstring); returns
+    what was done, in words, for the log ("" when there is no separate reference, or it is released already)."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     reference = module.reference
@@ -52,7 +52,7 @@ def released(reference: nn.Module) -> bool:
 
 
 def live(module: Any) -> nn.Module:
-    """``module.reference``, its weights loaded again first if :func:`release` moved them to the meta device."""
+    """``module.reference``, its weights loaded again first if :func:`release` emptied them."""
     if released(module.reference):
         hp = module.hparams
         module.reference = load_frozen(hp.get("reference") or hp["model"], hp["dtype"], hp["trust_remote_code"],

@@ -263,6 +263,7 @@ def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of
     assert verdicts.summary_sentence(study, {"comparisons": {first: found}}).endswith("at equal KL).")
     assert verdicts._holm_family(3, 5) == ("3 comparisons scored so far (the plan lists 5 before the runs; the "
                                            "complete study corrects across all 5)")
+    assert verdicts._holm_family(1, 5).startswith("1 comparison scored so far (the plan lists 5")
 
 
 def test_the_second_scorer_changes_a_verdict_only_when_its_category_changes():

@@ -160,8 +160,8 @@ def _holm_family(scored: int, listed: int) -> str:
     ones scored so far (the complete study corrects across all of them)."""
     if scored == listed:
         return f"{listed} comparisons listed in the plan before the runs"
-    return (f"{scored} comparisons scored so far (the plan lists {listed} before the runs; the complete study corrects "
-            f"across all {listed})")
+    return (f"{scored} comparison{'' if scored == 1 else 's'} scored so far (the plan lists {listed} before the runs; "
+            f"the complete study corrects across all {listed})")
 
 
 def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
