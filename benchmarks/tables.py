@@ -125,6 +125,19 @@ def controls_study() -> str:
             f"in its report's words: *{sentence.group(1)}*")
 
 
+def packing_summary() -> str:
+    """One sentence on ``data.layout: auto`` against padded at full depth, from ``packing_full_depth.json``."""
+    data = _load("packing_full_depth.json")
+    auto = {r["mix"]: r for r in data["results"] if r["config"] == "auto" and "error" not in r}
+    names = {"hh": "the HH-like mix", "imdb": "the quickstart pairs", "side_by_side": "the side-by-side rows"}
+    ratios = [f"{r['time_vs_padded']:.2f}×{_spread(r, 'time_vs_padded')} on {names.get(m, m)}"
+              for m, r in auto.items()]
+    listed = ", ".join(ratios[:-1]) + f" and {ratios[-1]}" if len(ratios) > 1 else "".join(ratios)
+    return (f"With `data.layout: auto` (the HH and TL;DR recipes' layout), the CPU time of a full-depth step, relative "
+            f"to the padded layout's, is {listed} (`benchmarks/results/packing_full_depth.json`, medians of "
+            f"{data['meta'].get('repeats', 1)} rounds [their range]; [docs/performance.md](docs/performance.md)).")
+
+
 def cpu_memory_table() -> str:
     """``cpu_memory.json`` (``bench_cpu_memory.py``): one step with freed memory kept against glibc's defaults."""
     data = _load("cpu_memory.json")
@@ -232,18 +245,18 @@ def statistics_table() -> str:
 
 
 LAYOUT_NAMES = {"trl": "TRL DPOTrainer", "padded": "padded", "packed": "packed (one row)",
-                "packed_rows": "packed (rows ≤ pack_length)"}
+                "packed_rows": "packed (rows ≤ pack_length)", "auto": "auto (chosen per micro-batch)"}
 
 
-def packing_table(data: dict | None = None) -> str:
-    """Every (mix, config) row of ``packing.json`` (``bench_packing.py``), ratios to the padded layout."""
-    data = data or _load("packing.json")
+def packing_table(data: dict | None = None, name: str = "packing.json") -> str:
+    """Every (mix, config) row of ``name`` (``bench_packing.py``), ratios to the padded layout."""
+    data = data or _load(name)
     meta = data["meta"]
     mixes = "; ".join(f"{name}: prompt median {m['prompt_median']:g} (p90 {m['prompt_p90']}), response median "
                       f"{m['response_median']:g} (p90 {m['response_p90']}) tokens" for name, m in meta["mixes"].items())
-    lines = [f"Source: `benchmarks/results/packing.json` ({meta['date'][:10]}, {meta['device']}, "
+    lines = [f"Source: `benchmarks/results/{name}` ({meta['date'][:10]}, {meta['device']}, "
              f"{meta['cpu_count']} cores, load {meta['load_avg_before'][0]:.1f} → {meta['load_avg_after'][0]:.1f}, "
-             f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']} cut to {meta['layers']} blocks, "
+             f"torch {meta['torch']}, TRL {meta['trl']}; {meta['model']}, {meta['layers']} blocks, "
              f"DPO β 0.1, {meta['pairs_per_batch']} pairs per micro-batch, median of {meta['measured_batches']} "
              f"micro-batches; pack_length {meta['pack_length']}; {_allocator(meta)}{_rounds(meta, 'time ratios')}). "
              f"Mixes: {mixes}.", "",
@@ -266,7 +279,9 @@ TABLES: dict[str, Callable[[], str]] = {"step": step_table, "memory": memory_tab
                                         "distribution_memory": distribution_memory_table, "sparsity": sparsity_table,
                                         "cached": cached_table, "statistics": statistics_table,
                                         "packing": packing_table, "cpu_memory": cpu_memory_table,
-                                        "controls_study": controls_study}
+                                        "controls_study": controls_study,
+                                        "packing_full_depth": lambda: packing_table(name="packing_full_depth.json"),
+                                        "packing_summary": packing_summary}
 _BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(<!-- end table -->)", re.S)
 
 
