@@ -23,8 +23,9 @@ Reference cache against TRL's ``precompute_ref_log_probs`` (``--cached``: :data:
 match at equal settings (:data:`MATCH`, ratios ``time_vs_match`` / ``dynamic_vs_match``):
 
 - ``dpo_cached``: DPO with ``reference_cache`` (``reference_cache.prepare`` over the batch's pairs before the timer,
-  then the reference's weights released, as a fit does before training), against ``trl_precompute`` (``precompute_ref_log_probs=True``: TRL computes the
-  reference log-probs before the timer too, and then keeps no reference model);
+  then the reference's weights released, as a fit does before training), against ``trl_precompute``
+  (``precompute_ref_log_probs=True``: TRL computes the reference log-probs before the timer too, and then keeps no
+  reference model);
 - ``*_gc``: the same with gradient checkpointing (ours ``activation_checkpointing``, TRL's its default
   ``gradient_checkpointing=True``, enabled as its ``Trainer.train`` would); ``dpo`` / ``dpo_gc`` against ``trl`` /
   ``trl_gc`` (live references).

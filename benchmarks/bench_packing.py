@@ -277,16 +277,16 @@ def main() -> None:
     model = model_path(None if layers == 30 else layers)
     load_before = os.getloadavg()
     mixes, counted, rounds = {}, {}, []
-    for mix in args.mixes.split(","):
+    mix_names, configs = args.mixes.split(","), args.configs.split(",")
+    for mix in mix_names:
         features = features_of(mix, args.count_pairs)
         mixes[mix] = {"pairs": len(features), **length_summary(features)}
         groups = micro_batches(features, args.pairs)
-        for config in args.configs.split(","):
+        for config in configs:
             counted[config, mix] = sum(positions(config, g, args.pack_length) for g in groups) / len(features)
-    configs = args.configs.split(",")
     for round_index in range(args.repeats):
         results = []
-        for mix in args.mixes.split(","):
+        for mix in mix_names:
             for config in rotated(configs, round_index):
                 row = {**run_worker(config, mix, args, model), "positions_per_pair": counted[config, mix]}
                 results.append(row)

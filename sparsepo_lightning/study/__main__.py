@@ -126,11 +126,11 @@ def show_plan(study: StudyPlan, paths: Paths, out: Path) -> None:
             key, state = "?", "waits for its matched run"
         states[state] += 1
         print(f"{run.name:<40} {key:<10} {state}")
-    order = ("done", "running", "to do", "waits for its matched run")
-    line = f"{sum(states.values())} runs: " + ", ".join(f"{states[s]} {s}" for s in order if states[s])
+    order, total = ("done", "running", "to do", "waits for its matched run"), sum(states.values())
+    line = f"{total} runs: " + ", ".join(f"{states[s]} {s}" for s in order if states[s])
     minutes = report.run_minutes(load_runs(out, study)[0]) if out.is_dir() else None
-    if minutes is not None and states["done"] < sum(states.values()):
-        left = (sum(states.values()) - states["done"]) * (minutes[0] + minutes[1]) / 60
+    if minutes is not None and states["done"] < total:
+        left = (total - states["done"]) * (minutes[0] + minutes[1]) / 60
         line += (f"; about {left:.1f} h of run time left at the median cost of {minutes[2]} runs done (divided among "
                  "the drivers that run side by side)")
     print(line)

@@ -137,17 +137,16 @@ def summary_sentence(study: StudyPlan, section: dict[str, Any]) -> str:
     scored = {c: r for c, r in section["comparisons"].items() if "unscored" not in r}
     if not scored:
         return "No listed comparison can be scored yet."
-    found = [f"{study.arms[c.a].label} scores {'higher' if r['estimate'] > 0 else 'lower'} than "
-             f"{study.arms[c.b].label} ({r['estimate']:+.4f} reward at equal KL)"
-             for c, r in scored.items() if r["holm"] <= ALPHA]
-    none = [r["resolution"] for r in scored.values() if r["holm"] > ALPHA]
+    found = [f"{study.arms[c.a].label} scores {_verdict(r)} than {study.arms[c.b].label} ({r['estimate']:+.4f} reward "
+             "at equal KL)" for c, r in scored.items() if _verdict(r) != "none"]
+    none = [r["resolution"] for r in scored.values() if _verdict(r) == "none"]
     detectable = (f"{min(none):.4f}" if min(none) == max(none) else f"{min(none):.4f} to {max(none):.4f}") if none \
         else ""
     listed, noun = len(study.comparisons), "comparison" if len(scored) == 1 else "comparisons"
     named = (f"the {len(scored)} listed {noun}" if len(scored) == listed
              else f"the {len(scored)} {noun} scored so far (of the {listed} listed)")
     if not found:
-        subject = f"{named[0].upper()}{named[1:]}" if len(scored) == 1 else f"None of {named}"
+        subject = _upper(named) if len(scored) == 1 else f"None of {named}"
         return (f"{subject} shows {'no' if len(scored) == 1 else 'a'} measurable difference in reward at equal KL; "
                 f"the design detects true differences of {detectable} or more with 80 % power.")
     rest = (f"; the other {len(none)} of {named} {'shows' if len(none) == 1 else 'show'} no "
@@ -200,8 +199,8 @@ def second_scorer_lines(study: StudyPlan, first: dict[str, Any], second: dict[st
     for c, r in first["comparisons"].items():
         if c not in second["comparisons"] or "unscored" in r or "unscored" in second["comparisons"][c]:
             continue
-        same = _verdict(r) == _verdict(second["comparisons"][c])
         r2 = second["comparisons"][c]
+        same = _verdict(r) == _verdict(r2)
         lines.append(f"- Under {scorer}, {study.arms[c.a].label} − {study.arms[c.b].label} "
                      f"{'keeps its verdict' if same else 'changes verdict'}: {r2['estimate']:+.4f}, Holm-adjusted "
                      f"p {_holm_text(r2, second['floor'])}.")
