@@ -238,6 +238,37 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert report.write_report(tmp_path).read_text() == text
 
 
+
+def test_the_cost_is_read_in_cpu_time_where_the_logs_record_it(tmp_path):
+    """Runs that record ``cpu_seconds`` (the driver's, since it measures them) set the cost line in CPU time, over
+    those runs only; the run table gives both clocks. Logs without it keep the wall-clock line (test above)."""
+    _fake_logs(tmp_path)
+    for i, run_dir in enumerate(sorted((tmp_path / "runs").glob("*_s0-k*"))[:4]):  # 4 of the 6 runs record it
+        for name, cpu in (("metrics.json", 6.0 + i), ("eval.json", 3.0)):
+            record = json.loads((run_dir / name).read_text())
+            (run_dir / name).write_text(json.dumps(record | {"cpu_seconds": cpu}))
+    text = report.write_report(tmp_path).read_text()
+    planned = len(plan(FIRST.with_settings(betas=(0.1, 0.8), seeds=(0,))))
+    hours = planned * (7.5 + 3.0) / 3600  # the median of 6, 7, 8 and 9 s of training; 3 s of evaluation
+    assert ("- Cost: a run takes 0.1 min of training and 0.1 min of evaluation in CPU time (user + system; medians "
+            f"over the 4 runs that record it): about {hours:.1f} CPU-hours for the {planned} runs") in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and " | 10 " in line]
+    assert len(rows) == 6 and sum(" | 10 (6) | 5 (3) | " in line for line in rows) == 1
+    assert sum(" | 10 | 5 | " in line for line in rows) == 2
+    assert report.run_minutes(report.load_runs(tmp_path, report.recorded_plan(tmp_path))[0])[2:] == (4, "CPU")
+
+
+def test_a_subprocess_is_timed_in_cpu_seconds_that_waiting_does_not_inflate(tmp_path, monkeypatch):
+    """``_cli`` measures the CPU time of the process it runs apart from the wall time: a child that computes for
+    0.3 s and then waits 1 s costs about 0.3 CPU seconds."""
+    import sys
+
+    run = subprocess.run
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\ntime.sleep(1.0)"
+    monkeypatch.setattr(driver.subprocess, "run", lambda command, **kw: run([sys.executable, "-c", busy], **kw))
+    wall, cpu = driver._cli(["fit"], tmp_path / "fit.log")
+    assert 0.3 <= cpu < 0.8 and wall >= 1.3
+
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts
 

@@ -131,8 +131,8 @@ def show_plan(study: StudyPlan, paths: Paths, out: Path) -> None:
     minutes = report.run_minutes(load_runs(out, study)[0]) if out.is_dir() else None
     if minutes is not None and states["done"] < total:
         left = (total - states["done"]) * (minutes[0] + minutes[1]) / 60
-        line += (f"; about {left:.1f} h of run time left at the median cost of {minutes[2]} runs done (divided among "
-                 "the drivers that run side by side)")
+        line += (f"; about {left:.1f} h of {minutes[3]} run time left at the median cost of {minutes[2]} runs done "
+                 "(divided among the drivers that run side by side)")
     print(line)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -134,17 +135,25 @@ def _count_lines(path: Path) -> int:
 
 
 # ---- runs --------------------------------------------------------------------------------------------------
-def _cli(args: Sequence[str], log_file: Path) -> float:
-    """Run ``sparsepo <args>`` in a subprocess (output to ``log_file``); returns its wall time in seconds."""
+def _cli(args: Sequence[str], log_file: Path) -> tuple[float, float]:
+    """Run ``sparsepo <args>`` in a subprocess (output to ``log_file``); returns its wall time and its CPU time (user
+    plus system, of the subprocess and its own children) in seconds. The CPU time is the run's cost: unlike the wall
+    time, it does not grow while the run waits for a core or while the study is paused."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     with log_file.open("w") as out:
         done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], stdout=out,
                               stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise RuntimeError(f"`sparsepo {' '.join(args)}` failed (exit {done.returncode}); log {log_file}:\n{tail}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu
+
+
+def _children_cpu() -> float:
+    """User plus system seconds of this process's finished (waited-for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _scalars(log_dir: Path) -> dict[str, list[list[float]]]:
@@ -219,10 +228,11 @@ def train(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key:
     shutil.rmtree(checkpoints, ignore_errors=True)
     config_file = training_file(study, paths, run, config, key)
     log.info("training %s (%s)", run.name, key)
-    seconds = _cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
+    seconds, cpu = _cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
     summary = json.loads((logs / "version_0" / "summary.json").read_text())
     metrics = {"key": key, "name": run.name, "method": run.method, "beta": run.beta, "seed": run.seed,
-               "steps": summary["global_step"], "wall_seconds": round(seconds, 1), "hardware": hardware(),
+               "steps": summary["global_step"], "wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+               "hardware": hardware(),
                "final_val": summary["validations"][-1] if summary["validations"] else None,
                "initial_masks": summary["initial_masks"], "train": _scalars(logs / "version_0")}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +245,7 @@ def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, 
     """``sparsepo evaluate sentiment`` of ``(policy, label, out file)`` entries of one run in one call (one reference
     load and one reference sampling for all of them) on the held-out prompts; writes each entry's per-prompt means of
     reward and KL to its out file. Samples are kept under ``<work>/eval/<run folder>``; each entry's ``wall_seconds``
-    is the call's time divided by the number of entries."""
+    and ``cpu_seconds`` are the call's times divided by the number of entries."""
     settings = study.settings
     eval_dir = paths.work / "eval" / policies[0][2].parent.name
     args = ["evaluate", "sentiment", "--policies", *(p for p, _, _ in policies), "--labels",
@@ -244,7 +254,7 @@ def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, 
             "--max-new-tokens", str(settings.max_new_tokens), "--temperature", "1.0", "--top-p", "1.0",
             "--top-k", "0", "--batch-size", "32", "--seed", "0", "--out", str(eval_dir), "--no-progress"]
     log.info("evaluating %s", ", ".join(label for _, label, _ in policies))
-    seconds = _cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
+    seconds, cpu = _cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
     summaries = {r["label"]: r for r in json.loads((eval_dir / "sentiment.json").read_text())["results"]}
     rows = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines() if line]
     results = []
@@ -256,7 +266,8 @@ def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, 
             by_prompt[s["prompt"]].append(s)
         result = {k: summaries[label][k] for k in ("reward_mean", "reward_sem", "kl_mean", "kl_sem", "num_samples")}
         result.update(
-            wall_seconds=round(seconds / len(policies), 1), num_prompts=len(prompts),
+            wall_seconds=round(seconds / len(policies), 1), cpu_seconds=round(cpu / len(policies), 1),
+            num_prompts=len(prompts),
             reward_per_prompt=[round(sum(s["reward"] for s in g) / len(g), 6) for g in by_prompt.values()],
             kl_per_prompt=[round(sum(s["kl"] for s in g) / len(g), 6) for g in by_prompt.values()],
             examples=[{"prompt": s["prompt"], "completion": s["completion"], "reward": s["reward"]}

@@ -22,7 +22,9 @@ from sparsepo_lightning.study.planfile import DEFAULT_PLAN, StudyPlan, load_plan
 
 TIMES_NOTE = ("`train s` and `eval s` are wall-clock seconds as measured, including any time a run waited for the "
               "CPU: runs made while other jobs shared the machine (or while the study was paused and resumed) show "
-              "longer times, so they compare the runs' cost only between runs made on a quiet machine.")
+              "longer times, so they compare the runs' cost only between runs made on a quiet machine. In "
+              "parentheses, where the logs record it: the CPU seconds (user + system) of the run's processes, which "
+              "waiting does not inflate.")
 
 
 PAPER_SCALE = """```bash
@@ -52,6 +54,12 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _seconds(timed: dict[str, Any]) -> str:
+    """Wall seconds, and the CPU seconds in parentheses where recorded."""
+    wall, cpu = timed.get("wall_seconds"), timed.get("cpu_seconds")
+    return _fmt(wall, 0) + (f" ({cpu:.0f})" if cpu is not None else "")
+
+
 def runs_table(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     lines = ["| method | β | seed | steps | train s | eval s | final val loss | val accuracy | val margin | reward "
              "(± s.e.) | KL (± s.e.) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -59,7 +67,7 @@ def runs_table(study: StudyPlan, runs: list[RunLog]) -> list[str]:
         val, ev = r.metrics.get("final_val") or {}, r.eval or {}
         lines.append(
             f"| {study.arms[r.method].label} | {r.beta:g} | {r.seed} | {r.metrics['steps']} | "
-            f"{r.metrics['wall_seconds']:.0f} | {_fmt(ev.get('wall_seconds'), 0)} | {_fmt(val.get('loss'), 4)} | "
+            f"{_seconds(r.metrics)} | {_seconds(ev)} | {_fmt(val.get('loss'), 4)} | "
             f"{_fmt(val.get('accuracy'))} | {_fmt(val.get('margin'), 4)} | "
             + (f"{ev['reward_mean']:.4f} ± {ev['reward_sem']:.4f} | {ev['kl_mean']:.3f} ± {ev['kl_sem']:.3f} |"
                if ev else "– | – |"))
@@ -212,17 +220,18 @@ def sparsity_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     return [f"- Learned reward masks at the last training step: {'; '.join(cells)}."] if cells else []
 
 
-def run_minutes(runs: list[RunLog]) -> tuple[float, float, int] | None:
-    """Median minutes of training and of evaluation per run (medians: robust to runs that shared the machine), over
-    the runs whose logs time both, and how many they are; None when none does."""
-    done = [r for r in runs if r.eval and r.metrics.get("wall_seconds") and
-            all(e.get("wall_seconds") for e in r.evals.values())]
-    if not done:
-        return None
-    times = np.array([(r.metrics["wall_seconds"], sum(e["wall_seconds"] for e in r.evals.values()))
-                      for r in done]) / 60
-    train, evaluation = np.median(times, axis=0)
-    return float(train), float(evaluation), len(done)
+def run_minutes(runs: list[RunLog]) -> tuple[float, float, int, str] | None:
+    """Median minutes of training and of evaluation per run, how many runs they are over, and which clock: CPU time
+    (user + system) over the runs whose logs record it for training and every evaluation, else wall-clock time over
+    the runs whose logs time both (medians: robust to runs that shared the machine); None when no run is timed."""
+    done = [r for r in runs if r.eval]
+    for key, clock in (("cpu_seconds", "CPU"), ("wall_seconds", "wall-clock")):
+        timed = [r for r in done if r.metrics.get(key) and all(e.get(key) for e in r.evals.values())]
+        if timed:
+            times = np.array([(r.metrics[key], sum(e[key] for e in r.evals.values())) for r in timed]) / 60
+            train, evaluation = np.median(times, axis=0)
+            return float(train), float(evaluation), len(timed), clock
+    return None
 
 
 def cost_line(runs: list[RunLog], planned: int) -> list[str]:
@@ -230,10 +239,15 @@ def cost_line(runs: list[RunLog], planned: int) -> list[str]:
     minutes = run_minutes(runs)
     if minutes is None:
         return []
-    train, evaluation, n = minutes
+    train, evaluation, n, clock = minutes
+    hours = planned * (train + evaluation) / 60
+    if clock == "CPU":
+        return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation in CPU time "
+                f"(user + system; medians over the {n} runs that record it): about {hours:.1f} CPU-hours for the "
+                f"{planned} runs on the hardware above, plus building the data once."]
     return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation (medians over "
-            f"{n} runs): about {planned * (train + evaluation) / 60:.1f} h for the {planned} runs on the "
-            "hardware above, plus building the data once."]
+            f"{n} runs): about {hours:.1f} h for the {planned} runs on the hardware above, plus building the data "
+            "once."]
 
 
 def recorded_plan(out: Path) -> StudyPlan:
