@@ -269,6 +269,28 @@ def test_a_subprocess_is_timed_in_cpu_seconds_that_waiting_does_not_inflate(tmp_
     wall, cpu = driver._cli(["fit"], tmp_path / "fit.log")
     assert 0.3 <= cpu < 0.8 and wall >= 1.3
 
+
+def test_the_seed_level_view_tests_the_per_seed_differences_and_corrects_across_its_rows():
+    from sparsepo_lightning.study import verdicts
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    first, second, third, fourth = study.comparisons[:4]
+    section = {"comparisons": {first: {"seeds": 3, "seed_differences": np.array([1.0, 2.0, 3.0])},
+                               second: {"seeds": 2, "seed_differences": np.array([0.01, -0.03])},
+                               third: {"seeds": 1, "seed_differences": np.array([0.5])},  # no t-test on 1 seed
+                               fourth: {"unscored": True, "seeds": 3}}}
+    lines = verdicts.seed_level_lines(study, section)
+    assert "Holm-adjusted across the 2 comparisons of this table" in lines[0]
+    rows = [line for line in lines if line.startswith(f"| {study.arms[first.a].label} − ")
+            or line.startswith(f"| {study.arms[second.a].label} − ")]
+    assert len(rows) == 2 and len(lines) == 6  # text, blank, header, rule, 2 rows
+    # 1, 2, 3: t = 2√3 on 2 dof, p 0.0742 (test_study_stats); 0.01, -0.03: t = -0.5 on 1 dof, p 0.7048; Holm: the
+    # smaller p times 2 (0.1484), the larger kept (0.7048 > 0.1484); resolution on 1 dof: (12.7062 + 1.3764) × 0.02
+    assert rows[0].endswith("| 3 | +1.0000, +2.0000, +3.0000 | +2.0000 | 0.5774 | [-0.4841, +4.4841] | 0.074 | "
+                            "0.148 | 3.0965 |")
+    assert "| 2 | +0.0100, -0.0300 | -0.0100 | 0.0200 | " in rows[1] and rows[1].endswith("| 0.705 | 0.705 | 0.2817 |")
+    assert verdicts.seed_level_lines(study, {"comparisons": {third: section["comparisons"][third]}}) == []
+
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts
 

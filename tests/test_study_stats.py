@@ -1,5 +1,5 @@
 """Study statistics: Pareto fronts, frontier areas, bootstrap, Spearman; the plan statistics (hierarchical bootstrap,
-flat extension, Holm, p floors, resolution, regression); hand-computed numbers and naive loops."""
+flat extension, Holm, p floors, resolution, regression, Student's t); hand-computed numbers and naive loops."""
 
 from __future__ import annotations
 
@@ -165,6 +165,9 @@ def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fro
         expected = np.mean([inference.frontier_score(kl.mean(-1), r.mean(-1), float(anchor.mean()), kl_max)[0]
                             for kl, r in points[arm]])
         assert boot.estimate[arm] == pytest.approx(expected, abs=1e-12)
+        for i, (kl, r) in enumerate(points[arm]):  # each seed's own score, in the seeds' order
+            assert boot.per_seed[arm][i] == inference.frontier_score(kl.mean(-1), r.mean(-1), float(anchor.mean()),
+                                                                     kl_max)[0]
     # the range is where every full-data front reaches; some resampled fronts fall short and are extended flat
     assert 0 < boot.extended < 1 and 0 < boot.extended_range < 1
     again = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
@@ -224,3 +227,35 @@ def test_regression_recovers_arm_seed_and_kl_terms_and_its_standard_errors():
     value, se = fit.difference("a", "b")
     assert value == pytest.approx(coef[0] - coef[1]) and se == pytest.approx(np.sqrt(sigma2 * c @ np.linalg.inv(
         x.T @ x) @ c))
+
+
+@pytest.mark.parametrize(("q", "dof", "table"), [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.8, 2, 1.060660),
+                                                 (0.975, 3, 3.182446), (0.8, 4, 0.940965), (0.975, 10, 2.228139),
+                                                 (0.975, 30, 2.042272), (0.5, 7, 0.0)])
+def test_student_t_quantiles_match_the_printed_table(q, dof, table):
+    assert inference.student_t_quantile(q, dof) == pytest.approx(table, abs=2e-6)
+    assert inference.student_t_cdf(inference.student_t_quantile(q, dof), dof) == pytest.approx(q, abs=1e-9)
+
+
+def test_student_t_cdf_in_closed_form_by_hand_and_against_a_naive_integral():
+    assert inference.student_t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + arctan(1)/π
+    assert inference.student_t_cdf(2 * np.sqrt(3), 2) == pytest.approx(0.5 + np.sqrt(3) / np.sqrt(14))  # t/(2√(t²+2))
+    assert inference.student_t_cdf(-0.7, 5) == pytest.approx(1 - inference.student_t_cdf(0.7, 5), abs=1e-15)
+    from math import gamma, pi, sqrt
+    for dof in (3, 4, 9):  # the density integrated by the trapezoid rule from 0
+        x = np.linspace(0.0, 1.3, 200_001)
+        density = gamma((dof + 1) / 2) / (sqrt(dof * pi) * gamma(dof / 2)) * (1 + x**2 / dof) ** (-(dof + 1) / 2)
+        assert inference.student_t_cdf(1.3, dof) == pytest.approx(0.5 + np.trapezoid(density, x), abs=1e-10)
+
+
+def test_paired_t_against_hand_numbers():
+    # differences 1, 2, 3: mean 2, sd 1, SE 1/√3, t = 2√3 on 2 degrees of freedom
+    t = inference.paired_t([1.0, 2.0, 3.0])
+    se = 1 / np.sqrt(3)
+    assert (t.mean, t.dof) == (2.0, 2) and t.se == pytest.approx(se)
+    assert t.p == pytest.approx(2 * (0.5 - np.sqrt(3) / np.sqrt(14)))  # 0.074180
+    assert t.interval == pytest.approx((2 - 4.302653 * se, 2 + 4.302653 * se), abs=1e-6)
+    assert t.resolution == pytest.approx((4.302653 + 1.060660) * se, abs=1e-6)
+    assert inference.paired_t([0.5, 0.5]).p == 0.0 and inference.paired_t([0.0, 0.0]).p == 1.0  # no spread
+    with pytest.raises(ValueError, match="at least 2"):
+        inference.paired_t([1.0])

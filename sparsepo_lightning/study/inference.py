@@ -1,5 +1,6 @@
 """Statistics of a plan's comparisons: a hierarchical bootstrap (seeds, then prompts within each seed), frontier
-scores over a KL range fixed before resampling, Holm's correction, a run-level regression and the design's resolution.
+scores over a KL range fixed before resampling, Holm's correction, a run-level regression, Student's paired t over
+seeds and the design's resolution.
 
 Why hierarchical: changing the seed (data order, mask draws) moves a run's reward and KL by more than the differences
 a study tests, so an interval that resamples prompts only is too narrow. Each resample draws ``S`` seeds with
@@ -51,6 +52,7 @@ class Bootstrap:
 
     Attributes:
         estimate: arm -> mean over seeds of the seed's frontier score (all seeds, all prompts).
+        per_seed: arm -> ``(S,)`` each seed's frontier score (all prompts), the seeds in the order given.
         samples: arm -> ``(B,)`` resampled scores.
         kl_max: the KL range ``[0, kl_max]``, fixed before resampling.
         extended: share of the resampled seed fronts that fell short of ``kl_max`` (extended flat).
@@ -58,6 +60,7 @@ class Bootstrap:
     """
 
     estimate: dict[str, float]
+    per_seed: dict[str, np.ndarray]
     samples: dict[str, np.ndarray]
     kl_max: float
     extended: float
@@ -80,12 +83,13 @@ def hierarchical_bootstrap(points: Mapping[str, Sequence[SeedPoints]], anchor: n
     seed_draws = rng.integers(0, num_seeds, (num_resamples, num_seeds))
     prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds, num_prompts))
     anchor_means = anchor[prompt_draws].mean(-1)  # (B, S)
-    estimate, samples, extended = {}, {}, []
+    estimate, seed_scores, samples, extended = {}, {}, {}, []
     for arm, per_seed in points.items():
         if len(per_seed) != num_seeds:
             raise ValueError(f"arm {arm}: {len(per_seed)} seeds, the others {num_seeds}")
-        estimate[arm] = float(np.mean([frontier_score(kl.mean(-1), r.mean(-1), float(anchor.mean()), kl_max)[0]
-                                       for kl, r in per_seed]))
+        seed_scores[arm] = np.array([frontier_score(kl.mean(-1), r.mean(-1), float(anchor.mean()), kl_max)[0]
+                                     for kl, r in per_seed])
+        estimate[arm] = float(seed_scores[arm].mean())
         scores = np.empty((num_resamples, num_seeds))
         for s, (kl, reward) in enumerate(per_seed):
             drawn = seed_draws == s  # (B, S): the draws that picked seed s
@@ -97,7 +101,7 @@ def hierarchical_bootstrap(points: Mapping[str, Sequence[SeedPoints]], anchor: n
             extended += [short for _, short in results]
         samples[arm] = scores.mean(1)
     short = np.array(extended)
-    return Bootstrap(estimate, samples, kl_max, float((short > 0).mean()),
+    return Bootstrap(estimate, seed_scores, samples, kl_max, float((short > 0).mean()),
                      float(short[short > 0].mean()) if (short > 0).any() else 0.0)
 
 
@@ -130,6 +134,68 @@ def resolution(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
     whose estimate has standard error ``se``: ``(z_{1−α/2} + z_{power}) · se`` (= 2.80 se at α 0.05, 80 %)."""
     normal = NormalDist()
     return (normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)) * se
+
+
+def student_t_cdf(t: float, dof: int) -> float:
+    """P(T ≤ t) for Student's t with an integer number of degrees of freedom, in closed form (Abramowitz and Stegun
+    26.7.3–4: a finite series in θ = arctan(t / √dof))."""
+    theta = float(np.arctan(t / np.sqrt(dof)))
+    sin, cos2 = np.sin(theta), np.cos(theta) ** 2
+    if dof % 2:  # odd: 2/π (θ + sin θ cos θ (1 + 2/3 cos²θ + (2·4)/(3·5) cos⁴θ + ...)), the series up to cos^(dof−3)
+        term, series = 1.0, 1.0 if dof > 1 else 0.0
+        for k in range(1, (dof - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * cos2
+            series += term
+        central = 2 / np.pi * (theta + sin * np.sqrt(cos2) * series)
+    else:  # even: sin θ (1 + 1/2 cos²θ + (1·3)/(2·4) cos⁴θ + ...), up to cos^(dof−2)
+        term, series = 1.0, 1.0
+        for k in range(1, dof // 2):
+            term *= (2 * k - 1) / (2 * k) * cos2
+            series += term
+        central = sin * series
+    return float(0.5 + 0.5 * central)  # central = P(|T| ≤ t), signed with t
+
+
+def student_t_quantile(q: float, dof: int) -> float:
+    """The ``q`` quantile of Student's t with ``dof`` degrees of freedom (bisection on ``student_t_cdf``)."""
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_cdf(middle, dof) < q else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class PairedT:
+    """Student's paired t over seeds: one difference per seed, the seeds as the independent units.
+
+    Attributes:
+        mean, se: the mean difference and its standard error ``sd / √S`` (``sd`` with ``ddof = 1``).
+        dof: ``S − 1``.
+        interval: the 95 % interval ``mean ± t_{0.975, dof} · se``.
+        p: two-sided p-value of a zero mean difference.
+        resolution: ``(t_{0.975, dof} + t_{0.8, dof}) · se``, the usual approximation of the smallest true
+            difference found with 80 % power at α = 0.05.
+    """
+
+    mean: float
+    se: float
+    dof: int
+    interval: tuple[float, float]
+    p: float
+    resolution: float
+
+
+def paired_t(differences: Sequence[float]) -> PairedT:
+    """Student's paired t-test of per-seed differences (at least two)."""
+    d = np.asarray(differences, float)
+    if len(d) < 2:
+        raise ValueError(f"a paired t-test needs at least 2 differences, got {len(d)}")
+    dof, mean, se = len(d) - 1, float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    critical = student_t_quantile(0.975, dof)
+    p = 2 * (1 - student_t_cdf(abs(mean) / se, dof)) if se > 0 else float(mean == 0)
+    return PairedT(mean, se, dof, (mean - critical * se, mean + critical * se), min(1.0, p),
+                   (critical + student_t_quantile(0.8, dof)) * se)
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,9 @@ def _plan_sections(study: StudyPlan, runs: list[RunLog], reference: dict[str, An
             *second_lines]
     if regression:
         body += ["## Second view: run-level regression", "", *regression, ""]
+    seed_level = verdicts.seed_level_lines(study, section)
+    if seed_level:
+        body += ["## Third view: seed-level paired t-test", "", *seed_level, ""]
     diagnostics = verdicts.diagnostics_lines(study, runs)
     if diagnostics:
         body += ["## Mask diagnostics", "", *diagnostics, ""]
