@@ -233,6 +233,7 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     rho_abs, p_abs = float(row.split("|")[5]), row.split("|")[6].strip()
     assert rho_abs > 0.8 and p_abs == "≤ 0.001"  # ties keep ρ below 1; no permutation reaches it: the floor 1/1001
     assert "highest: `' awful'`" in text or "highest: `' bad'`" in text
+    assert "In parentheses" not in text  # no run records CPU time
     for figure in ("frontier.png", "sparsity.png", "heatmap_0.png", "heatmap_2.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert report.write_report(tmp_path).read_text() == text
@@ -255,6 +256,7 @@ def test_the_cost_is_read_in_cpu_time_where_the_logs_record_it(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and " | 10 " in line]
     assert len(rows) == 6 and sum(" | 10 (6) | 5 (3) | " in line for line in rows) == 1
     assert sum(" | 10 | 5 | " in line for line in rows) == 2
+    assert "In parentheses, where the logs record it: the CPU seconds (user + system)" in text
     assert report.run_minutes(report.load_runs(tmp_path, report.recorded_plan(tmp_path))[0])[2:] == (4, "CPU")
 
 

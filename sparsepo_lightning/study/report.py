@@ -22,9 +22,9 @@ from sparsepo_lightning.study.planfile import DEFAULT_PLAN, StudyPlan, load_plan
 
 TIMES_NOTE = ("`train s` and `eval s` are wall-clock seconds as measured, including any time a run waited for the "
               "CPU: runs made while other jobs shared the machine (or while the study was paused and resumed) show "
-              "longer times, so they compare the runs' cost only between runs made on a quiet machine. In "
-              "parentheses, where the logs record it: the CPU seconds (user + system) of the run's processes, which "
-              "waiting does not inflate.")
+              "longer times, so they compare the runs' cost only between runs made on a quiet machine.")
+CPU_NOTE = (" In parentheses, where the logs record it: the CPU seconds (user + system) of the run's processes, which "
+            "waiting does not inflate.")
 
 
 PAPER_SCALE = """```bash
@@ -368,7 +368,8 @@ def write_report(out: Path, study: StudyPlan | None = None) -> Path:
         heatmaps = heatmap_figures(main, out)
         lines += [f"Held-out pairs of `{main.name}` (red: reward mask; grey: exactly 0):", ""]
         lines += [f"![{p.stem}]({p.name})" for p in heatmaps] + [""]
-    lines += ["## All runs", "", *runs_table(study, runs), "", TIMES_NOTE, "", "## The same study at the paper's "
+    times_note = TIMES_NOTE + (CPU_NOTE if any("cpu_seconds" in r.metrics for r in runs) else "")
+    lines += ["## All runs", "", *runs_table(study, runs), "", times_note, "", "## The same study at the paper's "
               "scale", "", paper_scale(study), ""]
     (out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "README.md"
