@@ -261,15 +261,52 @@ def test_the_cost_is_read_in_cpu_time_where_the_logs_record_it(tmp_path):
 
 
 def test_a_subprocess_is_timed_in_cpu_seconds_that_waiting_does_not_inflate(tmp_path, monkeypatch):
-    """``_cli`` measures the CPU time of the process it runs apart from the wall time: a child that computes for
+    """``run_cli`` measures the CPU time of the process it runs apart from the wall time: a child that computes for
     0.3 s and then waits 1 s costs about 0.3 CPU seconds."""
     import sys
 
+    from sparsepo_lightning.study import machine
+
     run = subprocess.run
     busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\ntime.sleep(1.0)"
-    monkeypatch.setattr(driver.subprocess, "run", lambda command, **kw: run([sys.executable, "-c", busy], **kw))
-    wall, cpu = driver._cli(["fit"], tmp_path / "fit.log")
+    monkeypatch.setattr(machine.subprocess, "run", lambda command, **kw: run([sys.executable, "-c", busy], **kw))
+    wall, cpu = machine.run_cli(["fit"], tmp_path / "fit.log")
     assert 0.3 <= cpu < 0.8 and wall >= 1.3
+
+
+STOPPED_DRIVER = """
+import subprocess, sys, time
+from pathlib import Path
+from sparsepo_lightning.study import machine
+run = subprocess.run
+child = "import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(60)"
+machine.subprocess.run = lambda command, **kw: run([sys.executable, "-c", child], **kw)
+with machine.claim(Path(%r), "run-key") as mine, machine.stop_on_sigterm():
+    assert mine
+    machine.run_cli(["fit"], Path(%r))
+"""
+
+
+def test_sigterm_stops_the_driver_and_the_run_it_holds(tmp_path):
+    """A driver stopped by SIGTERM (a scheduler's pre-emption) kills the run in progress and waits for it, and
+    releases the run's claim: nothing keeps writing into a run that another driver may take up."""
+    import os
+    import signal
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    script = STOPPED_DRIVER % (str(pid_file), str(tmp_path / "work"), str(tmp_path / "fit.log"))
+    driver_process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.read_text() and held(tmp_path / "work", "run-key")
+    driver_process.send_signal(signal.SIGTERM)
+    assert driver_process.wait(timeout=30) == 128 + signal.SIGTERM, driver_process.stderr.read()[-2000:]
+    with pytest.raises(ProcessLookupError):  # the run went with its driver
+        os.kill(int(pid_file.read_text()), 0)
+    assert held(tmp_path / "work", "run-key") is False
 
 
 def test_the_seed_level_view_tests_the_per_seed_differences_and_corrects_across_its_rows():

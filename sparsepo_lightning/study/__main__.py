@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("sparsepo_lightning").setLevel(logging.INFO)  # progress; other libraries' INFO is noise
     from sparsepo_lightning.model_sources import cache_dir
     from sparsepo_lightning.study import driver, report
+    from sparsepo_lightning.study.machine import stop_on_sigterm
 
     try:
         study, out = study_from(args)
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     paths = Paths(out=out, work=args.work or cache_dir() / "study")
     if args.action == "run":
-        done = driver.run_study(study, paths, args.device, args.limit, args.only)
+        with stop_on_sigterm():
+            done = driver.run_study(study, paths, args.device, args.limit, args.only)
         print(f"{len(done)} runs done in this sitting: {', '.join(done) or '-'}")
         report.write_report(out, study)
     elif args.action == "report":

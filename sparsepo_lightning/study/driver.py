@@ -19,16 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import resource
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsepo_lightning.study.machine import claim, exclusive, hardware
+from sparsepo_lightning.study.machine import claim, exclusive, hardware, run_cli
 from sparsepo_lightning.study.plan import Paths, Run, StudySettings, config_key, plan, settings_record, training_config
 from sparsepo_lightning.study.planfile import StudyPlan
 
@@ -135,27 +132,6 @@ def _count_lines(path: Path) -> int:
 
 
 # ---- runs --------------------------------------------------------------------------------------------------
-def _cli(args: Sequence[str], log_file: Path) -> tuple[float, float]:
-    """Run ``sparsepo <args>`` in a subprocess (output to ``log_file``); returns its wall time and its CPU time (user
-    plus system, of the subprocess and its own children) in seconds. The CPU time is the run's cost: unlike the wall
-    time, it does not grow while the run waits for a core or while the study is paused."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    start, cpu = time.perf_counter(), _children_cpu()
-    with log_file.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], stdout=out,
-                              stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"`sparsepo {' '.join(args)}` failed (exit {done.returncode}); log {log_file}:\n{tail}")
-    return time.perf_counter() - start, _children_cpu() - cpu
-
-
-def _children_cpu() -> float:
-    """User plus system seconds of this process's finished (waited-for) children."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _scalars(log_dir: Path) -> dict[str, list[list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -228,7 +204,7 @@ def train(study: StudyPlan, paths: Paths, run: Run, config: dict[str, Any], key:
     shutil.rmtree(checkpoints, ignore_errors=True)
     config_file = training_file(study, paths, run, config, key)
     log.info("training %s (%s)", run.name, key)
-    seconds, cpu = _cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
+    seconds, cpu = run_cli(["fit", "--config", str(config_file)], paths.work / "logs" / f"{key}.log")
     summary = json.loads((logs / "version_0" / "summary.json").read_text())
     metrics = {"key": key, "name": run.name, "method": run.method, "beta": run.beta, "seed": run.seed,
                "steps": summary["global_step"], "wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
@@ -254,7 +230,7 @@ def evaluate(study: StudyPlan, paths: Paths, policies: Sequence[tuple[str, str, 
             "--max-new-tokens", str(settings.max_new_tokens), "--temperature", "1.0", "--top-p", "1.0",
             "--top-k", "0", "--batch-size", "32", "--seed", "0", "--out", str(eval_dir), "--no-progress"]
     log.info("evaluating %s", ", ".join(label for _, label, _ in policies))
-    seconds, cpu = _cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
+    seconds, cpu = run_cli(args, paths.work / "logs" / f"eval-{eval_dir.name}.log")
     summaries = {r["label"]: r for r in json.loads((eval_dir / "sentiment.json").read_text())["results"]}
     rows = [json.loads(line) for line in (eval_dir / "sentiment_samples.jsonl").read_text().splitlines() if line]
     results = []

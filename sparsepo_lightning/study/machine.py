@@ -1,6 +1,7 @@
 """What a study's drivers share: locks that let several ``sparsepo study <task> run`` processes work on one plan
 (start the same command in more than one shell or job, and each run is trained and evaluated by exactly one of
-them), and the description of the machine each run records.
+them), the subprocesses they run (timed in wall and CPU seconds, stopped with the driver) and the description of
+the machine each run records.
 
 A run is claimed by an exclusive lock on ``<work>/claims/<run key>.lock`` (``filelock``: an advisory lock on an open
 file, which the operating system releases if its holder dies, so a killed driver leaves no stale claim). A driver
@@ -13,7 +14,12 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterator
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +67,45 @@ def held(work: Path, name: str, locks: Path = Path("/proc/locks")) -> bool | Non
     inode = str(path.stat().st_ino)  # the table names a lock by major:minor:inode of the locked file
     return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == inode
                for fields in map(str.split, table.splitlines()))
+
+
+def run_cli(args: Sequence[str], log_file: Path) -> tuple[float, float]:
+    """Run ``sparsepo <args>`` in a subprocess (output to ``log_file``); returns its wall time and its CPU time (user
+    plus system, of the subprocess and its own children) in seconds. The CPU time is the run's cost: unlike the wall
+    time, it does not grow while the run waits for a core or while the study is paused.
+
+    Interrupted (Ctrl-C, or SIGTERM under ``stop_on_sigterm``), it kills the subprocess and waits for it before the
+    exception goes on (``subprocess.run`` does so), so no run outlives its driver's claim on it."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start, cpu = time.perf_counter(), children_cpu()
+    with log_file.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "sparsepo_lightning.cli", *args], stdout=out,
+                              stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"`sparsepo {' '.join(args)}` failed (exit {done.returncode}); log {log_file}:\n{tail}")
+    return time.perf_counter() - start, children_cpu() - cpu
+
+
+def children_cpu() -> float:
+    """User plus system seconds of this process's finished (waited-for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM (a scheduler's pre-emption, ``kill``) stops the driver as Ctrl-C does: ``SystemExit(143)`` is
+    raised, the run in progress is killed and waited for (``run_cli``), its claim is released, and the next call
+    restarts it. Without this, the driver would die at once and leave the subprocess running unclaimed."""
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def hardware() -> str:
