@@ -127,10 +127,11 @@ def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_repor
     import yaml
 
     from sparsepo_lightning.builders import sentiment
+    from sparsepo_lightning.study import machine
     from sparsepo_lightning.study.planfile import load_plan
 
     # each `sparsepo` command of the driver is forked from the zygote instead of starting Python
-    monkeypatch.setattr(driver, "subprocess", SimpleNamespace(run=cli_zygote.subprocess_run, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(machine, "subprocess", SimpleNamespace(run=cli_zygote.subprocess_run, STDOUT=subprocess.STDOUT))
     reviews = [f"Review number {i} says the film was {w} and more" for i, w in enumerate(["fine", "bad", "great",
                                                                                           "dull", "odd", "long"] * 2)]
     monkeypatch.setattr(driver, "review_texts", lambda: reviews)
