@@ -157,6 +157,7 @@ def test_a_users_arm_added_to_the_plan_runs_through_the_driver_resumes_and_repor
         assert (half["label"], final["label"]) == (f"{run_dir.name.split('-')[0]}@1", run_dir.name.split("-")[0])
         assert half["num_samples"] == final["num_samples"] == 4 * 2  # one evaluation call, split by label
         assert not (paths.work / "checkpoints" / run_dir.name.rsplit("-", 1)[1]).exists()  # deleted after eval
+    assert not list(paths.work.rglob("*.ckpt"))  # nor is the fits' own resume checkpoint kept (a GB per run)
     control = json.loads(next((paths.out / "runs").glob("my_rule_permuted_*")).joinpath("config.json").read_text())
     assert control["model"]["masker"] == {"class_path": "sparsepo_lightning.masks.controls.PermutedControl",
                                           "init_args": {"masker": {"class_path": USER_ARMS["my_rule"]["masker"]},
