@@ -241,7 +241,6 @@ def test_report_from_logs_has_every_section_and_is_reproducible(tmp_path):
     assert report.write_report(tmp_path).read_text() == text
 
 
-
 def test_the_cost_is_read_in_cpu_time_where_the_logs_record_it(tmp_path):
     """Runs that record ``cpu_seconds`` (the driver's, since it measures them) set the cost line in CPU time, over
     those runs only; the run table gives both clocks. Logs without it keep the wall-clock line (test above)."""
@@ -331,6 +330,7 @@ def test_the_seed_level_view_tests_the_per_seed_differences_and_corrects_across_
                             "0.148 | 3.0965 |")
     assert "| 2 | +0.0100, -0.0300 | -0.0100 | 0.0200 | " in rows[1] and rows[1].endswith("| 0.705 | 0.705 | 0.2817 |")
     assert verdicts.seed_level_lines(study, {"comparisons": {third: section["comparisons"][third]}}) == []
+
 
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts

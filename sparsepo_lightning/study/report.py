@@ -240,14 +240,12 @@ def cost_line(runs: list[RunLog], planned: int) -> list[str]:
     if minutes is None:
         return []
     train, evaluation, n, clock = minutes
-    hours = planned * (train + evaluation) / 60
-    if clock == "CPU":
-        return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation in CPU time "
-                f"(user + system; medians over the {n} runs that record it): about {hours:.1f} CPU-hours for the "
-                f"{planned} runs on the hardware above, plus building the data once."]
-    return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation (medians over "
-            f"{n} runs): about {hours:.1f} h for the {planned} runs on the hardware above, plus building the data "
-            "once."]
+    cpu = clock == "CPU"
+    over = (f"in CPU time (user + system; medians over the {n} runs that record it)" if cpu
+            else f"(medians over {n} runs)")
+    return [f"- Cost: a run takes {train:.1f} min of training and {evaluation:.1f} min of evaluation {over}: about "
+            f"{planned * (train + evaluation) / 60:.1f} {'CPU-hours' if cpu else 'h'} for the {planned} runs on the "
+            "hardware above, plus building the data once."]
 
 
 def recorded_plan(out: Path) -> StudyPlan:
