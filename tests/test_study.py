@@ -332,6 +332,26 @@ def test_the_seed_level_view_tests_the_per_seed_differences_and_corrects_across_
     assert verdicts.seed_level_lines(study, {"comparisons": {third: section["comparisons"][third]}}) == []
 
 
+def test_the_crossed_view_sets_the_shared_prompt_draw_beside_the_plans_bootstrap():
+    from sparsepo_lightning.study import verdicts
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    first, second, third = study.comparisons[:3]
+    crossed = {"se": 0.003, "p": 0.04, "interval": (0.001, 0.012)}
+    section = {"floor": 2 / 1001, "comparisons": {
+        first: {"seeds": 3, "estimate": 0.0065, "se": 0.002, "crossed": crossed},
+        second: {"seeds": 2, "estimate": -0.001, "se": 0.004,
+                 "crossed": {"se": 0.004, "p": 2 / 1001, "interval": (-0.009, 0.007)}},
+        third: {"unscored": True, "seeds": 3}}}
+    lines = verdicts.crossed_lines(study, section)
+    assert "Holm-adjusted across the 2 comparisons of this table" in lines[0] and len(lines) == 6
+    # Holm: the floor 0.002 x 2 = 0.004; 0.04 kept (0.04 > 0.004); ratio 0.003 / 0.002 = 1.50; resolution 2.8016 SE
+    assert lines[4] == (f"| {study.arms[first.a].label} − {study.arms[first.b].label} | 3 | +0.0065 | 0.0020 | "
+                        "0.0030 | 1.50 | [+0.0010, +0.0120] | 0.040 | 0.040 | 0.0084 |")
+    assert lines[5].endswith("| 2 | -0.0010 | 0.0040 | 0.0040 | 1.00 | [-0.0090, +0.0070] | ≤ 0.002 | 0.004 | 0.0112 |")
+    assert verdicts.crossed_lines(study, {"floor": 0.002, "comparisons": {third: {"unscored": True}}}) == []
+
+
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts
 

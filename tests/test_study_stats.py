@@ -116,12 +116,17 @@ def test_front_reach_is_the_smallest_seed_front():
     assert inference.front_reach(seeds, 0.0) == 1.5
 
 
-def _naive_hierarchical(points, anchor, kl_max, num_resamples, seed):
-    """Seeds, then prompts within each drawn seed, with explicit loops (the same draws)."""
+def _naive_hierarchical(points, anchor, kl_max, num_resamples, seed, crossed=False):
+    """Seeds, then prompts within each drawn seed (crossed: one prompt draw for all of a resample's seeds), with
+    explicit loops (the same draws)."""
     num_seeds, num_prompts = len(next(iter(points.values()))), len(anchor)
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, num_seeds, (num_resamples, num_seeds))
-    prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds, num_prompts))
+    if crossed:
+        shared = rng.integers(0, num_prompts, (num_resamples, num_prompts))
+        prompt_draws = [[shared[b] for _ in range(num_seeds)] for b in range(num_resamples)]
+    else:
+        prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds, num_prompts))
     out = {}
     for arm, per_seed in points.items():
         samples = []
@@ -129,7 +134,7 @@ def _naive_hierarchical(points, anchor, kl_max, num_resamples, seed):
             scores = []
             for k in range(num_seeds):
                 kl, reward = per_seed[seed_draws[b, k]]
-                prompts = prompt_draws[b, k]
+                prompts = prompt_draws[b][k]
                 kl_means = [sum(kl[j, p] for p in prompts) / num_prompts for j in range(kl.shape[0])]
                 reward_means = [sum(reward[j, p] for p in prompts) / num_prompts for j in range(kl.shape[0])]
                 base = sum(anchor[p] for p in prompts) / num_prompts
@@ -172,6 +177,39 @@ def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fro
     assert 0 < boot.extended < 1 and 0 < boot.extended_range < 1
     again = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
     assert all(np.array_equal(again.samples[m], boot.samples[m]) for m in points)
+
+
+def test_the_crossed_bootstrap_matches_a_naive_loop_with_one_prompt_draw_shared_by_the_seeds():
+    rng = np.random.default_rng(6)
+    a, anchor = _seed_data(rng)
+    b, _ = _seed_data(rng, lift=0.05)
+    points = {"a": a, "b": b}
+    kl_max = min(inference.front_reach(p, float(anchor.mean())) for p in points.values())
+    crossed = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7, prompts="crossed")
+    naive = _naive_hierarchical(points, anchor, kl_max, 40, 7, crossed=True)
+    nested = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
+    for arm in points:
+        np.testing.assert_allclose(crossed.samples[arm], naive[arm], rtol=0, atol=1e-12)
+        assert crossed.estimate[arm] == nested.estimate[arm]  # the point estimate does not resample
+        assert not np.allclose(crossed.samples[arm], nested.samples[arm])
+    with pytest.raises(ValueError, match="'nested' or 'crossed'"):
+        inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=4, prompts="within")
+
+
+def test_a_prompt_effect_shared_by_the_seeds_is_averaged_away_by_the_nested_bootstrap_only():
+    rng = np.random.default_rng(11)
+    prompts, num_seeds = 60, 4
+    anchor = np.zeros(prompts)
+    effect = rng.normal(1.0, 0.5, prompts)  # each prompt's reward lift, the same in every seed: no seed variance at all
+    seeds = [(np.full((1, prompts), 1.0), effect[None, :].copy()) for _ in range(num_seeds)]
+    nested = inference.hierarchical_bootstrap({"x": seeds}, anchor, 1.0, num_resamples=2000, seed=0)
+    crossed = inference.hierarchical_bootstrap({"x": seeds}, anchor, 1.0, num_resamples=2000, seed=0,
+                                               prompts="crossed")
+    # the score is the mean of the line from (0, 0) to (1, mean effect): mean effect / 2. Over one shared prompt draw
+    # its SE is sd(effect) / (2 √P); nested, the S seeds' independent draws average it to that / √S
+    expected = effect.std() / (2 * np.sqrt(prompts))
+    assert crossed.samples["x"].std() == pytest.approx(expected, rel=0.1)
+    assert nested.samples["x"].std() == pytest.approx(expected / np.sqrt(num_seeds), rel=0.1)
 
 
 def test_hierarchical_intervals_include_the_seed_variance_that_a_prompt_bootstrap_misses():

@@ -68,20 +68,28 @@ class Bootstrap:
 
 
 def hierarchical_bootstrap(points: Mapping[str, Sequence[SeedPoints]], anchor: np.ndarray, kl_max: float,
-                           num_resamples: int = 1000, seed: int = 0) -> Bootstrap:
-    """Frontier scores of every arm and their hierarchical bootstrap (seeds, then prompts within each seed).
+                           num_resamples: int = 1000, seed: int = 0, prompts: str = "nested") -> Bootstrap:
+    """Frontier scores of every arm and their two-level bootstrap over seeds and prompts.
 
     Args:
         points: arm -> one ``SeedPoints`` per seed, the seeds in the same order for every arm.
         anchor: the reference's reward per prompt ``(P,)``.
         kl_max: the KL range (see ``front_reach``), the same for the estimate and every resample.
+        prompts: ``"nested"``: each drawn seed gets its own prompt draw (prompts within seeds); ``"crossed"``: one
+            prompt draw per resample, shared by all its drawn seeds (seeds and prompts resampled independently, Owen's
+            "pigeonhole" bootstrap for a crossed design: every seed is evaluated on the same prompts, so a prompt's
+            effect is common to all seeds and is not averaged away over them).
 
-    Draws, in this order: ``seeds = rng.integers(0, S, (B, S))``, then ``prompts = rng.integers(0, P, (B, S, P))``.
+    Draws, in this order: ``seeds = rng.integers(0, S, (B, S))``, then ``prompts = rng.integers(0, P, (B, S, P))``
+    (nested) or ``rng.integers(0, P, (B, 1, P))`` repeated over the S seeds (crossed). Every arm uses the same draws.
     """
+    if prompts not in ("nested", "crossed"):
+        raise ValueError(f"prompts={prompts!r}: expected 'nested' or 'crossed'")
     num_seeds, num_prompts = len(next(iter(points.values()))), len(anchor)
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, num_seeds, (num_resamples, num_seeds))
-    prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds, num_prompts))
+    prompt_draws = rng.integers(0, num_prompts, (num_resamples, num_seeds if prompts == "nested" else 1, num_prompts))
+    prompt_draws = np.broadcast_to(prompt_draws, (num_resamples, num_seeds, num_prompts))
     anchor_means = anchor[prompt_draws].mean(-1)  # (B, S)
     estimate, seed_scores, samples, extended = {}, {}, {}, []
     for arm, per_seed in points.items():

@@ -300,6 +300,9 @@ def _plan_sections(study: StudyPlan, runs: list[RunLog], reference: dict[str, An
     seed_level = verdicts.seed_level_lines(study, section)
     if seed_level:
         body += ["## Third view: seed-level paired t-test", "", *seed_level, ""]
+    crossed = verdicts.crossed_lines(study, section)
+    if crossed:
+        body += ["## Fourth view: crossed bootstrap (seeds × prompts)", "", *crossed, ""]
     diagnostics = verdicts.diagnostics_lines(study, runs)
     if diagnostics:
         body += ["## Mask diagnostics", "", *diagnostics, ""]
