@@ -352,6 +352,23 @@ def test_the_crossed_view_sets_the_shared_prompt_draw_beside_the_plans_bootstrap
     assert verdicts.crossed_lines(study, {"floor": 0.002, "comparisons": {third: {"unscored": True}}}) == []
 
 
+def test_the_setup_says_which_arms_were_cut_to_one_seed_and_quotes_the_pilot():
+    import dataclasses
+
+    from sparsepo_lightning.study.planfile import Comparison
+    from sparsepo_lightning.study.report import cut_arms_line
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    assert cut_arms_line(study) == ["- Cut: DPO, TDPO1 ran on seed 0 only (in no listed comparison); every other arm "
+                                    "on seeds 0, 1, 2."]
+    compared = dataclasses.replace(study, comparisons=(Comparison("dpo", "dense", "?"),))
+    assert cut_arms_line(compared) == ["- Cut: DPO, TDPO1 ran on seed 0 only; every other arm on seeds 0, 1, 2."]
+    assert cut_arms_line(study.with_settings(seeds=(0,))) == []  # one seed: nothing was cut
+    report = (ROOT / "reports" / "sentiment_controls" / "README.md").read_text(encoding="utf-8")
+    assert "- Pilot (run once, before the study, to fix lr, steps and β): sparsepo study sentiment run --plan " in report
+    assert "so the first setting passed: lr 5e-5, 64 steps, β 0.03 and 0.3.\n" in report
+
+
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts
 

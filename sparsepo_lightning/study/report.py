@@ -234,6 +234,17 @@ def run_minutes(runs: list[RunLog]) -> tuple[float, float, int, str] | None:
     return None
 
 
+def cut_arms_line(study: StudyPlan) -> list[str]:
+    """The arms run on the first seed only (``seeds: first``), said as a cut of the plan."""
+    first = [a for a in study.arms.values() if not a.all_seeds]
+    if not first or len(study.settings.seeds) < 2:
+        return []
+    compared = {name for c in study.comparisons for name in (c.a, c.b)}
+    role = " (in no listed comparison)" if compared and not compared & {a.name for a in first} else ""
+    return [f"- Cut: {', '.join(a.label for a in first)} ran on seed {study.settings.seeds[0]} only{role}; every "
+            f"other arm on seeds {', '.join(map(str, study.settings.seeds))}."]
+
+
 def cost_line(runs: list[RunLog], planned: int) -> list[str]:
     """A run's measured cost and the whole plan's."""
     minutes = run_minutes(runs)
@@ -343,7 +354,11 @@ def write_report(out: Path, study: StudyPlan | None = None) -> Path:
               f"{r.batch_size} pairs{evaluated}, i.e. the first {r.steps * r.batch_size} pairs of each seed's shuffle "
               f"of the ≥ 2,000 built; continuations of {r.max_new_tokens} tokens; evaluation on {r.heldout_prompts} "
               f"held-out prompts × {r.eval_samples} samples at temperature 1. On a GPU, raise `--steps` and "
-              "`--batch-size` (the paper: 3 epochs over 20k pairs).", *cost_line(runs, planned), ""]
+              "`--batch-size` (the paper: 3 epochs over 20k pairs).", *cut_arms_line(study), *cost_line(runs, planned)]
+    if study.pilot:
+        pilot = " ".join(study.pilot.split()).rstrip(".")
+        lines.append(f"- Pilot (run once, before the study, to fix lr, steps and β): {pilot}.")
+    lines.append("")
     if reference is None or not runs:
         lines += [f"No run has finished yet ({planned} planned). `sparsepo study sentiment run` (or `make study`) "
                   "builds the data and continues from where the last sitting stopped."]
