@@ -365,7 +365,7 @@ def test_the_setup_says_which_arms_were_cut_to_one_seed_and_quotes_the_pilot():
     assert cut_arms_line(compared) == ["- Cut: DPO, TDPO1 ran on seed 0 only; every other arm on seeds 0, 1, 2."]
     assert cut_arms_line(study.with_settings(seeds=(0,))) == []  # one seed: nothing was cut
     report = (ROOT / "reports" / "sentiment_controls" / "README.md").read_text(encoding="utf-8")
-    assert "- Pilot (run once, before the study, to fix lr, steps and β): sparsepo study sentiment run --plan " in report
+    assert "- Pilot (run once, before the study, to fix lr, steps and β): sparsepo study sentiment run " in report
     assert "so the first setting passed: lr 5e-5, 64 steps, β 0.03 and 0.3.\n" in report
 
 

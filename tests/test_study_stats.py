@@ -116,6 +116,16 @@ def test_front_reach_is_the_smallest_seed_front():
     assert inference.front_reach(seeds, 0.0) == 1.5
 
 
+def test_the_share_of_the_range_before_a_fronts_first_run():
+    # anchor reward 0.1; seed 1: runs at KL 0.5 (reward 0.3) and 1.5 (0.4): the first point is at 0.5 of [0, 2]
+    # seed 2: a run at KL 0.2 below the anchor (dominated) and one at 1.0: the front's first point is KL 1.0;
+    # seed 3: its only run is beyond the range: the whole range is the line from the reference
+    seeds = [(np.array([[0.5, 0.5], [1.5, 1.5]]), np.array([[0.3, 0.3], [0.4, 0.4]])),
+             (np.array([[0.2, 0.2], [1.0, 1.0]]), np.array([[0.05, 0.05], [0.2, 0.2]])),
+             (np.array([[3.0, 3.0]]), np.array([[0.5, 0.5]]))]
+    np.testing.assert_allclose(inference.first_point_share(seeds, 0.1, 2.0), [0.25, 0.5, 1.0])
+
+
 def _naive_hierarchical(points, anchor, kl_max, num_resamples, seed, crossed=False):
     """Seeds, then prompts within each drawn seed (crossed: one prompt draw for all of a resample's seeds), with
     explicit loops (the same draws)."""

@@ -46,6 +46,16 @@ def front_reach(points: Sequence[SeedPoints], anchor: float) -> float:
     return min(float(frontier_curve(kl.mean(-1), reward.mean(-1), (0.0, anchor))[0][-1]) for kl, reward in points)
 
 
+def first_point_share(points: Sequence[SeedPoints], anchor: float, kl_max: float) -> np.ndarray:
+    """Per seed, the share of ``[0, kl_max]`` that lies before its frontier's first evaluated point (all prompts):
+    there the frontier is the straight line from the reference to that point, not a measured policy."""
+    shares = []
+    for kl, reward in points:
+        front_kl = frontier_curve(kl.mean(-1), reward.mean(-1), (0.0, anchor))[0]
+        shares.append(min(1.0, float(front_kl[1]) / kl_max) if len(front_kl) > 1 else 1.0)
+    return np.array(shares)
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """Point estimates and resamples of the arms' scores over one fixed KL range.

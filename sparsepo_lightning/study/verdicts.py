@@ -50,6 +50,7 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
             results[comparison] = {"unscored": True, "seeds": len(data[comparison.a])}
             continue
         boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
+        base = float(anchor.mean())
         diff = boot.samples[comparison.a] - boot.samples[comparison.b]
         se = float(diff.std(ddof=1))
         results[comparison] = {"estimate": boot.estimate[comparison.a] - boot.estimate[comparison.b],
@@ -57,6 +58,8 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
                                "resolution": inference.resolution(se), "kl_max": kl_max,
                                "seeds": len(data[comparison.a]), "extended": boot.extended,
                                "extended_range": boot.extended_range,
+                               "before_first": np.concatenate([inference.first_point_share(data[a], base, kl_max)
+                                                               for a in pair]),
                                "seed_differences": boot.per_seed[comparison.a] - boot.per_seed[comparison.b]}
         crossed = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0, prompts="crossed")
         shared = crossed.samples[comparison.a] - crossed.samples[comparison.b]
@@ -181,22 +184,25 @@ def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
              "(the largest KL every seed's front of both arms reaches) before resampling. 95 % percentile intervals "
              f"from {study.bootstrap:,} hierarchical bootstrap resamples (seeds with replacement, then prompts within "
              "each drawn seed; paired across arms); a resampled front that falls short of the range is extended flat "
-             "from its last point (share below). p: two-sided bootstrap p-value (floor 2/(B+1)); Holm: adjusted "
-             f"across the {_holm_family(m, len(study.comparisons))}. Resolution = (z₀.₉₇₅ + z₀.₈) × SE = "
-             f"2.80 × SE, the smallest true difference found with 80 % power at α = 0.05 (at Holm's strictest step, "
+             "from its last point (share below). Before a front's first evaluated point the front is the straight "
+             "line from the reference to it: the column \"before the first run\" gives the share of the range that "
+             "line covers, mean (largest) over the two arms' seeds. p: two-sided bootstrap p-value (floor 2/(B+1)); "
+             f"Holm: adjusted across the {_holm_family(m, len(study.comparisons))}. Resolution = (z₀.₉₇₅ + z₀.₈) × SE "
+             f"= 2.80 × SE, the smallest true difference found with 80 % power at α = 0.05 (at Holm's strictest step, "
              f"α/{m}: {strict:.2f} × SE).", "",
              "| comparison | seeds | KL range | estimate | 95 % interval | p | Holm p | SE | resolution | fronts "
-             "extended |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "extended | before the first run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in section["comparisons"].items():
         if "unscored" in r:
-            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | empty |" + " – |" * 7)
+            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | empty |" + " – |" * 8)
             continue
         low, high = r["interval"]
         lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | [0, {r['kl_max']:.3f}] | "
                      f"{r['estimate']:+.4f} | [{low:+.4f}, {high:+.4f}] | "
                      f"{inference.format_p(r['p'], section['floor'])} | "
                      f"{_holm_text(r, section['floor'])} | {r['se']:.4f} | {r['resolution']:.4f} | "
-                     f"{100 * r['extended']:.0f} % (by {100 * r['extended_range']:.0f} % of the range) |")
+                     f"{100 * r['extended']:.0f} % (by {100 * r['extended_range']:.0f} % of the range) | "
+                     f"{100 * r['before_first'].mean():.0f} % ({100 * r['before_first'].max():.0f} %) |")
     return lines
 
 
