@@ -167,12 +167,17 @@ def _seed_data(rng, seeds=3, points=4, prompts=12, lift=0.0):
     return data, anchor
 
 
-def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fronts():
-    rng = np.random.default_rng(5)
+def _two_arms(seed):
+    """Two arms of three seeds (the second lifted by 0.05), the reference's rewards and the range both fronts reach."""
+    rng = np.random.default_rng(seed)
     a, anchor = _seed_data(rng)
     b, _ = _seed_data(rng, lift=0.05)
     points = {"a": a, "b": b}
-    kl_max = min(inference.front_reach(p, float(anchor.mean())) for p in points.values())
+    return points, anchor, min(inference.front_reach(p, float(anchor.mean())) for p in points.values())
+
+
+def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fronts():
+    points, anchor, kl_max = _two_arms(5)
     boot = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
     naive = _naive_hierarchical(points, anchor, kl_max, 40, 7)
     for arm in points:
@@ -190,11 +195,7 @@ def test_hierarchical_bootstrap_matches_a_naive_loop_and_counts_the_extended_fro
 
 
 def test_the_crossed_bootstrap_matches_a_naive_loop_with_one_prompt_draw_shared_by_the_seeds():
-    rng = np.random.default_rng(6)
-    a, anchor = _seed_data(rng)
-    b, _ = _seed_data(rng, lift=0.05)
-    points = {"a": a, "b": b}
-    kl_max = min(inference.front_reach(p, float(anchor.mean())) for p in points.values())
+    points, anchor, kl_max = _two_arms(6)
     crossed = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7, prompts="crossed")
     naive = _naive_hierarchical(points, anchor, kl_max, 40, 7, crossed=True)
     nested = inference.hierarchical_bootstrap(points, anchor, kl_max, num_resamples=40, seed=7)
