@@ -369,6 +369,15 @@ def test_the_setup_says_which_arms_were_cut_to_one_seed_and_quotes_the_pilot():
     assert "so the first setting passed: lr 5e-5, 64 steps, β 0.03 and 0.3.\n" in report
 
 
+def test_the_valence_table_names_its_statistic_and_its_test():
+    from sparsepo_lightning.study.report import valence_section
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    lines = valence_section(study, [])
+    assert lines[0].startswith("Spearman's rank correlation ρ") and "1,000 permutations" in lines[0]
+    assert "≤ 0.001 at its floor" in lines[0] and lines[2].startswith("| run | mask | side | tokens | ρ")
+
+
 def test_the_one_sentence_conclusion_names_each_difference_and_the_resolution_of_the_rest():
     from sparsepo_lightning.study import verdicts
 

@@ -120,7 +120,12 @@ PERMUTATIONS = 1000
 
 def valence_section(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     """Spearman ρ between a token's mask weight and its VADER lexicon valence, per learned run and side."""
-    lines = ["| run | mask | side | tokens | ρ (weight, \\|valence\\|) | p | ρ (weight, valence) | p |",
+    lines = [f"Spearman's rank correlation ρ between each response token's mask weight (held-out pairs, end of "
+             "training) and its VADER lexicon valence (0 for a token not in the lexicon), over all the tokens of one "
+             f"side; p: two-sided permutation test of ρ = 0 ({PERMUTATIONS:,} permutations of the tokens, written "
+             f"≤ {1 / (PERMUTATIONS + 1):.2g} at its floor). The test treats the tokens as exchangeable although "
+             "tokens of one response share its context, so its p-values are optimistic; ρ is the description.", "",
+             "| run | mask | side | tokens | ρ (weight, \\|valence\\|) | p | ρ (weight, valence) | p |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if not study.arms[r.method].learned or r.masks is None:
