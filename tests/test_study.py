@@ -369,6 +369,23 @@ def test_the_setup_says_which_arms_were_cut_to_one_seed_and_quotes_the_pilot():
     assert "so the first setting passed: lr 5e-5, 64 steps, β 0.03 and 0.3.\n" in report
 
 
+def test_the_conclusion_cautions_where_a_range_is_mostly_the_line_from_the_reference():
+    from sparsepo_lightning.study import verdicts
+
+    study = load_plan(ROOT / "configs" / "study" / "sentiment_controls.yaml")
+    first, second = study.comparisons[:2]
+    result = {"seeds": 2, "estimate": 0.01, "interval": (-0.01, 0.03), "p": 0.5, "holm": 1.0, "resolution": 0.02,
+              "kl_max": 1.0}
+    section = {"floor": 2 / 1001, "comparisons": {
+        first: {**result, "before_first": np.array([0.4, 0.8, 0.6, 0.8])},  # mean 0.65: cautioned
+        second: {**result, "before_first": np.array([0.5, 0.5, 0.5, 0.5])}}}  # exactly half: not
+    lines = verdicts.verdict_lines(study, section)
+    assert len(lines) == 3 and lines[2].startswith("- Read with care: in 1 of the 2 comparisons, more than half of")
+    assert f"({study.arms[first.a].label} − {study.arms[first.b].label}: 65 %)" in lines[2]
+    section["comparisons"][first]["before_first"] = np.array([0.1, 0.2])
+    assert len(verdicts.verdict_lines(study, section)) == 2
+
+
 def test_the_valence_table_names_its_statistic_and_its_test():
     from sparsepo_lightning.study.report import valence_section
 

@@ -137,7 +137,21 @@ def verdict_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
                      f"{_holm_text(r, section['floor'])}, "
                      + ("1 seed, so the interval holds no seed-to-seed variance" if r["seeds"] == 1
                         else f"{r['seeds']} seeds") + ").")
-    return lines
+    return lines + _interpolated_line(study, section)
+
+
+def _interpolated_line(study: StudyPlan, section: dict[str, Any]) -> list[str]:
+    """A caution for the comparisons whose KL range lies mostly before the fronts' first evaluated run."""
+    shares = {c: float(r["before_first"].mean()) for c, r in section["comparisons"].items()
+              if "before_first" in r and r["before_first"].mean() > 0.5}
+    if not shares:
+        return []
+    names = "; ".join(f"{study.arms[c.a].label} − {study.arms[c.b].label}: {100 * v:.0f} %" for c, v in shares.items())
+    return [f"- Read with care: in {len(shares)} of the {len(section['comparisons'])} comparisons, more than half of "
+            f"the KL range lies, on average over the seeds, before the fronts' first evaluated run ({names}). There a "
+            "front is the straight line from the reference to that run, so these scores mostly compare the reward "
+            "per nat of the lowest-KL runs, not policies measured at low KL; runs at a larger β, or evaluated earlier "
+            "in training, would measure that part of the range (column \"before the first run\" below)."]
 
 
 def summary_sentence(study: StudyPlan, section: dict[str, Any]) -> str:
