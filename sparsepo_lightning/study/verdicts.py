@@ -39,18 +39,18 @@ def compare(study: StudyPlan, runs: list[RunLog], reference: dict[str, Any],
             reward_key: str = "reward_per_prompt") -> dict[str, Any]:
     """Every listed comparison whose two arms have a common evaluated seed: estimate, interval, p-values, resolution."""
     points, anchor = seed_points(runs, reward_key), np.array(reference[reward_key])
+    base = float(anchor.mean())
     results: dict[Comparison, dict[str, Any]] = {}
     for comparison in study.comparisons:
         pair = [comparison.a, comparison.b]
         if not all(a in points for a in pair) or not _common(points, pair)[comparison.a]:
             continue
         data = _common(points, pair)
-        kl_max = comparison.kl_max or min(inference.front_reach(data[a], float(anchor.mean())) for a in pair)
+        kl_max = comparison.kl_max or min(inference.front_reach(data[a], base) for a in pair)
         if not kl_max > 0:  # a seed's runs are all dominated by the reference: there is no range to score
             results[comparison] = {"unscored": True, "seeds": len(data[comparison.a])}
             continue
         boot = inference.hierarchical_bootstrap(data, anchor, kl_max, study.bootstrap, seed=0)
-        base = float(anchor.mean())
         diff = boot.samples[comparison.a] - boot.samples[comparison.b]
         se = float(diff.std(ddof=1))
         results[comparison] = {"estimate": boot.estimate[comparison.a] - boot.estimate[comparison.b],
@@ -112,6 +112,11 @@ def _answer(study: StudyPlan, c: Comparison, r: dict[str, Any]) -> str:
             f"{r['resolution']:.4f} or more with 80 % power")
 
 
+def _pair(study: StudyPlan, c: Comparison) -> str:
+    """A comparison as the report names it: ``<label of a> − <label of b>``."""
+    return f"{study.arms[c.a].label} − {study.arms[c.b].label}"
+
+
 def _upper(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -146,7 +151,7 @@ def _interpolated_line(study: StudyPlan, section: dict[str, Any]) -> list[str]:
               if "before_first" in r and r["before_first"].mean() > 0.5}
     if not shares:
         return []
-    names = "; ".join(f"{study.arms[c.a].label} − {study.arms[c.b].label}: {100 * v:.0f} %" for c, v in shares.items())
+    names = "; ".join(f"{_pair(study, c)}: {100 * v:.0f} %" for c, v in shares.items())
     return [f"- Read with care: in {len(shares)} of the {len(section['comparisons'])} comparisons, more than half of "
             f"the KL range lies, on average over the seeds, before the fronts' first evaluated run ({names}). There a "
             "front is the straight line from the reference to that run, so these scores mostly compare the reward "
@@ -208,10 +213,10 @@ def comparison_table(study: StudyPlan, section: dict[str, Any]) -> list[str]:
              "extended | before the first run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in section["comparisons"].items():
         if "unscored" in r:
-            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | empty |" + " – |" * 8)
+            lines.append(f"| {_pair(study, c)} | {r['seeds']} | empty |" + " – |" * 8)
             continue
         low, high = r["interval"]
-        lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | [0, {r['kl_max']:.3f}] | "
+        lines.append(f"| {_pair(study, c)} | {r['seeds']} | [0, {r['kl_max']:.3f}] | "
                      f"{r['estimate']:+.4f} | [{low:+.4f}, {high:+.4f}] | "
                      f"{inference.format_p(r['p'], section['floor'])} | "
                      f"{_holm_text(r, section['floor'])} | {r['se']:.4f} | {r['resolution']:.4f} | "
@@ -227,7 +232,7 @@ def second_scorer_lines(study: StudyPlan, first: dict[str, Any], second: dict[st
             continue
         r2 = second["comparisons"][c]
         same = _verdict(r) == _verdict(r2)
-        lines.append(f"- Under {scorer}, {study.arms[c.a].label} − {study.arms[c.b].label} "
+        lines.append(f"- Under {scorer}, {_pair(study, c)} "
                      f"{'keeps its verdict' if same else 'changes verdict'}: {r2['estimate']:+.4f}, Holm-adjusted "
                      f"p {_holm_text(r2, second['floor'])}.")
     return lines
@@ -249,7 +254,7 @@ def regression_lines(study: StudyPlan, runs: list[RunLog]) -> list[str]:
     for c in study.comparisons:
         if c.a in fit.arms and c.b in fit.arms:
             value, se = fit.difference(c.a, c.b)
-            lines.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {value:+.4f} | {se:.4f} | "
+            lines.append(f"| {_pair(study, c)} | {value:+.4f} | {se:.4f} | "
                          f"[{value - 1.96 * se:+.4f}, {value + 1.96 * se:+.4f}] |")
     return lines
 
@@ -265,7 +270,7 @@ def seed_level_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
     for (c, t), adjusted in zip(tested.items(), inference.holm([t.p for t in tested.values()]), strict=True):
         low, high = t.interval
         differences = ", ".join(f"{d:+.4f}" for d in section["comparisons"][c]["seed_differences"])
-        rows.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {t.dof + 1} | {differences} | "
+        rows.append(f"| {_pair(study, c)} | {t.dof + 1} | {differences} | "
                     f"{t.mean:+.4f} | {t.se:.4f} | [{low:+.4f}, {high:+.4f}] | {t.p:.3f} | {adjusted:.3f} | "
                     f"{t.resolution:.4f} |")
     return ["Each seed's frontier-score difference (over the comparison's KL range above, all prompts) and Student's "
@@ -294,7 +299,7 @@ def crossed_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
         low, high = r["crossed"]["interval"]
         se = r["crossed"]["se"]
         ratio = f"{se / r['se']:.2f}" if r["se"] > 0 else "–"
-        rows.append(f"| {study.arms[c.a].label} − {study.arms[c.b].label} | {r['seeds']} | {r['estimate']:+.4f} | "
+        rows.append(f"| {_pair(study, c)} | {r['seeds']} | {r['estimate']:+.4f} | "
                     f"{r['se']:.4f} | {se:.4f} | {ratio} | [{low:+.4f}, {high:+.4f}] | "
                     f"{inference.format_p(r['crossed']['p'], section['floor'])} | "
                     f"{inference.format_p(holm_p, section['floor'])} | {inference.resolution(se):.4f} |")
