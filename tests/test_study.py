@@ -345,10 +345,12 @@ def test_the_crossed_view_sets_the_shared_prompt_draw_beside_the_plans_bootstrap
         third: {"unscored": True, "seeds": 3}}}
     lines = verdicts.crossed_lines(study, section)
     assert "Holm-adjusted across the 2 comparisons of this table" in lines[0] and len(lines) == 6
-    # Holm: the floor 0.002 x 2 = 0.004; 0.04 kept (0.04 > 0.004); ratio 0.003 / 0.002 = 1.50; resolution 2.8016 SE
+    # Holm: the floor 0.002 x 2 = 0.004, an upper bound as its raw p is; 0.04 kept (0.04 > 0.004); ratio 0.003 / 0.002
+    # = 1.50; resolution 2.8016 SE
     assert lines[4] == (f"| {study.arms[first.a].label} − {study.arms[first.b].label} | 3 | +0.0065 | 0.0020 | "
                         "0.0030 | 1.50 | [+0.0010, +0.0120] | 0.040 | 0.040 | 0.0084 |")
-    assert lines[5].endswith("| 2 | -0.0010 | 0.0040 | 0.0040 | 1.00 | [-0.0090, +0.0070] | ≤ 0.002 | 0.004 | 0.0112 |")
+    assert lines[5].endswith("| 2 | -0.0010 | 0.0040 | 0.0040 | 1.00 | [-0.0090, +0.0070] | ≤ 0.002 | ≤ 0.004 | "
+                             "0.0112 |")
     assert verdicts.crossed_lines(study, {"floor": 0.002, "comparisons": {third: {"unscored": True}}}) == []
 
 

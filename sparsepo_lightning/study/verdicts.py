@@ -302,7 +302,8 @@ def crossed_lines(study: StudyPlan, section: dict[str, Any]) -> list[str]:
         rows.append(f"| {_pair(study, c)} | {r['seeds']} | {r['estimate']:+.4f} | "
                     f"{r['se']:.4f} | {se:.4f} | {ratio} | [{low:+.4f}, {high:+.4f}] | "
                     f"{inference.format_p(r['crossed']['p'], section['floor'])} | "
-                    f"{inference.format_p(holm_p, section['floor'])} | {inference.resolution(se):.4f} |")
+                    f"{_holm_text({'p': r['crossed']['p'], 'holm': holm_p}, section['floor'])} | "
+                    f"{inference.resolution(se):.4f} |")
     return ["Every seed is evaluated on the same held-out prompts, so a prompt's effect on a difference is shared by "
             "all seeds: the design is crossed (seeds × prompts), not nested. The plan's bootstrap draws the prompts "
             "anew within each drawn seed, which averages a shared prompt effect over the seeds and can make its "
